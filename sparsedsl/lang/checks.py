@@ -1,0 +1,73 @@
+"""Argument validation shared by every constructor of the language.
+
+Each check names the constructor, the argument and the offending value, so that
+``window(-1)`` fails with ``window(): argument 'before' must be ... got -1``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+#: Positions, sizes and counts must fit the int32 indices the kernels use.
+INDEX_LIMIT = 2**31 - 1
+
+
+class PatternArgumentError(ValueError):
+    """A pattern constructor was given an argument of the wrong type or range."""
+
+
+def check_int(where: str, name: str, value: Any, *, minimum: int = 0) -> int:
+    """Return ``value`` as an int if it is an integer in ``[minimum, INDEX_LIMIT]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be an integer, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    value = int(value)
+    if value < minimum:
+        bound = "positive" if minimum == 1 else f">= {minimum}"
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be {bound}, got {value!r}"
+        )
+    if value > INDEX_LIMIT:
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be at most 2**31 - 1 = {INDEX_LIMIT} "
+            f"(32-bit kernel indices), got {value!r}"
+        )
+    return value
+
+
+def check_int_list(where: str, name: str, values: Any, *, minimum: int = 0) -> tuple[int, ...]:
+    """Return a non-empty list/tuple of integers as a tuple, each checked by `check_int`."""
+    if not isinstance(values, (list, tuple)) or len(values) == 0:
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be a non-empty list of integers, got {values!r}"
+        )
+    return tuple(
+        check_int(where, f"{name}[{i}]", v, minimum=minimum) for i, v in enumerate(values)
+    )
+
+
+def check_number(where: str, name: str, value: Any, *, positive: bool = True) -> float:
+    """Return ``value`` as a float if it is a finite real number (> 0 when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be a number, got {value!r} ({type(value).__name__})"
+        )
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise PatternArgumentError(f"{where}: argument {name!r} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise PatternArgumentError(f"{where}: argument {name!r} must be positive, got {value!r}")
+    return value
+
+
+def check_name(where: str, name: str, value: Any) -> str:
+    """Return ``value`` if it is a valid Python identifier (it is bound by keyword at call time)."""
+    if not isinstance(value, str) or not value.isidentifier():
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be a Python identifier (it is passed by keyword "
+            f"at call time), got {value!r}"
+        )
+    return value

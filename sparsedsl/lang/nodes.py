@@ -1,0 +1,736 @@
+"""The pattern language: immutable, hashable expression nodes and their text form.
+
+A pattern is a boolean relation ``allowed(b, h, q, k)`` over batch, head, query position and
+key position (DESIGN.md §1). Nodes only *describe* a pattern; the passes in
+:mod:`sparsedsl.passes` give them meaning (dense reference, ``mask_mod``, tile classes,
+counts). Every node is a frozen dataclass, so ``==`` and ``hash`` are structural, and
+``str(p)`` is source text that :func:`sparsedsl.parse` turns back into an equal pattern.
+
+Positions are absolute indices: ``0 <= q < Q`` and ``0 <= k < K``. When ``Q != K`` the
+query and key sequences are aligned at their start (query ``i`` and key ``i`` are the same
+position), so ``causal()`` with ``Q < K`` lets query ``i`` see keys ``0..i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .checks import (
+    PatternArgumentError,
+    check_int,
+    check_int_list,
+    check_name,
+    check_number,
+)
+
+# Operator precedence of the text form, as in Python: ``|`` < ``&`` < ``-`` < ``~`` < call.
+_UNION, _INTERSECTION, _DIFFERENCE, _COMPLEMENT, _ATOM = 1, 2, 3, 4, 5
+
+
+def _wrap(node: "Pattern", min_prec: int) -> str:
+    text = str(node)
+    return f"({text})" if node.precedence < min_prec else text
+
+
+def _list(values: tuple) -> str:
+    return "[" + ", ".join(repr(v) for v in values) + "]"
+
+
+class Pattern:
+    """Base class of every pattern node.
+
+    Combine patterns with ``|`` (union), ``&`` (intersection), ``-`` (difference) and ``~``
+    (complement); attach score modifications with :meth:`score`.
+    """
+
+    precedence = _ATOM
+
+    # -- combinators -------------------------------------------------------------------
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Union(_operands("|", self, other, Union))
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return Intersection(_operands("&", self, other, Intersection))
+
+    def __sub__(self, other: "Pattern") -> "Pattern":
+        _operands("-", self, other, None)
+        return Difference(self, other)
+
+    def __invert__(self) -> "Pattern":
+        _operands("~", self, None, None)
+        return Complement(self)
+
+    def score(self, *mods: "ScoreMod | Callable") -> "Scored":
+        """Return this pattern with score modifications applied in order.
+
+        Each ``mod`` is :func:`alibi`, :func:`softcap`, :func:`bias` or a plain function
+        ``(score, b, h, q, k) -> score`` written with torch operations.
+        """
+        if not mods:
+            raise PatternArgumentError("score(): give at least one score modification")
+        return Scored(self, tuple(_as_score_mod(m) for m in mods))
+
+    # -- introspection -----------------------------------------------------------------
+    def children(self) -> tuple["Pattern", ...]:
+        """The sub-patterns this node combines (empty for primitives)."""
+        return ()
+
+    def buffer_names(self) -> frozenset[str]:
+        """Names of the tensors that must be bound by keyword at call time."""
+        names = frozenset(self._own_buffers())
+        for child in self.children():
+            names |= child.buffer_names()
+        return names
+
+    def _own_buffers(self) -> tuple[str, ...]:
+        return ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _operands(op: str, left, right, flatten_into):
+    """Validate the operands of a combinator and flatten nested same-kind nodes."""
+    for side in (left, right):
+        if side is None:
+            continue
+        if not isinstance(side, Pattern):
+            raise PatternArgumentError(
+                f"operator {op!r}: operands must be patterns, got {side!r} ({type(side).__name__})"
+            )
+        if isinstance(side, Scored):
+            raise PatternArgumentError(
+                f"operator {op!r}: {side} carries score modifications; combine patterns first "
+                f"and call .score(...) last"
+            )
+    if flatten_into is None:
+        return None
+    parts: list[Pattern] = []
+    for side in (left, right):
+        parts.extend(side.parts if isinstance(side, flatten_into) else (side,))
+    return tuple(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Token-level primitives
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Full(Pattern):
+    """Every query attends to every key."""
+
+    def __str__(self) -> str:
+        return "full()"
+
+
+@dataclass(frozen=True, repr=False)
+class Causal(Pattern):
+    """``k <= q`` (start-aligned positions; see the module docstring)."""
+
+    def __str__(self) -> str:
+        return "causal()"
+
+
+@dataclass(frozen=True, repr=False)
+class Window(Pattern):
+    """``q - before <= k <= q + after``."""
+
+    before: int
+    after: int
+
+    def __str__(self) -> str:
+        if self.after == self.before:
+            return f"window({self.before})"
+        return f"window({self.before}, {self.after})"
+
+
+@dataclass(frozen=True, repr=False)
+class DilatedWindow(Pattern):
+    """``q - before <= k <= q + after`` and ``(q - k) % rate == 0``."""
+
+    before: int
+    after: int
+    rate: int
+
+    def __str__(self) -> str:
+        return f"dilated_window({self.before}, {self.after}, {self.rate})"
+
+
+@dataclass(frozen=True, repr=False)
+class Chunks(Pattern):
+    """``q // size == k // size``."""
+
+    size: int
+
+    def __str__(self) -> str:
+        return f"chunks({self.size})"
+
+
+@dataclass(frozen=True, repr=False)
+class Strided(Pattern):
+    """``(q - k) % stride == 0`` (Sparse Transformer's strided head)."""
+
+    stride: int
+
+    def __str__(self) -> str:
+        return f"strided({self.stride})"
+
+
+@dataclass(frozen=True, repr=False)
+class Dilated(Pattern):
+    """LongNet: same segment, ``(q % segment) % rate == offset`` and likewise for ``k``."""
+
+    segment: int
+    rate: int
+    offset: int = 0
+
+    def __str__(self) -> str:
+        if self.offset == 0:
+            return f"dilated({self.segment}, {self.rate})"
+        return f"dilated({self.segment}, {self.rate}, {self.offset})"
+
+
+@dataclass(frozen=True, repr=False)
+class GlobalTokens(Pattern):
+    """``q < n or k < n``: the first ``n`` tokens see and are seen by everything."""
+
+    n: int
+
+    def __str__(self) -> str:
+        return f"global_tokens({self.n})"
+
+
+@dataclass(frozen=True, repr=False)
+class Prefix(Pattern):
+    """``k < n`` (prefix-LM is ``causal() | prefix(n)``)."""
+
+    n: int
+
+    def __str__(self) -> str:
+        return f"prefix({self.n})"
+
+
+@dataclass(frozen=True, repr=False)
+class Documents(Pattern):
+    """``ids[q] == ids[k]`` with ``ids`` a ``[Q]`` or ``[B, Q]`` integer tensor bound as
+    ``name=`` at call time (queries and keys share positions, so ``Q == K`` is required)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"documents({self.name!r})"
+
+    def _own_buffers(self) -> tuple[str, ...]:
+        return (self.name,)
+
+
+# ---------------------------------------------------------------------------------------
+# Block-level rules and the block builder
+# ---------------------------------------------------------------------------------------
+
+
+class BlockRule:
+    """A rule on block coordinates ``(qb, kb)``; see :class:`Blocks`."""
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class BlockLocal(BlockRule):
+    """``|qb - kb| <= window``."""
+
+    window: int
+
+    def __str__(self) -> str:
+        return f"local({self.window})"
+
+
+@dataclass(frozen=True)
+class BlockDilated(BlockRule):
+    """``(qb - kb) % r == 0`` for some ``r`` in ``rates``, and ``|qb - kb| <= window`` if given."""
+
+    rates: tuple[int, ...]
+    window: int | None = None
+
+    def __str__(self) -> str:
+        if self.window is None:
+            return f"dilated({_list(self.rates)})"
+        return f"dilated({_list(self.rates)}, window={self.window})"
+
+
+@dataclass(frozen=True)
+class BlockGlobal(BlockRule):
+    """``qb < n or kb < n``: the first ``n`` block rows and columns."""
+
+    n: int
+
+    def __str__(self) -> str:
+        return f"global_({self.n})"
+
+
+@dataclass(frozen=True)
+class BlockRandom(BlockRule):
+    """``per_row`` distinct key blocks per query-block row, chosen by a seeded generator.
+
+    The choice is a pure function of ``(seed, qb, number of key blocks)``, made on the CPU,
+    so every device sees the same blocks. Rows with fewer than ``per_row`` key blocks keep
+    them all.
+    """
+
+    per_row: int
+    seed: int
+
+    def __str__(self) -> str:
+        return f"random({self.per_row}, {self.seed})"
+
+
+@dataclass(frozen=True)
+class BlockLayout(BlockRule):
+    """An explicit ``[nqb, nkb]`` or ``[H, nqb, nkb]`` bool tensor bound as ``name=``.
+
+    Blocks outside the tensor's extent are not allowed."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"layout({self.name!r})"
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+
+@dataclass(frozen=True, repr=False)
+class Blocks(Pattern):
+    """Block-level pattern on tiles of ``size`` tokens (``qb = q // size``, ``kb = k // size``).
+
+    A pair is allowed iff
+      * some rule in ``rules`` holds on ``(qb, kb)`` (no rules: every block pair),
+      * and ``kb <= qb`` when ``causal``,
+      * and ``within`` (if given) holds on block-relative positions ``(q % size, k % size)``.
+
+    Built with ``blocks(size)`` and chained methods; rules combine by union.
+    """
+
+    size: int
+    rules: tuple[BlockRule, ...] = ()
+    causal_: bool = False
+    within_: Pattern | None = None
+
+    def _with_rule(self, rule: BlockRule) -> "Blocks":
+        self._check_open(str(rule))
+        return Blocks(self.size, self.rules + (rule,), self.causal_, None)
+
+    def _check_open(self, method: str) -> None:
+        if self.within_ is not None:
+            raise PatternArgumentError(
+                f"blocks(...).{method}: call .within(...) last (this pattern already has "
+                f".within({self.within_}))"
+            )
+
+    def local(self, window: int) -> "Blocks":
+        """Add block pairs with ``|qb - kb| <= window``."""
+        return self._with_rule(BlockLocal(check_int("blocks().local()", "window", window)))
+
+    def dilated(self, rates, window: int | None = None) -> "Blocks":
+        """Add block pairs with ``(qb - kb) % r == 0`` for some ``r`` in ``rates``, and
+        ``|qb - kb| <= window`` when ``window`` is given."""
+        where = "blocks().dilated()"
+        if isinstance(rates, int) and not isinstance(rates, bool):
+            rates = [rates]
+        rates = check_int_list(where, "rates", rates, minimum=1)
+        if window is not None:
+            window = check_int(where, "window", window)
+        return self._with_rule(BlockDilated(rates, window))
+
+    def global_(self, n: int) -> "Blocks":
+        """Add the first ``n`` block rows and block columns."""
+        return self._with_rule(BlockGlobal(check_int("blocks().global_()", "n", n, minimum=1)))
+
+    def random(self, per_row: int, seed: int = 0) -> "Blocks":
+        """Add ``per_row`` seeded random key blocks to every query-block row (BigBird)."""
+        where = "blocks().random()"
+        return self._with_rule(
+            BlockRandom(check_int(where, "per_row", per_row, minimum=1), check_int(where, "seed", seed))
+        )
+
+    def layout(self, name: str) -> "Blocks":
+        """Add the block pairs of a bool layout tensor bound as ``name=`` at call time."""
+        return self._with_rule(BlockLayout(check_name("blocks().layout()", "name", name)))
+
+    def causal(self) -> "Blocks":
+        """Keep only block pairs with ``kb <= qb``."""
+        self._check_open("causal()")
+        return Blocks(self.size, self.rules, True, None)
+
+    def within(self, rule: Pattern) -> "Blocks":
+        """Keep a pair only if ``rule`` holds on block-relative positions
+        ``(q % size, k % size)``."""
+        self._check_open("within()")
+        if not isinstance(rule, Pattern) or isinstance(rule, Scored):
+            raise PatternArgumentError(
+                f"blocks().within(): argument 'rule' must be a pattern without score "
+                f"modifications, got {rule!r}"
+            )
+        if rule.buffer_names():
+            raise PatternArgumentError(
+                f"blocks().within(): argument 'rule' cannot use call-time tensors "
+                f"({', '.join(sorted(rule.buffer_names()))}), got {rule}"
+            )
+        return Blocks(self.size, self.rules, self.causal_, rule)
+
+    def children(self) -> tuple[Pattern, ...]:
+        return () if self.within_ is None else (self.within_,)
+
+    def _own_buffers(self) -> tuple[str, ...]:
+        return tuple(n for rule in self.rules for n in rule.buffer_names())
+
+    def __str__(self) -> str:
+        text = f"blocks({self.size})" + "".join(f".{rule}" for rule in self.rules)
+        if self.causal_:
+            text += ".causal()"
+        if self.within_ is not None:
+            text += f".within({self.within_})"
+        return text
+
+
+# ---------------------------------------------------------------------------------------
+# Head groups
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Heads(Pattern):
+    """Head groups: heads are split into ``len(parts)`` contiguous groups as evenly as
+    possible (the first ``H % G`` groups get one extra head); group ``i`` uses ``parts[i]``.
+    Needs at least as many heads as groups."""
+
+    parts: tuple[Pattern, ...]
+
+    def children(self) -> tuple[Pattern, ...]:
+        return self.parts
+
+    def __str__(self) -> str:
+        return "heads(" + ", ".join(str(p) for p in self.parts) + ")"
+
+
+@dataclass(frozen=True, repr=False)
+class Segments(Pattern):
+    """LongNet head-grouped rule: ``heads(dilated(lengths[i], dilations[i], offsets[i]) ...)``.
+
+    ``offsets`` defaults to ``i % dilations[i]``."""
+
+    lengths: tuple[int, ...]
+    dilations: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def expand(self) -> Heads:
+        """The equivalent :class:`Heads` of :class:`Dilated` parts."""
+        return Heads(tuple(Dilated(*t) for t in zip(self.lengths, self.dilations, self.offsets)))
+
+    def children(self) -> tuple[Pattern, ...]:
+        return ()
+
+    def __str__(self) -> str:
+        text = f"segments({_list(self.lengths)}, {_list(self.dilations)}"
+        if self.offsets != _default_offsets(self.dilations):
+            text += f", {_list(self.offsets)}"
+        return text + ")"
+
+
+def _default_offsets(dilations: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(i % r for i, r in enumerate(dilations))
+
+
+# ---------------------------------------------------------------------------------------
+# Combinators
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Union(Pattern):
+    """Allowed where any part is allowed."""
+
+    parts: tuple[Pattern, ...]
+    precedence = _UNION
+
+    def children(self) -> tuple[Pattern, ...]:
+        return self.parts
+
+    def __str__(self) -> str:
+        return " | ".join(_wrap(p, _UNION + 1) for p in self.parts)
+
+
+@dataclass(frozen=True, repr=False)
+class Intersection(Pattern):
+    """Allowed where every part is allowed."""
+
+    parts: tuple[Pattern, ...]
+    precedence = _INTERSECTION
+
+    def children(self) -> tuple[Pattern, ...]:
+        return self.parts
+
+    def __str__(self) -> str:
+        return " & ".join(_wrap(p, _INTERSECTION + 1) for p in self.parts)
+
+
+@dataclass(frozen=True, repr=False)
+class Difference(Pattern):
+    """Allowed where ``left`` is allowed and ``right`` is not."""
+
+    left: Pattern
+    right: Pattern
+    precedence = _DIFFERENCE
+
+    def children(self) -> tuple[Pattern, ...]:
+        return (self.left, self.right)
+
+    def __str__(self) -> str:
+        return f"{_wrap(self.left, _DIFFERENCE)} - {_wrap(self.right, _DIFFERENCE + 1)}"
+
+
+@dataclass(frozen=True, repr=False)
+class Complement(Pattern):
+    """Allowed where ``inner`` is not."""
+
+    inner: Pattern
+    precedence = _COMPLEMENT
+
+    def children(self) -> tuple[Pattern, ...]:
+        return (self.inner,)
+
+    def __str__(self) -> str:
+        return f"~{_wrap(self.inner, _COMPLEMENT)}"
+
+
+# ---------------------------------------------------------------------------------------
+# Score modifications
+# ---------------------------------------------------------------------------------------
+
+
+class ScoreMod:
+    """A modification of the scaled score ``q·k * scale`` of allowed pairs."""
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class Alibi(ScoreMod):
+    """ALiBi: ``score - slope[h] * |q - k|`` with the paper's geometric slopes for H heads."""
+
+    def __str__(self) -> str:
+        return "alibi()"
+
+
+@dataclass(frozen=True)
+class Softcap(ScoreMod):
+    """``cap * tanh(score / cap)`` (Gemma-2 style logit soft-capping)."""
+
+    cap: float
+
+    def __str__(self) -> str:
+        return f"softcap({self.cap!r})"
+
+
+@dataclass(frozen=True)
+class Bias(ScoreMod):
+    """``score + bias[b, h, q, k]``: a tensor bound as ``name=`` at call time, of shape
+    ``[Q, K]``, ``[H, Q, K]`` or ``[B, H, Q, K]`` (broadcast over missing dimensions)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"bias({self.name!r})"
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+
+@dataclass(frozen=True, eq=False)
+class FunctionMod(ScoreMod):
+    """A plain ``(score, b, h, q, k) -> score`` function (compared by identity; its text
+    form names the function but cannot be parsed back)."""
+
+    fn: Callable
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FunctionMod) and other.fn is self.fn
+
+    def __hash__(self) -> int:
+        return hash(id(self.fn))
+
+    def __str__(self) -> str:
+        return getattr(self.fn, "__name__", "score_function")
+
+
+def _as_score_mod(mod) -> ScoreMod:
+    if isinstance(mod, ScoreMod):
+        return mod
+    if callable(mod) and not isinstance(mod, Pattern):
+        return FunctionMod(mod)
+    raise PatternArgumentError(
+        f"score(): each modification must be alibi(), softcap(c), bias(name) or a function "
+        f"(score, b, h, q, k) -> score, got {mod!r}"
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class Scored(Pattern):
+    """``pattern`` with score modifications applied in order to allowed pairs."""
+
+    pattern: Pattern
+    mods: tuple[ScoreMod, ...]
+
+    def score(self, *mods) -> "Scored":
+        extra = Pattern.score(self.pattern, *mods).mods
+        return Scored(self.pattern, self.mods + extra)
+
+    def children(self) -> tuple[Pattern, ...]:
+        return (self.pattern,)
+
+    def _own_buffers(self) -> tuple[str, ...]:
+        return tuple(n for m in self.mods for n in m.buffer_names())
+
+    def __str__(self) -> str:
+        return _wrap(self.pattern, _ATOM) + "".join(f".score({m})" for m in self.mods)
+
+
+# ---------------------------------------------------------------------------------------
+# Public constructors (the vocabulary of the text form)
+# ---------------------------------------------------------------------------------------
+
+
+def full() -> Pattern:
+    """Every query attends to every key."""
+    return Full()
+
+
+def causal() -> Pattern:
+    """``k <= q``."""
+    return Causal()
+
+
+def window(before: int, after: int | None = None) -> Pattern:
+    """``q - before <= k <= q + after`` (``after`` defaults to ``before``)."""
+    before = check_int("window()", "before", before)
+    after = before if after is None else check_int("window()", "after", after)
+    return Window(before, after)
+
+
+def dilated_window(before: int, after: int, rate: int) -> Pattern:
+    """In ``window(before, after)`` and ``(q - k) % rate == 0``."""
+    where = "dilated_window()"
+    return DilatedWindow(
+        check_int(where, "before", before),
+        check_int(where, "after", after),
+        check_int(where, "rate", rate, minimum=1),
+    )
+
+
+def chunks(size: int) -> Pattern:
+    """``q // size == k // size``."""
+    return Chunks(check_int("chunks()", "size", size, minimum=1))
+
+
+def strided(stride: int) -> Pattern:
+    """``(q - k) % stride == 0``."""
+    return Strided(check_int("strided()", "stride", stride, minimum=1))
+
+
+def dilated(segment: int, rate: int, offset: int = 0) -> Pattern:
+    """Same ``segment``-token segment, and ``(q % segment) % rate == offset`` and likewise
+    for ``k``. Requires ``rate <= segment`` and ``0 <= offset < rate``."""
+    where = "dilated()"
+    segment = check_int(where, "segment", segment, minimum=1)
+    rate = check_int(where, "rate", rate, minimum=1)
+    offset = check_int(where, "offset", offset)
+    if rate > segment:
+        raise PatternArgumentError(
+            f"{where}: argument 'rate' must be <= segment ({segment}), got {rate}"
+        )
+    if offset >= rate:
+        raise PatternArgumentError(
+            f"{where}: argument 'offset' must be < rate ({rate}), got {offset}"
+        )
+    return Dilated(segment, rate, offset)
+
+
+def global_tokens(n: int) -> Pattern:
+    """``q < n or k < n``."""
+    return GlobalTokens(check_int("global_tokens()", "n", n, minimum=1))
+
+
+def prefix(n: int) -> Pattern:
+    """``k < n``."""
+    return Prefix(check_int("prefix()", "n", n, minimum=1))
+
+
+def documents(name: str) -> Pattern:
+    """``ids[q] == ids[k]``, ``ids`` bound as ``name=`` at call time."""
+    return Documents(check_name("documents()", "name", name))
+
+
+def blocks(size: int) -> Blocks:
+    """Start a block-level pattern on tiles of ``size`` tokens; see :class:`Blocks`."""
+    return Blocks(check_int("blocks()", "size", size, minimum=1))
+
+
+def heads(*parts: Pattern) -> Pattern:
+    """Head groups: group ``i`` of the heads uses ``parts[i]``; see :class:`Heads`."""
+    if not parts:
+        raise PatternArgumentError("heads(): give at least one pattern")
+    for i, p in enumerate(parts):
+        if not isinstance(p, Pattern) or isinstance(p, Scored):
+            raise PatternArgumentError(
+                f"heads(): argument {i} must be a pattern without score modifications, got {p!r}"
+            )
+    return Heads(tuple(parts))
+
+
+def segments(lengths, dilations, offsets=None) -> Pattern:
+    """LongNet head groups: group ``i`` uses ``dilated(lengths[i], dilations[i], offsets[i])``."""
+    where = "segments()"
+    lengths = check_int_list(where, "lengths", lengths, minimum=1)
+    dilations = check_int_list(where, "dilations", dilations, minimum=1)
+    if len(lengths) != len(dilations):
+        raise PatternArgumentError(
+            f"{where}: 'lengths' and 'dilations' must have the same length, got "
+            f"{len(lengths)} lengths {list(lengths)} and {len(dilations)} dilations {list(dilations)}"
+        )
+    if offsets is None:
+        offsets = _default_offsets(dilations)
+    else:
+        offsets = check_int_list(where, "offsets", offsets)
+        if len(offsets) != len(lengths):
+            raise PatternArgumentError(
+                f"{where}: 'offsets' must have one entry per segment ({len(lengths)}), got {list(offsets)}"
+            )
+    for i, (length, rate, offset) in enumerate(zip(lengths, dilations, offsets)):
+        if rate > length:
+            raise PatternArgumentError(
+                f"{where}: dilations[{i}] must be <= lengths[{i}] ({length}), got {rate}"
+            )
+        if offset >= rate:
+            raise PatternArgumentError(
+                f"{where}: offsets[{i}] must be < dilations[{i}] ({rate}), got {offset}"
+            )
+    return Segments(lengths, dilations, offsets)
+
+
+def alibi() -> ScoreMod:
+    """ALiBi linear biases: ``score - slope[h] * |q - k|``."""
+    return Alibi()
+
+
+def softcap(cap: float) -> ScoreMod:
+    """``cap * tanh(score / cap)``."""
+    return Softcap(check_number("softcap()", "cap", cap))
+
+
+def bias(name: str) -> ScoreMod:
+    """Add a tensor bound as ``name=`` at call time to the scores."""
+    return Bias(check_name("bias()", "name", name))

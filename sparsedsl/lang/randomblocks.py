@@ -1,0 +1,53 @@
+"""The seeded choice of random key blocks (``blocks(size).random(per_row, seed)``).
+
+Each key block ``kb`` of query-block row ``qb`` gets a 31-bit hash of ``(seed, qb, kb)``;
+the row keeps the ``per_row`` key blocks with the smallest hashes (ties broken by ``kb``).
+The hash uses only integer arithmetic that cannot overflow int64, and the choice is made on
+the CPU, so it is the same on every machine and device, and a row's choice depends only on
+``(seed, qb, number of key blocks)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK31 = 0x7FFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    # Two rounds of a 31-bit multiply-xorshift; every product stays below 2**62.
+    for mult in (1103515245, 1664525, 22695477):
+        x = (x * mult + 12345) & _MASK31
+        x = x ^ (x >> 13)
+    return x
+
+
+def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """31-bit hash of ``(seed, qb, kb)`` as int64 (broadcasting ``qb`` against ``kb``)."""
+    x = _mix(torch.as_tensor(seed & _MASK31, dtype=torch.int64) ^ 0x2545F491)
+    x = _mix(x ^ (qb.to(torch.int64) & _MASK31))
+    return _mix(x ^ (kb.to(torch.int64) & _MASK31))
+
+
+def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
+                       row_chunk: int = 1024) -> torch.Tensor:
+    """``[num_q_blocks, min(per_row, num_k_blocks)]`` int64 key-block indices chosen per row."""
+    keep = min(per_row, num_k_blocks)
+    kb = torch.arange(num_k_blocks, dtype=torch.int64)
+    rows = []
+    for start in range(0, num_q_blocks, row_chunk):
+        qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64)
+        # Sort key: hash first, block index second (unique, so the order is total).
+        key = block_hash(seed, qb[:, None], kb[None, :]) * num_k_blocks + kb[None, :]
+        rows.append(torch.topk(key, keep, dim=1, largest=False).indices)
+    if not rows:
+        return torch.empty(0, keep, dtype=torch.int64)
+    return torch.cat(rows)
+
+
+def random_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int) -> torch.Tensor:
+    """The chosen blocks as a bool ``[num_q_blocks, num_k_blocks]`` layout (on the CPU)."""
+    layout = torch.zeros(num_q_blocks, num_k_blocks, dtype=torch.bool)
+    picks = random_block_picks(num_q_blocks, num_k_blocks, per_row, seed)
+    layout.scatter_(1, picks, True)
+    return layout

@@ -1,0 +1,92 @@
+"""What a pass needs besides the pattern: sizes, head count, device and bound tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lang.checks import check_int
+from ..lang.nodes import Pattern
+
+
+class BufferBindingError(ValueError):
+    """A tensor the pattern names was missing, unexpected, or of the wrong shape."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Sizes and call-time tensors for evaluating a pattern.
+
+    ``buffers`` maps the names used by ``documents(name)``, ``.layout(name)`` and
+    ``bias(name)`` to tensors.
+    """
+
+    q_len: int
+    kv_len: int
+    heads: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    buffers: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @staticmethod
+    def make(pattern: Pattern, q_len, kv_len=None, heads=1, device=None, buffers=None,
+             where: str = "sparsedsl") -> "Context":
+        """Validate sizes and buffers against ``pattern`` and build a context."""
+        q_len = check_int(where, "q_len", q_len, minimum=1)
+        kv_len = q_len if kv_len is None else check_int(where, "kv_len", kv_len, minimum=1)
+        heads = check_int(where, "heads", 1 if heads is None else heads, minimum=1)
+        buffers = dict(buffers or {})
+        needed = pattern.buffer_names()
+        missing = sorted(needed - buffers.keys())
+        if missing:
+            raise BufferBindingError(
+                f"{where}: pattern {pattern} needs tensor(s) {missing} bound by keyword "
+                f"(e.g. {missing[0]}=...), got {sorted(buffers) or 'none'}"
+            )
+        extra = sorted(buffers.keys() - needed)
+        if extra:
+            raise BufferBindingError(
+                f"{where}: unexpected keyword tensor(s) {extra}: pattern {pattern} uses "
+                f"{sorted(needed) or 'none'}"
+            )
+        for name, value in buffers.items():
+            if not isinstance(value, torch.Tensor):
+                raise BufferBindingError(
+                    f"{where}: buffer {name!r} must be a torch.Tensor, got {type(value).__name__}"
+                )
+        device = torch.device("cpu") if device is None else torch.device(device)
+        return Context(q_len, kv_len, heads, device, buffers)
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
+
+    def document_ids(self, name: str) -> torch.Tensor:
+        """The ``[B, L]`` int64 ids of ``documents(name)`` on this context's device,
+        checked to cover every query and key position (``L == max(q_len, kv_len)``)."""
+        ids = self.buffers[name]
+        length = max(self.q_len, self.kv_len)
+        if ids.dim() not in (1, 2) or ids.shape[-1] != length or ids.is_floating_point() \
+                or ids.is_complex() or ids.dtype == torch.bool:
+            raise BufferBindingError(
+                f"documents({name!r}): {name} must be an integer tensor of shape [{length}] or "
+                f"[batch, {length}] (one id per position), got dtype={ids.dtype}, "
+                f"shape={list(ids.shape)}"
+            )
+        return ids.reshape(-1, length).to(device=self.device, dtype=torch.int64)
+
+    def block_layout(self, name: str, num_q_blocks: int, num_k_blocks: int) -> torch.Tensor:
+        """The ``[1 or H, nqb, nkb]`` bool layout bound as ``name``, cropped or padded with
+        False to the block grid of this context."""
+        layout = self.buffers[name]
+        if layout.dim() not in (2, 3) or (layout.dim() == 3 and layout.shape[0] not in (1, self.heads)):
+            raise BufferBindingError(
+                f"layout({name!r}): {name} must be a bool tensor of shape [nqb, nkb] or "
+                f"[{self.heads}, nqb, nkb], got shape={list(layout.shape)}"
+            )
+        if layout.dtype != torch.bool:
+            raise BufferBindingError(f"layout({name!r}): {name} must have dtype torch.bool, got {layout.dtype}")
+        layout = layout.reshape(-1, *layout.shape[-2:]).to(self.device)
+        out = torch.zeros(layout.shape[0], num_q_blocks, num_k_blocks, dtype=torch.bool, device=self.device)
+        rows, cols = min(num_q_blocks, layout.shape[1]), min(num_k_blocks, layout.shape[2])
+        out[:, :rows, :cols] = layout[:, :rows, :cols]
+        return out
