@@ -27,6 +27,8 @@ class Context:
     heads: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     buffers: dict = field(default_factory=dict, compare=False, hash=False)
+    #: Derived tensors (random layouts, range tables) shared by the passes of one build.
+    memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @staticmethod
     def make(pattern: Pattern, q_len, kv_len=None, heads=1, device=None, buffers=None,
@@ -56,6 +58,17 @@ class Context:
                 )
         device = torch.device("cpu") if device is None else torch.device(device)
         return Context(q_len, kv_len, heads, device, buffers)
+
+    def relative(self, size: int) -> "Context":
+        """The context of a ``blocks(size).within(rule)`` rule: block-relative positions
+        ``0 <= q, k < size``, same heads and device, no tensors."""
+        return Context(size, size, self.heads, self.device)
+
+    def memoized(self, key, make):
+        """``make()`` computed once per context and ``key``."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     def buffer(self, name: str) -> torch.Tensor:
         return self.buffers[name]

@@ -1,0 +1,181 @@
+"""The dense reference: a pattern materialised as a boolean tensor.
+
+Written directly from the semantics table of DESIGN.md §2 and independent of every fast path
+(``mask_mod`` lowering, tile classification), so that those can be tested against it. Memory
+is ``O(heads * Q * K)``: small sizes only.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+
+import torch
+
+from ..lang import nodes as n
+from ..lang.groups import head_groups
+from ..lang.randomblocks import random_block_layout
+from .context import Context
+
+
+def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int = 1,
+          **buffers: torch.Tensor) -> torch.Tensor:
+    """``allowed`` as a bool tensor: ``[heads, q_len, kv_len]``, or ``[batch, heads, q_len,
+    kv_len]`` when a ``documents`` tensor has a batch dimension."""
+    ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where="dense()")
+    q = torch.arange(ctx.q_len)[:, None]
+    k = torch.arange(ctx.kv_len)[None, :]
+    allowed = _dense(pattern, ctx, q, k)  # [B or 1, H or 1, Q, K]
+    allowed = allowed.expand(allowed.shape[0], ctx.heads, ctx.q_len, ctx.kv_len)
+    return allowed[0].clone() if allowed.shape[0] == 1 else allowed.clone()
+
+
+def _lift(grid: torch.Tensor) -> torch.Tensor:
+    """A ``[Q, K]`` relation as ``[1, 1, Q, K]``."""
+    return grid[None, None]
+
+
+@singledispatch
+def _dense(node, ctx: Context, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``[B or 1, H or 1, Q, K]`` bool for positions ``q`` (column) and ``k`` (row)."""
+    raise TypeError(f"dense(): no reference for node type {type(node).__name__}")
+
+
+@_dense.register
+def _(node: n.Full, ctx, q, k):
+    return _lift(torch.ones(q.shape[0], k.shape[1], dtype=torch.bool))
+
+
+@_dense.register
+def _(node: n.Causal, ctx, q, k):
+    return _lift(k <= q)
+
+
+@_dense.register
+def _(node: n.Window, ctx, q, k):
+    return _lift((k >= q - node.before) & (k <= q + node.after))
+
+
+@_dense.register
+def _(node: n.DilatedWindow, ctx, q, k):
+    inside = (k >= q - node.before) & (k <= q + node.after)
+    return _lift(inside & ((q - k) % node.rate == 0))
+
+
+@_dense.register
+def _(node: n.Chunks, ctx, q, k):
+    return _lift(q // node.size == k // node.size)
+
+
+@_dense.register
+def _(node: n.Strided, ctx, q, k):
+    return _lift((q - k) % node.stride == 0)
+
+
+@_dense.register
+def _(node: n.Dilated, ctx, q, k):
+    same_segment = q // node.segment == k // node.segment
+    q_kept = (q % node.segment) % node.rate == node.offset
+    k_kept = (k % node.segment) % node.rate == node.offset
+    return _lift(same_segment & q_kept & k_kept)
+
+
+@_dense.register
+def _(node: n.GlobalTokens, ctx, q, k):
+    return _lift((q < node.n) | (k < node.n))
+
+
+@_dense.register
+def _(node: n.Prefix, ctx, q, k):
+    return _lift((k < node.n).expand(q.shape[0], k.shape[1]))
+
+
+@_dense.register
+def _(node: n.Documents, ctx, q, k):
+    ids = ctx.document_ids(node.name).cpu()  # [B, L]
+    return (ids[:, q[:, 0]][:, :, None] == ids[:, k[0, :]][:, None, :])[:, None]
+
+
+@_dense.register
+def _(node: n.Blocks, ctx, q, k):
+    qb, kb = q // node.size, k // node.size
+    num_qb, num_kb = -(-ctx.q_len // node.size), -(-ctx.kv_len // node.size)
+    if node.rules:
+        allowed = torch.zeros(1, 1, q.shape[0], k.shape[1], dtype=torch.bool)
+        for rule in node.rules:
+            allowed = allowed | _dense_block_rule(rule, ctx, qb, kb, num_qb, num_kb)
+    else:
+        allowed = torch.ones(1, 1, q.shape[0], k.shape[1], dtype=torch.bool)
+    if node.causal_:
+        allowed = allowed & _lift(kb <= qb)
+    if node.within_ is not None:
+        rel = torch.arange(node.size)
+        rule = _dense(node.within_, ctx.relative(node.size), rel[:, None], rel[None, :])  # [1, H?, size, size]
+        allowed = allowed & rule[:, :, q[:, 0] % node.size][:, :, :, k[0, :] % node.size]
+    return allowed
+
+
+def _dense_block_rule(rule, ctx, qb, kb, num_qb, num_kb) -> torch.Tensor:
+    if isinstance(rule, n.BlockLocal):
+        return _lift((qb - kb).abs() <= rule.window)
+    if isinstance(rule, n.BlockDilated):
+        hit = torch.zeros_like(qb - kb, dtype=torch.bool)
+        for r in rule.rates:
+            hit = hit | ((qb - kb) % r == 0)
+        if rule.window is not None:
+            hit = hit & ((qb - kb).abs() <= rule.window)
+        return _lift(hit)
+    if isinstance(rule, n.BlockGlobal):
+        return _lift((qb < rule.n) | (kb < rule.n))
+    if isinstance(rule, n.BlockRandom):
+        layout = random_block_layout(num_qb, num_kb, rule.per_row, rule.seed)
+        return _lift(layout[qb[:, 0]][:, kb[0, :]])
+    if isinstance(rule, n.BlockLayout):
+        layout = ctx.block_layout(rule.name, num_qb, num_kb).cpu()  # [H?, nqb, nkb]
+        return layout[:, qb[:, 0]][:, :, kb[0, :]][None]
+    raise TypeError(f"dense(): no reference for block rule {type(rule).__name__}")
+
+
+@_dense.register
+def _(node: n.Heads, ctx, q, k):
+    groups = head_groups(ctx.heads, len(node.parts))
+    parts = [_dense(p, ctx, q, k) for p in node.parts]
+    batch = max(p.shape[0] for p in parts)
+    return torch.cat(
+        [p.expand(batch, len(g), q.shape[0], k.shape[1]) for p, g in zip(parts, groups)], dim=1
+    )
+
+
+@_dense.register
+def _(node: n.Segments, ctx, q, k):
+    return _dense(node.expand(), ctx, q, k)
+
+
+@_dense.register
+def _(node: n.Union, ctx, q, k):
+    result = _dense(node.parts[0], ctx, q, k)
+    for part in node.parts[1:]:
+        result = result | _dense(part, ctx, q, k)
+    return result
+
+
+@_dense.register
+def _(node: n.Intersection, ctx, q, k):
+    result = _dense(node.parts[0], ctx, q, k)
+    for part in node.parts[1:]:
+        result = result & _dense(part, ctx, q, k)
+    return result
+
+
+@_dense.register
+def _(node: n.Difference, ctx, q, k):
+    return _dense(node.left, ctx, q, k) & ~_dense(node.right, ctx, q, k)
+
+
+@_dense.register
+def _(node: n.Complement, ctx, q, k):
+    return ~_dense(node.inner, ctx, q, k)
+
+
+@_dense.register
+def _(node: n.Scored, ctx, q, k):
+    return _dense(node.pattern, ctx, q, k)

@@ -1,0 +1,299 @@
+"""Lowering a pattern to FlexAttention's ``mask_mod`` and ``score_mod``.
+
+Every lowered function is written with torch operations only (no Python branching on tensor
+values, no in-place writes), so the same function runs under FlexAttention's ``vmap`` with
+0-d index tensors and on broadcast index grids (the block-mask builder refines undecided tiles
+by calling it on ``[n, T, 1]`` / ``[n, 1, T]`` grids). Tensors a pattern needs (document ids,
+block layouts, random-block layouts, ALiBi slopes, biases) are captured on the context's device;
+indices into them are clamped, so positions in the kernel's padding never read out of bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import singledispatch
+from typing import Callable
+
+import torch
+
+from ..lang import nodes as n
+from ..lang.groups import head_groups
+from ..lang.randomblocks import random_block_layout
+from .context import Context
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def lower_mask(pattern: n.Pattern, ctx: Context) -> MaskFn:
+    """``mask_mod(b, h, q, k) -> bool`` equal to ``allowed(b, h, q, k)`` for in-range indices."""
+    return _lower(pattern, ctx)
+
+
+@singledispatch
+def _lower(node, ctx: Context) -> MaskFn:
+    raise TypeError(f"mask_mod: no lowering for node type {type(node).__name__}")
+
+
+@_lower.register
+def _(node: n.Full, ctx):
+    return lambda b, h, q, k: (q >= 0) & (k >= 0)
+
+
+@_lower.register
+def _(node: n.Causal, ctx):
+    return lambda b, h, q, k: k <= q
+
+
+@_lower.register
+def _(node: n.Window, ctx):
+    before, after = node.before, node.after
+    return lambda b, h, q, k: (k - q >= -before) & (k - q <= after)
+
+
+@_lower.register
+def _(node: n.DilatedWindow, ctx):
+    before, after, rate = node.before, node.after, node.rate
+    return lambda b, h, q, k: (k - q >= -before) & (k - q <= after) & ((q - k) % rate == 0)
+
+
+@_lower.register
+def _(node: n.Chunks, ctx):
+    size = node.size
+    return lambda b, h, q, k: q // size == k // size
+
+
+@_lower.register
+def _(node: n.Strided, ctx):
+    stride = node.stride
+    return lambda b, h, q, k: (q - k) % stride == 0
+
+
+@_lower.register
+def _(node: n.Dilated, ctx):
+    segment, rate, offset = node.segment, node.rate, node.offset
+
+    def dilated_mask(b, h, q, k):
+        return ((q // segment == k // segment)
+                & ((q % segment) % rate == offset)
+                & ((k % segment) % rate == offset))
+
+    return dilated_mask
+
+
+@_lower.register
+def _(node: n.GlobalTokens, ctx):
+    count = node.n
+    return lambda b, h, q, k: (q < count) | (k < count)
+
+
+@_lower.register
+def _(node: n.Prefix, ctx):
+    count = node.n
+    return lambda b, h, q, k: (k < count) & (q >= 0)
+
+
+@_lower.register
+def _(node: n.Documents, ctx):
+    ids = ctx.document_ids(node.name)  # [B, L]
+    last = ids.shape[1] - 1
+    if ids.shape[0] == 1:
+        flat = ids[0]
+        return lambda b, h, q, k: flat[q.clamp(0, last)] == flat[k.clamp(0, last)]
+    return lambda b, h, q, k: ids[b, q.clamp(0, last)] == ids[b, k.clamp(0, last)]
+
+
+@_lower.register
+def _(node: n.Blocks, ctx):
+    size = node.size
+    num_qb, num_kb = -(-ctx.q_len // size), -(-ctx.kv_len // size)
+    rules = [_lower_block_rule(rule, ctx, num_qb, num_kb) for rule in node.rules]
+    within = None if node.within_ is None else _lower(node.within_, ctx.relative(size))
+    is_causal = node.causal_
+
+    def blocks_mask(b, h, q, k):
+        qb, kb = q // size, k // size
+        if rules:
+            allowed = rules[0](h, qb, kb)
+            for rule in rules[1:]:
+                allowed = allowed | rule(h, qb, kb)
+        else:
+            allowed = (qb >= 0) & (kb >= 0)
+        if is_causal:
+            allowed = allowed & (kb <= qb)
+        if within is not None:
+            allowed = allowed & within(b, h, q % size, k % size)
+        return allowed
+
+    return blocks_mask
+
+
+def _lower_block_rule(rule, ctx: Context, num_qb: int, num_kb: int):
+    """``rule(h, qb, kb) -> bool`` on block coordinates."""
+    if isinstance(rule, n.BlockLocal):
+        w = rule.window
+        return lambda h, qb, kb: (qb - kb).abs() <= w
+    if isinstance(rule, n.BlockDilated):
+        rates, window = rule.rates, rule.window
+
+        def dilated_rule(h, qb, kb):
+            d = qb - kb
+            hit = d % rates[0] == 0
+            for r in rates[1:]:
+                hit = hit | (d % r == 0)
+            return hit if window is None else hit & (d.abs() <= window)
+
+        return dilated_rule
+    if isinstance(rule, n.BlockGlobal):
+        count = rule.n
+        return lambda h, qb, kb: (qb < count) | (kb < count)
+    if isinstance(rule, n.BlockRandom):
+        layout = ctx.memoized(
+            ("random", rule, num_qb, num_kb),
+            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed).to(ctx.device),
+        )
+        return lambda h, qb, kb: layout[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
+    if isinstance(rule, n.BlockLayout):
+        layout = ctx.memoized(("layout", rule.name, num_qb, num_kb),
+                              lambda: ctx.block_layout(rule.name, num_qb, num_kb))
+        if layout.shape[0] == 1:
+            flat = layout[0]
+            return lambda h, qb, kb: flat[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
+        return lambda h, qb, kb: layout[h, qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
+    raise TypeError(f"mask_mod: no lowering for block rule {type(rule).__name__}")
+
+
+@_lower.register
+def _(node: n.Heads, ctx):
+    groups = head_groups(ctx.heads, len(node.parts))
+    parts = [_lower(p, ctx) for p in node.parts]
+    starts = [g.start for g in groups[1:]]
+
+    def heads_mask(b, h, q, k):
+        result = parts[0](b, h, q, k)
+        for start, part in zip(starts, parts[1:]):
+            result = torch.where(h >= start, part(b, h, q, k), result)
+        return result
+
+    return heads_mask
+
+
+@_lower.register
+def _(node: n.Segments, ctx):
+    return _lower(node.expand(), ctx)
+
+
+@_lower.register
+def _(node: n.Union, ctx):
+    parts = [_lower(p, ctx) for p in node.parts]
+
+    def union_mask(b, h, q, k):
+        result = parts[0](b, h, q, k)
+        for part in parts[1:]:
+            result = result | part(b, h, q, k)
+        return result
+
+    return union_mask
+
+
+@_lower.register
+def _(node: n.Intersection, ctx):
+    parts = [_lower(p, ctx) for p in node.parts]
+
+    def intersection_mask(b, h, q, k):
+        result = parts[0](b, h, q, k)
+        for part in parts[1:]:
+            result = result & part(b, h, q, k)
+        return result
+
+    return intersection_mask
+
+
+@_lower.register
+def _(node: n.Difference, ctx):
+    left, right = _lower(node.left, ctx), _lower(node.right, ctx)
+    return lambda b, h, q, k: left(b, h, q, k) & ~right(b, h, q, k)
+
+
+@_lower.register
+def _(node: n.Complement, ctx):
+    inner = _lower(node.inner, ctx)
+    return lambda b, h, q, k: ~inner(b, h, q, k)
+
+
+@_lower.register
+def _(node: n.Scored, ctx):
+    return _lower(node.pattern, ctx)
+
+
+# ---------------------------------------------------------------------------------------
+# score_mod
+# ---------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi's head slopes (Press et al. 2022): ``2**(-8 i / n)`` for a power of two ``n``,
+    and for other head counts the closest power of two's slopes followed by every other
+    slope of twice that power."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    base = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(base)
+    if base < num_heads:
+        slopes += power_of_two(2 * base)[0::2][: num_heads - base]
+    return slopes
+
+
+def lower_score(pattern: n.Pattern, ctx: Context) -> ScoreFn | None:
+    """``score_mod(score, b, h, q, k)`` applying the pattern's modifications in order, or
+    None when it has none."""
+    if not isinstance(pattern, n.Scored):
+        return None
+    mods = [_lower_score_mod(m, ctx) for m in pattern.mods]
+
+    def score_mod(score, b, h, q, k):
+        for mod in mods:
+            score = mod(score, b, h, q, k)
+        return score
+
+    return score_mod
+
+
+def _lower_score_mod(mod: n.ScoreMod, ctx: Context) -> ScoreFn:
+    if isinstance(mod, n.Alibi):
+        slopes = torch.tensor(alibi_slopes(ctx.heads), dtype=torch.float32, device=ctx.device)
+        return lambda score, b, h, q, k: score - slopes[h] * (q - k).abs()
+    if isinstance(mod, n.Softcap):
+        cap = mod.cap
+        return lambda score, b, h, q, k: cap * torch.tanh(score / cap)
+    if isinstance(mod, n.Bias):
+        values = _bias_tensor(mod.name, ctx)
+        last_b, last_h = values.shape[0] - 1, values.shape[1] - 1
+        last_q, last_k = ctx.q_len - 1, ctx.kv_len - 1
+        return lambda score, b, h, q, k: score + values[
+            b.clamp(0, last_b), h.clamp(0, last_h), q.clamp(0, last_q), k.clamp(0, last_k)
+        ]
+    if isinstance(mod, n.FunctionMod):
+        return mod.fn
+    raise TypeError(f"score_mod: no lowering for {type(mod).__name__}")
+
+
+def _bias_tensor(name: str, ctx: Context) -> torch.Tensor:
+    values = ctx.buffer(name)
+    shape = list(values.shape)
+    ok = (
+        values.dim() in (2, 3, 4)
+        and values.is_floating_point()
+        and shape[-2:] == [ctx.q_len, ctx.kv_len]
+        and (values.dim() < 3 or shape[-3] in (1, ctx.heads))
+    )
+    if not ok:
+        raise ValueError(
+            f"bias({name!r}): {name} must be a floating tensor of shape [{ctx.q_len}, {ctx.kv_len}], "
+            f"[heads, {ctx.q_len}, {ctx.kv_len}] or [batch, heads, {ctx.q_len}, {ctx.kv_len}], "
+            f"got dtype={values.dtype}, shape={shape}"
+        )
+    while values.dim() < 4:
+        values = values[None]
+    return values.to(ctx.device)
