@@ -1,0 +1,59 @@
+"""sparsedsl: a small language for sparse attention patterns, compiled to FlexAttention.
+
+Describe a pattern with the vocabulary below (``window(256) | global_tokens(16)``), then
+``sparsedsl.compile(pattern)`` it into an ``nn.Module`` that runs exact masked-softmax
+attention, ``sparsedsl.dense(pattern, n)`` to materialise it, ``sparsedsl.parse(text)`` to
+read its text form back.
+"""
+
+from .compiler.module import BLOCK_SIZES, CompiledPattern, compile
+from .compiler.plan import Plan
+from .lang.checks import PatternArgumentError
+from .lang.nodes import (
+    Pattern,
+    alibi,
+    bias,
+    blocks,
+    causal,
+    chunks,
+    dilated,
+    dilated_window,
+    documents,
+    full,
+    global_tokens,
+    heads,
+    prefix,
+    segments,
+    softcap,
+    strided,
+    window,
+)
+from .passes.context import BufferBindingError
+from .passes.dense import dense
+
+__all__ = [
+    "BLOCK_SIZES",
+    "CompiledPattern",
+    "Plan",
+    "compile",
+    "BufferBindingError",
+    "Pattern",
+    "PatternArgumentError",
+    "alibi",
+    "bias",
+    "blocks",
+    "causal",
+    "chunks",
+    "dense",
+    "dilated",
+    "dilated_window",
+    "documents",
+    "full",
+    "global_tokens",
+    "heads",
+    "prefix",
+    "segments",
+    "softcap",
+    "strided",
+    "window",
+]

@@ -1,0 +1,1 @@
+"""The pattern language: nodes, constructors and the text form."""

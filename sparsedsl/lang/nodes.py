@@ -404,8 +404,10 @@ class Blocks(Pattern):
 @dataclass(frozen=True, repr=False)
 class Heads(Pattern):
     """Head groups: heads are split into ``len(parts)`` contiguous groups as evenly as
-    possible (the first ``H % G`` groups get one extra head); group ``i`` uses ``parts[i]``.
-    Needs at least as many heads as groups."""
+    possible (the first ``H % G`` groups get one extra head); head ``h`` of group ``i`` is
+    allowed what ``parts[i]`` allows at the same head index ``h`` (so a nested ``heads`` or
+    ``alibi`` inside a part sees absolute head indices). Needs at least as many heads as
+    groups."""
 
     parts: tuple[Pattern, ...]
 

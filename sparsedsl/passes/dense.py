@@ -137,11 +137,13 @@ def _dense_block_rule(rule, ctx, qb, kb, num_qb, num_kb) -> torch.Tensor:
 
 @_dense.register
 def _(node: n.Heads, ctx, q, k):
+    # Head h takes part g(h) evaluated at the same absolute head h (as the mask_mod does).
     groups = head_groups(ctx.heads, len(node.parts))
     parts = [_dense(p, ctx, q, k) for p in node.parts]
     batch = max(p.shape[0] for p in parts)
     return torch.cat(
-        [p.expand(batch, len(g), q.shape[0], k.shape[1]) for p, g in zip(parts, groups)], dim=1
+        [p.expand(batch, ctx.heads, q.shape[0], k.shape[1])[:, g.start:g.stop]
+         for p, g in zip(parts, groups)], dim=1
     )
 
 

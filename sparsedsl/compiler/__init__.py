@@ -1,0 +1,1 @@
+"""The compiler: patterns to attention modules, plans and their explanation."""

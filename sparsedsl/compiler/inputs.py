@@ -1,0 +1,58 @@
+"""Validation of the tensors given to a compiled pattern: every error names the argument
+and the value, before any kernel sees the tensors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LAYOUTS = ("bhnd", "bnhd")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_inputs(q, k, v, scale, layout: str):
+    """``(q, k, v, scale)`` in ``[batch, heads, length, dim]`` layout with ``scale`` a
+    float (``1 / sqrt(head_dim)`` when None), or a ``ValueError``/``TypeError`` that says
+    what is wrong."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"forward(): argument 'layout' must be one of {LAYOUTS}, got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"forward(): argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"forward(): argument {name!r} must be 4-D [batch, heads, length, head_dim] "
+                f"(layout={layout!r}), got shape {list(t.shape)}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"forward(): argument {name!r} must be a floating tensor "
+                f"(float16, bfloat16, float32 or float64), got dtype={t.dtype}"
+            )
+        if t.dtype != q.dtype:
+            raise TypeError(f"forward(): q, k and v must share one dtype, got q={q.dtype} and {name}={t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"forward(): q, k and v must be on one device, got q on {q.device} and {name} on {t.device}")
+    if layout == "bnhd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    (batch, heads, q_len, dim), (kb, kv_heads, kv_len, kdim) = q.shape, k.shape
+    shape_names = f"(layout={layout!r}; q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} as [batch, heads, length, head_dim])"
+    if 0 in (batch, heads, q_len, dim, kv_heads, kv_len):
+        raise ValueError(f"forward(): empty inputs are not attention {shape_names}")
+    if kb != batch or v.shape[0] != batch:
+        raise ValueError(f"forward(): q, k and v must have the same batch size {shape_names}")
+    if tuple(v.shape[1:3]) != (kv_heads, kv_len):
+        raise ValueError(f"forward(): k and v must have the same heads and length {shape_names}")
+    if kdim != dim:
+        raise ValueError(f"forward(): q and k must have the same head_dim, got {dim} and {kdim} {shape_names}")
+    if heads % kv_heads:
+        raise ValueError(
+            f"forward(): q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) "
+            f"for grouped-query attention {shape_names}"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"forward(): argument 'scale' must be a finite number, got {scale!r}")
+    return q, k, v, float(scale)

@@ -1,0 +1,246 @@
+"""``sparsedsl.compile(pattern)``: a pattern as an ``nn.Module`` that computes attention."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..lang import nodes as n
+from ..lang.checks import PatternArgumentError, check_int
+from ..lang.inspect import depends_on_heads, head_group_count, mask_part
+from ..passes.blockmask import block_mask_from_states, tile_states
+from ..passes.context import Context
+from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score
+from ..passes.refine import tile_pair_counts
+from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..plans.gather import gather_attention
+from .cache import BuildCache
+from .inputs import check_attention_inputs
+from .plan import KERNELS, Plan, choose_plan, dense_sdpa_case
+
+#: Tile sizes FlexAttention's kernels take.
+BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+class Lowering:
+    """A pattern lowered for one set of sizes: its context, tile grid, ``mask_mod``, exact
+    tile states and, built on first use, its FlexAttention ``BlockMask``."""
+
+    def __init__(self, pattern: n.Pattern, ctx: Context, grid: TileGrid):
+        self.ctx, self.grid = ctx, grid
+        self.mask_mod: MaskFn = lower_mask(pattern, ctx)
+        self.states = tile_states(pattern, ctx, grid, self.mask_mod)
+        self._block_mask: BlockMask | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def block_mask(self) -> BlockMask:
+        with self._lock:
+            if self._block_mask is None:
+                self._block_mask = block_mask_from_states(self.states, self.grid, self.mask_mod)
+            return self._block_mask
+
+    def pair_counts(self) -> tuple[int, int, int, int]:
+        """``(full, partial, empty, allowed pairs)`` over every (batch, head) of the grid."""
+        full = int((self.states == FULL).sum())
+        partial_tiles = (self.states == PARTIAL).nonzero()
+        partial_pairs = int(tile_pair_counts(self.mask_mod, self.grid, partial_tiles).sum())
+        empty = int((self.states == EMPTY).sum())
+        pairs = full * self.grid.q_block * self.grid.kv_block + partial_pairs
+        return full, partial_tiles.shape[0], empty, pairs
+
+
+#: Lowerings of patterns without call-time tensors, shared by every compiled module.
+_LOWERINGS = BuildCache(maxsize=64)
+
+_compiled_flex = None
+_compiled_flex_lock = threading.Lock()
+
+
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, created once per process."""
+    global _compiled_flex
+    with _compiled_flex_lock:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex
+
+
+def _block_sizes(block_size) -> tuple[int, int]:
+    sizes = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
+    if len(sizes) != 2:
+        raise PatternArgumentError(
+            f"compile(): argument 'block_size' must be an int or a (q_block, kv_block) pair, "
+            f"got {block_size!r}"
+        )
+    for size in sizes:
+        check_int("compile()", "block_size", size, minimum=1)
+        if size not in BLOCK_SIZES:
+            raise PatternArgumentError(
+                f"compile(): argument 'block_size' must be one of {BLOCK_SIZES} (the tile "
+                f"sizes FlexAttention kernels take), got {block_size!r}"
+            )
+    return sizes
+
+
+class CompiledPattern(nn.Module):
+    """Exact attention restricted to a pattern: for each query row, one softmax over its
+    allowed keys (``softmax(q k^T * scale + score_mod, masked) @ v``); a row with no
+    allowed key outputs zeros.
+
+    Lowerings (``mask_mod``, tile states, ``BlockMask``) are cached per (pattern, lengths,
+    heads when the pattern has head groups, tile sizes, device) and shared by every module
+    with the same pattern; patterns with call-time tensors are lowered per call.
+    """
+
+    def __init__(self, pattern: n.Pattern, *, block_size=128, kernel: str = "auto"):
+        super().__init__()
+        if not isinstance(pattern, n.Pattern):
+            raise PatternArgumentError(
+                f"compile(): argument 'pattern' must be a sparsedsl pattern, got {pattern!r}"
+            )
+        if kernel not in KERNELS:
+            raise PatternArgumentError(
+                f"compile(): argument 'kernel' must be one of {KERNELS}, got {kernel!r}"
+            )
+        self.pattern = pattern
+        self.q_block, self.kv_block = _block_sizes(block_size)
+        self.kernel = kernel
+
+    def extra_repr(self) -> str:
+        return f"{self.pattern}, block_size=({self.q_block}, {self.kv_block}), kernel={self.kernel!r}"
+
+    # -- lowering -------------------------------------------------------------------------
+    def _context(self, q_len, kv_len, heads, device, buffers, where) -> Context:
+        heads = head_group_count(self.pattern) if heads is None else heads
+        return Context.make(self.pattern, q_len, kv_len, heads, device, buffers, where=where)
+
+    def lowering(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+                 device=None, where: str = "CompiledPattern", **buffers) -> Lowering:
+        """The (cached) lowering for these sizes; see :class:`Lowering`."""
+        ctx = self._context(q_len, kv_len, heads, device, buffers, where)
+        grid = TileGrid(ctx.q_len, ctx.kv_len, self.q_block, self.kv_block)
+        core = mask_part(self.pattern)
+        if buffers:
+            return Lowering(core, ctx, grid)
+        if not depends_on_heads(core):
+            ctx = Context(ctx.q_len, ctx.kv_len, 1, ctx.device)
+        key = (core, ctx.q_len, ctx.kv_len, ctx.heads, self.q_block, self.kv_block, str(ctx.device))
+        return _LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
+
+    def mask_mod(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+                 device=None, **buffers) -> MaskFn:
+        """FlexAttention ``mask_mod(b, h, q, k)`` of the pattern for these sizes."""
+        return self.lowering(q_len, kv_len, heads=heads, device=device, where="mask_mod()",
+                             **buffers).mask_mod
+
+    def score_mod(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+                  device=None, **buffers) -> ScoreFn | None:
+        """FlexAttention ``score_mod(score, b, h, q, k)``, or None without score mods."""
+        ctx = self._context(q_len, kv_len, heads, device, buffers, "score_mod()")
+        return lower_score(self.pattern, ctx)
+
+    def block_mask(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+                   batch: int | None = None, device=None, **buffers) -> BlockMask:
+        """The structural FlexAttention ``BlockMask`` (``[B, H, ...]`` with ``B``/``H`` of 1
+        when the pattern does not vary over them; FlexAttention broadcasts those)."""
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, where="block_mask()",
+                                 **buffers)
+        if batch is not None:
+            _check_batch(check_int("block_mask()", "batch", batch, minimum=1), lowering)
+        return lowering.block_mask
+
+    def explain(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+                head_dim: int = 128, device=None, dtype: torch.dtype | None = None,
+                requires_grad: bool = False, **buffers) -> Plan:
+        """The plan ``forward`` would run for these sizes and what it computes."""
+        head_dim = check_int("explain()", "head_dim", head_dim, minimum=1)
+        device = torch.device(device if device is not None else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, where="explain()",
+                                 **buffers)
+        heads = head_group_count(self.pattern) if heads is None else heads
+        kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad)
+        full, partial, empty, pairs = lowering.pair_counts()
+        per_grid = heads // lowering.states.shape[1]
+        tile_area = self.q_block * self.kv_block
+        if kind == "sdpa" and dense_sdpa_case(self.pattern) == "full":
+            computed = heads * lowering.ctx.q_len * lowering.ctx.kv_len
+        elif kind == "gather":
+            live = (lowering.states != EMPTY).sum(-1)
+            computed = int(live.amax(-1).sum()) * lowering.grid.num_q_tiles * tile_area * per_grid
+        else:
+            computed = (full + partial) * tile_area * per_grid
+        return Plan(kind, reason, lowering.ctx.q_len, lowering.ctx.kv_len, heads, head_dim,
+                    self.q_block, self.kv_block, full * per_grid, partial * per_grid,
+                    empty * per_grid, pairs * per_grid, computed)
+
+    # -- attention --------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                scale: float | None = None, layout: str = "bhnd", return_lse: bool = False,
+                **buffers):
+        """Attention of ``q`` over ``k``/``v``.
+
+        ``layout="bhnd"``: ``[batch, heads, length, head_dim]``; ``"bnhd"``: ``[batch,
+        length, heads, head_dim]`` (the seed library's). ``k`` and ``v`` may have fewer
+        heads than ``q`` (grouped-query attention) when that number divides ``q``'s.
+        ``scale`` defaults to ``1 / sqrt(head_dim)``. Tensors the pattern names
+        (``documents``, ``layout``, ``bias``) are passed by keyword. Returns the output in
+        ``q``'s layout, and with ``return_lse=True`` also the log-sum-exp ``[batch, heads,
+        q_len]`` (``-inf`` on rows with no allowed key).
+        """
+        q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
+        batch, heads, q_len, _ = q.shape
+        kv_heads, kv_len = k.shape[1], k.shape[2]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse)
+        gqa = kv_heads != heads
+        if kind == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=dense_sdpa_case(self.pattern) == "causal", scale=scale,
+                enable_gqa=gqa)
+            return _to_layout(out, layout)
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=q.device, where="forward()",
+                                 **buffers)
+        _check_batch(batch, lowering)
+        score_ctx = self._context(q_len, kv_len, heads, q.device, buffers, "forward()")
+        score_mod = lower_score(self.pattern, score_ctx)
+        if kind == "flex":
+            out, lse = compiled_flex_attention()(
+                q, k, v, score_mod=score_mod, block_mask=lowering.block_mask, scale=scale,
+                enable_gqa=gqa, return_lse=True)
+        else:
+            out, lse = gather_attention(q, k, v, states=lowering.states, grid=lowering.grid,
+                                        mask_mod=lowering.mask_mod, score_mod=score_mod,
+                                        scale=scale)
+        out = _to_layout(out, layout)
+        return (out, lse) if return_lse else out
+
+
+def _check_batch(batch: int, lowering: Lowering) -> None:
+    grid_batch = lowering.states.shape[0]
+    if grid_batch not in (1, batch):
+        raise ValueError(
+            f"the pattern's bound tensors have batch size {grid_batch} but the inputs have "
+            f"batch={batch}"
+        )
+
+
+def _to_layout(out: torch.Tensor, layout: str) -> torch.Tensor:
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def compile(pattern: n.Pattern, *, block_size=128, kernel: str = "auto") -> CompiledPattern:
+    """Compile ``pattern`` into a :class:`CompiledPattern` attention module.
+
+    ``block_size``: the FlexAttention tile (an int, or ``(q_block, kv_block)``), one of
+    ``BLOCK_SIZES``. ``kernel``: ``"auto"`` picks the plan per call (see
+    :mod:`sparsedsl.compiler.plan`), ``"flex"`` forces Inductor-compiled FlexAttention
+    (also on the CPU, forward only), ``"gather"`` the PyTorch block-sparse plan.
+    """
+    return CompiledPattern(pattern, block_size=block_size, kernel=kernel)

@@ -1,0 +1,112 @@
+"""Choosing how a compiled pattern runs, and reporting it (``CompiledPattern.explain``).
+
+Plans:
+
+* ``sdpa``: the pattern is ``full()`` or ``causal()`` with no score modification; PyTorch's
+  dense ``scaled_dot_product_attention`` (``is_causal`` for ``causal()``) is exact and
+  fastest.
+* ``flex``: FlexAttention compiled by Inductor with the structural ``BlockMask``; the plan
+  for CUDA tensors in float32, float16 and bfloat16.
+* ``gather``: block-sparse attention in plain PyTorch operations
+  (:mod:`sparsedsl.plans.gather`); the plan for the CPU (where FlexAttention has no
+  backward and its eager path materialises the whole score matrix) and for float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..lang import nodes as n
+from ..lang.inspect import mask_part, score_mods
+
+KERNELS = ("auto", "flex", "gather")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs for one call shape, and what it costs.
+
+    ``pairs`` counts allowed ``(q, k)`` pairs over all heads (and over the batch entries of
+    bound tensors such as document ids); ``useful_flops = 4 * head_dim * pairs`` is the
+    forward work of those pairs (``QK^T`` and ``PV``); ``computed_flops`` is what the plan's
+    kernel actually multiplies, whole tiles at a time.
+    """
+
+    kind: str
+    reason: str
+    q_len: int
+    kv_len: int
+    heads: int
+    head_dim: int
+    q_block: int
+    kv_block: int
+    tiles_full: int
+    tiles_partial: int
+    tiles_empty: int
+    pairs: int
+    computed_pairs: int
+
+    @property
+    def useful_flops(self) -> int:
+        return 4 * self.head_dim * self.pairs
+
+    @property
+    def computed_flops(self) -> int:
+        return 4 * self.head_dim * self.computed_pairs
+
+    @property
+    def density(self) -> float:
+        """Allowed pairs over all ``heads * q_len * kv_len`` pairs."""
+        return self.pairs / (self.heads * self.q_len * self.kv_len)
+
+    def __str__(self) -> str:
+        tiles = self.tiles_full + self.tiles_partial + self.tiles_empty
+        waste = self.computed_flops / self.useful_flops if self.pairs else float("inf")
+        return "\n".join([
+            f"plan: {self.kind} — {self.reason}",
+            f"shape: q_len={self.q_len} kv_len={self.kv_len} heads={self.heads} "
+            f"head_dim={self.head_dim}, tiles {self.q_block}x{self.kv_block}",
+            f"tiles: {self.tiles_full} full, {self.tiles_partial} partial, "
+            f"{self.tiles_empty} empty of {tiles}",
+            f"pairs: {self.pairs:,} allowed (density {self.density:.4f})",
+            f"flops: {self.useful_flops:,} useful, {self.computed_flops:,} computed "
+            f"({waste:.2f}x useful)",
+        ])
+
+
+def dense_sdpa_case(pattern: n.Pattern) -> str | None:
+    """``"full"`` or ``"causal"`` when dense SDPA computes ``pattern`` exactly, else None."""
+    if score_mods(pattern):
+        return None
+    core = mask_part(pattern)
+    if isinstance(core, n.Full):
+        return "full"
+    if isinstance(core, n.Causal):
+        return "causal"
+    return None
+
+
+def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: torch.dtype,
+                needs_grad: bool, needs_lse: bool = False) -> tuple[str, str]:
+    """``(kind, reason)`` of the plan that runs ``pattern`` for these inputs."""
+    device = torch.device(device)
+    if kernel == "gather":
+        return "gather", "requested with kernel='gather'"
+    if kernel == "flex":
+        if device.type == "cpu" and needs_grad:
+            raise ValueError(
+                "kernel='flex': FlexAttention has no backward pass on the CPU; use "
+                "kernel='auto' (the gather plan) for training on the CPU"
+            )
+        return "flex", "requested with kernel='flex'"
+    case = dense_sdpa_case(pattern)
+    if case is not None and not needs_lse:
+        return "sdpa", f"the pattern is {case}(): dense SDPA is exact and fastest"
+    if dtype == torch.float64:
+        return "gather", "float64 inputs: FlexAttention kernels take 16- and 32-bit floats"
+    if device.type == "cpu":
+        return "gather", ("CPU tensors: FlexAttention has no CPU backward and its eager "
+                          "path materialises every score; block-sparse gather instead")
+    return "flex", "block-sparse FlexAttention with the structural block mask"

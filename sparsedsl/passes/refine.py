@@ -1,0 +1,45 @@
+"""Refining tiles the structure leaves undecided, by evaluating the ``mask_mod`` on them.
+
+Only the listed tiles are evaluated, a bounded number of positions at a time, so memory
+stays ``O(budget)`` whatever the sequence lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .tiles import EMPTY, FULL, PARTIAL, TileGrid
+
+#: Positions evaluated at once (one int64 index grid of this many elements per operand).
+EVALUATION_BUDGET = 1 << 22
+
+
+def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
+                     budget: int = EVALUATION_BUDGET) -> torch.Tensor:
+    """Allowed pairs inside each tile of ``tiles`` (``[n, 4]`` int64 rows ``(b, h, i, j)``:
+    batch, head, query-tile and key-tile index), counting only positions inside the
+    sequences. Returns ``[n]`` int64."""
+    device = tiles.device
+    counts = torch.zeros(tiles.shape[0], dtype=torch.int64, device=device)
+    q_off = torch.arange(grid.q_block, device=device)[None, :, None]
+    k_off = torch.arange(grid.kv_block, device=device)[None, None, :]
+    step = max(1, budget // (grid.q_block * grid.kv_block))
+    for start in range(0, tiles.shape[0], step):
+        chunk = tiles[start:start + step]
+        b = chunk[:, 0, None, None]
+        h = chunk[:, 1, None, None]
+        q = chunk[:, 2, None, None] * grid.q_block + q_off
+        k = chunk[:, 3, None, None] * grid.kv_block + k_off
+        inside = (q < grid.q_len) & (k < grid.kv_len)
+        allowed = mask_mod(b, h, q.clamp(max=grid.q_len - 1), k.clamp(max=grid.kv_len - 1))
+        counts[start:start + step] = (allowed & inside).sum((1, 2))
+    return counts
+
+
+def states_from_counts(counts: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Tile states (int8) from allowed-pair counts: a tile is ``FULL`` only when all of its
+    ``q_block * kv_block`` pairs are inside the sequences and allowed."""
+    state = torch.where(counts == 0, EMPTY, PARTIAL)
+    return torch.where(counts == grid.q_block * grid.kv_block, FULL, state).to(torch.int8)

@@ -1,0 +1,1 @@
+"""Execution plans: the ways a compiled pattern can compute attention."""

@@ -1,0 +1,79 @@
+"""The *gather* plan: block-sparse attention written in plain PyTorch operations.
+
+For each query tile, the key/value tiles its row of the tile grid does not leave empty are
+gathered into one contiguous block, scored with one batched matmul, masked with the
+pattern's ``mask_mod`` and normalised with one softmax per query row. It runs on every
+device and dtype (float64 included) and is differentiable by autograd, so it is the plan
+for training on the CPU, where FlexAttention has no backward. Memory is bounded by
+processing a chunk of query-tile rows at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..passes.blockmask import ordered_indices
+from ..passes.tiles import EMPTY, TileGrid
+from .softmax import masked_attention
+
+#: Score elements held at once per chunk of query-tile rows.
+SCORE_BUDGET = 1 << 24
+
+
+def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, states: torch.Tensor,
+                     grid: TileGrid, mask_mod: Callable, score_mod: Callable | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]``
+    (``H`` a multiple of ``Hkv``) restricted to the non-empty tiles of ``states``
+    (``[B or 1, H or 1, nq, nk]``). Returns ``(out [B, H, Q, Dv], lse [B, H, Q])``."""
+    batch, heads, q_len, _ = q.shape
+    kv_heads, dv = k.shape[1], v.shape[-1]
+    nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
+    device, dtype = q.device, q.dtype
+
+    live = states != EMPTY
+    counts, kv_tiles = ordered_indices(live)
+    width = max(1, int(counts.max()) if counts.numel() else 1)
+    kv_tiles = kv_tiles[..., :width].long()
+    tile_used = torch.arange(width, device=device) < counts[..., None].long()  # [Bg, Hg, nq, width]
+
+    # Half-precision inputs are computed in float32; float32 and float64 as they are.
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    head_map = torch.arange(heads, device=device) // (heads // kv_heads)
+    q_tiles = F.pad(q, (0, 0, 0, nq * bq - q_len)).view(batch, heads, nq, bq, -1)
+    k_tiles = F.pad(k, (0, 0, 0, nk * bk - k.shape[2])).view(batch, kv_heads, nk, bk, -1)[:, head_map]
+    v_tiles = F.pad(v, (0, 0, 0, nk * bk - v.shape[2])).view(batch, kv_heads, nk, bk, -1)[:, head_map]
+
+    b_idx = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h_idx = torch.arange(heads, device=device).view(1, heads, 1, 1)
+    q_offsets = torch.arange(bq, device=device)
+    k_offsets = torch.arange(bk, device=device)
+
+    rows_per_chunk = max(1, SCORE_BUDGET // max(1, batch * heads * bq * width * bk))
+    outs, lses = [], []
+    for start in range(0, nq, rows_per_chunk):
+        stop = min(start + rows_per_chunk, nq)
+        tiles = kv_tiles[:, :, start:stop].expand(batch, heads, -1, -1)  # [B, H, R, W]
+        used = tile_used[:, :, start:stop]
+        keys = k_tiles[b_idx, h_idx, tiles].flatten(3, 4)    # [B, H, R, W*bk, D]
+        values = v_tiles[b_idx, h_idx, tiles].flatten(3, 4)  # [B, H, R, W*bk, Dv]
+        scores = (q_tiles[:, :, start:stop] @ keys.transpose(-1, -2)) * scale  # [B, H, R, bq, W*bk]
+
+        q_pos = (torch.arange(start, stop, device=device)[:, None] * bq + q_offsets)[None, None, :, :, None]
+        k_pos = (tiles[..., None] * bk + k_offsets).flatten(3)[:, :, :, None, :]
+        b5, h5 = b_idx[..., None], h_idx[..., None]
+        q_safe, k_safe = q_pos.clamp(max=q_len - 1), k_pos.clamp(max=k.shape[2] - 1)
+        allowed = mask_mod(b5, h5, q_safe, k_safe) & (q_pos < q_len) & (k_pos < k.shape[2])
+        allowed = allowed & used.repeat_interleave(bk, dim=-1)[:, :, :, None, :]
+        if score_mod is not None:
+            scores = score_mod(scores, b5, h5, q_safe, k_safe)
+        out, lse = masked_attention(scores, allowed, values)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).reshape(batch, heads, nq * bq, dv)[:, :, :q_len]
+    lse = torch.cat(lses, dim=2).reshape(batch, heads, nq * bq)[:, :, :q_len]
+    return out.to(dtype), lse
