@@ -9,29 +9,36 @@ argument validation applies exactly as in Python code.
 Grammar (precedence and associativity are Python's: ``|`` < ``&`` < ``-`` < ``~`` <
 call/method; binary operators group left to right)::
 
-    pattern   ::= pattern "|" pattern            union
-                | pattern "&" pattern            intersection
-                | pattern "-" pattern            difference
-                | "~" pattern                    complement
+    pattern   ::= pattern "|" pattern                    union
+                | pattern "&" pattern                    intersection
+                | pattern "-" pattern                    difference
+                | "~" pattern                            complement
                 | "(" pattern ")"
-                | call
-                | pattern ".score(" mod ("," mod)* ")"
+                | PNAME "(" arguments ")"
                 | blockpat
-    call      ::= PNAME "(" arguments ")"
+                | pattern ".score(" mod ("," mod)* [","] ")"
     PNAME     ::= "full" | "causal" | "window" | "dilated_window" | "chunks" | "strided"
                 | "dilated" | "global_tokens" | "prefix" | "documents" | "heads" | "segments"
-    blockpat  ::= "blocks(" arguments ")" ("." BMETHOD "(" arguments ")")*
+    blockpat  ::= "blocks(" arguments ")" | "(" blockpat ")"
+                | blockpat "." BMETHOD "(" arguments ")"
     BMETHOD   ::= "local" | "dilated" | "global_" | "random" | "layout" | "causal" | "within"
     mod       ::= MNAME "(" arguments ")"
     MNAME     ::= "alibi" | "softcap" | "bias"
-    arguments ::= [argument ("," argument)*] ["," KEYWORD "=" argument]* [","]
-    argument  ::= INT | FLOAT | "-" INT | "-" FLOAT | STRING | "[" number ("," number)* "]"
-                | pattern
-                | "None"                         only where the parameter defaults to None
-    number    ::= INT | FLOAT | "-" INT | "-" FLOAT
+    arguments ::= [ (posargs ["," kwargs] | kwargs) [","] ]
+    posargs   ::= argument ("," argument)*
+    kwargs    ::= KEYWORD "=" argument ("," KEYWORD "=" argument)*
+    argument  ::= number | STRING | "[" [number ("," number)* [","]] "]" | pattern
+                | "None"                                 only where the parameter defaults to None
+    number    ::= ["-"] (INT | FLOAT)
 
-``.score(...)`` applies to any pattern (the base of a method chain may be any parenthesised
-pattern); the block methods apply only to a ``blocks(...)`` chain. Keywords are the
+``KEYWORD`` is a parameter name of the called constructor or method, each at most once;
+the number and kinds of arguments must fit its signature (see :mod:`sparsedsl.lang.nodes`),
+and the constructor then validates the values. ``INT``, ``FLOAT`` and ``STRING`` are Python
+literals (``0x10`` and ``1_000`` are ints, ``'ids'`` and ``"ids"`` strings).
+
+``.score(...)`` applies to any pattern, and nothing but another ``.score(...)`` may follow
+it (a scored pattern cannot be an operand of ``| & - ~``, ``heads`` or ``.within``: the
+constructors refuse it); the block methods apply only to a ``blocks(...)`` chain. Keywords are the
 parameter names of the constructors (``window(before=3, after=2)``,
 ``segments(lengths=[64], dilations=[2])``, ``.random(per_row=2, seed=7)``). Strings are
 Python string literals (``'ids'`` or ``"ids"``); ``f``-strings and ``b``-strings are not
@@ -59,6 +66,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import warnings
 from typing import Any, Callable
 
 from . import nodes
@@ -134,6 +142,7 @@ _NOT_ALLOWED = {
 }
 
 _NEWLINE = re.compile(r"\r\n|\r|\n")
+_BLANK_LINE = re.compile(r"[ \t\f]*(#.*)?")
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,7 +270,7 @@ def parse(text: str) -> Pattern:
     # non-blank character and shift every position back.
     shift = len(text) - len(text.lstrip(" \t\f\r\n"))
     source = text[shift:]
-    if not source.strip(" \t\f\r\n"):
+    if all(_BLANK_LINE.fullmatch(line) for line in _NEWLINE.split(source)):
         raise PatternSyntaxError("empty pattern", text, len(text))
     _prescan(text)
     tree = _ast_parse(text, source, shift)
@@ -315,7 +324,10 @@ def _prescan(text: str) -> None:
 
 def _ast_parse(text: str, source: str, shift: int) -> ast.Expression:
     try:
-        return ast.parse(source, mode="eval")
+        with warnings.catch_warnings():
+            # e.g. "invalid decimal literal": the text either parses or fails below.
+            warnings.simplefilter("ignore")
+            return ast.parse(source, mode="eval")
     except SyntaxError as err:
         reason = err.msg or "invalid syntax"
         if "<lambda>" in text:
@@ -569,6 +581,8 @@ class _Builder:
         for kw in node.keywords:
             if kw.arg is None:
                 raise self._error("keyword unpacking '**' not allowed", self._start(kw))
+            if kw.arg in kwargs:
+                raise self._error(f"keyword argument repeated: {kw.arg!r}", self._start(kw))
             param = sig.parameters.get(kw.arg)
             if param is None or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
                 names = [p.name for p in sig.parameters.values()

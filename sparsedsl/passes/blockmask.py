@@ -42,17 +42,18 @@ def tile_states(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callab
     return torch.cat(chunks, dim=2)
 
 
-def ordered_indices(selected: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(num_blocks, indices)`` in FlexAttention's layout from a bool ``[B, H, R, C]``:
     ``num_blocks[b, h, r]`` selected columns of row ``r``, listed in ascending order at the
     start of ``indices[b, h, r]`` (int32; entries past ``num_blocks`` are 0)."""
     num_blocks = selected.sum(-1, dtype=torch.int32)
     indices = torch.zeros(selected.shape, dtype=torch.int32, device=selected.device)
-    for start in range(0, selected.shape[2], rows_per_chunk):
-        part = selected[:, :, start:start + rows_per_chunk]
-        rank = part.cumsum(-1, dtype=torch.int32) - 1
-        b, h, r, c = part.nonzero(as_tuple=True)
-        indices[b, h, r + start, rank[b, h, r, c].long()] = c.to(torch.int32)
+    b, h, r, c = selected.nonzero(as_tuple=True)  # row-major, so each row's columns ascend
+    if c.numel():
+        row_starts = num_blocks.flatten().cumsum(0, dtype=torch.int64) - num_blocks.flatten()
+        row = (b * selected.shape[1] + h) * selected.shape[2] + r
+        rank = torch.arange(c.numel(), device=c.device) - row_starts[row]
+        indices[b, h, r, rank] = c.to(torch.int32)
     return num_blocks, indices
 
 

@@ -1,0 +1,1 @@
+"""Analyses of patterns: exact counts of what they allow and compute."""

@@ -1,0 +1,136 @@
+"""``sparsedsl.count``: exact numbers of allowed pairs and tiles, from structure.
+
+Tiles are classified structurally (:mod:`sparsedsl.passes.tiles`); a full tile contributes
+its area, and only partial tiles are evaluated, a bounded chunk at a time, so counting
+never holds ``O(Q * K)`` values and takes seconds at a million tokens for banded patterns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..lang import nodes as n
+from ..lang.checks import PatternArgumentError, check_int
+from ..lang.inspect import head_group_count, mask_part
+from ..passes.blockmask import tile_states
+from ..passes.context import Context
+from ..passes.maskmod import lower_mask
+from ..passes.refine import tile_pair_counts
+from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """Tiles of one tiling, by class."""
+
+    full: int
+    partial: int
+    empty: int
+
+    @property
+    def total(self) -> int:
+        return self.full + self.partial + self.empty
+
+    def __str__(self) -> str:
+        return f"{self.full} full, {self.partial} partial, {self.empty} empty of {self.total}"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a pattern allows at one size.
+
+    ``per_head[h]`` is the number of allowed ``(q, k)`` pairs of head ``h`` (summed over
+    the batch entries of bound tensors, such as ``[B, L]`` document ids); ``pairs`` their
+    sum; ``tiles`` and ``tiles_per_head`` classify ``tile x tile`` tiles as a tile-based
+    kernel sees them (a tile cut short by a sequence end is never full).
+    ``useful_flops`` is ``4 * head_dim * pairs`` (forward ``QK^T`` and ``PV``);
+    ``computed_flops`` is ``4 * head_dim * tile^2`` per non-empty tile.
+    """
+
+    q_len: int
+    kv_len: int
+    heads: int
+    tile: int
+    head_dim: int
+    per_head: tuple[int, ...]
+    tiles_per_head: tuple[TileCounts, ...]
+    batch: int = 1
+
+    @property
+    def pairs(self) -> int:
+        return sum(self.per_head)
+
+    @property
+    def density(self) -> float:
+        """Allowed pairs over all ``batch * heads * q_len * kv_len`` pairs."""
+        return self.pairs / (self.batch * self.heads * self.q_len * self.kv_len)
+
+    @property
+    def tiles(self) -> TileCounts:
+        return TileCounts(*(sum(getattr(t, f) for t in self.tiles_per_head)
+                            for f in ("full", "partial", "empty")))
+
+    @property
+    def useful_flops(self) -> int:
+        return 4 * self.head_dim * self.pairs
+
+    @property
+    def computed_flops(self) -> int:
+        tiles = self.tiles
+        return 4 * self.head_dim * (tiles.full + tiles.partial) * self.tile * self.tile
+
+    def __str__(self) -> str:
+        lines = [
+            f"q_len={self.q_len} kv_len={self.kv_len} heads={self.heads}"
+            + (f" batch={self.batch}" if self.batch > 1 else ""),
+            f"pairs: {self.pairs:,} allowed, density {self.density:.6f}",
+        ]
+        if len(set(self.per_head)) > 1:
+            lines.append("per head: " + ", ".join(f"{p:,}" for p in self.per_head))
+        lines.append(f"tiles ({self.tile}x{self.tile}): {self.tiles}")
+        ratio = self.computed_flops / self.useful_flops if self.pairs else float("inf")
+        lines.append(f"flops (head_dim={self.head_dim}): {self.useful_flops:,} useful, "
+                     f"{self.computed_flops:,} computed by a tile kernel ({ratio:.2f}x)")
+        return "\n".join(lines)
+
+
+def tile_grid_states(pattern: n.Pattern, q_len: int, kv_len: int | None, heads: int | None,
+                     tile: int, buffers: dict, where: str):
+    """``(ctx, grid, mask_mod, states)`` for counting and drawing: exact tile states
+    ``[B or 1, H or 1, nq, nk]`` of ``pattern`` on ``tile x tile`` tiles."""
+    tile = check_int(where, "tile", tile, minimum=1)
+    heads = head_group_count(pattern) if heads is None else heads
+    ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where=where)
+    grid = TileGrid(ctx.q_len, ctx.kv_len, tile, tile)
+    core = mask_part(pattern)
+    mask_mod = lower_mask(core, ctx)
+    return ctx, grid, mask_mod, tile_states(core, ctx, grid, mask_mod)
+
+
+def count(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+          tile: int = 128, head_dim: int = 128, **buffers: torch.Tensor) -> Counts:
+    """Exact counts of ``pattern`` on a ``q_len x kv_len`` matrix; see :class:`Counts`.
+
+    ``heads`` defaults to the fewest the pattern runs with (its largest head-group count).
+    Tensors the pattern names (``documents``, ``layout``) are passed by keyword.
+    """
+    if not isinstance(pattern, n.Pattern):
+        raise PatternArgumentError(f"count(): argument 'pattern' must be a pattern, got {pattern!r}")
+    head_dim = check_int("count()", "head_dim", head_dim, minimum=1)
+    ctx, grid, mask_mod, states = tile_grid_states(pattern, q_len, kv_len, heads, tile, buffers, "count()")
+    batch = states.shape[0]
+    states = states.expand(batch, ctx.heads, -1, -1)
+    partial = (states == PARTIAL).nonzero()
+    partial_pairs = tile_pair_counts(mask_mod, grid, partial)
+    per_head_partial = torch.zeros(ctx.heads, dtype=torch.int64, device=states.device)
+    per_head_partial.index_add_(0, partial[:, 1], partial_pairs)
+    full_tiles = (states == FULL).sum((0, 2, 3))
+    per_head = full_tiles * grid.q_block * grid.kv_block + per_head_partial
+    tiles = [
+        TileCounts(int(full_tiles[h]), int((states[:, h] == PARTIAL).sum()), int((states[:, h] == EMPTY).sum()))
+        for h in range(ctx.heads)
+    ]
+    return Counts(ctx.q_len, ctx.kv_len, ctx.heads, tile, head_dim,
+                  tuple(int(p) for p in per_head), tuple(tiles), batch)

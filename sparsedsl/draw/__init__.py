@@ -1,0 +1,1 @@
+"""Drawing patterns: terminal tile maps, images and expression diagrams."""
