@@ -28,6 +28,7 @@ from .lang.nodes import (
     strided,
     window,
 )
+from .lang.parse import PatternSyntaxError, parse
 from .passes.context import BufferBindingError
 from .passes.dense import dense
 
@@ -39,6 +40,7 @@ __all__ = [
     "BufferBindingError",
     "Pattern",
     "PatternArgumentError",
+    "PatternSyntaxError",
     "alibi",
     "bias",
     "blocks",
@@ -51,6 +53,7 @@ __all__ = [
     "full",
     "global_tokens",
     "heads",
+    "parse",
     "prefix",
     "segments",
     "softcap",

@@ -211,9 +211,10 @@ class CompiledPattern(nn.Module):
         score_ctx = self._context(q_len, kv_len, heads, q.device, buffers, "forward()")
         score_mod = lower_score(self.pattern, score_ctx)
         if kind == "flex":
-            out, lse = compiled_flex_attention()(
+            result = compiled_flex_attention()(
                 q, k, v, score_mod=score_mod, block_mask=lowering.block_mask, scale=scale,
-                enable_gqa=gqa, return_lse=True)
+                enable_gqa=gqa, return_lse=return_lse)
+            out, lse = result if return_lse else (result, None)
         else:
             out, lse = gather_attention(q, k, v, states=lowering.states, grid=lowering.grid,
                                         mask_mod=lowering.mask_mod, score_mod=score_mod,

@@ -95,10 +95,11 @@ def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: to
     if kernel == "gather":
         return "gather", "requested with kernel='gather'"
     if kernel == "flex":
-        if device.type == "cpu" and needs_grad:
+        if device.type == "cpu" and (needs_grad or needs_lse):
+            what = "backward pass" if needs_grad else "log-sum-exp output (return_lse)"
             raise ValueError(
-                "kernel='flex': FlexAttention has no backward pass on the CPU; use "
-                "kernel='auto' (the gather plan) for training on the CPU"
+                f"kernel='flex': FlexAttention has no {what} on the CPU; use "
+                f"kernel='auto' (the gather plan) on the CPU"
             )
         return "flex", "requested with kernel='flex'"
     case = dense_sdpa_case(pattern)

@@ -25,15 +25,16 @@ def check_int(where: str, name: str, value: Any, *, minimum: int = 0) -> int:
             f"({type(value).__name__})"
         )
     value = int(value)
+    shown = repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
     if value < minimum:
         bound = "positive" if minimum == 1 else f">= {minimum}"
         raise PatternArgumentError(
-            f"{where}: argument {name!r} must be {bound}, got {value!r}"
+            f"{where}: argument {name!r} must be {bound}, got {shown}"
         )
     if value > INDEX_LIMIT:
         raise PatternArgumentError(
             f"{where}: argument {name!r} must be at most 2**31 - 1 = {INDEX_LIMIT} "
-            f"(32-bit kernel indices), got {value!r}"
+            f"(32-bit kernel indices), got {shown}"
         )
     return value
 
@@ -55,7 +56,12 @@ def check_number(where: str, name: str, value: Any, *, positive: bool = True) ->
         raise PatternArgumentError(
             f"{where}: argument {name!r} must be a number, got {value!r} ({type(value).__name__})"
         )
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be finite, got an integer too large for a float"
+        ) from None
     if value != value or value in (float("inf"), float("-inf")):
         raise PatternArgumentError(f"{where}: argument {name!r} must be finite, got {value!r}")
     if positive and value <= 0:

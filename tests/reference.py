@@ -1,0 +1,64 @@
+"""The reference attention every plan is tested against: one softmax over the dense mask
+(DESIGN.md §1), with score modifications applied to dense tensors, in float64."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import sparsedsl as sd
+from sparsedsl.lang import nodes as n
+
+
+def _alibi_slopes(heads: int) -> torch.Tensor:
+    # Press et al. 2022: 2^(-8 i / n) for n a power of two; otherwise the closest power of
+    # two's slopes, then every other slope of twice that power.
+    def geometric(count):
+        return [2.0 ** (-8.0 * (i + 1) / count) for i in range(count)]
+    base = 2 ** int(math.floor(math.log2(heads)))
+    slopes = geometric(base) + geometric(2 * base)[0::2][: heads - base]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+def dense_scores(pattern: n.Pattern, scores: torch.Tensor, buffers: dict) -> torch.Tensor:
+    """``scores`` [B, H, Q, K] (float64) with the pattern's score modifications applied."""
+    if not isinstance(pattern, n.Scored):
+        return scores
+    batch, heads, q_len, kv_len = scores.shape
+    qi = torch.arange(q_len)[:, None]
+    ki = torch.arange(kv_len)[None, :]
+    for mod in pattern.mods:
+        if isinstance(mod, n.Alibi):
+            scores = scores - _alibi_slopes(heads)[:, None, None] * (qi - ki).abs()
+        elif isinstance(mod, n.Softcap):
+            scores = mod.cap * torch.tanh(scores / mod.cap)
+        elif isinstance(mod, n.Bias):
+            values = buffers[mod.name].double()
+            while values.dim() < 4:
+                values = values[None]
+            scores = scores + values
+        else:
+            b = torch.arange(batch).view(-1, 1, 1, 1)
+            h = torch.arange(heads).view(1, -1, 1, 1)
+            scores = mod.fn(scores, b, h, qi[None, None], ki[None, None])
+    return scores
+
+
+def reference_attention(pattern: n.Pattern, q, k, v, scale=None, **buffers):
+    """``(out, lse)`` in float64 for ``[B, H, N, D]`` inputs (k/v may have fewer heads)."""
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    scale = dim ** -0.5 if scale is None else scale
+    allowed = sd.dense(pattern, q_len, kv_len, heads=heads, **buffers)
+    if allowed.dim() == 3:
+        allowed = allowed[None]
+    group = heads // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    scores = dense_scores(pattern, (q.double() @ k.transpose(-1, -2)) * scale, buffers)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return weights @ v, lse
+

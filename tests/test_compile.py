@@ -1,0 +1,249 @@
+"""The compiled attention against the dense reference, on random inputs and patterns."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedsl as sd
+from reference import reference_attention
+from strategies import pattern_cases
+
+
+def _inputs(batch, heads, kv_heads, q_len, kv_len, dim, *, dtype=torch.float32, device="cpu",
+            seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    def make(h, n):
+        t = (torch.randn(batch, h, n, dim, generator=gen) * 1.5).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+    return make(heads, q_len), make(kv_heads, kv_len), make(kv_heads, kv_len)
+
+
+def _batch_for(buffers, rng):
+    for t in buffers.values():
+        if t.dim() == 2 and t.dtype == torch.int64:  # batched document ids
+            return t.shape[0]
+    return rng.choice((1, 2))
+
+
+@settings(max_examples=120)
+@given(case=pattern_cases(allow_scores=True), block=st.sampled_from((16, 32, 64, 128)),
+       seed=st.integers(0, 2**16), gqa=st.booleans())
+def test_output_equals_dense_softmax(case, block, seed, gqa):
+    pattern, q_len, kv_len, heads, buffers = case
+    rng = random.Random(seed)
+    batch = _batch_for(buffers, rng)
+    kv_heads = 1 if gqa else heads
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, 16, seed=seed)
+    module = sd.compile(pattern, block_size=block)
+    out, lse = module(q, k, v, return_lse=True, **buffers)
+    expected, expected_lse = reference_attention(pattern, q, k, v, **buffers)
+    assert out.shape == expected.shape
+    assert (out.double() - expected).abs().max().item() < 1e-4
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        assert (lse.double()[finite] - expected_lse[finite]).abs().max().item() < 1e-4
+
+
+@settings(max_examples=40)
+@given(case=pattern_cases(max_len=96, max_depth=2), seed=st.integers(0, 2**16))
+def test_gradients_equal_dense_reference(case, seed):
+    pattern, q_len, kv_len, heads, buffers = case
+    batch = _batch_for(buffers, random.Random(seed))
+    q, k, v = _inputs(batch, heads, heads, q_len, kv_len, 8, dtype=torch.float64, seed=seed,
+                      requires_grad=True)
+    out = sd.compile(pattern, block_size=16)(q, k, v, **buffers)
+    expected, _ = reference_attention(pattern, q, k, v, **buffers)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert (g - w).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_rows_without_keys_output_zero_with_finite_gradients(dtype):
+    # Rows 0..9 see nothing: window(3) intersected with keys >= 10 on the first rows.
+    pattern = (sd.window(3) & ~sd.prefix(10)) | (sd.causal() - sd.window(50))
+    q, k, v = _inputs(2, 2, 2, 130, 130, 16, dtype=dtype, requires_grad=True)
+    out, lse = sd.compile(pattern, block_size=32)(q, k, v, return_lse=True)
+    empty = ~sd.dense(pattern, 130).any(-1)[0]
+    assert empty[:7].all() and not empty.all()
+    assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
+    assert torch.isneginf(lse[:, :, empty]).all()
+    out.float().square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad.float()).all()
+    assert torch.equal(q.grad[:, :, empty], torch.zeros_like(q.grad[:, :, empty]))
+
+
+def test_gradcheck_float64():
+    pattern = sd.blocks(4).local(1).within(sd.segments([2, 4], [1, 2])) | sd.global_tokens(2)
+    module = sd.compile(pattern, block_size=16)
+    q, k, v = _inputs(1, 2, 1, 11, 13, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: module(a, b, c), (q, k, v))
+
+
+def test_bnhd_layout_matches_bhnd():
+    module = sd.compile(sd.window(10) | sd.global_tokens(3), block_size=16)
+    q, k, v = _inputs(2, 4, 2, 70, 50, 8)
+    out = module(q, k, v)
+    out_bnhd = module(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bnhd")
+    torch.testing.assert_close(out_bnhd, out.transpose(1, 2))
+
+
+def test_plain_function_score_mod():
+    def tilt(score, b, h, q, k):
+        return score + 0.01 * (q - k) * (h + 1)
+
+    pattern = sd.causal().score(tilt)
+    q, k, v = _inputs(1, 2, 2, 40, 40, 8)
+    out = sd.compile(pattern, block_size=16)(q, k, v)
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pattern,kind", [
+    (sd.full(), "sdpa"), (sd.causal(), "sdpa"), (sd.window(8), "gather"),
+    (sd.causal().score(sd.alibi()), "gather"),
+])
+def test_explain_names_the_plan_and_counts(pattern, kind):
+    plan = sd.compile(pattern, block_size=16).explain(100, heads=2, head_dim=8, device="cpu")
+    assert plan.kind == kind
+    pairs = int(sd.dense(pattern, 100, heads=2).sum())
+    assert plan.pairs == pairs
+    assert plan.useful_flops == 4 * 8 * pairs
+    assert plan.computed_flops >= plan.useful_flops
+    assert kind in str(plan) and f"{pairs:,}" in str(plan)
+
+
+def test_inductor_compiled_flex_on_cpu():
+    """The Inductor-compiled FlexAttention kernel (C++ backend on the CPU), forward only."""
+    pattern = sd.blocks(32).local(1).within(sd.segments([16, 32], [1, 2])) | sd.global_tokens(5)
+    module = sd.compile(pattern, block_size=32, kernel="flex")
+    q, k, v = _inputs(2, 4, 2, 150, 150, 16, seed=3)
+    with torch.no_grad():
+        out = module(q, k, v)
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert (out.double() - expected).abs().max().item() < 1e-4
+    q2, k2, v2 = _inputs(1, 4, 2, 100, 117, 16, seed=4)  # other lengths, Q != K
+    with torch.no_grad():
+        out2 = module(q2, k2, v2)
+    assert (out2.double() - reference_attention(pattern, q2, k2, v2)[0]).abs().max().item() < 1e-4
+
+
+def test_flex_on_cpu_refuses_backward_with_a_clear_error():
+    module = sd.compile(sd.window(4), block_size=16, kernel="flex")
+    q, k, v = _inputs(1, 1, 1, 20, 20, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="no backward pass on the CPU"):
+        module(q, k, v)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m, q: m(q[0], q, q), "must be 4-D"),
+    (lambda m, q: m(q, q.double(), q), "share one dtype"),
+    (lambda m, q: m(q.int(), q.int(), q.int()), "floating tensor"),
+    (lambda m, q: m(q, q[:1], q[:1]), "same batch size"),
+    (lambda m, q: m(q, q[:, :3], q[:, :3]), "multiple of k/v's heads"),
+    (lambda m, q: m(q, q[..., :4], q), "same head_dim"),
+    (lambda m, q: m(q, q, q[:, :, :5]), "same heads and length"),
+    (lambda m, q: m(q, q, q, layout="nhbd"), "layout"),
+    (lambda m, q: m(q, q, q, scale=float("nan")), "scale"),
+    (lambda m, q: m(q, q, q, ids=torch.zeros(3)), "unexpected keyword"),
+])
+def test_bad_inputs_raise_clear_errors(call, message):
+    module = sd.compile(sd.window(2), block_size=16)
+    q = torch.randn(2, 4, 10, 8)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(module, q)
+
+
+def test_missing_buffer_and_batch_mismatch():
+    module = sd.compile(sd.documents("doc"), block_size=16)
+    q = torch.randn(3, 1, 10, 8)
+    with pytest.raises(ValueError, match="doc"):
+        module(q, q, q)
+    with pytest.raises(ValueError, match="batch"):
+        module(q, q, q, doc=torch.zeros(2, 10, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("block_size", [0, 48, 100, (16,), "128", 2048])
+def test_block_size_checked(block_size):
+    with pytest.raises(sd.PatternArgumentError, match="block_size"):
+        sd.compile(sd.window(2), block_size=block_size)
+
+
+def test_compile_rejects_non_patterns():
+    with pytest.raises(sd.PatternArgumentError, match="pattern"):
+        sd.compile("window(3)")
+    with pytest.raises(sd.PatternArgumentError, match="kernel"):
+        sd.compile(sd.window(3), kernel="triton")
+
+
+def test_too_few_heads_for_head_groups():
+    module = sd.compile(sd.segments([8, 8, 8], [1, 2, 4]), block_size=16)
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="head groups"):
+        module(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: the same checks in bf16 through compiled FlexAttention
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@settings(max_examples=60)
+@given(case=pattern_cases(allow_scores=True, max_len=400), block=st.sampled_from((32, 64, 128)),
+       seed=st.integers(0, 2**16), gqa=st.booleans())
+def test_gpu_flex_bf16_equals_dense_softmax(case, block, seed, gqa):
+    pattern, q_len, kv_len, heads, buffers = case
+    batch = _batch_for(buffers, random.Random(seed))
+    buffers = {name: t.cuda() for name, t in buffers.items()}
+    q, k, v = _inputs(batch, heads, 1 if gqa else heads, q_len, kv_len, 64,
+                      dtype=torch.bfloat16, device="cuda", seed=seed)
+    module = sd.compile(pattern, block_size=block)
+    assert module.explain(q_len, kv_len, heads=heads, device="cuda", **buffers).kind in ("flex", "sdpa")
+    out = module(q, k, v, **buffers)
+    expected, _ = reference_attention(pattern, q.cpu(), k.cpu(), v.cpu(),
+                                      **{n: t.cpu() for n, t in buffers.items()})
+    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [
+    sd.window(70) | sd.global_tokens(9),
+    sd.blocks(64).local(1).within(sd.segments([32, 64], [1, 2])),
+    sd.blocks(64).local(1).random(2, 1) - sd.chunks(50),
+])
+def test_gpu_flex_gradients_bf16(pattern):
+    heads = 2
+    q, k, v = _inputs(2, heads, heads, 333, 333, 64, dtype=torch.bfloat16, device="cuda",
+                      requires_grad=True)
+    module = sd.compile(pattern, block_size=64)
+    out = module(q, k, v)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    expected, _ = reference_attention(pattern, q64, k64, v64)
+    want = torch.autograd.grad((expected * weights.cpu().double()).sum(), (q64, k64, v64))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_rows_without_keys_bf16():
+    pattern = (sd.window(3) & ~sd.prefix(10)) | (sd.causal() - sd.window(50))
+    q, k, v = _inputs(1, 2, 2, 300, 300, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out = sd.compile(pattern, block_size=128)(q, k, v)
+    empty = ~sd.dense(pattern, 300).any(-1)[0].cuda()
+    assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
