@@ -6,6 +6,7 @@ Each check names the constructor, the argument and the offending value, so that
 
 from __future__ import annotations
 
+import keyword
 import numbers
 from typing import Any
 
@@ -69,11 +70,24 @@ def check_number(where: str, name: str, value: Any, *, positive: bool = True) ->
     return value
 
 
+#: Keyword names the call-time functions take themselves; a tensor cannot be bound by them.
+RESERVED_NAMES = frozenset({
+    "pattern", "q_len", "kv_len", "heads", "batch", "device", "dtype", "tile", "head_dim",
+    "q", "k", "v", "scale", "layout", "return_lse", "requires_grad", "width", "file",
+})
+
+
 def check_name(where: str, name: str, value: Any) -> str:
-    """Return ``value`` if it is a valid Python identifier (it is bound by keyword at call time)."""
-    if not isinstance(value, str) or not value.isidentifier():
+    """Return ``value`` if it is a valid Python identifier (it is bound by keyword at call
+    time) and not one of :data:`RESERVED_NAMES`."""
+    if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
         raise PatternArgumentError(
             f"{where}: argument {name!r} must be a Python identifier (it is passed by keyword "
             f"at call time), got {value!r}"
+        )
+    if value in RESERVED_NAMES:
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} cannot be {value!r}: that keyword is taken by the "
+            f"call-time functions ({', '.join(sorted(RESERVED_NAMES))})"
         )
     return value

@@ -214,8 +214,9 @@ class Prefix(Pattern):
 
 @dataclass(frozen=True, repr=False)
 class Documents(Pattern):
-    """``ids[q] == ids[k]`` with ``ids`` a ``[Q]`` or ``[B, Q]`` integer tensor bound as
-    ``name=`` at call time (queries and keys share positions, so ``Q == K`` is required)."""
+    """``ids[q] == ids[k]`` with ``ids`` a ``[L]`` or ``[B, L]`` integer tensor bound as
+    ``name=`` at call time, ``L = max(Q, K)``: queries and keys share positions (start
+    aligned), so one id per position covers both."""
 
     name: str
 

@@ -15,7 +15,7 @@ _MASK31 = 0x7FFFFFFF
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    # Two rounds of a 31-bit multiply-xorshift; every product stays below 2**62.
+    # Three rounds of a 31-bit multiply-xorshift; every product stays below 2**62.
     for mult in (1103515245, 1664525, 22695477):
         x = (x * mult + 12345) & _MASK31
         x = x ^ (x >> 13)

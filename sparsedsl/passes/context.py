@@ -98,7 +98,7 @@ class Context:
             )
         if layout.dtype != torch.bool:
             raise BufferBindingError(f"layout({name!r}): {name} must have dtype torch.bool, got {layout.dtype}")
-        layout = layout.reshape(-1, *layout.shape[-2:]).to(self.device)
+        layout = (layout if layout.dim() == 3 else layout[None]).to(self.device)
         out = torch.zeros(layout.shape[0], num_q_blocks, num_k_blocks, dtype=torch.bool, device=self.device)
         rows, cols = min(num_q_blocks, layout.shape[1]), min(num_k_blocks, layout.shape[2])
         out[:, :rows, :cols] = layout[:, :rows, :cols]
