@@ -7,7 +7,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
@@ -17,6 +17,7 @@ from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score
 from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention
 from .cache import BuildCache
 from .inputs import check_attention_inputs
@@ -34,15 +35,27 @@ class Lowering:
         self.ctx, self.grid = ctx, grid
         self.mask_mod: MaskFn = lower_mask(pattern, ctx)
         self.states = tile_states(pattern, ctx, grid, self.mask_mod)
-        self._block_mask: BlockMask | None = None
+        self._block_masks: dict[tuple[int, int], BlockMask] = {}
         self._lock = threading.Lock()
 
     @property
     def block_mask(self) -> BlockMask:
+        """The ``BlockMask`` for the true lengths (equal to ``create_block_mask``'s)."""
         with self._lock:
-            if self._block_mask is None:
-                self._block_mask = block_mask_from_states(self.states, self.grid, self.mask_mod)
-            return self._block_mask
+            key = (self.grid.q_len, self.grid.kv_len)
+            if key not in self._block_masks:
+                self._block_masks[key] = block_mask_from_states(self.states, self.grid, self.mask_mod)
+            return self._block_masks[key]
+
+    def padded_block_mask(self, q_padded: int, kv_padded: int) -> BlockMask:
+        """The ``BlockMask`` for inputs padded to ``q_padded x kv_padded`` (the flex plan's
+        length buckets); see :func:`sparsedsl.plans.flex.padded_block_mask`."""
+        with self._lock:
+            key = (q_padded, kv_padded)
+            if key not in self._block_masks:
+                self._block_masks[key] = padded_block_mask(self.states, self.grid, self.mask_mod,
+                                                           q_padded, kv_padded)
+            return self._block_masks[key]
 
     def pair_counts(self) -> tuple[int, int, int, int]:
         """``(full, partial, empty, allowed pairs)`` over every (batch, head) of the grid."""
@@ -56,19 +69,6 @@ class Lowering:
 
 #: Lowerings of patterns without call-time tensors, shared by every compiled module.
 _LOWERINGS = BuildCache(maxsize=64)
-
-_compiled_flex = None
-_compiled_flex_lock = threading.Lock()
-
-
-def compiled_flex_attention():
-    """``torch.compile(flex_attention)``, created once per process."""
-    global _compiled_flex
-    with _compiled_flex_lock:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention)
-        return _compiled_flex
-
 
 def _block_sizes(block_size) -> tuple[int, int]:
     sizes = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
@@ -120,16 +120,19 @@ class CompiledPattern(nn.Module):
         return Context.make(self.pattern, q_len, kv_len, heads, device, buffers, where=where)
 
     def lowering(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-                 device=None, where: str = "CompiledPattern", **buffers) -> Lowering:
-        """The (cached) lowering for these sizes; see :class:`Lowering`."""
+                 device=None, tiles: tuple[int, int] | None = None, where: str = "CompiledPattern",
+                 **buffers) -> Lowering:
+        """The (cached) lowering for these sizes, on ``tiles`` (default: the module's
+        ``block_size``); see :class:`Lowering`."""
         ctx = self._context(q_len, kv_len, heads, device, buffers, where)
-        grid = TileGrid(ctx.q_len, ctx.kv_len, self.q_block, self.kv_block)
+        q_block, kv_block = tiles or (self.q_block, self.kv_block)
+        grid = TileGrid(ctx.q_len, ctx.kv_len, q_block, kv_block)
         core = mask_part(self.pattern)
         if buffers:
             return Lowering(core, ctx, grid)
         if not depends_on_heads(core):
             ctx = Context(ctx.q_len, ctx.kv_len, 1, ctx.device)
-        key = (core, ctx.q_len, ctx.kv_len, ctx.heads, self.q_block, self.kv_block, str(ctx.device))
+        key = (core, ctx.q_len, ctx.kv_len, ctx.heads, q_block, kv_block, str(ctx.device))
         return _LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
 
     def mask_mod(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
@@ -162,13 +165,15 @@ class CompiledPattern(nn.Module):
         device = torch.device(device if device is not None else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, where="explain()",
-                                 **buffers)
-        heads = head_group_count(self.pattern) if heads is None else heads
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad)
+        tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, tiles=tiles,
+                                 where="explain()", **buffers)
+        heads = head_group_count(self.pattern) if heads is None else heads
         full, partial, empty, pairs = lowering.pair_counts()
         per_grid = heads // lowering.states.shape[1]
-        tile_area = self.q_block * self.kv_block
+        q_block, kv_block = lowering.grid.q_block, lowering.grid.kv_block
+        tile_area = q_block * kv_block
         if kind == "sdpa" and dense_sdpa_case(self.pattern) == "full":
             computed = heads * lowering.ctx.q_len * lowering.ctx.kv_len
         elif kind == "gather":
@@ -177,7 +182,7 @@ class CompiledPattern(nn.Module):
         else:
             computed = (full + partial) * tile_area * per_grid
         return Plan(kind, reason, lowering.ctx.q_len, lowering.ctx.kv_len, heads, head_dim,
-                    self.q_block, self.kv_block, full * per_grid, partial * per_grid,
+                    q_block, kv_block, full * per_grid, partial * per_grid,
                     empty * per_grid, pairs * per_grid, computed)
 
     # -- attention --------------------------------------------------------------------------
@@ -205,16 +210,17 @@ class CompiledPattern(nn.Module):
                 q, k, v, is_causal=dense_sdpa_case(self.pattern) == "causal", scale=scale,
                 enable_gqa=gqa)
             return _to_layout(out, layout)
-        lowering = self.lowering(q_len, kv_len, heads=heads, device=q.device, where="forward()",
-                                 **buffers)
+        tiles = flex_tiles(self.q_block, self.kv_block, q.device) if kind == "flex" else None
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=q.device, tiles=tiles,
+                                 where="forward()", **buffers)
         _check_batch(batch, lowering)
         score_ctx = self._context(q_len, kv_len, heads, q.device, buffers, "forward()")
         score_mod = lower_score(self.pattern, score_ctx)
         if kind == "flex":
-            result = compiled_flex_attention()(
-                q, k, v, score_mod=score_mod, block_mask=lowering.block_mask, scale=scale,
-                enable_gqa=gqa, return_lse=return_lse)
-            out, lse = result if return_lse else (result, None)
+            block_mask = lowering.padded_block_mask(bucket_length(q_len, tiles[0]),
+                                                    bucket_length(kv_len, tiles[1]))
+            out, lse = flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=score_mod,
+                                           scale=scale, return_lse=return_lse)
         else:
             out, lse = gather_attention(q, k, v, states=lowering.states, grid=lowering.grid,
                                         mask_mod=lowering.mask_mod, score_mod=score_mod,

@@ -1,0 +1,93 @@
+"""The *flex* plan: FlexAttention compiled by Inductor, with the structural block mask.
+
+Shapes and recompilation. Inductor specialises a compiled kernel on the shapes it sees, so
+the plan pads the sequences to a *bucket* length (:func:`bucket_length`: a multiple of the
+tile and of 2**(bit_length - 4), so at most 1/8 extra length) and masks the
+padding with limits held in 0-d tensors (whose values are not compiled in). Changing only
+the sequence length inside a bucket reuses the compiled kernel; after the second distinct
+bucket, ``torch.compile`` marks the lengths dynamic and reuses one kernel for all of them.
+
+Tiles. On CUDA, FlexAttention's default backward configurations (e.g. 64x128 / 128x64 on
+H100) need block-mask tiles that are multiples of 128, so the plan uses tiles of at least
+128 there; smaller ``block_size``\\ s still drive the gather plan and the counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..passes.blockmask import block_mask_from_states
+from ..passes.tiles import EMPTY, TileGrid
+
+#: Smallest tile FlexAttention's CUDA kernels take in both passes.
+CUDA_MIN_TILE = 128
+#: Dynamo's per-function recompilation limit is raised to this when the plan first runs:
+#: each pattern lowers to its own ``mask_mod``, and the default (8) would send the ninth
+#: pattern of a process to FlexAttention's unfused eager path.
+RECOMPILE_LIMIT = 64
+
+_compiled = None
+_compiled_lock = threading.Lock()
+
+
+def compiled_flex_attention() -> Callable:
+    """``torch.compile(flex_attention)``, created once per process."""
+    global _compiled
+    with _compiled_lock:
+        if _compiled is None:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            _compiled = torch.compile(flex_attention)
+        return _compiled
+
+
+def flex_tiles(q_block: int, kv_block: int, device: torch.device) -> tuple[int, int]:
+    """The block-mask tile the flex plan uses on ``device`` for a requested tile."""
+    if torch.device(device).type == "cuda":
+        return max(q_block, CUDA_MIN_TILE), max(kv_block, CUDA_MIN_TILE)
+    return q_block, kv_block
+
+
+def bucket_length(length: int, tile: int) -> int:
+    """``length`` rounded up to a multiple of ``max(tile, 2**(bit_length(length) - 4))``."""
+    unit = max(tile, 1 << max(0, length.bit_length() - 4))
+    return -(-length // unit) * unit
+
+
+def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
+                      q_padded: int, kv_padded: int) -> BlockMask:
+    """The block mask of ``states`` (tiles of ``grid``) on sequences padded to
+    ``q_padded x kv_padded``: padded tiles are empty, and the ``mask_mod`` also refuses
+    positions past the true lengths (held as tensors, so no length is compiled in)."""
+    nq, nk = -(-q_padded // grid.q_block), -(-kv_padded // grid.kv_block)
+    padded = F.pad(states, (0, nk - states.shape[-1], 0, nq - states.shape[-2]), value=EMPTY)
+    device = states.device
+    q_limit = torch.tensor(grid.q_len, device=device)
+    kv_limit = torch.tensor(grid.kv_len, device=device)
+
+    def bounded_mask(b, h, q, k):
+        return mask_mod(b, h, q, k) & (q < q_limit) & (k < kv_limit)
+
+    return block_mask_from_states(padded, TileGrid(q_padded, kv_padded, grid.q_block, grid.kv_block),
+                                  bounded_mask)
+
+
+def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
+                        score_mod: Callable | None, scale: float, return_lse: bool):
+    """Compiled FlexAttention on inputs padded to ``block_mask``'s lengths; returns
+    ``(out, lse or None)`` cut back to the true lengths."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    q_padded, kv_padded = block_mask.seq_lengths
+    q = F.pad(q, (0, 0, 0, q_padded - q_len))
+    k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
+    v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
+    result = compiled_flex_attention()(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse)
+    out, lse = result if return_lse else (result, None)
+    return out[:, :, :q_len], (lse[:, :, :q_len] if lse is not None else None)
