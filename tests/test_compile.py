@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import sparsedsl as sd
@@ -199,7 +199,7 @@ def test_too_few_heads_for_head_groups():
 
 
 @pytest.mark.gpu
-@settings(max_examples=30)
+@settings(max_examples=30, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(case=pattern_cases(allow_scores=True, max_len=400), block=st.sampled_from((32, 64, 128)),
        seed=st.integers(0, 2**16), gqa=st.booleans())
 def test_gpu_flex_bf16_equals_dense_softmax(case, block, seed, gqa):
@@ -247,3 +247,21 @@ def test_gpu_rows_without_keys_bf16():
     assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
     out.float().square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [
+    sd.full().score(sd.softcap(0.5)), sd.full().score(sd.softcap(2.0)),
+    sd.window(30).score(sd.softcap(1.5), sd.alibi()), sd.full().score(sd.bias("bias")),
+    (sd.window(50) | sd.global_tokens(3)).score(sd.bias("bias")),
+])
+@pytest.mark.parametrize("length", [1, 2, 130, 300])
+def test_gpu_score_mods_across_lengths(pattern, length):
+    """Several caps and lengths in one process: recompiles must stay correct."""
+    heads = 2
+    buffers = {"bias": torch.randn(heads, length, length, device="cuda")} if pattern.buffer_names() else {}
+    q, k, v = _inputs(1, heads, heads, length, length, 64, dtype=torch.bfloat16, device="cuda")
+    out = sd.compile(pattern)(q, k, v, **buffers)
+    expected, _ = reference_attention(pattern, q.cpu(), k.cpu(), v.cpu(),
+                                      **{n: t.cpu() for n, t in buffers.items()})
+    assert (out.double().cpu() - expected).abs().max().item() < 3e-2

@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
-from ..lang.inspect import depends_on_heads, head_group_count, mask_part
+from ..lang.inspect import depends_on_heads, head_group_count, mask_part, score_mods
 from ..passes.blockmask import block_mask_from_states, tile_states
 from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score
@@ -219,8 +219,10 @@ class CompiledPattern(nn.Module):
         if kind == "flex":
             block_mask = lowering.padded_block_mask(bucket_length(q_len, tiles[0]),
                                                     bucket_length(kv_len, tiles[1]))
-            out, lse = flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=score_mod,
-                                           scale=scale, return_lse=return_lse)
+            out, lse = flex_plan_attention(
+                q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale,
+                return_lse=return_lse,
+                reads_score_tensors=any(isinstance(m, n.Bias) for m in score_mods(self.pattern)))
         else:
             out, lse = gather_attention(q, k, v, states=lowering.states, grid=lowering.grid,
                                         mask_mod=lowering.mask_mod, score_mod=score_mod,

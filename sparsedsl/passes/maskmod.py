@@ -265,7 +265,9 @@ def _lower_score_mod(mod: n.ScoreMod, ctx: Context) -> ScoreFn:
         slopes = torch.tensor(alibi_slopes(ctx.heads), dtype=torch.float32, device=ctx.device)
         return lambda score, b, h, q, k: score - slopes[h] * (q - k).abs()
     if isinstance(mod, n.Softcap):
-        cap = mod.cap
+        # A 0-d tensor, not a Python float: torch.compile would otherwise lift the float to
+        # a CPU scalar input after a recompile, which FlexAttention's lowering rejects.
+        cap = torch.tensor(mod.cap, dtype=torch.float32, device=ctx.device)
         return lambda score, b, h, q, k: cap * torch.tanh(score / cap)
     if isinstance(mod, n.Bias):
         values = _bias_tensor(mod.name, ctx)

@@ -78,16 +78,22 @@ def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
 
 
 def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
-                        score_mod: Callable | None, scale: float, return_lse: bool):
+                        score_mod: Callable | None, scale: float, return_lse: bool,
+                        reads_score_tensors: bool = False):
     """Compiled FlexAttention on inputs padded to ``block_mask``'s lengths; returns
-    ``(out, lse or None)`` cut back to the true lengths."""
+    ``(out, lse or None)`` cut back to the true lengths.
+
+    ``reads_score_tensors``: the ``score_mod`` loads a ``[.., Q, K]`` tensor (``bias``);
+    its tile is pipelined beside K and V, so two pipeline stages are used instead of the
+    default three, which overflow an H100's shared memory with 128x128 tiles."""
     q_len, kv_len = q.shape[2], k.shape[2]
     q_padded, kv_padded = block_mask.seq_lengths
     q = F.pad(q, (0, 0, 0, q_padded - q_len))
     k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
     v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
+    options = {"num_stages": 2} if reads_score_tensors and q.is_cuda else None
     result = compiled_flex_attention()(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse)
+        enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse, kernel_options=options)
     out, lse = result if return_lse else (result, None)
     return out[:, :, :q_len], (lse[:, :, :q_len] if lse is not None else None)
