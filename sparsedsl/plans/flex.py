@@ -1,11 +1,13 @@
 """The *flex* plan: FlexAttention compiled by Inductor, with the structural block mask.
 
-Shapes and recompilation. Inductor specialises a compiled kernel on the shapes it sees, so
-the plan pads the sequences to a *bucket* length (:func:`bucket_length`: a multiple of the
-tile and of 2**(bit_length - 4), so at most 1/8 extra length) and masks the
-padding with limits held in 0-d tensors (whose values are not compiled in). Changing only
-the sequence length inside a bucket reuses the compiled kernel; after the second distinct
-bucket, ``torch.compile`` marks the lengths dynamic and reuses one kernel for all of them.
+Shapes and recompilation. FlexAttention is compiled with ``dynamic=False``: Inductor's
+flex lowering (torch 2.11) rejects the symbolic integers and floats that automatic dynamic
+shapes lift out of a ``mask_mod``/``score_mod`` closure. Instead the plan pads the sequences
+to a *bucket* length (:func:`bucket_length`: a multiple of the tile and of
+``2**(bit_length - 3)``, so at most 1/4 extra length and four buckets per doubling) whose
+padded tiles are empty (the kernel skips them); the true lengths are masked with limits
+held in 0-d tensors, whose values are not compiled in. So changing only the sequence length
+compiles at most one kernel per bucket, and none inside a bucket.
 
 Tiles. On CUDA, FlexAttention's default backward configurations (e.g. 64x128 / 128x64 on
 H100) need block-mask tiles that are multiples of 128, so the plan uses tiles of at least
@@ -42,7 +44,7 @@ def compiled_flex_attention() -> Callable:
         if _compiled is None:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-            _compiled = torch.compile(flex_attention)
+            _compiled = torch.compile(flex_attention, dynamic=False)
         return _compiled
 
 
@@ -54,8 +56,8 @@ def flex_tiles(q_block: int, kv_block: int, device: torch.device) -> tuple[int, 
 
 
 def bucket_length(length: int, tile: int) -> int:
-    """``length`` rounded up to a multiple of ``max(tile, 2**(bit_length(length) - 4))``."""
-    unit = max(tile, 1 << max(0, length.bit_length() - 4))
+    """``length`` rounded up to a multiple of ``max(tile, 2**(bit_length(length) - 3))``."""
+    unit = max(tile, 1 << max(0, length.bit_length() - 3))
     return -(-length // unit) * unit
 
 
