@@ -6,11 +6,12 @@ import argparse
 import sys
 
 from .analysis.count import count
+from .catalog import pattern_from_text
 from .compiler.module import compile as compile_pattern
 from .demo import DEFAULT_PATTERN, run_demo
 from .draw.terminal import show
 from .lang.checks import PatternArgumentError
-from .lang.parse import PatternSyntaxError, parse
+from .lang.parse import PatternSyntaxError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        pattern = parse(args.pattern)
+        pattern = pattern_from_text(args.pattern)
         if args.command == "show":
             show(pattern, args.seq_len, args.kv_len, heads=args.heads, tile=args.tile)
         elif args.command == "count":
