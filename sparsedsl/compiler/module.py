@@ -19,6 +19,7 @@ from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention
+from ..plans.lattice import HeadGroupPlan, lattice_attention, lattice_decomposition
 from .cache import BuildCache
 from .inputs import check_attention_inputs
 from .plan import KERNELS, Plan, choose_plan, dense_sdpa_case
@@ -69,6 +70,8 @@ class Lowering:
 
 #: Lowerings of patterns without call-time tensors, shared by every compiled module.
 _LOWERINGS = BuildCache(maxsize=64)
+#: Lattice decompositions, likewise.
+_LATTICES = BuildCache(maxsize=64)
 
 def _block_sizes(block_size) -> tuple[int, int]:
     sizes = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
@@ -135,6 +138,16 @@ class CompiledPattern(nn.Module):
         key = (core, ctx.q_len, ctx.kv_len, ctx.heads, q_block, kv_block, str(ctx.device))
         return _LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
 
+    def lattice_plan(self, q_len: int, kv_len: int, heads: int, device) -> tuple[HeadGroupPlan, ...] | None:
+        """The (cached) lattice decomposition for these sizes, or None where it does not apply."""
+        if self.kernel not in ("auto", "lattice"):
+            return None
+        key = (self.pattern, q_len, kv_len, heads, str(torch.device(device)))
+        return _LATTICES.get(key, lambda: lattice_decomposition(self.pattern, q_len, kv_len, heads, device))
+
+    def _sub_module(self, pattern: n.Pattern) -> "CompiledPattern":
+        return CompiledPattern(pattern, block_size=(self.q_block, self.kv_block))
+
     def mask_mod(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
                  device=None, **buffers) -> MaskFn:
         """FlexAttention ``mask_mod(b, h, q, k)`` of the pattern for these sizes."""
@@ -165,7 +178,12 @@ class CompiledPattern(nn.Module):
         device = torch.device(device if device is not None else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad)
+        heads_used = head_group_count(self.pattern) if heads is None else heads
+        q_len_checked = check_int("explain()", "q_len", q_len, minimum=1)
+        lattice = self.lattice_plan(q_len_checked, q_len_checked if kv_len is None else kv_len,
+                                    heads_used, device)
+        kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
+                                   lattice=lattice is not None)
         tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
         lowering = self.lowering(q_len, kv_len, heads=heads, device=device, tiles=tiles,
                                  where="explain()", **buffers)
@@ -176,6 +194,8 @@ class CompiledPattern(nn.Module):
         tile_area = q_block * kv_block
         if kind == "sdpa" and dense_sdpa_case(self.pattern) == "full":
             computed = heads * lowering.ctx.q_len * lowering.ctx.kv_len
+        elif kind == "lattice":
+            computed = self._lattice_computed_pairs(lattice, lowering.ctx.q_len, head_dim, device, dtype)
         elif kind == "gather":
             live = (lowering.states != EMPTY).sum(-1)
             computed = int(live.amax(-1).sum()) * lowering.grid.num_q_tiles * tile_area * per_grid
@@ -184,6 +204,23 @@ class CompiledPattern(nn.Module):
         return Plan(kind, reason, lowering.ctx.q_len, lowering.ctx.kv_len, heads, head_dim,
                     q_block, kv_block, full * per_grid, partial * per_grid,
                     empty * per_grid, pairs * per_grid, computed)
+
+    def _lattice_computed_pairs(self, plan, seq_len, head_dim, device, dtype) -> int:
+        """Pairs the lattice plan's kernels compute: whole chunks for folded chunks, and
+        each block sub-problem's own plan otherwise."""
+        total = 0
+        for head_plan in plan:
+            for part in head_plan.parts:
+                length = seq_len if part.length is None else part.length
+                if isinstance(part.pattern, n.Chunks):
+                    size = part.pattern.size
+                    whole, rest = divmod(length, size)
+                    total += (whole * size * size + rest * rest) * len(head_plan.heads)
+                else:
+                    sub = self._sub_module(part.pattern).explain(
+                        length, heads=len(head_plan.heads), head_dim=head_dim, device=device, dtype=dtype)
+                    total += sub.computed_pairs
+        return total
 
     # -- attention --------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -203,8 +240,18 @@ class CompiledPattern(nn.Module):
         batch, heads, q_len, _ = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse)
+        lattice = self.lattice_plan(q_len, kv_len, heads, q.device)
+        kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse,
+                              lattice=lattice is not None)
         gqa = kv_heads != heads
+        if kind == "lattice":
+            def run_part(pattern, sq, sk, sv):
+                result = self._sub_module(pattern)(sq, sk, sv, scale=scale, return_lse=return_lse)
+                return result if return_lse else (result, None)
+            out, lse = lattice_attention(q, k, v, plan=lattice, scale=scale, need_lse=return_lse,
+                                         run_part=run_part)
+            out = _to_layout(out, layout)
+            return (out, lse) if return_lse else out
         if kind == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=dense_sdpa_case(self.pattern) == "causal", scale=scale,

@@ -7,6 +7,9 @@ Plans:
   fastest.
 * ``flex``: FlexAttention compiled by Inductor with the structural ``BlockMask``; the plan
   for CUDA tensors in float32, float16 and bfloat16.
+* ``lattice``: token-level dilation (``dilated``, ``segments``, ``.within(dilated(...))``)
+  as dense or block-sparse attention on gathered lattices of positions
+  (:mod:`sparsedsl.plans.lattice`); on every device.
 * ``gather``: block-sparse attention in plain PyTorch operations
   (:mod:`sparsedsl.plans.gather`); the plan for the CPU (where FlexAttention has no
   backward and its eager path materialises the whole score matrix) and for float64.
@@ -21,7 +24,7 @@ import torch
 from ..lang import nodes as n
 from ..lang.inspect import mask_part, score_mods
 
-KERNELS = ("auto", "flex", "gather")
+KERNELS = ("auto", "flex", "gather", "lattice")
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,18 @@ def dense_sdpa_case(pattern: n.Pattern) -> str | None:
 
 
 def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: torch.dtype,
-                needs_grad: bool, needs_lse: bool = False) -> tuple[str, str]:
-    """``(kind, reason)`` of the plan that runs ``pattern`` for these inputs."""
+                needs_grad: bool, needs_lse: bool = False, lattice: bool = False) -> tuple[str, str]:
+    """``(kind, reason)`` of the plan that runs ``pattern`` for these inputs; ``lattice``
+    says whether the lattice plan applies to these sizes."""
     device = torch.device(device)
+    if kernel == "lattice":
+        if not lattice:
+            raise ValueError(
+                f"kernel='lattice': {pattern} has no lattice decomposition for these sizes (it "
+                f"needs token dilation, q_len == kv_len, no score modification; see "
+                f"sparsedsl.plans.lattice)"
+            )
+        return "lattice", "requested with kernel='lattice'"
     if kernel == "gather":
         return "gather", "requested with kernel='gather'"
     if kernel == "flex":
@@ -105,6 +117,9 @@ def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: to
     case = dense_sdpa_case(pattern)
     if case is not None and not needs_lse:
         return "sdpa", f"the pattern is {case}(): dense SDPA is exact and fastest"
+    if lattice:
+        return "lattice", ("token dilation: dense attention on the dilated lattices, segments "
+                           "folded into the batch (a mask would compute whole tiles)")
     if dtype == torch.float64:
         return "gather", "float64 inputs: FlexAttention kernels take 16- and 32-bit floats"
     if device.type == "cpu":

@@ -1,0 +1,236 @@
+"""The *lattice* plan: token-level dilation as dense attention on gathered sub-sequences.
+
+A mask cannot make token dilation cheap: a tile with half its pairs masked costs a tile
+kernel as much as a full one. But a dilated pattern allows pairs only inside *lattices* of
+positions, and on a lattice it is dense or block-structured:
+
+* ``dilated(segment, rate, offset)`` keeps positions ``p`` with ``(p % segment) % rate ==
+  offset``. Listed in order, the kept positions of one segment are ``m = ceil((segment -
+  offset) / rate)`` consecutive entries, so on that compressed sequence the pattern is
+  ``chunks(m)``: dense attention with the segments folded into the batch.
+* ``blocks(S).<rules>.within(dilated(segment, rate, offset))`` with ``segment`` dividing
+  ``S``: for each segment index ``j`` inside a block, the kept positions of segment ``j``
+  of every block form one lattice, ``m`` positions per block; on it the pattern is
+  ``blocks(m).<rules>`` (the block rules see the same block coordinates), a block pattern
+  with no token masking.
+* ``segments(...)`` and ``heads(...)`` split the heads; each group is decomposed alone (a
+  part that is not a lattice runs as it is, on all positions, through its own plan).
+
+Lattices of one head group are disjoint, and pairs are allowed only inside a lattice, so
+each query row belongs to at most one sub-problem and the outputs are scattered back
+exactly; rows in no lattice see no key and output 0 (log-sum-exp ``-inf``). Query and key
+sequences must have the same length (self-attention), and the pattern no score
+modification (ALiBi and biases see absolute positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..lang import nodes as n
+from ..lang.groups import head_groups
+from ..lang.inspect import mask_part, score_mods
+
+#: Score elements held at once while computing a log-sum-exp.
+LSE_BUDGET = 1 << 26
+
+
+@dataclass(frozen=True)
+class LatticePart:
+    """One sub-problem: the query/key ``positions`` of a lattice (ascending; None for all
+    positions) and the ``pattern`` that holds on the compressed sequence."""
+
+    positions: torch.Tensor | None
+    pattern: n.Pattern
+
+    @property
+    def length(self) -> int | None:
+        return None if self.positions is None else self.positions.numel()
+
+
+@dataclass(frozen=True)
+class HeadGroupPlan:
+    """The sub-problems of heads ``heads``."""
+
+    heads: range
+    parts: tuple[LatticePart, ...]
+
+
+def _kept_positions(length: int, block: int, segment: int, index: int, rate: int, offset: int,
+                    device) -> torch.Tensor:
+    """Positions ``p < length`` with ``(p % block) // segment == index`` and
+    ``((p % block) % segment) % rate == offset``, ascending."""
+    p = torch.arange(length, device=device)
+    rel = p % block
+    keep = (rel // segment == index) & ((rel % segment) % rate == offset)
+    return keep.nonzero().flatten()
+
+
+def _per_segment(segment: int, rate: int, offset: int) -> int:
+    return -(-(segment - offset) // rate)
+
+
+def _decompose_part(part: n.Pattern, length: int, device) -> tuple[LatticePart, ...] | None:
+    """Lattice parts of a head-independent ``part``, or None when it is not a lattice
+    pattern (then it runs whole)."""
+    if isinstance(part, n.Dilated):
+        positions = _kept_positions(length, part.segment, part.segment, 0, part.rate, part.offset, device)
+        return (LatticePart(positions, n.Chunks(_per_segment(part.segment, part.rate, part.offset))),)
+    if isinstance(part, n.Chunks):
+        return (LatticePart(None, part),)
+    if isinstance(part, n.Blocks) and isinstance(part.within_, n.Dilated):
+        rule, size = part.within_, part.size
+        if size % rule.segment or length % size:
+            return None
+        per_block = _per_segment(rule.segment, rule.rate, rule.offset)
+        coarse = n.Blocks(per_block, part.rules, part.causal_, None)
+        return tuple(
+            LatticePart(_kept_positions(length, size, rule.segment, j, rule.rate, rule.offset, device), coarse)
+            for j in range(size // rule.segment)
+        )
+    return None
+
+
+def _split_heads(pattern: n.Pattern, heads: int) -> list[tuple[range, n.Pattern]] | None:
+    """``pattern`` as head groups of head-independent patterns, or None."""
+    if isinstance(pattern, n.Segments):
+        pattern = pattern.expand()
+    if isinstance(pattern, n.Heads):
+        groups = []
+        for rng, part in zip(head_groups(heads, len(pattern.parts)), pattern.parts):
+            inner = _split_heads(part, heads)
+            if inner is None:
+                return None
+            for sub_range, sub_part in inner:  # nested groups see absolute head indices
+                overlap = range(max(rng.start, sub_range.start), min(rng.stop, sub_range.stop))
+                if len(overlap):
+                    groups.append((overlap, sub_part))
+        return groups
+    if isinstance(pattern, n.Blocks) and isinstance(pattern.within_, (n.Segments, n.Heads)):
+        inner = _split_heads(pattern.within_, heads)
+        if inner is None:
+            return None
+        return [(rng, n.Blocks(pattern.size, pattern.rules, pattern.causal_, part)) for rng, part in inner]
+    if any(isinstance(node, (n.Heads, n.Segments)) for node in _walk(pattern)):
+        return None
+    return [(range(heads), pattern)]
+
+
+def _walk(pattern: n.Pattern):
+    yield pattern
+    for child in pattern.children():
+        yield from _walk(child)
+
+
+def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: int,
+                          device) -> tuple[HeadGroupPlan, ...] | None:
+    """The lattice plan of ``pattern`` for self-attention of length ``q_len`` over
+    ``heads`` heads, or None when the plan does not apply (see the module docstring). It
+    applies only when at least one head group has a genuine lattice (a strict subset of
+    positions or folded chunks)."""
+    if q_len != kv_len or score_mods(pattern) or pattern.buffer_names():
+        return None
+    groups = _split_heads(mask_part(pattern), heads)
+    if groups is None:
+        return None
+    plans, useful = [], False
+    for rng, part in groups:
+        parts = _decompose_part(part, q_len, device)
+        if parts is None:
+            parts = (LatticePart(None, part),)
+        else:
+            useful = True
+        plans.append(HeadGroupPlan(rng, parts))
+    return tuple(plans) if useful else None
+
+
+def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
+    """``chunks(size)`` attention: dense SDPA per chunk with the chunks folded into the
+    batch (the last, shorter chunk in a call of its own). Returns ``(out, lse or None)``."""
+    batch, heads, length, dim = q.shape
+    whole = length // size * size
+    outs, lses = [], []
+    for start, stop, chunk in ((0, whole, size), (whole, length, length - whole)):
+        if stop == start:
+            continue
+        count = (stop - start) // chunk
+
+        def fold(t):
+            return t[:, :, start:stop].reshape(batch, t.shape[1], count, chunk, t.shape[-1]) \
+                .transpose(1, 2).reshape(batch * count, t.shape[1], chunk, t.shape[-1])
+
+        out, lse = sdpa_with_lse(fold(q), fold(k), fold(v), scale, need_lse)
+        outs.append(out.reshape(batch, count, heads, chunk, -1).transpose(1, 2).reshape(batch, heads, stop - start, -1))
+        if need_lse:
+            lses.append(lse.reshape(batch, count, heads, chunk).transpose(1, 2).reshape(batch, heads, stop - start))
+    return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if need_lse else None)
+
+
+def sdpa_with_lse(q, k, v, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense attention by the fused SDPA kernel (GQA when ``k``/``v`` have fewer heads);
+    with ``need_lse`` also the log-sum-exp, computed without gradient from ``QK^T`` a
+    bounded slab of query rows at a time."""
+    group = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=group > 1)
+    if not need_lse:
+        return out, None
+    with torch.no_grad():
+        keys = (k.repeat_interleave(group, 1) if group > 1 else k).float()
+        rows = max(1, LSE_BUDGET // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+        lse = torch.cat([
+            torch.logsumexp((q[:, :, i:i + rows].float() @ keys.transpose(-1, -2)) * scale, dim=-1)
+            for i in range(0, q.shape[2], rows)
+        ], dim=2)
+    return out, lse
+
+
+def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                      plan: tuple[HeadGroupPlan, ...], scale: float, need_lse: bool,
+                      run_part: Callable[..., tuple]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention by the lattice ``plan``: ``(out, lse or None)``. ``run_part(pattern, q, k,
+    v) -> (out, lse)`` computes a sub-problem whose pattern is not ``chunks`` through that
+    pattern's own plan."""
+    batch, heads, length, _ = q.shape
+    kv_heads, dv = k.shape[1], v.shape[-1]
+    group = heads // kv_heads
+    outs, lses = [], []
+    for head_plan in plan:
+        rng = head_plan.heads
+        qg = q[:, rng.start:rng.stop]
+        if rng.start % group == 0 and rng.stop % group == 0:
+            kg, vg = k[:, rng.start // group:rng.stop // group], v[:, rng.start // group:rng.stop // group]
+        else:
+            kv_index = torch.arange(rng.start, rng.stop, device=q.device) // group
+            kg, vg = k.index_select(1, kv_index), v.index_select(1, kv_index)
+        out = q.new_zeros(batch, len(rng), length, dv)
+        lse = torch.full((batch, len(rng), length), float("-inf"), device=q.device) if need_lse else None
+        for part in head_plan.parts:
+            if part.length == 0:  # no position of this lattice occurs at this length
+                continue
+            if part.positions is None:
+                sq, sk, sv = qg, kg, vg
+            else:
+                sq, sk, sv = (t.index_select(2, part.positions) for t in (qg, kg, vg))
+            if isinstance(part.pattern, n.Chunks):
+                part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
+            else:
+                part_out, part_lse = run_part(part.pattern, sq, sk, sv)
+            if part.positions is None:
+                out = part_out.to(out.dtype)
+                lse = part_lse.float() if need_lse else None
+            else:
+                out = out.index_copy(2, part.positions, part_out.to(out.dtype))
+                if need_lse:
+                    lse = lse.index_copy(2, part.positions, part_lse.float())
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=1)
+    if not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
+        # No lattice position occurs at this length: the output is all zeros, kept in the
+        # autograd graph so that gradients (zeros) reach the inputs.
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
+    return out, (torch.cat(lses, dim=1) if need_lse else None)

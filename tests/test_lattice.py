@@ -1,0 +1,136 @@
+"""The lattice plan (token dilation as dense attention on gathered lattices) is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedsl as sd
+from reference import reference_attention
+
+
+@st.composite
+def dilated_parts(draw):
+    segment = draw(st.integers(1, 48))
+    rate = draw(st.integers(1, segment))
+    return sd.dilated(segment, rate, draw(st.integers(0, rate - 1)))
+
+
+@st.composite
+def lattice_cases(draw):
+    """Patterns with a lattice decomposition, a length (block multiples where needed) and
+    a head count."""
+    kind = draw(st.sampled_from(("dilated", "segments", "heads", "blocks")))
+    if kind == "dilated":
+        pattern, heads = draw(dilated_parts()), draw(st.integers(1, 3))
+        length = draw(st.integers(1, 260))
+    elif kind == "segments":
+        count = draw(st.integers(1, 4))
+        lengths = draw(st.lists(st.integers(2, 64), min_size=count, max_size=count))
+        rates = [draw(st.integers(1, length)) for length in lengths]
+        pattern = sd.segments(lengths, rates)
+        heads = draw(st.integers(count, count + 3))
+        length = draw(st.integers(1, 260))
+    elif kind == "heads":
+        parts = draw(st.lists(st.one_of(dilated_parts(), st.just(sd.window(7)), st.just(sd.causal()),
+                                        st.builds(sd.chunks, st.integers(1, 40))), min_size=2, max_size=3))
+        if not any(isinstance(p, type(sd.dilated(2, 2))) for p in parts):
+            parts[0] = draw(dilated_parts())
+        pattern, heads = sd.heads(*parts), draw(st.integers(len(parts), len(parts) + 2))
+        length = draw(st.integers(1, 200))
+    else:
+        segment = draw(st.sampled_from((4, 8, 16)))
+        size = segment * draw(st.integers(1, 4))
+        builder = sd.blocks(size)
+        for rule in draw(st.lists(st.sampled_from(("local", "dilated", "global", "random")), max_size=3)):
+            if rule == "local":
+                builder = builder.local(draw(st.integers(0, 3)))
+            elif rule == "dilated":
+                builder = builder.dilated([draw(st.integers(1, 4))], window=draw(st.sampled_from((None, 5))))
+            elif rule == "global":
+                builder = builder.global_(1)
+            else:
+                builder = builder.random(draw(st.integers(1, 2)), draw(st.integers(0, 9)))
+        if draw(st.booleans()):
+            builder = builder.causal()
+        rate = draw(st.integers(1, segment))
+        within = sd.dilated(segment, rate, draw(st.integers(0, rate - 1)))
+        heads = 1
+        if draw(st.booleans()):
+            within = sd.segments([segment, segment], [1, rate])
+            heads = draw(st.integers(2, 4))
+        pattern = builder.within(within)
+        length = size * draw(st.integers(1, 6))
+    return pattern, length, heads
+
+
+@settings(max_examples=150)
+@given(case=lattice_cases(), seed=st.integers(0, 2**16), gqa=st.booleans())
+def test_lattice_plan_is_exact(case, seed, gqa):
+    pattern, length, heads = case
+    module = sd.compile(pattern, block_size=16)
+    assert module.explain(length, heads=heads, head_dim=8, device="cpu").kind == "lattice"
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = 1 if gqa else heads
+    q = torch.randn(2, heads, length, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, kv_heads, length, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv_heads, length, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    out, lse = module(q, k, v, return_lse=True)
+    expected, expected_lse = reference_attention(pattern, q, k, v)
+    assert (out - expected).abs().max().item() < 1e-9
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        assert (lse.double()[finite] - expected_lse[finite]).abs().max().item() < 1e-5
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("pattern,length,heads", [
+    # LongNet's paper configuration, scaled down by 256: segments 2048..32768 with rates 1, 2, 4, 6, 12.
+    (sd.segments([8, 16, 32, 64, 128], [1, 2, 4, 6, 12]), 256, 5),
+    (sd.segments([12, 20], [5, 6]), 100, 2),  # segments not divisible by their rates
+    (sd.blocks(32).local(1).within(sd.segments([16, 16], [1, 2])), 320, 4),  # the seed's rule
+])
+def test_lattice_configurations(pattern, length, heads):
+    module = sd.compile(pattern, block_size=16)
+    plan = module.explain(length, heads=heads, head_dim=16, device="cpu")
+    assert plan.kind == "lattice"
+    assert plan.computed_flops <= 1.3 * plan.useful_flops
+    q, k, v = (torch.randn(1, heads, length, 16) for _ in range(3))
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert (module(q, k, v).double() - expected).abs().max().item() < 1e-5
+
+
+def test_lattice_does_not_apply_where_it_cannot_be_exact():
+    module = sd.compile(sd.segments([8, 8], [1, 2]), block_size=16)
+    assert module.explain(64, 48, heads=2, device="cpu").kind != "lattice"  # Q != K
+    scored = sd.compile(sd.segments([8, 8], [1, 2]).score(sd.alibi()), block_size=16)
+    assert scored.explain(64, heads=2, device="cpu").kind != "lattice"
+    ragged = sd.compile(sd.blocks(32).local(1).within(sd.dilated(16, 2)), block_size=16)
+    assert ragged.explain(100, device="cpu").kind != "lattice"  # length not a block multiple
+    with pytest.raises(ValueError, match="no lattice decomposition"):
+        sd.compile(sd.window(3), kernel="lattice").explain(64, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern,length,heads", [
+    (sd.segments([256, 512, 1024, 2048], [1, 2, 4, 8]), 4096, 8),
+    (sd.segments([512, 768], [4, 6]), 3072, 4),
+    (sd.blocks(256).local(1).within(sd.segments([128, 128], [1, 2])), 4096, 8),
+])
+def test_gpu_lattice_bf16(pattern, length, heads):
+    module = sd.compile(pattern)
+    assert module.explain(length, heads=heads, head_dim=64, device="cuda").kind == "lattice"
+    q, k, v = (torch.randn(1, heads, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = module(q, k, v)
+    expected, _ = reference_attention(pattern, q.detach().cpu(), k.detach().cpu(), v.detach().cpu())
+    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
