@@ -6,6 +6,7 @@ attention, ``sparsedsl.dense(pattern, n)`` to materialise it, ``sparsedsl.parse(
 read its text form back.
 """
 
+from .analysis.count import Counts, TileCounts, count
 from .compiler.module import BLOCK_SIZES, CompiledPattern, compile
 from .compiler.plan import Plan
 from .lang.checks import PatternArgumentError
@@ -30,13 +31,17 @@ from .lang.nodes import (
 )
 from .lang.parse import PatternSyntaxError, parse
 from .passes.context import BufferBindingError
+from .draw.terminal import show
 from .passes.dense import dense
 
 __all__ = [
     "BLOCK_SIZES",
     "CompiledPattern",
+    "Counts",
+    "TileCounts",
     "Plan",
     "compile",
+    "count",
     "BufferBindingError",
     "Pattern",
     "PatternArgumentError",
@@ -56,6 +61,7 @@ __all__ = [
     "parse",
     "prefix",
     "segments",
+    "show",
     "softcap",
     "strided",
     "window",

@@ -90,9 +90,11 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     default three, which overflow an H100's shared memory with 128x128 tiles."""
     q_len, kv_len = q.shape[2], k.shape[2]
     q_padded, kv_padded = block_mask.seq_lengths
-    q = F.pad(q, (0, 0, 0, q_padded - q_len))
-    k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
-    v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
+    if q_padded != q_len:
+        q = F.pad(q, (0, 0, 0, q_padded - q_len))
+    if kv_padded != kv_len:
+        k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
+        v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
     options = {"num_stages": 2} if reads_score_tensors and q.is_cuda else None
     result = compiled_flex_attention()(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,

@@ -1,0 +1,162 @@
+"""Attention speed: sparsedsl vs dense SDPA vs hand-written FlexAttention, side by side.
+
+For every case, in one process on one GPU: dense ``scaled_dot_product_attention`` (the
+pattern ignored: the speed of light for dense work), FlexAttention as a user would write it
+(``torch.compile(flex_attention)`` with ``create_block_mask(mask_mod, _compile=True)``,
+default kernel options) and ``sparsedsl.compile(pattern)`` (whatever plan it picks), each
+forward and forward+backward. Useful FLOPs count only allowed pairs: ``4 * D * pairs``
+forward and ``2.5x`` that backward. Prints a table of times and ratios, writes JSON.
+
+    python benchmarks/attention.py --json results.json
+    python benchmarks/attention.py --cases longnet-64k,window-16k --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import sparsedsl as sd
+
+# name: (pattern text, seq_len, batch, heads, head_dim)
+CASES = {
+    "window-16k": ("window(800)", 16384, 1, 16, 128),
+    "blockwindow-16k": ("blocks(128).local(6)", 16384, 1, 16, 128),
+    "window-64k": ("window(3200)", 65536, 1, 16, 128),
+    "blockwindow-64k": ("blocks(128).local(25)", 65536, 1, 16, 128),
+    "window+global-16k": ("window(800) | global_tokens(256)", 16384, 1, 16, 128),
+    "bigbird-16k": ("blocks(64).local(1).global_(2).random(3, 0)", 16384, 1, 16, 128),
+    "longnet-64k": ("segments([2048, 4096, 8192, 16384], [1, 2, 4, 8])", 65536, 1, 16, 128),
+    "longnet-paper-32k": ("segments([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])", 32768, 1, 20, 128),
+    "seed-block-dilated-16k": ("blocks(256).local(1).within(segments([128, 128], [1, 2]))", 16384, 1, 16, 128),
+    "seed-guide-shape": ("blocks(256).local(3)", 16384, 2, 8, 64),
+}
+
+
+def bench(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def fwd_bwd(run, q, k, v):
+    def step():
+        out = run(q, k, v)
+        out.backward(torch.ones_like(out))
+    return step
+
+
+def run_case(name, text, n, batch, heads, dim, quick: bool) -> dict:
+    pattern = sd.parse(text)
+    module = sd.compile(pattern)
+    counts = sd.compile(pattern).explain(n, heads=heads, head_dim=dim, device="cuda")
+    pairs = counts.pairs * batch
+    density = counts.density
+    mk = lambda: torch.randn(batch, heads, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(), mk(), mk()
+    row = {"case": name, "pattern": text, "seq_len": n, "batch": batch, "heads": heads,
+           "head_dim": dim, "density": density, "plan": counts.kind,
+           "computed_over_useful": counts.computed_flops / counts.useful_flops}
+
+    # First call of sparsedsl (lowering, block mask, Inductor compile) from cold.
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        module(q, k, v)
+    torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - start
+
+    mask_mod = module.mask_mod(n, heads=heads, device="cuda")
+    start = time.perf_counter()
+    block_mask = create_block_mask(mask_mod, 1, heads, n, n, device="cuda", _compile=True)
+    torch.cuda.synchronize()
+    row["create_block_mask_compiled_first_s"] = time.perf_counter() - start
+    flex = torch.compile(flex_attention)
+
+    runs = {
+        "dense": lambda a, b, c: F.scaled_dot_product_attention(a, b, c),
+        "flex": lambda a, b, c: flex(a, b, c, block_mask=block_mask),
+        "sparsedsl": lambda a, b, c: module(a, b, c),
+    }
+    iters = 5 if quick else 10
+    for key, run in runs.items():
+        with torch.no_grad():
+            row[f"{key}_fwd_ms"] = bench(lambda: run(q, k, v), iters=iters)
+        row[f"{key}_fwdbwd_ms"] = bench(fwd_bwd(run, q, k, v), iters=iters)
+    # Block-mask builds: ours from a cold lowering cache vs create_block_mask.
+    from sparsedsl.compiler.module import _LOWERINGS
+
+    def ours():
+        _LOWERINGS.clear()
+        module.block_mask(n, heads=heads, device="cuda")
+    row["build_ours_ms"] = bench(ours, warmup=1, iters=3)
+    row["build_cbm_compiled_ms"] = bench(
+        lambda: create_block_mask(mask_mod, 1, heads, n, n, device="cuda", _compile=True), warmup=1, iters=3)
+    useful = 4 * dim * pairs
+    for key in runs:
+        row[f"{key}_fwd_tflops"] = useful / row[f"{key}_fwd_ms"] / 1e9
+        row[f"{key}_fwdbwd_tflops"] = 3.5 * useful / row[f"{key}_fwdbwd_ms"] / 1e9
+    dense_useful = 4 * dim * batch * heads * n * n
+    row["dense_fwd_tflops"] = dense_useful / row["dense_fwd_ms"] / 1e9
+    row["dense_fwdbwd_tflops"] = 3.5 * dense_useful / row["dense_fwdbwd_ms"] / 1e9
+    for mode in ("fwd", "fwdbwd"):
+        speedup = row[f"dense_{mode}_ms"] / row[f"sparsedsl_{mode}_ms"]
+        row[f"speedup_{mode}"] = speedup
+        row[f"speedup_x_density_{mode}"] = speedup * density
+        row[f"vs_flex_{mode}"] = row[f"flex_{mode}_ms"] / row[f"sparsedsl_{mode}_ms"]
+        row[f"tflops_vs_dense_{mode}"] = row[f"sparsedsl_{mode}_tflops"] / row[f"dense_{mode}_tflops"]
+    del q, k, v, block_mask
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    for name in args.cases.split(","):
+        text, n, batch, heads, dim = CASES[name]
+        try:
+            rows.append(run_case(name, text, n, batch, heads, dim, args.quick))
+        except Exception as err:  # noqa: BLE001 - a failed case is reported, the rest still run
+            rows.append({"case": name, "error": f"{type(err).__name__}: {err}"[:500]})
+        print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+    print()
+    print(f"{'case':24} {'plan':8} {'dens':>6} {'fwd ms':>8} {'dense':>8} {'flex':>8} "
+          f"{'xdens':>6} {'vsflex':>6} {'f+b ms':>8} {'xdens':>6} {'vsflex':>6} {'TF/dense':>8} {'build':>7} {'cbm-c':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:24} ERROR {r['error'][:100]}")
+            continue
+        print(f"{r['case']:24} {r['plan']:8} {r['density']:6.3f} {r['sparsedsl_fwd_ms']:8.3f} "
+              f"{r['dense_fwd_ms']:8.3f} {r['flex_fwd_ms']:8.3f} {r['speedup_x_density_fwd']:6.2f} "
+              f"{r['vs_flex_fwd']:6.2f} {r['sparsedsl_fwdbwd_ms']:8.3f} {r['speedup_x_density_fwdbwd']:6.2f} "
+              f"{r['vs_flex_fwdbwd']:6.2f} {r['tflops_vs_dense_fwd']:8.2f} {r['build_ours_ms']:7.2f} "
+              f"{r['build_cbm_compiled_ms']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
