@@ -72,6 +72,8 @@ class Lowering:
 _LOWERINGS = BuildCache(maxsize=64)
 #: Lattice decompositions, likewise.
 _LATTICES = BuildCache(maxsize=64)
+#: Resolved runners per (pattern, tiles, kernel, call shape, dtype, device, grad, lse, scale).
+_RUNNERS = BuildCache(maxsize=256)
 
 def _block_sizes(block_size) -> tuple[int, int]:
     sizes = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
@@ -237,26 +239,41 @@ class CompiledPattern(nn.Module):
         q_len]`` (``-inf`` on rows with no allowed key).
         """
         q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
-        batch, heads, q_len, _ = q.shape
-        kv_heads, kv_len = k.shape[1], k.shape[2]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if buffers:
+            runner = self._runner(q, k, v, scale, needs_grad, return_lse, buffers)
+        else:
+            key = (self.pattern, self.q_block, self.kv_block, self.kernel, q.shape, k.shape,
+                   v.shape, q.dtype, q.device, needs_grad, return_lse, scale)
+            runner = _RUNNERS.get(key, lambda: self._runner(q, k, v, scale, needs_grad, return_lse, {}))
+        out, lse = runner(q, k, v)
+        out = _to_layout(out, layout)
+        return (out, lse) if return_lse else out
+
+    def _runner(self, q, k, v, scale: float, needs_grad: bool, return_lse: bool, buffers: dict):
+        """A function ``(q, k, v) -> (out, lse or None)`` for inputs of these shapes, with
+        every lowering, block mask and score function resolved (cached per call shape when
+        the pattern binds no tensors, so a training step pays one dictionary lookup)."""
+        batch, heads, q_len, _ = q.shape
+        kv_len = k.shape[2]
         lattice = self.lattice_plan(q_len, kv_len, heads, q.device)
         kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse,
                               lattice=lattice is not None)
-        gqa = kv_heads != heads
         if kind == "lattice":
+            sub_modules: dict = {}
+
             def run_part(pattern, sq, sk, sv):
-                result = self._sub_module(pattern)(sq, sk, sv, scale=scale, return_lse=return_lse)
+                sub = sub_modules.setdefault(pattern, self._sub_module(pattern))
+                result = sub(sq, sk, sv, scale=scale, return_lse=return_lse)
                 return result if return_lse else (result, None)
-            out, lse = lattice_attention(q, k, v, plan=lattice, scale=scale, need_lse=return_lse,
-                                         run_part=run_part)
-            out = _to_layout(out, layout)
-            return (out, lse) if return_lse else out
+
+            return lambda q, k, v: lattice_attention(q, k, v, plan=lattice, scale=scale,
+                                                     need_lse=return_lse, run_part=run_part)
         if kind == "sdpa":
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=dense_sdpa_case(self.pattern) == "causal", scale=scale,
-                enable_gqa=gqa)
-            return _to_layout(out, layout)
+            causal = dense_sdpa_case(self.pattern) == "causal"
+            gqa = k.shape[1] != heads
+            return lambda q, k, v: (F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa), None)
         tiles = flex_tiles(self.q_block, self.kv_block, q.device) if kind == "flex" else None
         lowering = self.lowering(q_len, kv_len, heads=heads, device=q.device, tiles=tiles,
                                  where="forward()", **buffers)
@@ -266,16 +283,13 @@ class CompiledPattern(nn.Module):
         if kind == "flex":
             block_mask = lowering.padded_block_mask(bucket_length(q_len, tiles[0]),
                                                     bucket_length(kv_len, tiles[1]))
-            out, lse = flex_plan_attention(
+            reads_tensors = any(isinstance(m, n.Bias) for m in score_mods(self.pattern))
+            return lambda q, k, v: flex_plan_attention(
                 q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale,
-                return_lse=return_lse,
-                reads_score_tensors=any(isinstance(m, n.Bias) for m in score_mods(self.pattern)))
-        else:
-            out, lse = gather_attention(q, k, v, states=lowering.states, grid=lowering.grid,
-                                        mask_mod=lowering.mask_mod, score_mod=score_mod,
-                                        scale=scale)
-        out = _to_layout(out, layout)
-        return (out, lse) if return_lse else out
+                return_lse=return_lse, reads_score_tensors=reads_tensors)
+        return lambda q, k, v: gather_attention(
+            q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
+            score_mod=score_mod, scale=scale)
 
 
 def _check_batch(batch: int, lowering: Lowering) -> None:

@@ -66,6 +66,8 @@ def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
     """The block mask of ``states`` (tiles of ``grid``) on sequences padded to
     ``q_padded x kv_padded``: padded tiles are empty, and the ``mask_mod`` also refuses
     positions past the true lengths (held as tensors, so no length is compiled in)."""
+    if (q_padded, kv_padded) == (grid.q_len, grid.kv_len):
+        return block_mask_from_states(states, grid, mask_mod)
     nq, nk = -(-q_padded // grid.q_block), -(-kv_padded // grid.kv_block)
     padded = F.pad(states, (0, nk - states.shape[-1], 0, nq - states.shape[-2]), value=EMPTY)
     device = states.device

@@ -1,0 +1,21 @@
+"""Attention modules built on the compiler.
+
+* :class:`SparsePatternConfig`, :class:`BlockSparseAttention`,
+  :class:`BlockSparseDilatedAttention`: the seed library's (``dilated_attention_pytorch``)
+  block-sparse API with exact softmax semantics (:mod:`sparsedsl.modules.seed`).
+* :class:`DilatedAttention`: LongNet's dilated attention (:mod:`sparsedsl.modules.longnet`).
+* :class:`MultiheadSparseAttention`: ``nn.MultiheadAttention``'s interface over any pattern
+  (:mod:`sparsedsl.modules.multihead`).
+"""
+
+from .longnet import DilatedAttention
+from .multihead import MultiheadSparseAttention
+from .seed import BlockSparseAttention, BlockSparseDilatedAttention, SparsePatternConfig
+
+__all__ = [
+    "BlockSparseAttention",
+    "BlockSparseDilatedAttention",
+    "DilatedAttention",
+    "MultiheadSparseAttention",
+    "SparsePatternConfig",
+]

@@ -1,0 +1,190 @@
+"""``MultiheadSparseAttention``: ``nn.MultiheadAttention``'s interface over a sparse pattern.
+
+Parameters, their names, shapes and initialisation are ``nn.MultiheadAttention``'s
+(``in_proj_weight`` / ``q_proj_weight``…, ``in_proj_bias``, ``out_proj``), so a state dict
+moves between the two in both directions, and with ``pattern="full()"`` both compute the
+same thing. Attention runs through :func:`sparsedsl.compile` with exact masked-softmax
+semantics (DESIGN.md §1).
+
+Decisions:
+
+* **Dropout** applies to the attention *output* (the concatenated per-head context, before
+  ``out_proj``) in training mode, not to the attention weights: the fused kernels
+  (FlexAttention, the block-sparse gather) compute ``softmax(scores) @ V`` in one pass and
+  never hold the weights to drop. Both forms are unbiased (their expectation is the
+  un-dropped output) but they regularise differently; ``dropout=0.0`` (the default) is
+  the same as ``nn.MultiheadAttention``.
+* ``key_padding_mask`` and ``attn_mask`` are refused: express masks in the pattern
+  (``documents("ids")`` for packed sequences, ``blocks(b).layout("name")`` for block
+  layouts, ``.score(bias("name"))`` for additive biases) and pass their tensors as
+  keyword arguments of ``forward``.
+* ``need_weights=True`` returns the dense attention weights (averaged over heads unless
+  ``average_attn_weights=False``) when they have at most 2**24 elements, and raises
+  otherwise; the default ``need_weights=False`` returns ``(attn_output, None)``.
+* ``add_bias_kv`` and ``add_zero_attn`` are not offered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..lang import nodes as n
+from ..lang.inspect import head_group_count
+from ._common import MAX_DENSE_WEIGHTS, compiled, dense_weights, resolve_pattern, with_causal
+
+__all__ = ["MultiheadSparseAttention"]
+
+
+class MultiheadSparseAttention(nn.Module):
+    """Multi-head attention restricted to a sparse pattern, with ``nn.MultiheadAttention``'s
+    conventions.
+
+    Args:
+        embed_dim: model dimension (divisible by ``num_heads``).
+        num_heads: number of heads (at least the pattern's number of head groups).
+        pattern: a :class:`sparsedsl.Pattern`, pattern text (``"window(63, 0)"``) or a
+            catalog name or call (``"sliding_window(window=64)"``, ``"bigbird"``).
+        batch_first: inputs ``[batch, seq, feature]`` if True, else ``[seq, batch,
+            feature]`` (default False, as ``nn.MultiheadAttention``).
+        dropout: dropout probability on the attention output (see the module docstring).
+        bias: add biases to the input and output projections.
+        kdim, vdim: feature sizes of ``key`` and ``value`` (default ``embed_dim``).
+        device, dtype: factory arguments of the parameters.
+        block_size: kernel tile (see :func:`sparsedsl.compile`; default 128).
+        kernel: ``"auto"``, ``"flex"`` or ``"gather"``.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+    average_attn_weights=True, is_causal=False, **buffers)`` returns ``(attn_output,
+    weights or None)``; ``is_causal=True`` intersects the pattern with ``causal()``;
+    ``buffers`` are the tensors the pattern names (``documents``, ``layout``, ``bias``).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, pattern, *, batch_first: bool = False,
+                 dropout: float = 0.0, bias: bool = True, kdim: int | None = None,
+                 vdim: int | None = None, device=None, dtype=None, block_size: int = 128,
+                 kernel: str = "auto"):
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be positive, got embed_dim={embed_dim} "
+                             f"and num_heads={num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.pattern = resolve_pattern(pattern, "MultiheadSparseAttention")
+        groups = head_group_count(self.pattern)
+        if groups > num_heads:
+            raise ValueError(
+                f"MultiheadSparseAttention: the pattern {self.pattern} has {groups} head groups "
+                f"but num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.block_size = block_size
+        self.kernel = kernel
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(
+            embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_parameters()
+        compiled(self.pattern, block_size, kernel)  # validates block_size and kernel now
+
+    def _reset_parameters(self) -> None:
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def _projections(self):
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight.split(e)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.split(e)
+        return (wq, bq), (wk, bk), (wv, bv)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, **buffers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(attn_output, weights)``: ``attn_output`` in the input layout (``[L, N, E]``,
+        ``[N, L, E]`` with ``batch_first``, or ``[L, E]`` unbatched); ``weights`` is None
+        unless ``need_weights`` (see the class docstring)."""
+        if key_padding_mask is not None or attn_mask is not None:
+            raise NotImplementedError(
+                "MultiheadSparseAttention: key_padding_mask and attn_mask are not supported; "
+                "express the mask in the pattern (documents('ids'), blocks(b).layout('name'), "
+                ".score(bias('name'))) and pass its tensor by keyword to forward()")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        elif query.dim() != 3:
+            raise ValueError(f"MultiheadSparseAttention: query must be 2-D or 3-D, got shape "
+                             f"{list(query.shape)}")
+        if self.batch_first and not unbatched:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # now [L, N, E]
+        (wq, bq), (wk, bk), (wv, bv) = self._projections()
+        tgt_len, batch, _ = query.shape
+        src_len = key.shape[0]
+        h, d = self.num_heads, self.head_dim
+        q = F.linear(query, wq, bq).view(tgt_len, batch, h, d).transpose(0, 1)  # [N, L, H, D]
+        k = F.linear(key, wk, bk).view(src_len, batch, h, d).transpose(0, 1)
+        v = F.linear(value, wv, bv).view(src_len, batch, h, d).transpose(0, 1)
+        pattern = with_causal(self.pattern) if is_causal else self.pattern
+        out = compiled(pattern, self.block_size, self.kernel)(q, k, v, layout="bnhd", **buffers)
+        out = out.reshape(batch, tgt_len, self.embed_dim)
+        if self.dropout > 0.0 and self.training:
+            out = F.dropout(out, self.dropout, training=True)
+        out = self.out_proj(out)  # [N, L, E]
+        weights = None
+        if need_weights:
+            weights = dense_weights(pattern, q.transpose(1, 2), k.transpose(1, 2), d ** -0.5,
+                                    MAX_DENSE_WEIGHTS, **buffers)
+            if weights is None:
+                raise ValueError(
+                    f"MultiheadSparseAttention: need_weights=True materialises the weights, "
+                    f"which is limited to {MAX_DENSE_WEIGHTS} elements without score "
+                    f"modifications (got batch={batch}, heads={h}, {tgt_len}x{src_len})")
+            weights = weights.to(out.dtype)
+            if average_attn_weights:
+                weights = weights.mean(1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        if unbatched:
+            return out.squeeze(0), weights
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern={self.pattern}, "
+                f"batch_first={self.batch_first}, dropout={self.dropout}")
