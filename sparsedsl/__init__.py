@@ -7,6 +7,7 @@ read its text form back.
 """
 
 from .analysis.count import Counts, TileCounts, count
+from .catalog import load
 from .compiler.module import BLOCK_SIZES, CompiledPattern, compile
 from .compiler.plan import Plan
 from .lang.checks import PatternArgumentError
@@ -30,11 +31,24 @@ from .lang.nodes import (
     window,
 )
 from .lang.parse import PatternSyntaxError, parse
+from .modules import (
+    BlockSparseAttention,
+    BlockSparseDilatedAttention,
+    DilatedAttention,
+    MultiheadSparseAttention,
+    SparsePatternConfig,
+)
 from .passes.context import BufferBindingError
 from .draw.terminal import show
 from .passes.dense import dense
 
 __all__ = [
+    "BlockSparseAttention",
+    "BlockSparseDilatedAttention",
+    "DilatedAttention",
+    "MultiheadSparseAttention",
+    "SparsePatternConfig",
+    "load",
     "BLOCK_SIZES",
     "CompiledPattern",
     "Counts",

@@ -70,7 +70,7 @@ def lattice_cases(draw):
 @given(case=lattice_cases(), seed=st.integers(0, 2**16), gqa=st.booleans())
 def test_lattice_plan_is_exact(case, seed, gqa):
     pattern, length, heads = case
-    module = sd.compile(pattern, block_size=16)
+    module = sd.compile(pattern, block_size=16, kernel="lattice")
     assert module.explain(length, heads=heads, head_dim=8, device="cpu").kind == "lattice"
     gen = torch.Generator().manual_seed(seed)
     kv_heads = 1 if gqa else heads
@@ -98,7 +98,7 @@ def test_lattice_plan_is_exact(case, seed, gqa):
     (sd.blocks(32).local(1).within(sd.segments([16, 16], [1, 2])), 320, 4),  # the seed's rule
 ])
 def test_lattice_configurations(pattern, length, heads):
-    module = sd.compile(pattern, block_size=16)
+    module = sd.compile(pattern, block_size=16, kernel="lattice")
     plan = module.explain(length, heads=heads, head_dim=16, device="cpu")
     assert plan.kind == "lattice"
     assert plan.computed_flops <= 1.3 * plan.useful_flops
@@ -107,13 +107,23 @@ def test_lattice_configurations(pattern, length, heads):
     assert (module(q, k, v).double() - expected).abs().max().item() < 1e-5
 
 
+def test_auto_picks_the_lattice_only_where_it_computes_far_less():
+    longnet = sd.compile(sd.segments([512, 1024, 2048], [1, 2, 4]))
+    plan = longnet.explain(4096, heads=3, device="cpu")
+    assert plan.kind == "lattice" and plan.computed_flops <= 1.3 * plan.useful_flops
+    # 128-token segments inside 256-token blocks fit 128-token tiles: one tile kernel wins.
+    seed_rule = sd.compile(sd.blocks(256).local(1).within(sd.segments([128, 128], [1, 2])))
+    assert seed_rule.explain(4096, heads=2, device="cpu").kind == "gather"
+
+
 def test_lattice_does_not_apply_where_it_cannot_be_exact():
-    module = sd.compile(sd.segments([8, 8], [1, 2]), block_size=16)
-    assert module.explain(64, 48, heads=2, device="cpu").kind != "lattice"  # Q != K
-    scored = sd.compile(sd.segments([8, 8], [1, 2]).score(sd.alibi()), block_size=16)
-    assert scored.explain(64, heads=2, device="cpu").kind != "lattice"
-    ragged = sd.compile(sd.blocks(32).local(1).within(sd.dilated(16, 2)), block_size=16)
-    assert ragged.explain(100, device="cpu").kind != "lattice"  # length not a block multiple
+    module = sd.compile(sd.segments([8, 8], [1, 2]), block_size=16, kernel="lattice")
+    with pytest.raises(ValueError, match="no lattice decomposition"):
+        module.explain(64, 48, heads=2, device="cpu")  # Q != K
+    for pattern, length in [(sd.segments([8, 8], [1, 2]).score(sd.alibi()), 64),
+                            (sd.blocks(32).local(1).within(sd.dilated(16, 2)), 100)]:  # ragged blocks
+        with pytest.raises(ValueError, match="no lattice decomposition"):
+            sd.compile(pattern, block_size=16, kernel="lattice").explain(length, heads=2, device="cpu")
     with pytest.raises(ValueError, match="no lattice decomposition"):
         sd.compile(sd.window(3), kernel="lattice").explain(64, device="cpu")
 
@@ -125,7 +135,7 @@ def test_lattice_does_not_apply_where_it_cannot_be_exact():
     (sd.blocks(256).local(1).within(sd.segments([128, 128], [1, 2])), 4096, 8),
 ])
 def test_gpu_lattice_bf16(pattern, length, heads):
-    module = sd.compile(pattern)
+    module = sd.compile(pattern, kernel="lattice")
     assert module.explain(length, heads=heads, head_dim=64, device="cuda").kind == "lattice"
     q, k, v = (torch.randn(1, heads, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))

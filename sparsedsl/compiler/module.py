@@ -24,6 +24,8 @@ from .cache import BuildCache
 from .inputs import check_attention_inputs
 from .plan import KERNELS, Plan, choose_plan, dense_sdpa_case
 
+#: The lattice plan runs when the tile plan would compute more than this many times its pairs.
+LATTICE_ADVANTAGE = 1.5
 #: Tile sizes FlexAttention's kernels take.
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -182,8 +184,8 @@ class CompiledPattern(nn.Module):
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         heads_used = head_group_count(self.pattern) if heads is None else heads
         q_len_checked = check_int("explain()", "q_len", q_len, minimum=1)
-        lattice = self.lattice_plan(q_len_checked, q_len_checked if kv_len is None else kv_len,
-                                    heads_used, device)
+        lattice = self._lattice_if_cheaper(q_len_checked, q_len_checked if kv_len is None else kv_len,
+                                           heads_used, device, dtype)
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
                                    lattice=lattice is not None)
         tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
@@ -193,21 +195,33 @@ class CompiledPattern(nn.Module):
         full, partial, empty, pairs = lowering.pair_counts()
         per_grid = heads // lowering.states.shape[1]
         q_block, kv_block = lowering.grid.q_block, lowering.grid.kv_block
-        tile_area = q_block * kv_block
         if kind == "sdpa" and dense_sdpa_case(self.pattern) == "full":
             computed = heads * lowering.ctx.q_len * lowering.ctx.kv_len
         elif kind == "lattice":
-            computed = self._lattice_computed_pairs(lattice, lowering.ctx.q_len, head_dim, device, dtype)
-        elif kind == "gather":
-            live = (lowering.states != EMPTY).sum(-1)
-            computed = int(live.amax(-1).sum()) * lowering.grid.num_q_tiles * tile_area * per_grid
+            computed = self._lattice_computed_pairs(lattice, lowering.ctx.q_len, device, dtype)
         else:
-            computed = (full + partial) * tile_area * per_grid
+            computed = _tile_computed_pairs(kind, lowering, heads)
         return Plan(kind, reason, lowering.ctx.q_len, lowering.ctx.kv_len, heads, head_dim,
                     q_block, kv_block, full * per_grid, partial * per_grid,
                     empty * per_grid, pairs * per_grid, computed)
 
-    def _lattice_computed_pairs(self, plan, seq_len, head_dim, device, dtype) -> int:
+    def _lattice_if_cheaper(self, q_len: int, kv_len: int, heads: int, device, dtype):
+        """The lattice plan when it applies and computes at most ``1 / LATTICE_ADVANTAGE``
+        of the pairs the tile plan of this device would (or when it is requested), else
+        None. (Where the tiles already fit the lattice, as for ``.within`` rules whose
+        segments are a tile long, the single fused tile kernel is faster.)"""
+        lattice = self.lattice_plan(q_len, kv_len, heads, device)
+        if lattice is None or self.kernel == "lattice":
+            return lattice
+        device = torch.device(device)
+        tile_kind = "flex" if device.type == "cuda" and dtype != torch.float64 else "gather"
+        tiles = flex_tiles(self.q_block, self.kv_block, device) if tile_kind == "flex" else None
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, tiles=tiles)
+        tile_pairs = _tile_computed_pairs(tile_kind, lowering, heads)
+        lattice_pairs = self._lattice_computed_pairs(lattice, q_len, device, dtype)
+        return lattice if tile_pairs > LATTICE_ADVANTAGE * lattice_pairs else None
+
+    def _lattice_computed_pairs(self, plan, seq_len, device, dtype) -> int:
         """Pairs the lattice plan's kernels compute: whole chunks for folded chunks, and
         each block sub-problem's own plan otherwise."""
         total = 0
@@ -220,7 +234,7 @@ class CompiledPattern(nn.Module):
                     total += (whole * size * size + rest * rest) * len(head_plan.heads)
                 else:
                     sub = self._sub_module(part.pattern).explain(
-                        length, heads=len(head_plan.heads), head_dim=head_dim, device=device, dtype=dtype)
+                        length, heads=len(head_plan.heads), device=device, dtype=dtype)
                     total += sub.computed_pairs
         return total
 
@@ -256,7 +270,7 @@ class CompiledPattern(nn.Module):
         the pattern binds no tensors, so a training step pays one dictionary lookup)."""
         batch, heads, q_len, _ = q.shape
         kv_len = k.shape[2]
-        lattice = self.lattice_plan(q_len, kv_len, heads, q.device)
+        lattice = self._lattice_if_cheaper(q_len, kv_len, heads, q.device, q.dtype)
         kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse,
                               lattice=lattice is not None)
         if kind == "lattice":
@@ -290,6 +304,17 @@ class CompiledPattern(nn.Module):
         return lambda q, k, v: gather_attention(
             q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
             score_mod=score_mod, scale=scale)
+
+
+def _tile_computed_pairs(kind: str, lowering: Lowering, heads: int) -> int:
+    """Pairs a tile plan computes over ``heads`` heads: every non-empty tile for flex, and
+    for gather every row of tiles at the width of the widest row."""
+    per_grid = heads // lowering.states.shape[1]
+    tile_area = lowering.grid.q_block * lowering.grid.kv_block
+    live = (lowering.states != EMPTY).sum(-1)
+    if kind == "gather":
+        return int(live.amax(-1).sum()) * lowering.grid.num_q_tiles * tile_area * per_grid
+    return int(live.sum()) * tile_area * per_grid
 
 
 def _check_batch(batch: int, lowering: Lowering) -> None:

@@ -42,14 +42,47 @@ LSE_BUDGET = 1 << 26
 @dataclass(frozen=True)
 class LatticePart:
     """One sub-problem: the query/key ``positions`` of a lattice (ascending; None for all
-    positions) and the ``pattern`` that holds on the compressed sequence."""
+    positions) and the ``pattern`` that holds on the compressed sequence. ``stride`` is
+    ``(start, step)`` when the positions are ``start, start + step, ...`` to the end, so
+    they are taken as a strided view instead of a gather."""
 
     positions: torch.Tensor | None
     pattern: n.Pattern
+    stride: tuple[int, int] | None = None
 
     @property
     def length(self) -> int | None:
         return None if self.positions is None else self.positions.numel()
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The lattice's positions of ``t`` (dimension 2)."""
+        if self.positions is None:
+            return t
+        if self.stride is not None:
+            return t[:, :, self.stride[0]::self.stride[1]]
+        return t.index_select(2, self.positions)
+
+    def put(self, target: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` into the lattice's positions of ``target`` (in place)."""
+        if self.positions is None:
+            target.copy_(values)
+        elif self.stride is not None:
+            target[:, :, self.stride[0]::self.stride[1]] = values
+        else:
+            target.index_copy_(2, self.positions, values)
+
+
+def _lattice_part(positions: torch.Tensor, pattern: n.Pattern, length: int) -> LatticePart:
+    """A part, with ``stride`` set when ``positions`` is an arithmetic run to the end."""
+    stride = None
+    if positions.numel() >= 2:
+        start, step = int(positions[0]), int(positions[1] - positions[0])
+        if positions.numel() == -(-(length - start) // step) and \
+                bool((positions[1:] - positions[:-1] == step).all()):
+            stride = (start, step)
+    elif positions.numel() == 1 and int(positions[0]) == length - 1:
+        stride = (length - 1, 1)
+    return LatticePart(positions, pattern, stride)
 
 
 @dataclass(frozen=True)
@@ -79,7 +112,7 @@ def _decompose_part(part: n.Pattern, length: int, device) -> tuple[LatticePart, 
     pattern (then it runs whole)."""
     if isinstance(part, n.Dilated):
         positions = _kept_positions(length, part.segment, part.segment, 0, part.rate, part.offset, device)
-        return (LatticePart(positions, n.Chunks(_per_segment(part.segment, part.rate, part.offset))),)
+        return (_lattice_part(positions, n.Chunks(_per_segment(part.segment, part.rate, part.offset)), length),)
     if isinstance(part, n.Chunks):
         return (LatticePart(None, part),)
     if isinstance(part, n.Blocks) and isinstance(part.within_, n.Dilated):
@@ -89,7 +122,8 @@ def _decompose_part(part: n.Pattern, length: int, device) -> tuple[LatticePart, 
         per_block = _per_segment(rule.segment, rule.rate, rule.offset)
         coarse = n.Blocks(per_block, part.rules, part.causal_, None)
         return tuple(
-            LatticePart(_kept_positions(length, size, rule.segment, j, rule.rate, rule.offset, device), coarse)
+            _lattice_part(_kept_positions(length, size, rule.segment, j, rule.rate, rule.offset, device),
+                          coarse, length)
             for j in range(size // rule.segment)
         )
     return None
@@ -197,7 +231,8 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     batch, heads, length, _ = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     group = heads // kv_heads
-    outs, lses = [], []
+    out = q.new_zeros(batch, heads, length, dv)
+    lse = torch.full((batch, heads, length), float("-inf"), device=q.device) if need_lse else None
     for head_plan in plan:
         rng = head_plan.heads
         qg = q[:, rng.start:rng.stop]
@@ -206,31 +241,19 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         else:
             kv_index = torch.arange(rng.start, rng.stop, device=q.device) // group
             kg, vg = k.index_select(1, kv_index), v.index_select(1, kv_index)
-        out = q.new_zeros(batch, len(rng), length, dv)
-        lse = torch.full((batch, len(rng), length), float("-inf"), device=q.device) if need_lse else None
         for part in head_plan.parts:
             if part.length == 0:  # no position of this lattice occurs at this length
                 continue
-            if part.positions is None:
-                sq, sk, sv = qg, kg, vg
-            else:
-                sq, sk, sv = (t.index_select(2, part.positions) for t in (qg, kg, vg))
+            sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
             if isinstance(part.pattern, n.Chunks):
                 part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
             else:
                 part_out, part_lse = run_part(part.pattern, sq, sk, sv)
-            if part.positions is None:
-                out = part_out.to(out.dtype)
-                lse = part_lse.float() if need_lse else None
-            else:
-                out = out.index_copy(2, part.positions, part_out.to(out.dtype))
-                if need_lse:
-                    lse = lse.index_copy(2, part.positions, part_lse.float())
-        outs.append(out)
-        lses.append(lse)
-    out = torch.cat(outs, dim=1)
+            part.put(out[:, rng.start:rng.stop], part_out.to(out.dtype))
+            if need_lse:
+                part.put(lse[:, rng.start:rng.stop, :, None], part_lse.float()[..., None])
     if not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
         # No lattice position occurs at this length: the output is all zeros, kept in the
         # autograd graph so that gradients (zeros) reach the inputs.
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out, (torch.cat(lses, dim=1) if need_lse else None)
+    return out, lse

@@ -1,0 +1,62 @@
+"""The catalog of named sparse attention patterns, written in the sparsedsl language.
+
+Each entry is a function with documented defaults that returns a
+:class:`sparsedsl.Pattern`, and names the paper it comes from. Load one by name with
+``sparsedsl.load(name, **params)`` (or ``sparsedsl.catalog.load``), or use a name in pattern
+text, where the CLI accepts it too: ``sparsedsl count bigbird --seq-len 4096``,
+``sparsedsl show "longnet(segment_lengths=[2048, 4096], dilation_rates=[1, 2]) & causal()"``.
+
+==============================  ===========================================================
+entry                           source
+==============================  ===========================================================
+``local_window``                the seed library (``dilated_attention_pytorch``)
+``dilated_sparse``              the seed library
+``global_local``                the seed library
+``block_sparse_dilated``        the seed library's ``BlockSparseDilatedAttention``
+``sliding_window``              Mistral 7B, arXiv:2310.06825
+``longformer``                  Longformer, arXiv:2004.05150
+``bigbird``                     BigBird, arXiv:2007.14062
+``sparse_transformer_strided``  Sparse Transformer, arXiv:1904.10509
+``sparse_transformer_fixed``    Sparse Transformer, arXiv:1904.10509
+``longnet``                     LongNet, arXiv:2307.02486
+``prefix_lm``                   T5, arXiv:1910.10683
+``document_mask``               Llama 3, arXiv:2407.21783
+``block_causal``                Block Diffusion, arXiv:2503.09573
+``neighbourhood_1d``            Neighborhood Attention Transformer, arXiv:2204.07143
+==============================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sparsedsl.lang.nodes import Pattern
+
+from .bigbird import bigbird
+from .block_causal import block_causal
+from .document_mask import document_mask
+from .longformer import longformer
+from .longnet import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS, longnet
+from .neighbourhood import neighbourhood_1d
+from .prefix_lm import prefix_lm
+from .seed import block_sparse_dilated, dilated_sparse, global_local, local_window
+from .sliding_window import sliding_window
+from .sparse_transformer import sparse_transformer_fixed, sparse_transformer_strided
+
+#: Every catalog entry by name.
+CATALOG: dict[str, Callable[..., Pattern]] = {
+    f.__name__: f
+    for f in (
+        local_window, dilated_sparse, global_local, block_sparse_dilated, sliding_window,
+        longformer, bigbird, sparse_transformer_strided, sparse_transformer_fixed, longnet,
+        prefix_lm, document_mask, block_causal, neighbourhood_1d,
+    )
+}
+
+
+def names() -> list[str]:
+    """The catalog's entry names, sorted."""
+    return sorted(CATALOG)
+
+
+__all__ = ["CATALOG", "PAPER_DILATION_RATES", "PAPER_SEGMENT_LENGTHS", "names", *CATALOG]
