@@ -429,10 +429,24 @@ def _within_rect(within: tuple, a, b, le: bool):
     return sum((c * _rect(atom, a, b, le) for atom, c in within), sp.Integer(0))
 
 
+_M = sp.Symbol("M", integer=True, nonnegative=True)
+_R = sp.Symbol("R", integer=True, nonnegative=True)
+
+
 def _blocks_square(form: BlockForm, x):
-    """``blocks(size)`` on ``x x x``: ``M`` whole blocks and a last block of ``R`` tokens."""
+    """``blocks(size)`` on ``x x x``: ``M = floor(x / size)`` whole blocks and a last block
+    of ``R = x mod size`` tokens. The terms in ``M`` and in ``R`` are made explicit
+    separately (:func:`tidy`), then ``M`` and ``R`` are put back in terms of ``x``."""
+    s = form.size
+    m, rem = _M, _R
+    parts = _blocks_terms(form, m, rem)
+    expr = sum((tidy(pm, _M, 0) * tidy(pr, _R, 0, s - 1) for pm, pr in parts), sp.Integer(0))
+    return expr.xreplace({_M: sp.floor(x / s), _R: sp.Mod(x, s)})
+
+
+def _blocks_terms(form: BlockForm, m, rem) -> list:
+    """``[(term in M, term in R), ...]`` whose products sum to the count."""
     s, band = form.size, form.band
-    m, rem = sp.floor(x / s), sp.Mod(x, s)
     lo, hi, r = band.lo, band.hi, band.rate
     whole = _rect(band, m, m)
 
@@ -461,7 +475,7 @@ def _blocks_square(form: BlockForm, x):
     w_row = _within_rect(form.within, rem, sp.Integer(s), True)
     w_col = _within_rect(form.within, sp.Integer(s), rem, True)
     w_corner = _within_rect(form.within, rem, rem, False)
-    return whole * w_full + last_row * w_row + last_col * w_col + corner * w_corner
+    return [(whole, w_full), (last_row, w_row), (last_col, w_col), (corner, w_corner)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,7 +499,7 @@ def formula(pattern: n.Pattern) -> sp.Expr:
         if resolved not in cache:
             cache[resolved] = _head_formula(resolved)
         total += cache[resolved]
-    return total
+    return tidy(total)
 
 
 def _head_formula(pattern: n.Pattern) -> sp.Expr:
@@ -503,3 +517,181 @@ def _head_formula(pattern: n.Pattern) -> sp.Expr:
 
 def _describe(atom: Atom) -> str:
     return repr(atom)
+
+
+# ---------------------------------------------------------------------------------------
+# Presentation: Min/Max of linear terms as explicit branches
+# ---------------------------------------------------------------------------------------
+
+
+def _piecewise_linear(expr, var) -> bool:
+    """Built from ``var``, rationals, ``+``, rational multiples, ``floor``, ``Mod`` (by an
+    integer), ``Min`` and ``Max`` only (what :func:`_exact_values` evaluates)."""
+    if expr == var or expr.is_Rational:
+        return True
+    if isinstance(expr, (sp.Add, sp.Min, sp.Max)):
+        return all(_piecewise_linear(a, var) for a in expr.args)
+    if isinstance(expr, sp.floor):
+        return _piecewise_linear(expr.args[0], var)
+    if isinstance(expr, sp.Mod):
+        return _piecewise_linear(expr.args[0], var) and expr.args[1].is_Integer
+    if isinstance(expr, sp.Mul):
+        rest = [a for a in expr.args if not a.is_Rational]
+        return len(rest) == 1 and _piecewise_linear(rest[0], var)
+    return False
+
+
+def _exact_values(expr, var, values):
+    """``(numerators, denominator)``: ``expr`` at every ``var`` in ``values`` (int64 numpy
+    array), exactly, as integers over one denominator."""
+    import numpy as np
+
+    if expr == var:
+        return values, 1
+    if expr.is_Rational:
+        return np.full(values.shape, int(expr.p), dtype=np.int64), int(expr.q)
+    if isinstance(expr, (sp.Add, sp.Min, sp.Max)):
+        parts = [_exact_values(a, var, values) for a in expr.args]
+        den = math.lcm(*(d for _, d in parts))
+        nums = [num * (den // d) for num, d in parts]
+        if isinstance(expr, sp.Add):
+            return sum(nums[1:], nums[0]), den
+        stack = np.stack(nums)
+        return (stack.min(0) if isinstance(expr, sp.Min) else stack.max(0)), den
+    if isinstance(expr, sp.floor):
+        num, den = _exact_values(expr.args[0], var, values)
+        return num // den, 1
+    if isinstance(expr, sp.Mod):
+        num, den = _exact_values(expr.args[0], var, values)
+        m = int(expr.args[1])
+        return num % (m * den), den
+    if isinstance(expr, sp.Mul):
+        coeff = sp.Integer(1)
+        rest = None
+        for a in expr.args:
+            if a.is_Rational:
+                coeff *= a
+            else:
+                rest = a
+        num, den = _exact_values(rest, var, values)
+        return num * int(coeff.p), den * int(coeff.q)
+    raise TypeError(expr)
+
+
+def _constants(exprs) -> tuple[int, int]:
+    """Sum of the integers and largest denominator appearing in ``exprs``."""
+    total, den = 0, 1
+    for e in exprs:
+        for a in sp.preorder_traversal(e):
+            if isinstance(a, sp.Rational):
+                total += abs(int(a.p)) + (int(a.q) if a.q != 1 else 0)
+                den = max(den, int(a.q))
+            if isinstance(a, sp.Mod):
+                den = max(den, int(a.args[1]))
+    return total, den
+
+
+def tidy(expr: sp.Expr, var: sp.Symbol = N, first: int = 1, last: int | None = None) -> sp.Expr:
+    """``expr`` (in ``var``, for integers ``first <= var <= last``; ``last`` None: unbounded)
+    with every ``Min``/``Max`` (and ``Piecewise`` condition) resolved into
+    explicit branches ``Piecewise((expr_k, N >= b_k), ..., (expr_0, True))`` where their
+    choices settle as ``N`` grows (``Min(256, N - 1)``, ``Min(1, floor(N/4) - 1)``).
+    Expressions whose choices keep changing come back unchanged.
+
+    Pieces built from ``var`` and ``floor`` of it with constants ``c_i`` and denominators up
+    to ``q`` cross below ``q * sum |c_i|``; the choices are read exactly at every value up
+    to twice that bound (or up to ``last``), must have settled by half of it, and the result
+    is checked equal to ``expr`` at every branch start and around it."""
+    import numpy as np
+
+    switches = [a for a in sp.preorder_traversal(expr) if isinstance(a, (sp.Min, sp.Max, sp.Piecewise))]
+    if not switches:
+        return sp.expand(expr)
+    sides = []
+    for s in switches:
+        if isinstance(s, sp.Piecewise):
+            for _, cond in s.args:
+                if cond is sp.true:
+                    continue
+                if not isinstance(cond, (sp.Ge, sp.Gt, sp.Le, sp.Lt)):
+                    return expr
+                sides.extend((cond.lhs, cond.rhs))
+        else:
+            sides.extend(s.args)
+    if not all(_piecewise_linear(side, var) for side in sides):
+        return expr
+    if last is None:
+        total, den = _constants(sides)
+        limit = first + 2 * (total + 2) * den + 16
+    else:
+        limit = last
+    if limit - first > 1 << 21:
+        return expr
+    values = np.arange(first, limit + 1, dtype=np.int64)
+
+    def holds(cond):
+        (a, da), (b, db) = _exact_values(cond.lhs, var, values), _exact_values(cond.rhs, var, values)
+        a, b = a * db, b * da
+        return {sp.Ge: a >= b, sp.Gt: a > b, sp.Le: a <= b, sp.Lt: a < b}[type(cond)]
+
+    columns = []
+    for s in switches:
+        if isinstance(s, sp.Piecewise):
+            picked = np.full(values.shape, len(s.args) - 1)
+            for idx in reversed(range(len(s.args))):
+                cond = s.args[idx][1]
+                picked = np.where(True if cond is sp.true else holds(cond), idx, picked)
+            columns.append(picked)
+        else:
+            parts = [_exact_values(a, var, values) for a in s.args]
+            common = math.lcm(*(d for _, d in parts))
+            stack = np.stack([num * (common // d) for num, d in parts])
+            columns.append(stack.argmin(0) if isinstance(s, sp.Min) else stack.argmax(0))
+    table = np.stack(columns, 1)
+    change = np.flatnonzero(np.any(table[1:] != table[:-1], axis=1)) + 1
+    if last is None and change.size and change[-1] > (limit - first) // 2:
+        return expr  # the choices have not settled
+    starts = [0] + change.tolist()
+
+    def resolved(choice) -> sp.Expr:
+        mapping = {s: (s.args[int(i)][0] if isinstance(s, sp.Piecewise) else s.args[int(i)])
+                   for s, i in zip(switches, choice)}
+        out = expr
+        for _ in range(len(switches) + 1):
+            new = out.xreplace(mapping)
+            if new == out:
+                break
+            out = new
+        return sp.expand(out)
+
+    pieces: list[list] = []  # [first N, last N (None: unbounded), expression]
+    for pos, idx in enumerate(starts):
+        poly = resolved(table[idx])
+        if poly.has(sp.Min, sp.Max, sp.Piecewise):
+            return expr
+        end = int(values[starts[pos + 1] - 1]) if pos + 1 < len(starts) else None
+        pieces.append([int(values[idx]), end, poly])
+    # Merge a piece into its successor where the successor's expression agrees on it.
+    merged: list[list] = []
+    for piece in pieces:
+        merged.append(piece)
+        while len(merged) >= 2:
+            prev, cur = merged[-2], merged[-1]
+            if prev[2] == cur[2] or all(cur[2].subs(var, v) == prev[2].subs(var, v)
+                                        for v in range(prev[0], prev[1] + 1)):
+                merged[-2:] = [[prev[0], cur[1], cur[2]]]
+            else:
+                break
+    if len(merged) == 1:
+        result = merged[0][2]
+    else:
+        branches = [(poly, sp.Ge(var, start)) for start, _, poly in reversed(merged[1:])]
+        result = sp.Piecewise(*branches, (merged[0][2], True))
+    top = limit if last is not None else 2 * limit + 7
+    checks = {first, first + 1, first + 2, limit, top}
+    for start, _, _ in pieces:
+        checks.update(v for v in (start - 1, start, start + 1, start + 2) if first <= v <= top)
+    for v in sorted(checks):
+        if result.subs(var, v) != expr.subs(var, v):
+            return expr
+    return result
