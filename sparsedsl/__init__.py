@@ -6,6 +6,10 @@ attention, ``sparsedsl.dense(pattern, n)`` to materialise it, ``sparsedsl.parse(
 read its text form back.
 """
 
+from ._source_tree import register_source_patterns
+
+register_source_patterns()
+
 from .analysis.count import Counts, TileCounts, count
 from .catalog import load
 from .compiler.module import BLOCK_SIZES, CompiledPattern, compile
