@@ -28,3 +28,4 @@ def register_source_patterns() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[NAME] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules["sparsedsl"], "patterns", module)
