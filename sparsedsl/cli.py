@@ -1,4 +1,4 @@
-"""The ``sparsedsl`` command: ``show``, ``count``, ``explain`` and ``demo`` on pattern text."""
+"""The ``sparsedsl`` command: ``show``, ``count``, ``render``, ``diagram``, ``explain`` and ``demo`` on pattern text."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
 
     add("show", "print the tile map and counts")
     add("count", "print the exact number of allowed pairs (then details)")
+    render = add("render", "draw the tile grid and a token-level zoom to a PNG or SVG file")
+    render.add_argument("-o", "--output", default="render.png",
+                        help="output file, .png or .svg (default render.png)")
+    render.add_argument("--zoom", type=int, default=None,
+                        help="side of the token-level zoom, from the top-left corner "
+                             "(default: a few tiles around the first partial tile)")
+    diagram = add("diagram", "draw the expression tree with graphviz to an SVG or PNG file")
+    diagram.add_argument("-o", "--output", default="diagram.svg",
+                         help="output file, .svg or .png (default diagram.svg)")
     explain = add("explain", "print the plan the compiler picks")
     explain.add_argument("--head-dim", type=int, default=128)
     explain.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -53,6 +62,21 @@ def main(argv: list[str] | None = None) -> int:
             counts = count(pattern, args.seq_len, args.kv_len, heads=args.heads, tile=args.tile)
             print(counts.pairs)
             print(counts)
+        elif args.command in ("render", "diagram"):
+            from .draw.render import DrawError
+            try:
+                if args.command == "render":
+                    from .draw.render import render
+                    written = render(pattern, args.seq_len, args.output, kv_len=args.kv_len,
+                                     heads=args.heads, tile=args.tile, zoom=args.zoom)
+                else:
+                    from .draw.diagram import diagram
+                    written = diagram(pattern, args.output, seq_len=args.seq_len, heads=args.heads,
+                                      tile=args.tile)
+            except DrawError as err:
+                print(f"sparsedsl {args.command}: {err}", file=sys.stderr)
+                return 3
+            print(f"wrote {written}")
         elif args.command == "explain":
             module = compile_pattern(pattern, block_size=args.tile)
             print(module.explain(args.seq_len, args.kv_len, heads=args.heads,
