@@ -7,6 +7,8 @@ is ``O(heads * Q * K)``: small sizes only.
 
 from __future__ import annotations
 
+import functools
+import operator
 from functools import singledispatch
 
 import torch
@@ -154,18 +156,12 @@ def _(node: n.Segments, ctx, q, k):
 
 @_dense.register
 def _(node: n.Union, ctx, q, k):
-    result = _dense(node.parts[0], ctx, q, k)
-    for part in node.parts[1:]:
-        result = result | _dense(part, ctx, q, k)
-    return result
+    return functools.reduce(operator.or_, (_dense(p, ctx, q, k) for p in node.parts))
 
 
 @_dense.register
 def _(node: n.Intersection, ctx, q, k):
-    result = _dense(node.parts[0], ctx, q, k)
-    for part in node.parts[1:]:
-        result = result & _dense(part, ctx, q, k)
-    return result
+    return functools.reduce(operator.and_, (_dense(p, ctx, q, k) for p in node.parts))
 
 
 @_dense.register

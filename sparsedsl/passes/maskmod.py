@@ -10,7 +10,9 @@ indices into them are clamped, so positions in the kernel's padding never read o
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from functools import singledispatch
 from typing import Callable
 
@@ -188,10 +190,7 @@ def _(node: n.Union, ctx):
     parts = [_lower(p, ctx) for p in node.parts]
 
     def union_mask(b, h, q, k):
-        result = parts[0](b, h, q, k)
-        for part in parts[1:]:
-            result = result | part(b, h, q, k)
-        return result
+        return functools.reduce(operator.or_, (part(b, h, q, k) for part in parts))
 
     return union_mask
 
@@ -201,10 +200,7 @@ def _(node: n.Intersection, ctx):
     parts = [_lower(p, ctx) for p in node.parts]
 
     def intersection_mask(b, h, q, k):
-        result = parts[0](b, h, q, k)
-        for part in parts[1:]:
-            result = result & part(b, h, q, k)
-        return result
+        return functools.reduce(operator.and_, (part(b, h, q, k) for part in parts))
 
     return intersection_mask
 

@@ -21,6 +21,7 @@ Every classifier returns an int8 tensor of shape ``[B or 1, H or 1, R, C]``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import singledispatch
 
@@ -387,18 +388,12 @@ def _(node: n.Segments, ctx, span, grid):
 
 @_classify.register
 def _(node: n.Union, ctx, span, grid):
-    state = _classify(node.parts[0], ctx, span, grid)
-    for part in node.parts[1:]:
-        state = union(state, _classify(part, ctx, span, grid))
-    return state
+    return functools.reduce(union, (_classify(p, ctx, span, grid) for p in node.parts))
 
 
 @_classify.register
 def _(node: n.Intersection, ctx, span, grid):
-    state = _classify(node.parts[0], ctx, span, grid)
-    for part in node.parts[1:]:
-        state = intersection(state, _classify(part, ctx, span, grid))
-    return state
+    return functools.reduce(intersection, (_classify(p, ctx, span, grid) for p in node.parts))
 
 
 @_classify.register
