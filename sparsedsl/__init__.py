@@ -11,6 +11,7 @@ from ._source_tree import register_source_patterns
 register_source_patterns()
 
 from .analysis.count import Counts, TileCounts, count
+from .analysis.formula import NoClosedFormError, formula
 from .catalog import load
 from .compiler.module import BLOCK_SIZES, CompiledPattern, compile
 from .compiler.plan import Plan
@@ -43,10 +44,16 @@ from .modules import (
     SparsePatternConfig,
 )
 from .passes.context import BufferBindingError
+from .draw.diagram import diagram
+from .draw.render import render
 from .draw.terminal import show
 from .passes.dense import dense
 
 __all__ = [
+    "NoClosedFormError",
+    "diagram",
+    "formula",
+    "render",
     "BlockSparseAttention",
     "BlockSparseDilatedAttention",
     "DilatedAttention",

@@ -18,7 +18,7 @@ from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score
 from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
-from ..plans.gather import gather_attention
+from ..plans.gather import gather_attention, row_chunks
 from ..plans.lattice import HeadGroupPlan, lattice_attention, lattice_decomposition
 from .cache import BuildCache
 from .inputs import check_attention_inputs
@@ -308,12 +308,14 @@ class CompiledPattern(nn.Module):
 
 def _tile_computed_pairs(kind: str, lowering: Lowering, heads: int) -> int:
     """Pairs a tile plan computes over ``heads`` heads: every non-empty tile for flex, and
-    for gather every row of tiles at the width of the widest row."""
+    for gather each chunk of rows at the width of its widest row."""
     per_grid = heads // lowering.states.shape[1]
     tile_area = lowering.grid.q_block * lowering.grid.kv_block
     live = (lowering.states != EMPTY).sum(-1)
     if kind == "gather":
-        return int(live.amax(-1).sum()) * lowering.grid.num_q_tiles * tile_area * per_grid
+        batch = lowering.states.shape[0]
+        tiles = sum(len(rows) * width for rows, width in row_chunks(live, tile_area * heads))
+        return tiles * tile_area * heads * batch
     return int(live.sum()) * tile_area * per_grid
 
 

@@ -4,8 +4,11 @@ For each query tile, the key/value tiles its row of the tile grid does not leave
 gathered into one contiguous block, scored with one batched matmul, masked with the
 pattern's ``mask_mod`` and normalised with one softmax per query row. It runs on every
 device and dtype (float64 included) and is differentiable by autograd, so it is the plan
-for training on the CPU, where FlexAttention has no backward. Memory is bounded by
-processing a chunk of query-tile rows at a time.
+for training on the CPU, where FlexAttention has no backward.
+
+Query-tile rows are processed in chunks of rows with similar numbers of live tiles (rows
+sorted by that number), each chunk as wide as its widest row, so a few dense rows (global
+tokens) do not widen every row; memory is bounded by the chunk size.
 """
 
 from __future__ import annotations
@@ -36,9 +39,8 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state
 
     live = states != EMPTY
     counts, kv_tiles = ordered_indices(live)
-    width = max(1, int(counts.max()) if counts.numel() else 1)
-    kv_tiles = kv_tiles[..., :width].long()
-    tile_used = torch.arange(width, device=device) < counts[..., None].long()  # [Bg, Hg, nq, width]
+    kv_tiles = kv_tiles.long()
+    tile_rank = torch.arange(nk, device=device)
 
     # Half-precision inputs are computed in float32; float32 and float64 as they are.
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -53,17 +55,15 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state
     q_offsets = torch.arange(bq, device=device)
     k_offsets = torch.arange(bk, device=device)
 
-    rows_per_chunk = max(1, SCORE_BUDGET // max(1, batch * heads * bq * width * bk))
-    outs, lses = [], []
-    for start in range(0, nq, rows_per_chunk):
-        stop = min(start + rows_per_chunk, nq)
-        tiles = kv_tiles[:, :, start:stop].expand(batch, heads, -1, -1)  # [B, H, R, W]
-        used = tile_used[:, :, start:stop]
+    outs, lses, order = [], [], []
+    for rows, width in row_chunks(counts, batch * heads * bq * bk):
+        tiles = kv_tiles[:, :, rows, :width].expand(batch, heads, -1, -1)  # [B, H, R, W]
+        used = tile_rank[:width] < counts[:, :, rows, None].long()         # [Bg, Hg, R, W]
         keys = k_tiles[b_idx, h_idx, tiles].flatten(3, 4)    # [B, H, R, W*bk, D]
         values = v_tiles[b_idx, h_idx, tiles].flatten(3, 4)  # [B, H, R, W*bk, Dv]
-        scores = (q_tiles[:, :, start:stop] @ keys.transpose(-1, -2)) * scale  # [B, H, R, bq, W*bk]
+        scores = (q_tiles[:, :, rows] @ keys.transpose(-1, -2)) * scale  # [B, H, R, bq, W*bk]
 
-        q_pos = (torch.arange(start, stop, device=device)[:, None] * bq + q_offsets)[None, None, :, :, None]
+        q_pos = (rows[:, None] * bq + q_offsets)[None, None, :, :, None]
         k_pos = (tiles[..., None] * bk + k_offsets).flatten(3)[:, :, :, None, :]
         b5, h5 = b_idx[..., None], h_idx[..., None]
         q_safe, k_safe = q_pos.clamp(max=q_len - 1), k_pos.clamp(max=k.shape[2] - 1)
@@ -74,6 +74,25 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state
         out, lse = masked_attention(scores, allowed, values)
         outs.append(out)
         lses.append(lse)
-    out = torch.cat(outs, dim=2).reshape(batch, heads, nq * bq, dv)[:, :, :q_len]
-    lse = torch.cat(lses, dim=2).reshape(batch, heads, nq * bq)[:, :, :q_len]
+        order.append(rows)
+    inverse = torch.argsort(torch.cat(order))
+    out = torch.cat(outs, dim=2)[:, :, inverse].reshape(batch, heads, nq * bq, dv)[:, :, :q_len]
+    lse = torch.cat(lses, dim=2)[:, :, inverse].reshape(batch, heads, nq * bq)[:, :, :q_len]
     return out.to(dtype), lse
+
+
+def row_chunks(counts: torch.Tensor, row_cost: int, budget: int = SCORE_BUDGET):
+    """``(rows, width)`` chunks of query-tile rows: rows sorted by their live-tile count
+    (the largest over batch and heads of ``counts [Bg, Hg, nq]``), each chunk holding at
+    most ``budget`` score elements at ``row_cost * width`` per row, ``width`` the widest
+    row of the chunk (at least 1)."""
+    widest = counts.amax((0, 1)).long().clamp(min=1)
+    order = torch.argsort(widest, stable=True)
+    widths = widest[order].tolist()
+    start = 0
+    while start < len(widths):
+        stop = start + 1
+        while stop < len(widths) and (stop + 1 - start) * widths[stop] * row_cost <= budget:
+            stop += 1
+        yield order[start:stop], widths[stop - 1]
+        start = stop
