@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.count import count, tile_grid_states
-from ..analysis.headsplit import distinct_head_patterns
-from ..analysis.tilecount import state_grid, supported
+from ..analysis.count import count
+from ..analysis.headstates import head_tile_states
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
 from ..lang.inspect import head_group_count, mask_part
@@ -161,14 +160,7 @@ def panels(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: 
     ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where="render()")
     window = _zoom_window(zoom, ctx.q_len, ctx.kv_len, tile)
     mask_mod = lower_mask(core, ctx)
-    groups = distinct_head_patterns(core, ctx.heads)
-    if not buffers and all(supported(p) for p, _ in groups):
-        candidates = [(members, str(p), state_grid(p, ctx.q_len, ctx.kv_len, tile)) for p, members in groups]
-    else:
-        _, _, _, states = tile_grid_states(pattern, ctx.q_len, ctx.kv_len, ctx.heads, tile, buffers, "render()")
-        states = states[0].expand(ctx.heads, -1, -1)
-        texts = {h: str(p) for p, members in groups for h in members}
-        candidates = [([h], texts[h], states[h]) for h in range(ctx.heads)]
+    candidates = head_tile_states(pattern, ctx, tile, buffers, "render()")
     if window is None:
         window = default_zoom([c[2] for c in candidates], ctx.q_len, ctx.kv_len, tile)
     out: list[dict] = []

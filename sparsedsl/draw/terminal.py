@@ -6,9 +6,12 @@ import sys
 
 import torch
 
-from ..analysis.count import count, tile_grid_states
+from ..analysis.count import count
+from ..analysis.headstates import head_tile_states
 from ..lang import nodes as n
 from ..lang.checks import check_int
+from ..lang.inspect import head_group_count
+from ..passes.context import Context
 from ..passes.tiles import EMPTY, FULL, PARTIAL
 
 GLYPHS = {FULL: "█", PARTIAL: "▒", EMPTY: "·"}
@@ -47,17 +50,20 @@ def show(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: in
     cells are shrunk (a cell then covers several tiles and is full or empty only if they
     all are)."""
     width = check_int("show()", "width", width, minimum=1)
-    ctx, grid, _, states = tile_grid_states(pattern, q_len, kv_len, heads, tile, buffers, "show()")
-    states = states[0].expand(ctx.heads, -1, -1)
+    tile = check_int("show()", "tile", tile, minimum=1)
+    heads = head_group_count(pattern) if heads is None else heads
+    ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where="show()")
     panels: list[tuple[list[int], torch.Tensor]] = []
-    for h in range(ctx.heads):
+    for members, _, states in head_tile_states(pattern, ctx, tile, buffers, "show()"):
         for heads_of_panel, panel in panels:
-            if torch.equal(panel, states[h]):
-                heads_of_panel.append(h)
+            if torch.equal(panel, states):
+                heads_of_panel.extend(members)
                 break
         else:
-            panels.append(([h], states[h]))
-    factor = max(1, -(-max(grid.num_q_tiles, grid.num_kv_tiles) // width))
+            panels.append((list(members), states))
+    panels = [(sorted(members), states) for members, states in panels]
+    num_q_tiles, num_kv_tiles = -(-ctx.q_len // tile), -(-ctx.kv_len // tile)
+    factor = max(1, -(-max(num_q_tiles, num_kv_tiles) // width))
     scale = f"{tile}x{tile} tiles" + (f", each cell {factor}x{factor} tiles" if factor > 1 else "")
     parts = [f"{pattern}", f"q_len={ctx.q_len} kv_len={ctx.kv_len}, {scale}"]
     for heads_of_panel, panel in panels:
