@@ -11,20 +11,24 @@ LAYOUTS = ("bhnd", "bnhd")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_4d(where: str, q, k, v, dims: str) -> None:
+    """``q``, ``k`` and ``v`` must be 4-D tensors laid out as ``dims`` (for the message)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{where}: argument {name!r} must be 4-D {dims}, got shape {list(t.shape)}")
+
+
 def check_attention_inputs(q, k, v, scale, layout: str):
     """``(q, k, v, scale)`` in ``[batch, heads, length, dim]`` layout with ``scale`` a
     float (``1 / sqrt(head_dim)`` when None), or a ``ValueError``/``TypeError`` that says
     what is wrong."""
     if layout not in LAYOUTS:
         raise ValueError(f"forward(): argument 'layout' must be one of {LAYOUTS}, got {layout!r}")
+    dims = "[batch, heads, length, head_dim]" if layout == "bhnd" else "[batch, length, heads, head_dim]"
+    check_4d("forward()", q, k, v, f"{dims} (layout={layout!r})")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"forward(): argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"forward(): argument {name!r} must be 4-D [batch, heads, length, head_dim] "
-                f"(layout={layout!r}), got shape {list(t.shape)}"
-            )
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"forward(): argument {name!r} must be a floating tensor "

@@ -8,6 +8,7 @@ from functools import lru_cache
 import torch
 
 from ..analysis.count import tile_grid_states
+from ..compiler.inputs import check_4d
 from ..compiler.module import CompiledPattern
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError
@@ -86,13 +87,7 @@ def dense_weights(pattern: n.Pattern, q: torch.Tensor, k: torch.Tensor, scale: f
 
 def check_bnhd(where: str, q, k, v) -> None:
     """``q``, ``k``, ``v`` must be 4-D ``[batch, seq, heads, head_dim]`` tensors."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{where}: argument {name!r} must be 4-D [batch, seq_len, num_heads, head_dim], "
-                f"got shape {list(t.shape)}")
+    check_4d(where, q, k, v, "[batch, seq_len, num_heads, head_dim]")
 
 
 def check_segments(where: str, segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tuple[int, ...]]:
