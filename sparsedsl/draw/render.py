@@ -253,7 +253,7 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
             f"{head_counts.partial:,} partial, {head_counts.empty:,} empty",
             fontsize=10, loc="left")
         scale = f"{tile}×{tile} tiles" + (f" (each cell {factor}×{factor} tiles)" if factor > 1 else "")
-        ax_grid.set_xlabel(f"key position k  —  {nq}×{nk} {scale}", fontsize=9)
+        ax_grid.set_xlabel(f"key position k  —  a {nq}×{nk} grid of {scale}", fontsize=9)
         ax_grid.set_ylabel("query position q", fontsize=9)
         q0, q1, k0, k1 = panel["window"]
         whole = (q0, q1, k0, k1) == (0, ctx.q_len, 0, ctx.kv_len)
