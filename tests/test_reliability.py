@@ -1,0 +1,137 @@
+"""Hostile and unusual inputs: each gives a clear error or a correct result, never NaN."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import sparsedsl as sd
+from reference import reference_attention
+
+PATTERNS = [
+    sd.window(5) | sd.global_tokens(2),
+    sd.segments([8, 16], [1, 2]),
+    sd.blocks(16).local(1).random(1, 3),
+    sd.causal().score(sd.softcap(5.0)),
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_non_contiguous_and_broadcast_inputs(pattern):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 40, 4, 8, generator=gen)  # [B, N, H, D] storage, used as bhnd views
+    q = base.transpose(1, 2)                        # non-contiguous
+    k = torch.randn(1, 4, 40, 8, generator=gen).expand(2, 4, 40, 8)  # broadcast over batch
+    v = torch.randn(2, 4, 8, 40, generator=gen).transpose(-1, -2)    # strided last dims
+    module = sd.compile(pattern, block_size=16)
+    out = module(q, k, v)
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (37, 1), (17, 17)])
+def test_tiny_lengths(pattern, q_len, kv_len):
+    gen = torch.Generator().manual_seed(1)
+    heads = 2
+    q = torch.randn(1, heads, q_len, 8, generator=gen)
+    k = torch.randn(1, heads, kv_len, 8, generator=gen)
+    v = torch.randn(1, heads, kv_len, 8, generator=gen)
+    out = sd.compile(pattern, block_size=16)(q, k, v)
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+def test_large_logits_stay_finite():
+    q = torch.randn(1, 2, 50, 8) * 1e4
+    k = torch.randn(1, 2, 50, 8) * 1e4
+    v = torch.randn(1, 2, 50, 8)
+    for pattern in (sd.window(3), sd.segments([8, 8], [1, 2])):
+        out, lse = sd.compile(pattern, block_size=16, kernel="gather")(q, k, v, return_lse=True)
+        assert torch.isfinite(out).all()
+        expected, _ = reference_attention(pattern, q, k, v)
+        assert (out.double() - expected).abs().max() < 1e-4
+
+
+def test_score_mod_returning_minus_infinity_masks_like_the_pattern():
+    def hide_future(score, b, h, q, k):
+        return torch.where(k > q, torch.full_like(score, float("-inf")), score)
+
+    def hide_all(score, b, h, q, k):
+        return torch.full_like(score, float("-inf"))
+
+    q, k, v = (torch.randn(1, 2, 30, 8, requires_grad=True) for _ in range(3))
+    out = sd.compile(sd.full().score(hide_future), block_size=16)(q, k, v)
+    causal = sd.compile(sd.causal(), block_size=16)(q, k, v)
+    torch.testing.assert_close(out, causal)
+    empty = sd.compile(sd.window(4).score(hide_all), block_size=16)(q, k, v)
+    assert torch.equal(empty, torch.zeros_like(empty))
+    empty.sum().backward()  # q and k do not reach the output: hide_all ignores the scores
+    assert v.grad is not None and torch.equal(v.grad, torch.zeros_like(v.grad))
+
+
+def test_outputs_are_deterministic_on_the_cpu():
+    """Every CPU plan is deterministic: the same inputs give bit-identical outputs."""
+    q, k, v = (torch.randn(2, 4, 200, 16) for _ in range(3))
+    for pattern in PATTERNS:
+        module = sd.compile(pattern, block_size=32)
+        assert torch.equal(module(q, k, v), module(q, k, v))
+
+
+def test_per_head_masks_at_256k_tokens():
+    script = textwrap.dedent("""
+        import resource, sparsedsl as sd
+        m = sd.compile(sd.segments([2048, 4096, 8192, 16384], [1, 2, 4, 8]) | sd.global_tokens(64))
+        bm = m.block_mask(1 << 18, heads=8)
+        assert tuple(bm.kv_num_blocks.shape) == (1, 8, 2048)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) < 4 * 1024 * 1024  # KiB: under 4 GB
+
+
+def test_concurrent_forward_calls_equal_serial_results():
+    patterns = [sd.window(6 + i) | sd.global_tokens(1 + i % 3) for i in range(4)]
+    patterns += [sd.segments([16, 32], [1, 2 + i]) for i in range(2)]
+    inputs = [tuple(torch.randn(1, 2, 64 + 7 * i, 8) for _ in range(3)) for i in range(3)]
+    serial = {(p, i): sd.compile(p, block_size=16)(*inputs[i]) for p in patterns for i in range(3)}
+    from sparsedsl.compiler.module import _LATTICES, _LOWERINGS, _RUNNERS
+    for cache in (_LOWERINGS, _LATTICES, _RUNNERS):
+        cache.clear()
+    results, errors = [], []
+
+    def work(p, i):
+        try:
+            results.append(((p, i), sd.compile(p, block_size=16)(*inputs[i])))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(p, i)) for p in patterns for i in range(3) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == len(threads)
+    for key, out in results:
+        assert torch.equal(out, serial[key])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda: sd.window(2**31), "2\\*\\*31 - 1"),
+    (lambda: sd.blocks(10**40), "an integer of"),
+    (lambda: sd.compile(sd.window(2)).block_mask(0), "q_len"),
+    (lambda: sd.compile(sd.window(2)).block_mask(10, heads=0), "heads"),
+    (lambda: sd.count(sd.window(2), 10, tile=0), "tile"),
+    (lambda: sd.compile(sd.window(2)).explain(10, head_dim=0), "head_dim"),
+])
+def test_sizes_are_checked_with_named_arguments(bad, message):
+    with pytest.raises(ValueError, match=message):
+        bad()
