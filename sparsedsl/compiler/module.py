@@ -177,7 +177,9 @@ class CompiledPattern(nn.Module):
     def explain(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
                 head_dim: int = 128, device=None, dtype: torch.dtype | None = None,
                 requires_grad: bool = False, **buffers) -> Plan:
-        """The plan ``forward`` would run for these sizes and what it computes."""
+        """The plan ``forward`` would run for these sizes on ``device`` (default: CUDA when
+        present) and what it computes. Works for ``device="cuda"`` on a machine without
+        CUDA too."""
         head_dim = check_int("explain()", "head_dim", head_dim, minimum=1)
         device = torch.device(device if device is not None else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -189,7 +191,7 @@ class CompiledPattern(nn.Module):
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
                                    lattice=lattice is not None)
         tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
-        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, tiles=tiles,
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles,
                                  where="explain()", **buffers)
         heads = head_group_count(self.pattern) if heads is None else heads
         full, partial, empty, pairs = lowering.pair_counts()
@@ -210,13 +212,13 @@ class CompiledPattern(nn.Module):
         of the pairs the tile plan of this device would (or when it is requested), else
         None. (Where the tiles already fit the lattice, as for ``.within`` rules whose
         segments are a tile long, the single fused tile kernel is faster.)"""
-        lattice = self.lattice_plan(q_len, kv_len, heads, device)
+        device = torch.device(device)
+        lattice = self.lattice_plan(q_len, kv_len, heads, _work_device(device))
         if lattice is None or self.kernel == "lattice":
             return lattice
-        device = torch.device(device)
         tile_kind = "flex" if device.type == "cuda" and dtype != torch.float64 else "gather"
         tiles = flex_tiles(self.q_block, self.kv_block, device) if tile_kind == "flex" else None
-        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, tiles=tiles)
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles)
         tile_pairs = _tile_computed_pairs(tile_kind, lowering, heads)
         lattice_pairs = self._lattice_computed_pairs(lattice, q_len, device, dtype)
         return lattice if tile_pairs > LATTICE_ADVANTAGE * lattice_pairs else None
@@ -304,6 +306,15 @@ class CompiledPattern(nn.Module):
         return lambda q, k, v: gather_attention(
             q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
             score_mod=score_mod, scale=scale)
+
+
+def _work_device(device: torch.device) -> torch.device:
+    """Where ``explain`` does its structural work for a plan on ``device``: the device
+    itself, or the CPU when asked about CUDA on a machine without it (plans depend on the
+    device's kind, not on having one)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
 
 
 def _tile_computed_pairs(kind: str, lowering: Lowering, heads: int) -> int:
