@@ -185,24 +185,24 @@ def _(node: n.Segments, ctx):
     return _lower(node.expand(), ctx)
 
 
+def _fold_parts(parts, ctx, combine):
+    """``mask_mod`` combining the masks of ``parts`` left to right with ``combine``."""
+    masks = [_lower(p, ctx) for p in parts]
+
+    def folded_mask(b, h, q, k):
+        return functools.reduce(combine, (mask(b, h, q, k) for mask in masks))
+
+    return folded_mask
+
+
 @_lower.register
 def _(node: n.Union, ctx):
-    parts = [_lower(p, ctx) for p in node.parts]
-
-    def union_mask(b, h, q, k):
-        return functools.reduce(operator.or_, (part(b, h, q, k) for part in parts))
-
-    return union_mask
+    return _fold_parts(node.parts, ctx, operator.or_)
 
 
 @_lower.register
 def _(node: n.Intersection, ctx):
-    parts = [_lower(p, ctx) for p in node.parts]
-
-    def intersection_mask(b, h, q, k):
-        return functools.reduce(operator.and_, (part(b, h, q, k) for part in parts))
-
-    return intersection_mask
+    return _fold_parts(node.parts, ctx, operator.and_)
 
 
 @_lower.register
