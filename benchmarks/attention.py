@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -124,8 +123,6 @@ def run_case(name, text, n, batch, heads, dim, quick: bool) -> dict:
         row[f"speedup_x_density_{mode}"] = speedup * density
         row[f"vs_flex_{mode}"] = row[f"flex_{mode}_ms"] / row[f"sparsedsl_{mode}_ms"]
         row[f"tflops_vs_dense_{mode}"] = row[f"sparsedsl_{mode}_tflops"] / row[f"dense_{mode}_tflops"]
-    del q, k, v, block_mask
-    torch.cuda.empty_cache()
     return row
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
-from ..lang.inspect import mask_part, score_mods
+from ..lang.inspect import depends_on_heads, mask_part, score_mods
 
 #: Score elements held at once while computing a log-sum-exp.
 LSE_BUDGET = 1 << 26
@@ -149,15 +149,9 @@ def _split_heads(pattern: n.Pattern, heads: int) -> list[tuple[range, n.Pattern]
         if inner is None:
             return None
         return [(rng, n.Blocks(pattern.size, pattern.rules, pattern.causal_, part)) for rng, part in inner]
-    if any(isinstance(node, (n.Heads, n.Segments)) for node in _walk(pattern)):
+    if depends_on_heads(pattern):
         return None
     return [(range(heads), pattern)]
-
-
-def _walk(pattern: n.Pattern):
-    yield pattern
-    for child in pattern.children():
-        yield from _walk(child)
 
 
 def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: int,
