@@ -135,3 +135,10 @@ def test_concurrent_forward_calls_equal_serial_results():
 def test_sizes_are_checked_with_named_arguments(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+def test_head_dims_flex_cannot_take_run_on_the_gather_plan():
+    module = sd.compile(sd.window(8) | sd.global_tokens(2))
+    small = module.explain(512, head_dim=8, device="cuda")
+    assert small.kind == "gather" and "head_dim=8" in small.reason
+    assert module.explain(512, head_dim=64, device="cuda").kind == "flex"

@@ -189,7 +189,7 @@ class CompiledPattern(nn.Module):
         lattice = self._lattice_if_cheaper(q_len_checked, q_len_checked if kv_len is None else kv_len,
                                            heads_used, device, dtype)
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
-                                   lattice=lattice is not None)
+                                   lattice=lattice is not None, head_dim=head_dim)
         tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
         lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles,
                                  where="explain()", **buffers)
@@ -274,7 +274,7 @@ class CompiledPattern(nn.Module):
         kv_len = k.shape[2]
         lattice = self._lattice_if_cheaper(q_len, kv_len, heads, q.device, q.dtype)
         kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse,
-                              lattice=lattice is not None)
+                              lattice=lattice is not None, head_dim=q.shape[-1])
         if kind == "lattice":
             sub_modules: dict = {}
 

@@ -25,6 +25,8 @@ from ..lang import nodes as n
 from ..lang.inspect import mask_part, score_mods
 
 KERNELS = ("auto", "flex", "gather", "lattice")
+#: FlexAttention's kernels refuse smaller head dims ("embedding dimension ... at least 16").
+FLEX_MIN_HEAD_DIM = 16
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def dense_sdpa_case(pattern: n.Pattern) -> str | None:
 
 
 def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: torch.dtype,
-                needs_grad: bool, needs_lse: bool = False, lattice: bool = False) -> tuple[str, str]:
+                needs_grad: bool, needs_lse: bool = False, lattice: bool = False,
+                head_dim: int | None = None) -> tuple[str, str]:
     """``(kind, reason)`` of the plan that runs ``pattern`` for these inputs; ``lattice``
     says whether the lattice plan applies to these sizes."""
     device = torch.device(device)
@@ -122,6 +125,9 @@ def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: to
                            "folded into the batch (a mask would compute whole tiles)")
     if dtype == torch.float64:
         return "gather", "float64 inputs: FlexAttention kernels take 16- and 32-bit floats"
+    if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM:
+        return "gather", (f"head_dim={head_dim}: FlexAttention kernels need a head dim of at "
+                          f"least {FLEX_MIN_HEAD_DIM}")
     if device.type == "cpu":
         return "gather", ("CPU tensors: FlexAttention has no CPU backward and its eager "
                           "path materialises every score; block-sparse gather instead")
