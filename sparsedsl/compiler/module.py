@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..analysis.count import count
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
 from ..lang.inspect import depends_on_heads, head_group_count, mask_part, score_mods
 from ..passes.blockmask import block_mask_from_states, tile_states
 from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score
-from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention, row_chunks
@@ -59,15 +59,6 @@ class Lowering:
                 self._block_masks[key] = padded_block_mask(self.states, self.grid, self.mask_mod,
                                                            q_padded, kv_padded)
             return self._block_masks[key]
-
-    def pair_counts(self) -> tuple[int, int, int, int]:
-        """``(full, partial, empty, allowed pairs)`` over every (batch, head) of the grid."""
-        full = int((self.states == FULL).sum())
-        partial_tiles = (self.states == PARTIAL).nonzero()
-        partial_pairs = int(tile_pair_counts(self.mask_mod, self.grid, partial_tiles).sum())
-        empty = int((self.states == EMPTY).sum())
-        pairs = full * self.grid.q_block * self.grid.kv_block + partial_pairs
-        return full, partial_tiles.shape[0], empty, pairs
 
 
 #: Lowerings of patterns without call-time tensors, shared by every compiled module.
@@ -194,8 +185,10 @@ class CompiledPattern(nn.Module):
         lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles,
                                  where="explain()", **buffers)
         heads = head_group_count(self.pattern) if heads is None else heads
-        full, partial, empty, pairs = lowering.pair_counts()
-        per_grid = heads // lowering.states.shape[1]
+        states = lowering.states
+        full, partial, empty = (int((states == state).sum()) for state in (FULL, PARTIAL, EMPTY))
+        pairs = count(self.pattern, q_len, kv_len, heads=heads, tile=lowering.grid.q_block, **buffers).pairs
+        per_grid = heads // states.shape[1]
         q_block, kv_block = lowering.grid.q_block, lowering.grid.kv_block
         if kind == "sdpa" and dense_sdpa_case(self.pattern) == "full":
             computed = heads * lowering.ctx.q_len * lowering.ctx.kv_len
@@ -205,7 +198,7 @@ class CompiledPattern(nn.Module):
             computed = _tile_computed_pairs(kind, lowering, heads)
         return Plan(kind, reason, lowering.ctx.q_len, lowering.ctx.kv_len, heads, head_dim,
                     q_block, kv_block, full * per_grid, partial * per_grid,
-                    empty * per_grid, pairs * per_grid, computed)
+                    empty * per_grid, pairs, computed)
 
     def _lattice_if_cheaper(self, q_len: int, kv_len: int, heads: int, device, dtype):
         """The lattice plan when it applies and computes at most ``1 / LATTICE_ADVANTAGE``
