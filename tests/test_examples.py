@@ -22,11 +22,12 @@ EXPORTS = ("BlockSparseAttention", "BlockSparseDilatedAttention", "SparsePattern
 
 
 def _run(name: str, *args: str, timeout: int = 120) -> str:
+    """The example's standard output and standard error (progress bars write there)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
                             text=True, timeout=timeout, cwd=ROOT, env=env)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def test_sparsedsl_exports_what_the_examples_import():
