@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # run from anywhere, with or without the editable
     sys.path.insert(0, str(ROOT))
 
 import sparsedsl as sd  # noqa: E402
-from sparsedsl.lang.inspect import head_group_count  # noqa: E402
+from sparsedsl.lang.queries import head_group_count  # noqa: E402
 
 DOCS = ROOT / "docs"
 IMAGES = DOCS / "images"

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 import sparsedsl as sd
 from sparsedsl.analysis.count import count
 from sparsedsl.analysis.formula import N, NoClosedFormError, formula, tidy
-from sparsedsl.lang.inspect import head_group_count
+from sparsedsl.lang.queries import head_group_count
 
 from strategies import patterns
 

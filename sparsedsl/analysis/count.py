@@ -18,7 +18,7 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
-from ..lang.inspect import head_group_count, mask_part
+from ..lang.queries import head_group_count, mask_part
 from ..passes.blockmask import tile_states
 from ..passes.context import Context
 from ..passes.maskmod import lower_mask

@@ -33,7 +33,7 @@ from typing import Optional
 import sympy as sp
 
 from ..lang import nodes as n
-from ..lang.inspect import head_group_count, mask_part
+from ..lang.queries import head_group_count, mask_part
 from .headsplit import resolve_head
 
 N = sp.Symbol("N", integer=True, positive=True)

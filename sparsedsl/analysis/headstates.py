@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..lang import nodes as n
-from ..lang.inspect import mask_part
+from ..lang.queries import mask_part
 from ..passes.context import Context
 from .count import tile_grid_states
 from .headsplit import distinct_head_patterns

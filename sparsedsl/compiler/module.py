@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..analysis.count import count
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
-from ..lang.inspect import depends_on_heads, head_group_count, mask_part, score_mods
+from ..lang.queries import depends_on_heads, head_group_count, mask_part, score_mods
 from ..passes.blockmask import block_mask_from_states, tile_states
 from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lang import nodes as n
-from ..lang.inspect import mask_part, score_mods
+from ..lang.queries import mask_part, score_mods
 
 KERNELS = ("auto", "flex", "gather", "lattice")
 #: FlexAttention's kernels refuse smaller head dims ("embedding dimension ... at least 16").

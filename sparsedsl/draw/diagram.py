@@ -19,7 +19,7 @@ from ..analysis.count import count
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
 from ..lang.groups import head_groups
-from ..lang.inspect import head_group_count
+from ..lang.queries import head_group_count
 from .render import DrawError, check_suffix, percent
 
 INSTALL_HINT = ("install graphviz, which provides it: `apt-get install graphviz` (Debian, Ubuntu), "

@@ -17,7 +17,7 @@ from ..analysis.count import count
 from ..analysis.headstates import head_tile_states
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
-from ..lang.inspect import head_group_count, mask_part
+from ..lang.queries import head_group_count, mask_part
 from ..passes.context import Context
 from ..passes.maskmod import lower_mask
 from ..passes.tiles import EMPTY, FULL, PARTIAL

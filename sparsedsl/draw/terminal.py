@@ -10,7 +10,7 @@ from ..analysis.count import count
 from ..analysis.headstates import head_tile_states
 from ..lang import nodes as n
 from ..lang.checks import check_int
-from ..lang.inspect import head_group_count
+from ..lang.queries import head_group_count
 from ..passes.context import Context
 from ..passes.tiles import EMPTY, FULL, PARTIAL
 

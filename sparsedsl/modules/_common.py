@@ -12,7 +12,7 @@ from ..compiler.inputs import check_4d
 from ..compiler.module import CompiledPattern
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError
-from ..lang.inspect import mask_part, score_mods
+from ..lang.queries import mask_part, score_mods
 from ..passes.dense import dense
 from ..passes.tiles import EMPTY
 

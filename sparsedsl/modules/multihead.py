@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lang.inspect import head_group_count
+from ..lang.queries import head_group_count
 from ._common import MAX_DENSE_WEIGHTS, compiled, dense_weights, resolve_pattern, with_causal
 
 __all__ = ["MultiheadSparseAttention"]

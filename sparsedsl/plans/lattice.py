@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
-from ..lang.inspect import depends_on_heads, mask_part, score_mods
+from ..lang.queries import depends_on_heads, mask_part, score_mods
 
 #: Score elements held at once while computing a log-sum-exp.
 LSE_BUDGET = 1 << 26
