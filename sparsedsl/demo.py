@@ -17,7 +17,7 @@ from .compiler.module import compile as compile_pattern
 from .draw.terminal import show
 from .lang import nodes as n
 from .lang.parse import parse
-from .passes.dense import dense
+from .passes.dense import dense_attention_weights
 
 DEFAULT_PATTERN = "blocks(256).local(1).within(segments([128, 128], [1, 2]))"
 
@@ -25,13 +25,8 @@ DEFAULT_PATTERN = "blocks(256).local(1).within(segments([128, 128], [1, 2]))"
 def reference_attention(pattern: n.Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float) -> torch.Tensor:
     """Softmax over the dense mask (DESIGN.md §1), in float64: the reference output."""
-    heads = q.shape[1]
-    allowed = dense(pattern, q.shape[2], k.shape[2], heads=heads)
-    group = heads // k.shape[1]
-    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    scores = (q.double() @ k.transpose(-1, -2)) * scale
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-    return weights @ v
+    weights = dense_attention_weights(pattern, q.double(), k.double(), scale)
+    return weights @ v.double().repeat_interleave(q.shape[1] // v.shape[1], 1)
 
 
 def run_demo(text: str = DEFAULT_PATTERN, seq_len: int = 2048, heads: int = 8, head_dim: int = 64,

@@ -13,7 +13,7 @@ from ..compiler.module import CompiledPattern
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError
 from ..lang.queries import mask_part, score_mods
-from ..passes.dense import dense
+from ..passes.dense import dense_attention_weights
 from ..passes.tiles import EMPTY
 
 #: Dense attention weights are materialised only up to this many elements (``B*H*Q*K``).
@@ -70,19 +70,9 @@ def dense_weights(pattern: n.Pattern, q: torch.Tensor, k: torch.Tensor, scale: f
     inputs, or None when ``B*H*Q*K > limit``. Score modifications other than plain
     masking are not applied here (None is returned for scored patterns)."""
     batch, heads, q_len, _ = q.shape
-    kv_len = k.shape[2]
-    if batch * heads * q_len * kv_len > limit or score_mods(pattern):
+    if batch * heads * q_len * k.shape[2] > limit or score_mods(pattern):
         return None
-    allowed = dense(pattern, q_len, kv_len, heads=heads, **buffers).to(q.device)
-    if allowed.dim() == 3:
-        allowed = allowed[None]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        group = heads // k.shape[1]
-        keys = k.to(compute).repeat_interleave(group, 1)
-        scores = (q.to(compute) @ keys.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.softmax(scores, -1).nan_to_num(0.0)
+    return dense_attention_weights(pattern, q, k, scale, **buffers)
 
 
 def check_bnhd(where: str, q, k, v) -> None:

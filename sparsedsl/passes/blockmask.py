@@ -77,8 +77,3 @@ def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Calla
         BLOCK_SIZE=(grid.q_block, grid.kv_block),
         mask_mod=mask_mod,
     )
-
-
-def build_block_mask(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callable) -> BlockMask:
-    """The ``BlockMask`` of ``pattern`` on ``grid``; see the module docstring."""
-    return block_mask_from_states(tile_states(pattern, ctx, grid, mask_mod), grid, mask_mod)

@@ -177,3 +177,20 @@ def _(node: n.Complement, ctx, q, k):
 @_dense.register
 def _(node: n.Scored, ctx, q, k):
     return _dense(node.pattern, ctx, q, k)
+
+
+def dense_attention_weights(pattern: n.Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
+                            **buffers: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities ``[B, H, Q, K]`` of ``[B, H, N, D]`` inputs (``k`` may have
+    fewer heads) from the dense mask, in float64 for float64 inputs and float32 otherwise,
+    without gradient; rows with no allowed key are zeros. Score modifications are not
+    applied. Memory is ``O(B * H * Q * K)``: small sizes only."""
+    heads = q.shape[1]
+    allowed = dense(pattern, q.shape[2], k.shape[2], heads=heads, **buffers).to(q.device)
+    if allowed.dim() == 3:
+        allowed = allowed[None]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        keys = k.to(compute).repeat_interleave(heads // k.shape[1], 1)
+        scores = (q.to(compute) @ keys.transpose(-1, -2)) * scale
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)

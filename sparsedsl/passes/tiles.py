@@ -34,7 +34,6 @@ from ..lang.randomblocks import random_block_layout
 from .context import Context
 
 EMPTY, PARTIAL, UNKNOWN, FULL = 0, 1, 2, 3
-STATE_NAMES = {EMPTY: "empty", PARTIAL: "partial", UNKNOWN: "unknown", FULL: "full"}
 
 
 @dataclass(frozen=True)
