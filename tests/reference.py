@@ -21,12 +21,13 @@ def _alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float64)
 
 
-def dense_scores(pattern: n.Pattern, scores: torch.Tensor, buffers: dict) -> torch.Tensor:
-    """``scores`` [B, H, Q, K] (float64) with the pattern's score modifications applied."""
+def dense_scores(pattern: n.Pattern, scores: torch.Tensor, buffers: dict, q_offset: int = 0) -> torch.Tensor:
+    """``scores`` [B, H, Q, K] (float64) with the pattern's score modifications applied;
+    query row ``i`` is position ``q_offset + i``."""
     if not isinstance(pattern, n.Scored):
         return scores
     batch, heads, q_len, kv_len = scores.shape
-    qi = torch.arange(q_len)[:, None]
+    qi = torch.arange(q_offset, q_offset + q_len)[:, None]
     ki = torch.arange(kv_len)[None, :]
     for mod in pattern.mods:
         if isinstance(mod, n.Alibi):
@@ -34,7 +35,7 @@ def dense_scores(pattern: n.Pattern, scores: torch.Tensor, buffers: dict) -> tor
         elif isinstance(mod, n.Softcap):
             scores = mod.cap * torch.tanh(scores / mod.cap)
         elif isinstance(mod, n.Bias):
-            values = buffers[mod.name].double()
+            values = buffers[mod.name].double()[..., q_offset:, :]
             while values.dim() < 4:
                 values = values[None]
             scores = scores + values
@@ -45,18 +46,19 @@ def dense_scores(pattern: n.Pattern, scores: torch.Tensor, buffers: dict) -> tor
     return scores
 
 
-def reference_attention(pattern: n.Pattern, q, k, v, scale=None, **buffers):
-    """``(out, lse)`` in float64 for ``[B, H, N, D]`` inputs (k/v may have fewer heads)."""
+def reference_attention(pattern: n.Pattern, q, k, v, scale=None, q_offset=0, **buffers):
+    """``(out, lse)`` in float64 for ``[B, H, N, D]`` inputs (k/v may have fewer heads);
+    query row ``i`` is position ``q_offset + i``."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
     scale = dim ** -0.5 if scale is None else scale
-    allowed = sd.dense(pattern, q_len, kv_len, heads=heads, **buffers)
+    allowed = sd.dense(pattern, q_len, kv_len, heads=heads, q_offset=q_offset, **buffers)
     if allowed.dim() == 3:
         allowed = allowed[None]
     group = heads // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
-    scores = dense_scores(pattern, (q.double() @ k.transpose(-1, -2)) * scale, buffers)
+    scores = dense_scores(pattern, (q.double() @ k.transpose(-1, -2)) * scale, buffers, q_offset)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     weights = torch.softmax(scores, -1).nan_to_num(0.0)

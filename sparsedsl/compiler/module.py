@@ -7,6 +7,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..analysis.count import count
@@ -15,7 +16,8 @@ from ..lang.checks import PatternArgumentError, check_int
 from ..lang.queries import depends_on_heads, head_group_count, mask_part, score_mods
 from ..passes.blockmask import block_mask_from_states, tile_states
 from ..passes.context import Context
-from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score
+from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score, rows_from, score_rows_from
+from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention, row_chunks
@@ -31,13 +33,31 @@ BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
 class Lowering:
-    """A pattern lowered for one set of sizes: its context, tile grid, ``mask_mod``, exact
-    tile states and, built on first use, its FlexAttention ``BlockMask``."""
+    """A pattern lowered for one set of sizes: its context (``ctx.q_len`` counts every
+    position up to the last query), the tile grid of the query rows computed (rows
+    ``[grid.q_start, ctx.q_len)``), exact tile states, and, built on first use, its
+    FlexAttention ``BlockMask``.
+
+    ``position_mask`` takes absolute positions; ``mask_mod`` takes row indices (query
+    ``i`` is position ``grid.q_start + i``), as kernels index their query tensor."""
 
     def __init__(self, pattern: n.Pattern, ctx: Context, grid: TileGrid):
         self.ctx, self.grid = ctx, grid
-        self.mask_mod: MaskFn = lower_mask(pattern, ctx)
-        self.states = tile_states(pattern, ctx, grid, self.mask_mod)
+        self.position_mask: MaskFn = lower_mask(pattern, ctx)
+        self.mask_mod: MaskFn = rows_from(self.position_mask, grid.q_start, ctx.device)
+        self.states = tile_states(pattern, ctx, grid, self.position_mask)
+        self._block_masks: dict[tuple[int, int], BlockMask] = {}
+        self._lock = threading.Lock()
+
+    def pairs(self, heads: int) -> int:
+        """Allowed pairs of the rows computed, over ``heads`` heads and the batch entries
+        of bound tensors (full tiles by area, partial tiles by evaluating them)."""
+        per_grid = heads // self.states.shape[1]
+        area = self.grid.q_block * self.grid.kv_block
+        full = int((self.states == FULL).sum()) * area
+        partial = (self.states == PARTIAL).nonzero()
+        inside = int(tile_pair_counts(self.position_mask, self.grid, partial).sum()) if partial.numel() else 0
+        return (full + inside) * per_grid
         self._block_masks: dict[tuple[int, int], BlockMask] = {}
         self._lock = threading.Lock()
 
@@ -45,7 +65,7 @@ class Lowering:
     def block_mask(self) -> BlockMask:
         """The ``BlockMask`` for the true lengths (equal to ``create_block_mask``'s)."""
         with self._lock:
-            key = (self.grid.q_len, self.grid.kv_len)
+            key = (self.grid.rows, self.grid.kv_len)
             if key not in self._block_masks:
                 self._block_masks[key] = block_mask_from_states(self.states, self.grid, self.mask_mod)
             return self._block_masks[key]
@@ -113,24 +133,29 @@ class CompiledPattern(nn.Module):
         return f"{self.pattern}, block_size=({self.q_block}, {self.kv_block}), kernel={self.kernel!r}"
 
     # -- lowering -------------------------------------------------------------------------
-    def _context(self, q_len, kv_len, heads, device, buffers, where) -> Context:
+    def _context(self, q_len, kv_len, heads, device, buffers, where, q_offset=0) -> Context:
+        """The context of a call whose ``q_len`` queries start at position ``q_offset``
+        (``q_offset`` resolved by :func:`resolve_q_offset`): the pattern is evaluated on
+        the ``(q_offset + q_len) x kv_len`` matrix."""
         heads = head_group_count(self.pattern) if heads is None else heads
-        return Context.make(self.pattern, q_len, kv_len, heads, device, buffers, where=where)
+        return Context.make(self.pattern, q_offset + q_len, kv_len, heads, device, buffers, where=where)
 
     def lowering(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-                 device=None, tiles: tuple[int, int] | None = None, where: str = "CompiledPattern",
-                 **buffers) -> Lowering:
-        """The (cached) lowering for these sizes, on ``tiles`` (default: the module's
-        ``block_size``); see :class:`Lowering`."""
-        ctx = self._context(q_len, kv_len, heads, device, buffers, where)
+                 device=None, tiles: tuple[int, int] | None = None, q_offset=0,
+                 where: str = "CompiledPattern", **buffers) -> Lowering:
+        """The (cached) lowering of query rows ``[q_offset, q_offset + q_len)`` over
+        ``kv_len`` keys (default ``q_offset + q_len``), on ``tiles`` (default: the module's
+        ``block_size``); see :class:`Lowering` and :func:`resolve_q_offset`."""
+        q_len, kv_len, q_offset = resolve_q_offset(where, q_len, kv_len, q_offset)
+        ctx = self._context(q_len, kv_len, heads, device, buffers, where, q_offset)
         q_block, kv_block = tiles or (self.q_block, self.kv_block)
-        grid = TileGrid(ctx.q_len, ctx.kv_len, q_block, kv_block)
+        grid = TileGrid(ctx.q_len, ctx.kv_len, q_block, kv_block, q_offset)
         core = mask_part(self.pattern)
         if buffers:
             return Lowering(core, ctx, grid)
         if not depends_on_heads(core):
             ctx = Context(ctx.q_len, ctx.kv_len, 1, ctx.device)
-        key = (core, ctx.q_len, ctx.kv_len, ctx.heads, q_block, kv_block, str(ctx.device))
+        key = (core, grid, ctx.heads, str(ctx.device))
         return _LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
 
     def lattice_plan(self, q_len: int, kv_len: int, heads: int, device) -> tuple[HeadGroupPlan, ...] | None:
@@ -144,67 +169,76 @@ class CompiledPattern(nn.Module):
         return CompiledPattern(pattern, block_size=(self.q_block, self.kv_block))
 
     def mask_mod(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-                 device=None, **buffers) -> MaskFn:
-        """FlexAttention ``mask_mod(b, h, q, k)`` of the pattern for these sizes."""
-        return self.lowering(q_len, kv_len, heads=heads, device=device, where="mask_mod()",
-                             **buffers).mask_mod
+                 device=None, q_offset=0, **buffers) -> MaskFn:
+        """FlexAttention ``mask_mod(b, h, q, k)`` of the pattern for these sizes; query
+        index ``q`` is position ``q_offset + q``."""
+        return self.lowering(q_len, kv_len, heads=heads, device=device, q_offset=q_offset,
+                             where="mask_mod()", **buffers).mask_mod
 
     def score_mod(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-                  device=None, **buffers) -> ScoreFn | None:
-        """FlexAttention ``score_mod(score, b, h, q, k)``, or None without score mods."""
-        ctx = self._context(q_len, kv_len, heads, device, buffers, "score_mod()")
-        return lower_score(self.pattern, ctx)
+                  device=None, q_offset=0, **buffers) -> ScoreFn | None:
+        """FlexAttention ``score_mod(score, b, h, q, k)``, or None without score mods;
+        query index ``q`` is position ``q_offset + q``."""
+        q_len, kv_len, q_offset = resolve_q_offset("score_mod()", q_len, kv_len, q_offset)
+        ctx = self._context(q_len, kv_len, heads, device, buffers, "score_mod()", q_offset)
+        return score_rows_from(lower_score(self.pattern, ctx), q_offset, ctx.device)
 
     def block_mask(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-                   batch: int | None = None, device=None, **buffers) -> BlockMask:
-        """The structural FlexAttention ``BlockMask`` (``[B, H, ...]`` with ``B``/``H`` of 1
-        when the pattern does not vary over them; FlexAttention broadcasts those)."""
-        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, where="block_mask()",
-                                 **buffers)
+                   batch: int | None = None, device=None, q_offset=0, **buffers) -> BlockMask:
+        """The structural FlexAttention ``BlockMask`` of query rows ``[q_offset, q_offset +
+        q_len)`` (``[B, H, ...]`` with ``B``/``H`` of 1 when the pattern does not vary over
+        them; FlexAttention broadcasts those)."""
+        lowering = self.lowering(q_len, kv_len, heads=heads, device=device, q_offset=q_offset,
+                                 where="block_mask()", **buffers)
         if batch is not None:
             _check_batch(check_int("block_mask()", "batch", batch, minimum=1), lowering)
         return lowering.block_mask
 
     def explain(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
                 head_dim: int = 128, device=None, dtype: torch.dtype | None = None,
-                requires_grad: bool = False, **buffers) -> Plan:
+                requires_grad: bool = False, q_offset=0, **buffers) -> Plan:
         """The plan ``forward`` would run for these sizes on ``device`` (default: CUDA when
         present) and what it computes. Works for ``device="cuda"`` on a machine without
         CUDA too."""
         head_dim = check_int("explain()", "head_dim", head_dim, minimum=1)
+        q_len, kv_len, q_offset = resolve_q_offset("explain()", q_len, kv_len, q_offset)
         device = torch.device(device if device is not None else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        heads_used = head_group_count(self.pattern) if heads is None else heads
-        q_len_checked = check_int("explain()", "q_len", q_len, minimum=1)
-        lattice = self._lattice_if_cheaper(q_len_checked, q_len_checked if kv_len is None else kv_len,
-                                           heads_used, device, dtype)
+        heads = head_group_count(self.pattern) if heads is None else heads
+        lattice = self._lattice_if_cheaper(q_len, kv_len, q_offset, heads, device, dtype)
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
-                                   lattice=lattice is not None, head_dim=head_dim)
+                                   lattice=lattice is not None, head_dim=head_dim,
+                                   q_offset=q_offset, lower_right=q_offset == kv_len - q_len)
         tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
         lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles,
-                                 where="explain()", **buffers)
-        heads = head_group_count(self.pattern) if heads is None else heads
+                                 q_offset=q_offset, where="explain()", **buffers)
         states = lowering.states
         full, partial, empty = (int((states == state).sum()) for state in (FULL, PARTIAL, EMPTY))
-        pairs = count(self.pattern, q_len, kv_len, heads=heads, tile=lowering.grid.q_block, **buffers).pairs
+        if q_offset == 0:
+            pairs = count(self.pattern, q_len, kv_len, heads=heads, tile=lowering.grid.q_block,
+                          **buffers).pairs
+        else:
+            pairs = lowering.pairs(heads)
         per_grid = heads // states.shape[1]
         q_block, kv_block = lowering.grid.q_block, lowering.grid.kv_block
         if kind == "sdpa" and dense_sdpa_case(self.pattern) == "full":
-            computed = heads * lowering.ctx.q_len * lowering.ctx.kv_len
+            computed = heads * q_len * kv_len
         elif kind == "lattice":
-            computed = self._lattice_computed_pairs(lattice, lowering.ctx.q_len, device, dtype)
+            computed = self._lattice_computed_pairs(lattice, q_len, device, dtype)
         else:
             computed = _tile_computed_pairs(kind, lowering, heads)
-        return Plan(kind, reason, lowering.ctx.q_len, lowering.ctx.kv_len, heads, head_dim,
-                    q_block, kv_block, full * per_grid, partial * per_grid,
-                    empty * per_grid, pairs, computed)
+        return Plan(kind, reason, q_len, kv_len, heads, head_dim, q_block, kv_block,
+                    full * per_grid, partial * per_grid, empty * per_grid, pairs, computed, q_offset)
 
-    def _lattice_if_cheaper(self, q_len: int, kv_len: int, heads: int, device, dtype):
+    def _lattice_if_cheaper(self, q_len: int, kv_len: int, q_offset: int, heads: int, device, dtype):
         """The lattice plan when it applies and computes at most ``1 / LATTICE_ADVANTAGE``
         of the pairs the tile plan of this device would (or when it is requested), else
         None. (Where the tiles already fit the lattice, as for ``.within`` rules whose
-        segments are a tile long, the single fused tile kernel is faster.)"""
+        segments are a tile long, the single fused tile kernel is faster.) It applies to
+        self-attention only: ``q_offset == 0`` and ``q_len == kv_len``."""
+        if q_offset:
+            return None
         device = torch.device(device)
         lattice = self.lattice_plan(q_len, kv_len, heads, _work_device(device))
         if lattice is None or self.kernel == "lattice":
@@ -236,38 +270,46 @@ class CompiledPattern(nn.Module):
     # -- attention --------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 scale: float | None = None, layout: str = "bhnd", return_lse: bool = False,
-                **buffers):
+                q_offset=0, **buffers):
         """Attention of ``q`` over ``k``/``v``.
 
         ``layout="bhnd"``: ``[batch, heads, length, head_dim]``; ``"bnhd"``: ``[batch,
         length, heads, head_dim]`` (the seed library's). ``k`` and ``v`` may have fewer
         heads than ``q`` (grouped-query attention) when that number divides ``q``'s.
-        ``scale`` defaults to ``1 / sqrt(head_dim)``. Tensors the pattern names
-        (``documents``, ``layout``, ``bias``) are passed by keyword. Returns the output in
-        ``q``'s layout, and with ``return_lse=True`` also the log-sum-exp ``[batch, heads,
-        q_len]`` (``-inf`` on rows with no allowed key).
+        ``scale`` defaults to ``1 / sqrt(head_dim)``. ``q_offset``: the position of the
+        first query (an int >= 0, or ``"end"`` for ``kv_len - q_len``: queries aligned to
+        the end of the keys, as when decoding with a KV cache); query ``i`` is position
+        ``q_offset + i`` and key ``j`` position ``j``. Tensors the pattern names
+        (``documents``, ``layout``, ``bias``) are passed by keyword and cover positions
+        ``0 .. q_offset + q_len - 1``. Returns the output in ``q``'s layout, and with
+        ``return_lse=True`` also the log-sum-exp ``[batch, heads, q_len]`` (``-inf`` on
+        rows with no allowed key).
         """
         q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
+        _, _, q_offset = resolve_q_offset("forward()", q.shape[2], k.shape[2], q_offset)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if buffers:
-            runner = self._runner(q, k, v, scale, needs_grad, return_lse, buffers)
+            runner = self._runner(q, k, v, scale, needs_grad, return_lse, q_offset, buffers)
         else:
             key = (self.pattern, self.q_block, self.kv_block, self.kernel, q.shape, k.shape,
-                   v.shape, q.dtype, q.device, needs_grad, return_lse, scale)
-            runner = _RUNNERS.get(key, lambda: self._runner(q, k, v, scale, needs_grad, return_lse, {}))
+                   v.shape, q.dtype, q.device, needs_grad, return_lse, scale, q_offset)
+            runner = _RUNNERS.get(key, lambda: self._runner(q, k, v, scale, needs_grad, return_lse,
+                                                            q_offset, {}))
         out, lse = runner(q, k, v)
         out = _to_layout(out, layout)
         return (out, lse) if return_lse else out
 
-    def _runner(self, q, k, v, scale: float, needs_grad: bool, return_lse: bool, buffers: dict):
+    def _runner(self, q, k, v, scale: float, needs_grad: bool, return_lse: bool, q_offset: int,
+                buffers: dict):
         """A function ``(q, k, v) -> (out, lse or None)`` for inputs of these shapes, with
         every lowering, block mask and score function resolved (cached per call shape when
         the pattern binds no tensors, so a training step pays one dictionary lookup)."""
         batch, heads, q_len, _ = q.shape
         kv_len = k.shape[2]
-        lattice = self._lattice_if_cheaper(q_len, kv_len, heads, q.device, q.dtype)
+        lattice = self._lattice_if_cheaper(q_len, kv_len, q_offset, heads, q.device, q.dtype)
         kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse,
-                              lattice=lattice is not None, head_dim=q.shape[-1])
+                              lattice=lattice is not None, head_dim=q.shape[-1], q_offset=q_offset,
+                              lower_right=q_offset == kv_len - q_len)
         if kind == "lattice":
             sub_modules: dict = {}
 
@@ -279,16 +321,13 @@ class CompiledPattern(nn.Module):
             return lambda q, k, v: lattice_attention(q, k, v, plan=lattice, scale=scale,
                                                      need_lse=return_lse, run_part=run_part)
         if kind == "sdpa":
-            causal = dense_sdpa_case(self.pattern) == "causal"
-            gqa = k.shape[1] != heads
-            return lambda q, k, v: (F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa), None)
+            return _sdpa_runner(self.pattern, q_len, kv_len, q_offset, scale, gqa=k.shape[1] != heads)
         tiles = flex_tiles(self.q_block, self.kv_block, q.device) if kind == "flex" else None
         lowering = self.lowering(q_len, kv_len, heads=heads, device=q.device, tiles=tiles,
-                                 where="forward()", **buffers)
+                                 q_offset=q_offset, where="forward()", **buffers)
         _check_batch(batch, lowering)
-        score_ctx = self._context(q_len, kv_len, heads, q.device, buffers, "forward()")
-        score_mod = lower_score(self.pattern, score_ctx)
+        score_ctx = self._context(q_len, kv_len, heads, q.device, buffers, "forward()", q_offset)
+        score_mod = score_rows_from(lower_score(self.pattern, score_ctx), q_offset, q.device)
         if kind == "flex":
             block_mask = lowering.padded_block_mask(bucket_length(q_len, tiles[0]),
                                                     bucket_length(kv_len, tiles[1]))
@@ -299,6 +338,39 @@ class CompiledPattern(nn.Module):
         return lambda q, k, v: gather_attention(
             q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
             score_mod=score_mod, scale=scale)
+
+
+def resolve_q_offset(where: str, q_len, kv_len, q_offset) -> tuple[int, int, int]:
+    """``(q_len, kv_len, q_offset)`` checked. ``q_offset`` is an int >= 0 (query ``i`` is
+    position ``q_offset + i``; ``kv_len`` None means ``q_offset + q_len``) or ``"end"``:
+    ``kv_len - q_len``, queries aligned to the end of the keys (``kv_len`` None means
+    ``q_len``)."""
+    q_len = check_int(where, "q_len", q_len, minimum=1)
+    if kv_len is not None:
+        kv_len = check_int(where, "kv_len", kv_len, minimum=1)
+    if q_offset == "end":
+        kv_len = q_len if kv_len is None else kv_len
+        if kv_len < q_len:
+            raise PatternArgumentError(
+                f"{where}: argument 'q_offset' is 'end' (queries aligned to the end of the keys), "
+                f"which needs q_len <= kv_len, got q_len={q_len} and kv_len={kv_len}"
+            )
+        return q_len, kv_len, kv_len - q_len
+    if isinstance(q_offset, str):
+        raise PatternArgumentError(f"{where}: argument 'q_offset' must be an int >= 0 or 'end', got {q_offset!r}")
+    q_offset = check_int(where, "q_offset", q_offset, minimum=0)
+    return q_len, q_offset + q_len if kv_len is None else kv_len, q_offset
+
+
+def _sdpa_runner(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, scale: float, gqa: bool):
+    """Dense SDPA for ``full()``, and for ``causal()`` with queries at the start
+    (``is_causal``) or aligned to the end of the keys (a lower-right causal bias)."""
+    case = dense_sdpa_case(pattern)
+    mask = causal_lower_right(q_len, kv_len) if case == "causal" and q_offset else None
+    causal = case == "causal" and not q_offset
+    return lambda q, k, v: (F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa), None)
+
 
 
 def _work_device(device: torch.device) -> torch.device:

@@ -3,8 +3,8 @@
 Plans:
 
 * ``sdpa``: the pattern is ``full()`` or ``causal()`` with no score modification; PyTorch's
-  dense ``scaled_dot_product_attention`` (``is_causal`` for ``causal()``) is exact and
-  fastest.
+  dense ``scaled_dot_product_attention`` (``is_causal`` for ``causal()``, or a lower-right
+  causal bias when the queries are aligned to the end of the keys) is exact and fastest.
 * ``flex``: FlexAttention compiled by Inductor with the structural ``BlockMask``; the plan
   for CUDA tensors in float32, float16 and bfloat16.
 * ``lattice``: token-level dilation (``dilated``, ``segments``, ``.within(dilated(...))``)
@@ -52,6 +52,7 @@ class Plan:
     tiles_empty: int
     pairs: int
     computed_pairs: int
+    q_offset: int = 0
 
     @property
     def useful_flops(self) -> int:
@@ -72,6 +73,7 @@ class Plan:
         return "\n".join([
             f"plan: {self.kind} — {self.reason}",
             f"shape: q_len={self.q_len} kv_len={self.kv_len} heads={self.heads} "
+            + (f"q_offset={self.q_offset} " if self.q_offset else "") +
             f"head_dim={self.head_dim}, tiles {self.q_block}x{self.kv_block}",
             f"tiles: {self.tiles_full} full, {self.tiles_partial} partial, "
             f"{self.tiles_empty} empty of {tiles}",
@@ -95,9 +97,12 @@ def dense_sdpa_case(pattern: n.Pattern) -> str | None:
 
 def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: torch.dtype,
                 needs_grad: bool, needs_lse: bool = False, lattice: bool = False,
-                head_dim: int | None = None) -> tuple[str, str]:
+                head_dim: int | None = None, q_offset: int = 0,
+                lower_right: bool = False) -> tuple[str, str]:
     """``(kind, reason)`` of the plan that runs ``pattern`` for these inputs; ``lattice``
-    says whether the lattice plan applies to these sizes."""
+    says whether the lattice plan applies to these sizes; ``q_offset`` is the position of
+    the first query and ``lower_right`` whether that aligns the queries to the end of the
+    keys."""
     device = torch.device(device)
     if kernel == "lattice":
         if not lattice:
@@ -118,8 +123,9 @@ def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: to
             )
         return "flex", "requested with kernel='flex'"
     case = dense_sdpa_case(pattern)
-    if case is not None and not needs_lse:
-        return "sdpa", f"the pattern is {case}(): dense SDPA is exact and fastest"
+    if case is not None and not needs_lse and (case == "full" or not q_offset or lower_right):
+        where = " (lower-right causal bias: queries aligned to the end)" if case == "causal" and q_offset else ""
+        return "sdpa", f"the pattern is {case}(): dense SDPA is exact and fastest{where}"
     if lattice:
         return "lattice", ("token dilation: dense attention on the dilated lattices, segments "
                            "folded into the batch (a mask would compute whole tiles)")

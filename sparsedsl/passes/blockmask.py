@@ -25,7 +25,9 @@ CLASSIFY_BUDGET = 1 << 24
 
 def tile_states(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callable) -> torch.Tensor:
     """Exact states (``EMPTY`` / ``PARTIAL`` / ``FULL``) of every tile, int8
-    ``[B or 1, H or 1, num_q_tiles, num_kv_tiles]``, as ``create_block_mask`` would see them."""
+    ``[B or 1, H or 1, num_q_tiles, num_kv_tiles]``, as ``create_block_mask`` would see them.
+    ``mask_mod`` takes absolute positions (it refines the tiles the structure leaves
+    undecided)."""
     rows_per_chunk = max(1, CLASSIFY_BUDGET // (grid.num_kv_tiles * ctx.heads))
     chunks = []
     for start in range(0, grid.num_q_tiles, rows_per_chunk):
@@ -58,14 +60,16 @@ def ordered_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Callable) -> BlockMask:
-    """A ``BlockMask`` with the partial and full tiles of ``states``."""
+    """A ``BlockMask`` with the partial and full tiles of ``states`` over the ``grid.rows``
+    query rows of ``grid``; ``mask_mod`` takes row indices ``0 <= q < grid.rows`` (FlexAttention's
+    query indices), so for ``grid.q_start > 0`` it is the pattern shifted by ``q_start``."""
     partial, full = states == PARTIAL, states == FULL
     kv_num, kv_idx = ordered_indices(partial)
     full_kv_num, full_kv_idx = ordered_indices(full)
     q_num, q_idx = ordered_indices(partial.transpose(-1, -2))
     full_q_num, full_q_idx = ordered_indices(full.transpose(-1, -2))
     return BlockMask(
-        seq_lengths=(grid.q_len, grid.kv_len),
+        seq_lengths=(grid.rows, grid.kv_len),
         kv_num_blocks=kv_num,
         kv_indices=kv_idx,
         full_kv_num_blocks=full_kv_num,

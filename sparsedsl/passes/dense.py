@@ -16,18 +16,24 @@ import torch
 from ..lang import nodes as n
 from ..lang.groups import head_groups
 from ..lang.randomblocks import random_block_layout
+from ..lang.checks import check_int
 from .context import Context
 
 
-def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int = 1,
-          **buffers: torch.Tensor) -> torch.Tensor:
+def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int = 1, *,
+          q_offset: int = 0, **buffers: torch.Tensor) -> torch.Tensor:
     """``allowed`` as a bool tensor: ``[heads, q_len, kv_len]``, or ``[batch, heads, q_len,
-    kv_len]`` when a ``documents`` tensor has a batch dimension."""
-    ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where="dense()")
-    q = torch.arange(ctx.q_len)[:, None]
+    kv_len]`` when a ``documents`` tensor has a batch dimension. Query row ``i`` is position
+    ``q_offset + i`` (the rows ``q_offset ..`` of the ``(q_offset + q_len) x kv_len``
+    matrix; ``kv_len`` defaults to ``q_offset + q_len``)."""
+    q_offset = check_int("dense()", "q_offset", q_offset, minimum=0)
+    q_len = check_int("dense()", "q_len", q_len, minimum=1)
+    kv_len = q_offset + q_len if kv_len is None else kv_len
+    ctx = Context.make(pattern, q_offset + q_len, kv_len, heads, buffers=buffers, where="dense()")
+    q = torch.arange(q_offset, ctx.q_len)[:, None]
     k = torch.arange(ctx.kv_len)[None, :]
     allowed = _dense(pattern, ctx, q, k)  # [B or 1, H or 1, Q, K]
-    allowed = allowed.expand(allowed.shape[0], ctx.heads, ctx.q_len, ctx.kv_len)
+    allowed = allowed.expand(allowed.shape[0], ctx.heads, q_len, ctx.kv_len)
     return allowed[0].clone() if allowed.shape[0] == 1 else allowed.clone()
 
 

@@ -32,6 +32,23 @@ def lower_mask(pattern: n.Pattern, ctx: Context) -> MaskFn:
     return _lower(pattern, ctx)
 
 
+def rows_from(mask_mod: MaskFn, first_row: int, device) -> MaskFn:
+    """``mask_mod`` on row indices: query index ``i`` is position ``first_row + i``. The
+    offset is held in a 0-d tensor, so compiled kernels do not specialise on it."""
+    if first_row == 0:
+        return mask_mod
+    offset = torch.tensor(first_row, device=device)
+    return lambda b, h, q, k: mask_mod(b, h, q + offset, k)
+
+
+def score_rows_from(score_mod: ScoreFn | None, first_row: int, device) -> ScoreFn | None:
+    """``score_mod`` on row indices, as :func:`rows_from`."""
+    if score_mod is None or first_row == 0:
+        return score_mod
+    offset = torch.tensor(first_row, device=device)
+    return lambda score, b, h, q, k: score_mod(score, b, h, q + offset, k)
+
+
 @singledispatch
 def _lower(node, ctx: Context) -> MaskFn:
     raise TypeError(f"mask_mod: no lowering for node type {type(node).__name__}")

@@ -20,7 +20,8 @@ def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
                      budget: int = EVALUATION_BUDGET) -> torch.Tensor:
     """Allowed pairs inside each tile of ``tiles`` (``[n, 4]`` int64 rows ``(b, h, i, j)``:
     batch, head, query-tile and key-tile index), counting only positions inside the
-    sequences. Returns ``[n]`` int64."""
+    sequences. ``mask_mod`` takes absolute positions (query tile ``i`` starts at
+    ``grid.q_start + i * q_block``). Returns ``[n]`` int64."""
     device = tiles.device
     counts = torch.zeros(tiles.shape[0], dtype=torch.int64, device=device)
     q_off = torch.arange(grid.q_block, device=device)[None, :, None]
@@ -30,7 +31,7 @@ def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
         chunk = tiles[start:start + step]
         b = chunk[:, 0, None, None]
         h = chunk[:, 1, None, None]
-        q = chunk[:, 2, None, None] * grid.q_block + q_off
+        q = grid.q_start + chunk[:, 2, None, None] * grid.q_block + q_off
         k = chunk[:, 3, None, None] * grid.kv_block + k_off
         inside = (q < grid.q_len) & (k < grid.kv_len)
         allowed = mask_mod(b, h, q.clamp(max=grid.q_len - 1), k.clamp(max=grid.kv_len - 1))

@@ -53,16 +53,26 @@ class Span:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """The tiling of a ``q_len x kv_len`` matrix by ``q_block x kv_block`` tiles."""
+    """The tiling of query rows ``[q_start, q_len)`` and key columns ``[0, kv_len)`` of a
+    ``q_len x kv_len`` matrix by ``q_block x kv_block`` tiles. Tile row ``i`` holds the
+    query positions ``q_start + i * q_block ...``: with ``q_start > 0`` (queries that are
+    the last rows of a longer sequence, as when decoding with a KV cache) the tiles are cut
+    from ``q_start``, not from 0."""
 
     q_len: int
     kv_len: int
     q_block: int
     kv_block: int
+    q_start: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Query rows tiled: ``q_len - q_start``."""
+        return self.q_len - self.q_start
 
     @property
     def num_q_tiles(self) -> int:
-        return -(-self.q_len // self.q_block)
+        return -(-self.rows // self.q_block)
 
     @property
     def num_kv_tiles(self) -> int:
@@ -73,8 +83,8 @@ class TileGrid:
         i = torch.arange(rows.start, rows.stop, device=device, dtype=torch.int64)[:, None]
         j = torch.arange(self.num_kv_tiles, device=device, dtype=torch.int64)[None, :]
         return Span(
-            i * self.q_block,
-            torch.clamp((i + 1) * self.q_block, max=self.q_len) - 1,
+            self.q_start + i * self.q_block,
+            torch.clamp(self.q_start + (i + 1) * self.q_block, max=self.q_len) - 1,
             j * self.kv_block,
             torch.clamp((j + 1) * self.kv_block, max=self.kv_len) - 1,
         )
@@ -281,9 +291,10 @@ def _(node: n.Documents, ctx, span, grid):
     # FULL when one document covers the whole tile; EMPTY when the id ranges of the
     # query and key positions are disjoint; otherwise left to refinement.
     ids = ctx.document_ids(node.name)  # [B, L]
-    q_min, q_max = _tile_extrema(ids[:, :grid.q_len], grid.q_block)
+    q_min, q_max = _tile_extrema(ids[:, grid.q_start:grid.q_len], grid.q_block)
     k_min, k_max = _tile_extrema(ids[:, :grid.kv_len], grid.kv_block)
-    rows = slice(int(span.ql[0, 0]) // grid.q_block, int(span.ql[-1, 0]) // grid.q_block + 1)
+    first, last = (int(span.ql[0, 0]) - grid.q_start, int(span.ql[-1, 0]) - grid.q_start)
+    rows = slice(first // grid.q_block, last // grid.q_block + 1)
     q_min, q_max = q_min[:, rows, None], q_max[:, rows, None]
     k_min, k_max = k_min[:, None, :], k_max[:, None, :]
     full = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)

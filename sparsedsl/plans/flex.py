@@ -63,15 +63,16 @@ def bucket_length(length: int, tile: int) -> int:
 
 def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
                       q_padded: int, kv_padded: int) -> BlockMask:
-    """The block mask of ``states`` (tiles of ``grid``) on sequences padded to
-    ``q_padded x kv_padded``: padded tiles are empty, and the ``mask_mod`` also refuses
-    positions past the true lengths (held as tensors, so no length is compiled in)."""
-    if (q_padded, kv_padded) == (grid.q_len, grid.kv_len):
+    """The block mask of ``states`` (tiles of ``grid``; ``mask_mod`` on row indices, see
+    :func:`block_mask_from_states`) on sequences padded to ``q_padded x kv_padded``: padded
+    tiles are empty, and the ``mask_mod`` also refuses positions past the true lengths
+    (held as tensors, so no length is compiled in)."""
+    if (q_padded, kv_padded) == (grid.rows, grid.kv_len):
         return block_mask_from_states(states, grid, mask_mod)
     nq, nk = -(-q_padded // grid.q_block), -(-kv_padded // grid.kv_block)
     padded = F.pad(states, (0, nk - states.shape[-1], 0, nq - states.shape[-2]), value=EMPTY)
     device = states.device
-    q_limit = torch.tensor(grid.q_len, device=device)
+    q_limit = torch.tensor(grid.rows, device=device)
     kv_limit = torch.tensor(grid.kv_len, device=device)
 
     def bounded_mask(b, h, q, k):

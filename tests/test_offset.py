@@ -1,0 +1,142 @@
+"""Queries that start at a position other than 0 (``q_offset``): decoding with a KV cache
+(queries aligned to the end of the keys) and the row shards of sequence parallelism.
+
+Query row ``i`` is position ``q_offset + i``: every plan, the block mask and the counts must
+equal the rows ``q_offset ..`` of the pattern on the whole ``(q_offset + Q) x K`` matrix."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_block_mask
+
+import sparsedsl as sd
+from reference import reference_attention
+from strategies import pattern_cases
+from test_blockmask import _assert_same_blocks
+from test_compile import _batch_for, _inputs
+
+
+@st.composite
+def offset_cases(draw, max_len=300, max_depth=3, allow_scores=True):
+    """``(pattern, rows, kv_len, heads, buffers, q_offset)``: the last ``rows`` query rows of
+    a random case, ``q_offset = q_len - rows``."""
+    pattern, q_len, kv_len, heads, buffers = draw(
+        pattern_cases(max_len=max_len, max_depth=max_depth, allow_scores=allow_scores))
+    rows = draw(st.integers(1, q_len))
+    return pattern, rows, kv_len, heads, buffers, q_len - rows
+
+
+@settings(max_examples=100)
+@given(case=offset_cases(), block=st.sampled_from((16, 32, 64)), seed=st.integers(0, 2**16),
+       gqa=st.booleans())
+def test_offset_rows_equal_dense_softmax(case, block, seed, gqa):
+    pattern, rows, kv_len, heads, buffers, offset = case
+    batch = _batch_for(buffers, random.Random(seed))
+    q, k, v = _inputs(batch, heads, 1 if gqa else heads, rows, kv_len, 16, seed=seed)
+    module = sd.compile(pattern, block_size=block)
+    out, lse = module(q, k, v, q_offset=offset, return_lse=True, **buffers)
+    expected, expected_lse = reference_attention(pattern, q, k, v, q_offset=offset, **buffers)
+    assert (out.double() - expected).abs().max().item() < 1e-4
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+
+
+@settings(max_examples=30)
+@given(case=offset_cases(max_len=96, max_depth=2, allow_scores=False), seed=st.integers(0, 2**16))
+def test_offset_gradients_equal_dense_reference(case, seed):
+    pattern, rows, kv_len, heads, buffers, offset = case
+    batch = _batch_for(buffers, random.Random(seed))
+    q, k, v = _inputs(batch, heads, heads, rows, kv_len, 8, dtype=torch.float64, seed=seed,
+                      requires_grad=True)
+    out = sd.compile(pattern, block_size=16)(q, k, v, q_offset=offset, **buffers)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset, **buffers)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-9
+
+
+@settings(max_examples=100)
+@given(case=offset_cases(allow_scores=False), block=st.sampled_from((16, 32, 64, 128)))
+def test_offset_block_mask_equals_create_block_mask_and_counts(case, block):
+    pattern, rows, kv_len, heads, buffers, offset = case
+    module = sd.compile(pattern, block_size=block)
+    ours = module.block_mask(rows, kv_len, heads=heads, q_offset=offset, **buffers)
+    mask_mod = module.mask_mod(rows, kv_len, heads=heads, q_offset=offset, **buffers)
+    batch = ours.kv_num_blocks.shape[0]
+    theirs = create_block_mask(mask_mod, batch, heads, rows, kv_len, device="cpu", BLOCK_SIZE=block)
+    _assert_same_blocks(ours, theirs, batch, heads)
+    plan = module.explain(rows, kv_len, heads=heads, q_offset=offset, device="cpu", **buffers)
+    assert plan.pairs == int(sd.dense(pattern, rows, kv_len, heads=heads, q_offset=offset, **buffers).sum())
+    assert (plan.q_len, plan.q_offset) == (rows, offset)
+
+
+def test_end_alignment_is_decoding_with_a_kv_cache():
+    """Prefill then one token at a time with ``q_offset="end"`` equals the full forward."""
+    pattern = sd.causal() & (sd.window(20, 0) | sd.global_tokens(4))
+    module = sd.compile(pattern, block_size=16)
+    q, k, v = _inputs(2, 4, 2, 70, 70, 16, dtype=torch.float64, seed=3)
+    full = module(q, k, v)
+    prefill = module(q[:, :, :41], k[:, :, :41], v[:, :, :41])
+    steps = [module(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], q_offset="end")
+             for t in range(41, 70)]
+    assert torch.allclose(torch.cat([prefill, *steps], dim=2), full, atol=1e-12)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 33), (5, 33), (33, 33)])
+def test_causal_end_aligned_runs_dense_sdpa_with_a_lower_right_bias(q_len, kv_len):
+    module = sd.compile(sd.causal())
+    plan = module.explain(q_len, kv_len, q_offset="end", device="cpu")
+    assert plan.kind == "sdpa" and plan.pairs == sum(range(kv_len - q_len + 1, kv_len + 1))
+    q, k, v = _inputs(1, 2, 2, q_len, kv_len, 16, dtype=torch.float64, seed=1)
+    expected, _ = reference_attention(sd.causal(), q, k, v, q_offset=kv_len - q_len)
+    assert torch.allclose(module(q, k, v, q_offset="end"), expected, atol=1e-12)
+    # A causal pattern with its queries elsewhere is not dense SDPA's case.
+    assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu").kind == "gather"
+
+
+def test_offset_patterns_with_tensors_see_absolute_positions():
+    ids = torch.tensor([0] * 30 + [1] * 25 + [2] * 9)
+    bias = torch.randn(64, 64)
+    pattern = (sd.documents("ids") & sd.causal()).score(sd.bias("b"), sd.alibi())
+    q, k, v = _inputs(1, 2, 2, 12, 64, 16, dtype=torch.float64, seed=5)
+    out = sd.compile(pattern, block_size=16)(q, k, v, q_offset=52, ids=ids, b=bias)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=52, ids=ids, b=bias)
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m, q, k, v: m(q, k, v, q_offset=-1), "q_offset"),
+    (lambda m, q, k, v: m(q, k, v, q_offset="start"), "'end'"),
+    (lambda m, q, k, v: m(q, k, v, q_offset=1.5), "q_offset"),
+    (lambda m, q, k, v: m(k, q, q, q_offset="end"), "q_len <= kv_len"),
+    (lambda m, q, k, v: m.block_mask(8, 4, q_offset="end"), "q_len=8 and kv_len=4"),
+])
+def test_bad_offsets_raise_clear_errors(call, message):
+    module = sd.compile(sd.window(3), block_size=16)
+    q, k, v = _inputs(1, 1, 1, 4, 8, 16)
+    with pytest.raises(ValueError, match=message):
+        call(module, q, k, v)
+
+
+def test_offset_is_a_reserved_buffer_name():
+    with pytest.raises(ValueError, match="q_offset"):
+        sd.documents("q_offset")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [sd.causal() & sd.window(300, 0) | sd.global_tokens(64),
+                                     sd.segments([256, 512], [1, 2])])
+@pytest.mark.parametrize("q_len", [1, 5, 200])
+def test_gpu_end_aligned_bf16_equals_dense_softmax(pattern, q_len):
+    kv_len = 1000
+    q, k, v = _inputs(2, 4, 2, q_len, kv_len, 64, dtype=torch.bfloat16, device="cuda", seed=q_len)
+    out = sd.compile(pattern)(q, k, v, q_offset="end")
+    expected, _ = reference_attention(pattern, q.cpu(), k.cpu(), v.cpu(), q_offset=kv_len - q_len)
+    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
