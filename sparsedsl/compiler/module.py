@@ -24,6 +24,7 @@ from ..plans.gather import gather_attention, row_chunks
 from ..plans.lattice import HeadGroupPlan, lattice_attention, lattice_decomposition
 from .cache import BuildCache
 from .inputs import check_attention_inputs
+from .opaque import handle_for, traced_attention
 from .plan import KERNELS, Plan, choose_plan, dense_sdpa_case
 
 #: The lattice plan runs when the tile plan would compute more than this many times its pairs.
@@ -128,6 +129,14 @@ class CompiledPattern(nn.Module):
         self.pattern = pattern
         self.q_block, self.kv_block = _block_sizes(block_size)
         self.kernel = kernel
+        self._handle = handle_for(self, self._configuration())
+
+    def _configuration(self) -> tuple:
+        return (self.pattern, self.q_block, self.kv_block, self.kernel)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._handle = handle_for(self, self._configuration())  # handles are per process
 
     def extra_repr(self) -> str:
         return f"{self.pattern}, block_size=({self.q_block}, {self.kv_block}), kernel={self.kernel!r}"
@@ -284,8 +293,17 @@ class CompiledPattern(nn.Module):
         ``0 .. q_offset + q_len - 1``. Returns the output in ``q``'s layout, and with
         ``return_lse=True`` also the log-sum-exp ``[batch, heads, q_len]`` (``-inf`` on
         rows with no allowed key).
+
+        Under ``torch.compile`` the call is one opaque operator (see
+        :mod:`sparsedsl.compiler.opaque`): no graph break, and no new graph per length once
+        the length is dynamic.
         """
         q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: one opaque operator (lengths may be symbolic here).
+            offset = k.shape[2] - q.shape[2] if q_offset == "end" else q_offset
+            result = traced_attention(self._handle, q, k, v, scale, offset, return_lse, buffers)
+            return (_to_layout(result[0], layout), result[1]) if return_lse else _to_layout(result, layout)
         _, _, q_offset = resolve_q_offset("forward()", q.shape[2], k.shape[2], q_offset)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if buffers:

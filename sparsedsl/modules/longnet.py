@@ -65,7 +65,10 @@ class DilatedAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.block_size = block_size
         self.kernel = kernel
-        compiled(segments, block_size, kernel)  # validates block_size and kernel now
+        # Resolved here (without and with ``is_causal``) so that ``forward`` does no lookup
+        # under ``torch.compile``.
+        self._attention = (compiled(segments, block_size, kernel),
+                           compiled(with_causal(segments), block_size, kernel))
 
     @property
     def pattern(self) -> n.Pattern:
@@ -89,7 +92,7 @@ class DilatedAttention(nn.Module):
             raise ValueError(
                 f"DilatedAttention.forward(): {self.num_groups} head groups (one per segment "
                 f"length) need at least {self.num_groups} heads, got num_heads={heads}")
-        module = compiled(self.pattern_for(bool(is_causal)), self.block_size, self.kernel)
+        module = self._attention[bool(is_causal)]
         return module(query, key, value, scale=self.softmax_scale, layout="bnhd").contiguous()
 
     def extra_repr(self) -> str:

@@ -106,7 +106,11 @@ class MultiheadSparseAttention(nn.Module):
         self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(
             embed_dim, embed_dim, bias=bias, **factory)
         self._reset_parameters()
-        compiled(self.pattern, block_size, kernel)  # validates block_size and kernel now
+        # The compiled modules (without and with ``is_causal``), resolved here so that
+        # ``forward`` does no lookup under ``torch.compile`` (held in a tuple: they have no
+        # state, and the module tree stays nn.MultiheadAttention's).
+        self._attention = (compiled(self.pattern, block_size, kernel),
+                           compiled(with_causal(self.pattern), block_size, kernel))
 
     def _reset_parameters(self) -> None:
         if self._qkv_same_embed_dim:
@@ -158,15 +162,15 @@ class MultiheadSparseAttention(nn.Module):
         q = F.linear(query, wq, bq).view(tgt_len, batch, h, d).transpose(0, 1)  # [N, L, H, D]
         k = F.linear(key, wk, bk).view(src_len, batch, h, d).transpose(0, 1)
         v = F.linear(value, wv, bv).view(src_len, batch, h, d).transpose(0, 1)
-        pattern = with_causal(self.pattern) if is_causal else self.pattern
-        out = compiled(pattern, self.block_size, self.kernel)(q, k, v, layout="bnhd", **buffers)
+        attention = self._attention[bool(is_causal)]
+        out = attention(q, k, v, layout="bnhd", **buffers)
         out = out.reshape(batch, tgt_len, self.embed_dim)
         if self.dropout > 0.0 and self.training:
             out = F.dropout(out, self.dropout, training=True)
         out = self.out_proj(out)  # [N, L, E]
         weights = None
         if need_weights:
-            weights = dense_weights(pattern, q.transpose(1, 2), k.transpose(1, 2), d ** -0.5,
+            weights = dense_weights(attention.pattern, q.transpose(1, 2), k.transpose(1, 2), d ** -0.5,
                                     MAX_DENSE_WEIGHTS, **buffers)
             if weights is None:
                 raise ValueError(

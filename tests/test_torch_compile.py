@@ -1,0 +1,134 @@
+"""Models that use sparsedsl modules under ``torch.compile(fullgraph=True)``: no graph breaks,
+no new graph per sequence length once the length is dynamic, the same outputs and gradients
+as eager, and one lowering shared by layers with the same pattern."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+
+import sparsedsl as sd
+from sparsedsl.compiler.module import _LOWERINGS
+
+
+class TinyModel(nn.Module):
+    """Two causal sparse-attention layers with the same pattern, and a head."""
+
+    def __init__(self, pattern, dim=32, heads=4, dtype=torch.float64):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            sd.MultiheadSparseAttention(dim, heads, pattern, batch_first=True, block_size=16,
+                                        dtype=dtype) for _ in range(2))
+        self.head = nn.Linear(dim, 7, dtype=dtype)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x, x, x, is_causal=True)[0]
+        return self.head(x)
+
+
+def _step(model, x):
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return out.detach(), grads
+
+
+def test_fullgraph_two_graphs_for_four_lengths_and_eager_results():
+    torch.manual_seed(0)
+    model = TinyModel(sd.window(12) | sd.global_tokens(3))
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for length in (37, 50, 64, 81):
+        x = torch.randn(2, length, 32, dtype=torch.float64)
+        got, got_grads = _step(compiled, x)
+        want, want_grads = _step(model, x)
+        assert torch.allclose(got, want, atol=1e-12)
+        for g, w in zip(got_grads, want_grads):
+            assert torch.allclose(g, w, atol=1e-10)
+    assert counter.frame_count <= 2
+
+
+def test_layers_with_one_pattern_share_one_lowering():
+    model = TinyModel(sd.window(9, 0) | sd.global_tokens(2))
+    first, second = model.layers
+    assert first._attention[1] is second._attention[1]
+    _LOWERINGS.clear()
+    torch.compile(model, fullgraph=True, backend=CompileCounter())(torch.randn(1, 45, 32, dtype=torch.float64))
+    assert len(_LOWERINGS) == 1
+
+
+def test_inductor_fullgraph_training_step_on_cpu():
+    torch.manual_seed(1)
+    model = TinyModel(sd.causal() & sd.window(20, 0), dtype=torch.float32)
+    x = torch.randn(2, 45, 32)
+    got, got_grads = _step(torch.compile(model, fullgraph=True), x)
+    want, want_grads = _step(model, x)
+    assert torch.allclose(got, want, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-4)
+
+
+def test_dilated_attention_under_fullgraph():
+    attention = sd.DilatedAttention([16, 32], [1, 2], block_size=16)
+    q, k, v = (torch.randn(1, 64, 4, 8, dtype=torch.float64) for _ in range(3))
+    compiled = torch.compile(attention, fullgraph=True, backend=CompileCounter())
+    assert torch.allclose(compiled(q, k, v, is_causal=True), attention(q, k, v, is_causal=True), atol=1e-12)
+
+
+def test_tensors_lse_and_offsets_under_fullgraph():
+    module = sd.compile((sd.documents("ids") & sd.causal()).score(sd.alibi()), block_size=16)
+    ids = torch.tensor([0] * 20 + [1] * 30)
+
+    def decode(q, k, v, ids):
+        return module(q, k, v, ids=ids, q_offset="end", return_lse=True)
+
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 50, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    got = torch.compile(decode, fullgraph=True, backend=CompileCounter())(q, k, v, ids)
+    want = decode(q, k, v, ids)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
+    got_grads = torch.autograd.grad((got[0] ** 2).sum() + got[1].sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want[0] ** 2).sum() + want[1].sum(), (q, k, v))
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-10)
+
+
+def test_copies_and_pickles_name_the_same_configuration():
+    module = sd.compile(sd.window(5), block_size=16)
+    assert copy.deepcopy(module)._handle == module._handle
+    assert pickle.loads(pickle.dumps(module))._handle == module._handle
+    assert sd.compile(sd.window(6), block_size=16)._handle != module._handle
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_fullgraph_training_step_bf16():
+    torch.manual_seed(2)
+    model = TinyModel(sd.window(200) | sd.global_tokens(16), dim=256, heads=4,
+                      dtype=torch.bfloat16).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    for length in (700, 1000, 1300):
+        x = torch.randn(2, length, 256, dtype=torch.bfloat16, device="cuda")
+        got, got_grads = _step(compiled, x)
+        want, want_grads = _step(model, x)
+        assert (got.float() - want.float()).abs().max().item() < 5e-2
+        for g, w in zip(got_grads, want_grads):
+            assert torch.isfinite(g).all()
+            assert (g.float() - w.float()).abs().max().item() < 5e-2 * max(1.0, w.float().abs().max().item())
+
+
+@pytest.mark.parametrize("return_lse,q_offset", [(True, 3), (False, 0)])
+def test_operator_passes_torch_library_opcheck(return_lse, q_offset):
+    from sparsedsl.compiler.opaque import attention_op
+    module = sd.compile(sd.window(5) | sd.global_tokens(2), block_size=16)
+    q = torch.randn(1, 2, 37, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    result = torch.library.opcheck(attention_op, (q, k, v, module._handle, 0.3, q_offset, return_lse, "", []))
+    assert set(result.values()) == {"SUCCESS"}
