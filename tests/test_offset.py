@@ -140,3 +140,51 @@ def test_gpu_end_aligned_bf16_equals_dense_softmax(pattern, q_len):
     out = sd.compile(pattern)(q, k, v, q_offset="end")
     expected, _ = reference_attention(pattern, q.cpu(), k.cpu(), v.cpu(), q_offset=kv_len - q_len)
     assert (out.double().cpu() - expected).abs().max().item() < 3e-2
+
+
+def test_decoding_steps_reuse_cached_tile_rows():
+    """A growing cache decoded token by token classifies one aligned tile row per tile of
+    tokens (not one per token), and every step equals the full forward's row."""
+    from sparsedsl.compiler.module import _DECODE_ROWS
+    _DECODE_ROWS.clear()
+    pattern = sd.causal() & sd.dilated_window(40, 0, 2) | sd.global_tokens(3)
+    module = sd.compile(pattern, block_size=16)
+    q, k, v = _inputs(1, 2, 2, 150, 150, 8, dtype=torch.float64, seed=9)
+    full = module(q, k, v)
+    for t in range(100, 150):
+        step = module(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], q_offset="end")
+        assert torch.allclose(step, full[:, :, t:t + 1], atol=1e-12)
+    rows = [entry._rows for entry in _DECODE_ROWS._values.values()]
+    assert sum(len(r) for r in rows) <= 2 * len(rows) + 50 // 16 + 1
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("pattern", [sd.causal() & sd.window(37, 0) | sd.global_tokens(5),
+                                     sd.segments([32, 64], [1, 2]) & sd.causal(),
+                                     sd.window(20, 20).score(sd.alibi())])
+@pytest.mark.parametrize("q_len,q_offset,kv_len", [(1, 99, 100), (3, 140, 143), (7, 60, 160)])
+def test_decode_block_mask_is_a_sound_superset(pattern, q_len, q_offset, kv_len):
+    """The decoding block mask (cached aligned rows) keeps every tile the exact mask needs,
+    claims full only for full tiles, and gives FlexAttention the exact result."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from sparsedsl.plans.decode import DecodeRows
+    module = sd.compile(pattern, block_size=32)
+    heads = 2
+    exact = module.lowering(q_len, kv_len, heads=heads, q_offset=q_offset).states
+    capacity = -(-kv_len // 32) * 32 + 32
+
+    def row_states(row):
+        lowering = module.lowering(32, capacity, heads=heads, q_offset=row * 32)
+        return lowering.states
+
+    rows = DecodeRows(row_states, 32, 32, capacity, module.lowering(1, capacity, heads=heads).position_mask)
+    ours = rows.states(q_offset, q_len, kv_len)[..., :exact.shape[-1]]
+    assert ((exact != 0) <= (ours != 0)).all()
+    assert ((ours == 3) <= (exact == 3)).all()
+    q, k, v = _inputs(1, heads, heads, q_len, kv_len, 16, seed=q_len)
+    pad = capacity - kv_len
+    kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+    score_mod = module.score_mod(q_len, kv_len, heads=heads, q_offset=q_offset)
+    out = flex_attention(q, kp, vp, block_mask=rows.block_mask(q_offset, q_len, kv_len), score_mod=score_mod)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=q_offset)
+    assert (out.double() - expected).abs().max().item() < 1e-5

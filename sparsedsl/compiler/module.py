@@ -19,6 +19,7 @@ from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score, rows_from, score_rows_from
 from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..plans.decode import MAX_DECODE_ROWS, DecodeRows, decodes_by_rows
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention, row_chunks
 from ..plans.lattice import HeadGroupPlan, lattice_attention, lattice_decomposition
@@ -86,8 +87,11 @@ class Lowering:
 _LOWERINGS = BuildCache(maxsize=64)
 #: Lattice decompositions, likewise.
 _LATTICES = BuildCache(maxsize=64)
-#: Resolved runners per (pattern, tiles, kernel, call shape, dtype, device, grad, lse, scale).
+#: Resolved runners per (pattern, tiles, kernel, call shape, dtype, device, grad, lse, scale,
+#: query offset or "rows" for decoding steps).
 _RUNNERS = BuildCache(maxsize=256)
+#: Cached aligned tile rows for decoding, per (pattern, heads, tiles, device, key capacity).
+_DECODE_ROWS = BuildCache(maxsize=64)
 
 def _block_sizes(block_size) -> tuple[int, int]:
     sizes = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
@@ -129,6 +133,7 @@ class CompiledPattern(nn.Module):
         self.pattern = pattern
         self.q_block, self.kv_block = _block_sizes(block_size)
         self.kernel = kernel
+        self._decodes_by_rows = decodes_by_rows(pattern)
         self._handle = handle_for(self, self._configuration())
 
     def _configuration(self) -> tuple:
@@ -309,19 +314,28 @@ class CompiledPattern(nn.Module):
         if buffers:
             runner = self._runner(q, k, v, scale, needs_grad, return_lse, q_offset, buffers)
         else:
+            decoding = self._decoding(q.shape[2], q_offset)
             key = (self.pattern, self.q_block, self.kv_block, self.kernel, q.shape, k.shape,
-                   v.shape, q.dtype, q.device, needs_grad, return_lse, scale, q_offset)
+                   v.shape, q.dtype, q.device, needs_grad, return_lse, scale,
+                   "rows" if decoding else q_offset)
             runner = _RUNNERS.get(key, lambda: self._runner(q, k, v, scale, needs_grad, return_lse,
-                                                            q_offset, {}))
-        out, lse = runner(q, k, v)
+                                                            q_offset, {}, decoding))
+        out, lse = runner(q, k, v, q_offset)
         out = _to_layout(out, layout)
         return (out, lse) if return_lse else out
 
+    def _decoding(self, q_len: int, q_offset: int) -> bool:
+        """Whether a call runs as a decoding step (:mod:`sparsedsl.plans.decode`): a few
+        query rows past position 0, for a pattern whose states do not depend on lengths."""
+        return self._decodes_by_rows and q_offset > 0 and q_len <= min(MAX_DECODE_ROWS, self.q_block)
+
     def _runner(self, q, k, v, scale: float, needs_grad: bool, return_lse: bool, q_offset: int,
-                buffers: dict):
-        """A function ``(q, k, v) -> (out, lse or None)`` for inputs of these shapes, with
-        every lowering, block mask and score function resolved (cached per call shape when
-        the pattern binds no tensors, so a training step pays one dictionary lookup)."""
+                buffers: dict, decoding: bool = False):
+        """A function ``(q, k, v, q_offset) -> (out, lse or None)`` for inputs of these
+        shapes, with every lowering, block mask and score function resolved (cached per
+        call shape when the pattern binds no tensors, so a training step pays one
+        dictionary lookup). Only decoding runners read ``q_offset``; the others are built
+        for the ``q_offset`` given here."""
         batch, heads, q_len, _ = q.shape
         kv_len = k.shape[2]
         lattice = self._lattice_if_cheaper(q_len, kv_len, q_offset, heads, q.device, q.dtype)
@@ -336,11 +350,13 @@ class CompiledPattern(nn.Module):
                 result = sub(sq, sk, sv, scale=scale, return_lse=return_lse)
                 return result if return_lse else (result, None)
 
-            return lambda q, k, v: lattice_attention(q, k, v, plan=lattice, scale=scale,
-                                                     need_lse=return_lse, run_part=run_part)
+            return lambda q, k, v, _: lattice_attention(q, k, v, plan=lattice, scale=scale,
+                                                        need_lse=return_lse, run_part=run_part)
         if kind == "sdpa":
             return _sdpa_runner(self.pattern, q_len, kv_len, q_offset, scale, gqa=k.shape[1] != heads)
         tiles = flex_tiles(self.q_block, self.kv_block, q.device) if kind == "flex" else None
+        if decoding:
+            return self._decode_runner(kind, q, k, scale, return_lse, tiles)
         lowering = self.lowering(q_len, kv_len, heads=heads, device=q.device, tiles=tiles,
                                  q_offset=q_offset, where="forward()", **buffers)
         _check_batch(batch, lowering)
@@ -350,12 +366,42 @@ class CompiledPattern(nn.Module):
             block_mask = lowering.padded_block_mask(bucket_length(q_len, tiles[0]),
                                                     bucket_length(kv_len, tiles[1]))
             reads_tensors = any(isinstance(m, n.Bias) for m in score_mods(self.pattern))
-            return lambda q, k, v: flex_plan_attention(
+            return lambda q, k, v, _: flex_plan_attention(
                 q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale,
                 return_lse=return_lse, reads_score_tensors=reads_tensors)
-        return lambda q, k, v: gather_attention(
+        return lambda q, k, v, _: gather_attention(
             q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
             score_mod=score_mod, scale=scale)
+
+    def _decode_runner(self, kind: str, q, k, scale: float, return_lse: bool, tiles):
+        """The runner of decoding steps (any ``q_offset``) for these shapes: block masks
+        from cached aligned tile rows (:class:`~sparsedsl.plans.decode.DecodeRows`)."""
+        heads, q_len, kv_len, device = q.shape[1], q.shape[2], k.shape[2], q.device
+        q_block, kv_block = tiles or (self.q_block, self.kv_block)
+        capacity = bucket_length(kv_len, kv_block)
+        core = mask_part(self.pattern)
+        state_heads = heads if depends_on_heads(core) else 1
+
+        def row_states(row: int) -> torch.Tensor:
+            ctx = self._context(q_block, capacity, state_heads, device, {}, "forward()", row * q_block)
+            grid = TileGrid(ctx.q_len, capacity, q_block, kv_block, row * q_block)
+            return tile_states(core, ctx, grid, lower_mask(core, ctx))
+
+        key = (core, state_heads, q_block, kv_block, str(device), capacity)
+        rows = _DECODE_ROWS.get(key, lambda: DecodeRows(
+            row_states, q_block, kv_block, capacity,
+            lower_mask(core, self._context(1, capacity, state_heads, device, {}, "forward()"))))
+        score_ctx = self._context(q_len, kv_len, heads, device, {}, "forward()")
+        score_mod = lower_score(self.pattern, score_ctx)
+        if kind == "flex":
+            return lambda q, k, v, q_offset: flex_plan_attention(
+                q, k, v, block_mask=rows.block_mask(q_offset, q_len, kv_len),
+                score_mod=score_rows_from(score_mod, q_offset, device), scale=scale,
+                return_lse=return_lse)
+        return lambda q, k, v, q_offset: gather_attention(
+            q, k, v, states=rows.states(q_offset, q_len, kv_len), grid=rows.grid(q_offset, q_len),
+            mask_mod=rows_from(rows.position_mask, q_offset, device),
+            score_mod=score_rows_from(score_mod, q_offset, device), scale=scale)
 
 
 def resolve_q_offset(where: str, q_len, kv_len, q_offset) -> tuple[int, int, int]:
@@ -386,7 +432,7 @@ def _sdpa_runner(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, sca
     case = dense_sdpa_case(pattern)
     mask = causal_lower_right(q_len, kv_len) if case == "causal" and q_offset else None
     causal = case == "causal" and not q_offset
-    return lambda q, k, v: (F.scaled_dot_product_attention(
+    return lambda q, k, v, _: (F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa), None)
 
 

@@ -1,0 +1,117 @@
+"""Decoding: a few query rows at a position that moves by one each step, against a long cache.
+
+Rebuilding the block mask per generated token would classify a tile row per token and
+rebuild FlexAttention's index tensors. Instead, for patterns whose ``allowed(q, k)`` does
+not depend on the sequence lengths (no bound tensors, no random blocks), the tile states
+are computed once per *aligned* tile row — rows ``[r * T, (r + 1) * T)`` for the query
+tile ``T`` — over the key capacity (the cache length rounded up to its length bucket), and
+cached. A step whose rows ``[q_offset, q_offset + Q)`` (``Q <= T``) lie in aligned rows
+``r0 .. r1`` uses their merged states (a tile is full or empty only where it is in both;
+otherwise partial, and the ``mask_mod`` decides): a sound superset of the exact states,
+with at most one extra tile per side. Key tiles past the cache length are empty and the
+last, cut-short one partial. The resulting ``BlockMask`` is cached by ``(r0, r1, live key
+tiles)``, so a token step builds nothing new except every ``T`` tokens; only the
+``mask_mod``'s row offset (a 0-d tensor) changes.
+
+The flex plan then runs FlexAttention's decoding kernel (for fewer than 128 query rows it
+splits the keys across thread blocks) on the unpadded queries.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..lang import nodes as n
+from ..lang.queries import mask_part, walk
+from ..passes.blockmask import ordered_indices
+from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+
+#: Query rows a step may have for the decoding plan (FlexAttention's decoding kernel
+#: handles fewer than 128).
+MAX_DECODE_ROWS = 64
+
+
+def decodes_by_rows(pattern: n.Pattern) -> bool:
+    """Whether ``allowed(q, k)`` of ``pattern`` is the same for every sequence length (so
+    states computed over a larger key capacity stay exact for shorter caches)."""
+    length_bound = (n.Documents, n.BlockRandom, n.BlockLayout)
+    return not pattern.buffer_names() and not any(
+        isinstance(node, length_bound) or (isinstance(node, n.Blocks) and any(
+            isinstance(rule, length_bound) for rule in node.rules))
+        for node in walk(mask_part(pattern)))
+
+
+class DecodeRows:
+    """Tile states and block masks of ``q_len <= q_block`` query rows at any position,
+    from cached aligned tile rows (see the module docstring).
+
+    ``row_states(r)`` computes the int8 states ``[B or 1, H or 1, 1, num_kv_tiles]`` of
+    aligned tile row ``r`` over ``kv_capacity`` keys (cached here); ``position_mask`` is
+    the pattern's ``mask_mod`` on absolute positions."""
+
+    def __init__(self, row_states: Callable[[int], torch.Tensor], q_block: int, kv_block: int,
+                 kv_capacity: int, position_mask: Callable):
+        self.row_states = row_states
+        self.q_block, self.kv_block, self.kv_capacity = q_block, kv_block, kv_capacity
+        self.position_mask = position_mask
+        self._rows: dict[int, torch.Tensor] = {}
+        self._block_masks: dict[tuple, BlockMask] = {}
+        self._lock = threading.Lock()
+
+    def aligned_states(self, row: int) -> torch.Tensor:
+        """The cached states of aligned tile row ``row``."""
+        with self._lock:
+            if row not in self._rows:
+                self._rows[row] = self.row_states(row)
+            return self._rows[row]
+
+    def states(self, q_offset: int, q_len: int, kv_len: int) -> torch.Tensor:
+        """States ``[B or 1, H or 1, 1, num_kv_tiles of kv_capacity]`` covering rows
+        ``[q_offset, q_offset + q_len)`` over the first ``kv_len`` keys."""
+        first, last = q_offset // self.q_block, (q_offset + q_len - 1) // self.q_block
+        states = self.aligned_states(first)
+        if last != first:
+            other = self.aligned_states(last)
+            states = torch.where(states == other, states, PARTIAL).to(torch.int8)
+        live = -(-kv_len // self.kv_block)
+        states = states.clone()
+        states[..., live:] = EMPTY
+        if kv_len % self.kv_block:
+            last_tile = states[..., live - 1]
+            states[..., live - 1] = torch.where(last_tile == FULL, PARTIAL, last_tile).to(torch.int8)
+        return states
+
+    def grid(self, q_offset: int, q_len: int) -> TileGrid:
+        """The one-tile-row grid of these rows (rows tiled from ``q_offset``)."""
+        return TileGrid(q_offset + q_len, self.kv_capacity, self.q_block, self.kv_block, q_offset)
+
+    def block_mask(self, q_offset: int, q_len: int, kv_len: int) -> BlockMask:
+        """The forward-only ``BlockMask`` of these rows over ``kv_capacity`` keys (padded
+        keys past ``kv_len`` refused), with the ``mask_mod`` on row indices."""
+        first, last = q_offset // self.q_block, (q_offset + q_len - 1) // self.q_block
+        live = -(-kv_len // self.kv_block)
+        key = (first, last, q_len, live, kv_len % self.kv_block == 0)
+        cached = self._block_masks.get(key)
+        if cached is None:
+            states = self.states(q_offset, q_len, kv_len)
+            kv_num, kv_idx = ordered_indices(states == PARTIAL)
+            full_num, full_idx = ordered_indices(states == FULL)
+            with self._lock:
+                cached = self._block_masks.setdefault(key, BlockMask(
+                    (q_len, self.kv_capacity), kv_num, kv_idx, full_num, full_idx, None, None,
+                    None, None, BLOCK_SIZE=(self.q_block, self.kv_block)))
+        device = cached.kv_indices.device
+        offset = torch.tensor(q_offset, device=device)
+        kv_limit = torch.tensor(kv_len, device=device)
+        position_mask = self.position_mask
+
+        def mask_mod(b, h, q, k):
+            return position_mask(b, h, q + offset, k) & (k < kv_limit)
+
+        return BlockMask((q_len, self.kv_capacity), cached.kv_num_blocks, cached.kv_indices,
+                         cached.full_kv_num_blocks, cached.full_kv_indices, None, None, None, None,
+                         BLOCK_SIZE=(self.q_block, self.kv_block), mask_mod=mask_mod)
