@@ -34,7 +34,7 @@ class TinyModel(nn.Module):
 
 def _step(model, x):
     out = model(x)
-    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     return out.detach(), grads

@@ -92,7 +92,7 @@ class DilatedAttention(nn.Module):
             raise ValueError(
                 f"DilatedAttention.forward(): {self.num_groups} head groups (one per segment "
                 f"length) need at least {self.num_groups} heads, got num_heads={heads}")
-        module = self._attention[bool(is_causal)]
+        module = self._attention[1 if is_causal else 0]
         return module(query, key, value, scale=self.softmax_scale, layout="bnhd").contiguous()
 
     def extra_repr(self) -> str:

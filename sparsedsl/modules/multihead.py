@@ -162,7 +162,7 @@ class MultiheadSparseAttention(nn.Module):
         q = F.linear(query, wq, bq).view(tgt_len, batch, h, d).transpose(0, 1)  # [N, L, H, D]
         k = F.linear(key, wk, bk).view(src_len, batch, h, d).transpose(0, 1)
         v = F.linear(value, wv, bv).view(src_len, batch, h, d).transpose(0, 1)
-        attention = self._attention[bool(is_causal)]
+        attention = self._attention[1 if is_causal else 0]
         out = attention(q, k, v, layout="bnhd", **buffers)
         out = out.reshape(batch, tgt_len, self.embed_dim)
         if self.dropout > 0.0 and self.training:

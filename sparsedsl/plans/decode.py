@@ -101,9 +101,9 @@ class DecodeRows:
             kv_num, kv_idx = ordered_indices(states == PARTIAL)
             full_num, full_idx = ordered_indices(states == FULL)
             with self._lock:
-                cached = self._block_masks.setdefault(key, BlockMask(
-                    (q_len, self.kv_capacity), kv_num, kv_idx, full_num, full_idx, None, None,
-                    None, None, BLOCK_SIZE=(self.q_block, self.kv_block)))
+                cached = self._block_masks.setdefault(key, _forward_block_mask(
+                    (q_len, self.kv_capacity), kv_num, kv_idx, full_num, full_idx,
+                    (self.q_block, self.kv_block), self.position_mask))
         device = cached.kv_indices.device
         offset = torch.tensor(q_offset, device=device)
         kv_limit = torch.tensor(kv_len, device=device)
@@ -112,6 +112,15 @@ class DecodeRows:
         def mask_mod(b, h, q, k):
             return position_mask(b, h, q + offset, k) & (k < kv_limit)
 
-        return BlockMask((q_len, self.kv_capacity), cached.kv_num_blocks, cached.kv_indices,
-                         cached.full_kv_num_blocks, cached.full_kv_indices, None, None, None, None,
-                         BLOCK_SIZE=(self.q_block, self.kv_block), mask_mod=mask_mod)
+        return _forward_block_mask((q_len, self.kv_capacity), cached.kv_num_blocks, cached.kv_indices,
+                                   cached.full_kv_num_blocks, cached.full_kv_indices,
+                                   (self.q_block, self.kv_block), mask_mod)
+
+
+def _forward_block_mask(seq_lengths, kv_num, kv_idx, full_num, full_idx, block_size, mask_mod) -> BlockMask:
+    """A ``BlockMask`` without the transposed (query-side) indices, which only the
+    backward pass reads."""
+    return BlockMask(seq_lengths=seq_lengths, kv_num_blocks=kv_num, kv_indices=kv_idx,
+                     full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=None,
+                     q_indices=None, full_q_num_blocks=None, full_q_indices=None,
+                     BLOCK_SIZE=block_size, mask_mod=mask_mod)
