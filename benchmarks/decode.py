@@ -5,8 +5,9 @@ length 1, batch 1, 32 query heads over 8 key/value heads, head dim 128, bf16):
 
 * ``dense``: ``scaled_dot_product_attention`` over the whole cache (the pattern ignored);
 * ``static``: ``sparsedsl`` on a preallocated cache of fixed capacity with
-  ``q_offset=position`` (no copy, no new shape per token: the way compiled decoders keep
-  their cache);
+  ``q_offset=position`` (no new shape per token: the way compiled decoders keep their
+  cache; its capacity is a length bucket, ``sparsedsl.plans.flex.bucket_length``, so
+  nothing is padded or copied);
 * ``growing``: ``sparsedsl`` on a cache that grows by one token per step
   (``q_offset="end"``; the cache is padded to its length bucket each step, a copy);
 * ``mask``: the host-side cost of one step's block mask (a cache hit of the aligned tile
@@ -28,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 import sparsedsl as sd
+from sparsedsl.plans.flex import bucket_length
 
 PATTERNS = {
     "causal": "causal()",
-    "window-4k+global": "causal() & window(4096, 0) | global_tokens(128)",
+    "window-4k+global": "causal() & (window(4096, 0) | global_tokens(128))",
     "longnet": "causal() & segments([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])",
     "blocks-local": "causal() & blocks(128).local(8)",
 }
@@ -53,7 +55,7 @@ def timed_steps(step, positions) -> float:
 
 def run_pattern(name: str, text: str, cached: int, heads: int, kv_heads: int, dim: int, steps: int) -> dict:
     device, dtype = "cuda", torch.bfloat16
-    capacity = cached + steps + 1
+    capacity = bucket_length(cached + steps + 1, 128)
     q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
     k_cache = torch.randn(1, kv_heads, capacity, dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
