@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import sparsedsl as sd
+from sparsedsl.progress import Progress
 
 compiled_cbm = torch.compile(create_block_mask)
 
@@ -133,16 +134,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     rows = []
-    for name in args.cases.split(","):
-        text, n, batch, heads, dim = CASES[name]
-        try:
-            rows.append(run_case(name, text, n, batch, heads, dim, args.quick))
-        except Exception as err:  # noqa: BLE001 - a failed case is reported, the rest still run
-            rows.append({"case": name, "error": f"{type(err).__name__}: {err}"[:500]})
-        print(json.dumps(rows[-1]), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+    names = args.cases.split(",")
+    with Progress(len(names), "cases", unit="case") as bar:
+        for name in names:
+            text, n, batch, heads, dim = CASES[name]
+            try:
+                rows.append(run_case(name, text, n, batch, heads, dim, args.quick))
+            except Exception as err:  # noqa: BLE001 - a failed case is reported, the rest still run
+                rows.append({"case": name, "error": f"{type(err).__name__}: {err}"[:500]})
+            print(json.dumps(rows[-1]), flush=True)
+            bar.update(name)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=2)
     print()
     print(f"{'case':24} {'plan':8} {'dens':>6} {'fwd ms':>8} {'dense':>8} {'flex':>8} "
           f"{'xdens':>6} {'vsflex':>6} {'f+b ms':>8} {'xdens':>6} {'vsflex':>6} {'TF/dense':>8} {'build':>7} {'cbm-c':>7}")

@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 import sparsedsl as sd
+from sparsedsl.progress import Progress
 from sparsedsl.compiler.module import _LOWERINGS
 
 CASES = {
@@ -57,6 +58,7 @@ def main() -> None:
     n, device = args.seq_len, args.device
     compiled_cbm = torch.compile(create_block_mask) if args.compiled else None
     rows = []
+    bar = Progress(len(CASES), "cases", unit="case")
     for name, (text, heads) in CASES.items():
         module = sd.compile(sd.parse(text))
         mask_mod = module.mask_mod(n, heads=heads, device=device)
@@ -82,6 +84,8 @@ def main() -> None:
             compiled()
             row["compiled_s"] = _time(compiled, device, args.repeats)
         rows.append(row)
+        bar.update(name)
+    bar.close()
     print(f"block-mask build, seq_len={n}, device={device} (median seconds; ratio = theirs / ours)")
     header = f"{'case':22} {'sparsedsl':>10} {'eager':>10} {'ratio':>7}"
     if args.compiled:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import sparsedsl as sd
 from sparsedsl.plans.flex import bucket_length
+from sparsedsl.progress import Progress
 
 PATTERNS = {
     "causal": "causal()",
@@ -104,10 +105,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = []
-    for name in args.patterns.split(","):
-        result = run_pattern(name, PATTERNS[name], args.cached, 32, 8, 128, args.steps)
-        results.append(result)
-        print(json.dumps(result), flush=True)
+    names = args.patterns.split(",")
+    with Progress(len(names), "patterns", unit="pattern") as bar:
+        for name in names:
+            result = run_pattern(name, PATTERNS[name], args.cached, 32, 8, 128, args.steps)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            bar.update(name)
     print(f"\ndecode step at {args.cached} cached tokens, 1x32 q heads / 8 kv heads x 128, bf16, "
           f"{torch.cuda.get_device_name()}")
     print(f"{'pattern':<18}{'plan':<7}{'density':>8}{'dense ms':>10}{'static ms':>11}"

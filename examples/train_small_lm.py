@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsedsl as sd
+from sparsedsl.progress import Progress
 
 
 def corpus() -> str:
@@ -62,34 +62,6 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def progress(total: int):
-    """tqdm if installed, else a one-line text bar; returns ``update(loss)`` and ``close()``."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        bar = tqdm(total=total, desc="training", unit="step")
-        def update(loss):
-            bar.set_postfix(loss=f"{loss:.3f}")
-            bar.update(1)
-        return update, bar.close
-    state = {"step": 0, "start": time.perf_counter()}
-    def update(loss):
-        state["step"] += 1
-        step, width = state["step"], 30
-        if step % max(1, total // 100) and step != total:
-            return
-        filled = width * step // total
-        rate = step / max(1e-9, time.perf_counter() - state["start"])
-        sys.stdout.write(f"\rtraining [{'#' * filled}{'-' * (width - filled)}] {step}/{total} "
-                         f"loss {loss:.3f} ({rate:.1f} steps/s)")
-        sys.stdout.flush()
-    def close():
-        sys.stdout.write("\n")
-    return update, close
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -122,7 +94,7 @@ def main() -> None:
         optimiser, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
 
     losses = []
-    update, close = progress(args.steps)
+    bar = Progress(args.steps, "training", unit="step")
     start = time.perf_counter()
     for _ in range(args.steps):
         offsets = torch.randint(len(data) - args.context - 1, (args.batch,))
@@ -135,8 +107,8 @@ def main() -> None:
         optimiser.step()
         schedule.step()
         losses.append(loss.item())
-        update(losses[-1])
-    close()
+        bar.update(f"loss {losses[-1]:.3f}")
+    bar.close()
     elapsed = time.perf_counter() - start
 
     window = max(1, min(20, len(losses) // 5))

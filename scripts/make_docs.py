@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run from anywhere, with or without the editable
 
 import sparsedsl as sd  # noqa: E402
 from sparsedsl.lang.queries import head_group_count  # noqa: E402
+from sparsedsl.progress import Progress  # noqa: E402
 
 DOCS = ROOT / "docs"
 IMAGES = DOCS / "images"
@@ -971,41 +972,6 @@ def _catalog() -> str:
 # ---------------------------------------------------------------------------------------
 
 
-class Progress:
-    """tqdm when installed, else a one-line text bar on stderr."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done, self.start = total, desc, 0, time.perf_counter()
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="picture")
-        except ImportError:
-            self.bar = None
-            self._draw("")
-
-    def _draw(self, label: str) -> None:
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{self.done}/{self.total} {elapsed:5.1f}s {label[:40]:<40}")
-        sys.stderr.flush()
-
-    def update(self, label: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label)
-            self.bar.update(1)
-        else:
-            self._draw(label)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            sys.stderr.write("\n")
-
-
 def page_blocks(text: str) -> list[tuple[str, str]]:
     """``(name, body)`` of every generated block of a page."""
     return [(m.group("name"), m.group("body")) for m in BLOCK_RE.finditer(text)]
@@ -1073,11 +1039,10 @@ def main(argv=None) -> int:
     print(f"{len(made)} generated blocks in {time.perf_counter() - start:.1f}s")
     if not args.no_pictures:
         IMAGES.mkdir(parents=True, exist_ok=True)
-        bar = Progress(len(PICTURES), "pictures")
-        for pic in PICTURES.values():
-            pic.draw(IMAGES / pic.name)
-            bar.update(pic.name)
-        bar.close()
+        with Progress(len(PICTURES), "pictures", unit="picture") as bar:
+            for pic in PICTURES.values():
+                pic.draw(IMAGES / pic.name)
+                bar.update(pic.name)
         print(f"{len(PICTURES)} pictures in docs/images/")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0

@@ -4,6 +4,11 @@ Describe a pattern with the vocabulary below (``window(256) | global_tokens(16)`
 ``sparsedsl.compile(pattern)`` it into an ``nn.Module`` that runs exact masked-softmax
 attention, ``sparsedsl.dense(pattern, n)`` to materialise it, ``sparsedsl.parse(text)`` to
 read its text form back.
+
+``sparsedsl.distributed.sequence_parallel_attention`` runs a compiled pattern on a sequence
+sharded over ``torch.distributed`` ranks; ``sparsedsl.integrations.transformers.register(
+pattern)`` makes a pattern a Hugging Face transformers attention implementation
+(transformers is imported only there).
 """
 
 from ._source_tree import register_source_patterns
@@ -48,6 +53,8 @@ from .draw.diagram import diagram
 from .draw.render import render
 from .draw.terminal import show
 from .passes.dense import dense
+from . import distributed
+from .distributed import sequence_parallel_attention
 
 __all__ = [
     "NoClosedFormError",
@@ -67,6 +74,8 @@ __all__ = [
     "Plan",
     "compile",
     "count",
+    "distributed",
+    "sequence_parallel_attention",
     "BufferBindingError",
     "Pattern",
     "PatternArgumentError",

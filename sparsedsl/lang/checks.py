@@ -74,7 +74,7 @@ def check_number(where: str, name: str, value: Any, *, positive: bool = True) ->
 RESERVED_NAMES = frozenset({
     "pattern", "q_len", "kv_len", "heads", "batch", "device", "dtype", "tile", "head_dim",
     "q", "k", "v", "scale", "layout", "return_lse", "requires_grad", "width", "file",
-    "q_offset",
+    "q_offset", "group", "zigzag", "return_stats",
 })
 
 

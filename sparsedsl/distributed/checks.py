@@ -1,0 +1,118 @@
+"""Input checks of sequence-parallel attention: on this rank, then across the group.
+
+Per-rank shape problems are not raised at once: every rank first learns, through one
+small ``all_gather``, whether any rank's inputs failed and whether all ranks describe the
+same call (shapes, dtype, pattern, layout, gradients). Then every rank raises together, so
+no rank is left waiting in a collective that the others will never join.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from ..compiler.inputs import FLOAT_DTYPES
+from ..compiler.module import CompiledPattern
+
+WHERE = "sequence_parallel_attention()"
+
+
+def check_types(compiled, q, k, v, group) -> None:
+    """``TypeError``/``RuntimeError`` for arguments that are wrong on every rank alike."""
+    if not isinstance(compiled, CompiledPattern):
+        raise TypeError(
+            f"{WHERE}: argument 'compiled' must be a CompiledPattern (from sparsedsl.compile), "
+            f"got {type(compiled).__name__}"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{WHERE}: argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{WHERE}: torch.distributed is not initialized; call "
+            f"torch.distributed.init_process_group first (gloo on CPUs, nccl on GPUs)"
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{WHERE}: argument 'group' must be a ProcessGroup or None, got {group!r}")
+
+
+def local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zigzag: bool) -> str | None:
+    """What is wrong with this rank's shards ``[B, H, L, D]``, or None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            return (f"argument {name!r} must be a 4-D shard [batch, heads, length, head_dim], "
+                    f"got shape {list(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            return f"argument {name!r} must be a floating tensor, got dtype={t.dtype}"
+        if t.dtype != q.dtype:
+            return f"q, k and v must share one dtype, got q={q.dtype} and {name}={t.dtype}"
+        if t.device != q.device:
+            return f"q, k and v must be on one device, got q on {q.device} and {name} on {t.device}"
+    shapes = f"(q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)})"
+    (batch, heads, length, dim), (_, kv_heads, kv_length, key_dim) = q.shape, k.shape
+    if 0 in (batch, heads, length, dim, kv_heads):
+        return f"empty shards are not attention {shapes}"
+    if k.shape[0] != batch or v.shape[0] != batch:
+        return f"q, k and v must have the same batch size {shapes}"
+    if tuple(v.shape[1:3]) != (kv_heads, kv_length):
+        return f"k and v must have the same heads and length {shapes}"
+    if kv_length != length:
+        return (f"q, k and v shards must have the same length (each rank holds the same "
+                f"positions of the queries, keys and values) {shapes}")
+    if key_dim != dim:
+        return f"q and k must have the same head_dim {shapes}"
+    if heads % kv_heads:
+        return f"q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) {shapes}"
+    if zigzag and length % 2:
+        return (f"with zigzag=True each shard holds two chunks, so its length must be even, "
+                f"got q.shape[2]={length}")
+    return None
+
+
+def call_signature(compiled: CompiledPattern, q, k, v, zigzag: bool, kv_needs_grad: bool,
+                   problem: str | None) -> dict[str, int]:
+    """What every rank of the group must agree on, as named integers."""
+    shapes_known = problem is None
+    return {
+        "input check failed": int(not shapes_known),
+        "batch": q.shape[0] if shapes_known else 0,
+        "heads": q.shape[1] if shapes_known else 0,
+        "shard length": q.shape[2] if shapes_known else 0,
+        "head_dim": q.shape[3] if shapes_known else 0,
+        "k/v heads": k.shape[1] if shapes_known else 0,
+        "v head_dim": v.shape[3] if shapes_known else 0,
+        "dtype": FLOAT_DTYPES.index(q.dtype) if shapes_known else -1,
+        "zigzag": int(zigzag),
+        "pattern (crc32 of its text)": zlib.crc32(str(compiled.pattern).encode()),
+        "q_block": compiled.q_block,
+        "kv_block": compiled.kv_block,
+        "k/v need gradients": int(kv_needs_grad),
+    }
+
+
+def agree_across_ranks(signature: dict[str, int], problem: str | None, group, device) -> None:
+    """Raise ``ValueError`` on every rank when any rank's inputs failed their checks or the
+    ranks' signatures differ; return on every rank otherwise."""
+    world_size = dist.get_world_size(group)
+    mine = torch.tensor(list(signature.values()), dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).cpu()
+    if problem is not None:
+        raise ValueError(f"{WHERE}: {problem}")
+    failed = table[:, 0].nonzero().flatten().tolist()
+    if failed:
+        raise ValueError(
+            f"{WHERE}: the inputs of rank(s) {failed} failed their checks (see the error "
+            f"there); every rank of the group stops"
+        )
+    for column, name in enumerate(signature):
+        values = table[:, column].tolist()
+        if len(set(values)) > 1:
+            shown = [FLOAT_DTYPES[value] if name == "dtype" else value for value in values]
+            raise ValueError(
+                f"{WHERE}: the ranks of the group disagree on the {name}: "
+                + ", ".join(f"rank {r} has {value}" for r, value in enumerate(shown))
+            )
