@@ -83,11 +83,21 @@ def test_rows_without_keys_output_zero_with_finite_gradients(dtype):
     assert torch.equal(q.grad[:, :, empty], torch.zeros_like(q.grad[:, :, empty]))
 
 
-def test_gradcheck_float64():
-    pattern = sd.blocks(4).local(1).within(sd.segments([2, 4], [1, 2])) | sd.global_tokens(2)
-    module = sd.compile(pattern, block_size=16)
-    q, k, v = _inputs(1, 2, 1, 11, 13, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: module(a, b, c), (q, k, v))
+@pytest.mark.parametrize("pattern,kernel,q_len,kv_len,q_offset,plan", [
+    (sd.blocks(4).local(1).within(sd.segments([2, 4], [1, 2])) | sd.global_tokens(2), "auto", 11, 13, 0, "gather"),
+    (sd.segments([4, 8], [1, 2]), "auto", 16, 16, 0, "lattice"),
+    (sd.dilated(6, 2, 1), "lattice", 13, 13, 0, "lattice"),
+    (sd.causal(), "auto", 5, 12, "end", "sdpa"),
+    (sd.full(), "auto", 7, 9, 0, "sdpa"),
+    (sd.causal() & sd.window(5, 0), "auto", 3, 20, "end", "gather"),  # a decoding step
+])
+def test_gradcheck_float64_through_every_plan(pattern, kernel, q_len, kv_len, q_offset, plan):
+    module = sd.compile(pattern, block_size=16, kernel=kernel)
+    heads = 2
+    assert module.explain(q_len, kv_len, heads=heads, q_offset=q_offset, device="cpu",
+                          dtype=torch.float64, requires_grad=True).kind == plan
+    q, k, v = _inputs(1, heads, 1, q_len, kv_len, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: module(a, b, c, q_offset=q_offset), (q, k, v))
 
 
 def test_bnhd_layout_matches_bhnd():

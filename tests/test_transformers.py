@@ -68,9 +68,9 @@ def logits(model, attn_implementation: str, ids, **kwargs) -> torch.Tensor:
 def window_mask(mask: torch.Tensor) -> torch.Tensor:
     """The eager 4-D float mask of ``causal() & window(WINDOW - 1, 0)`` over the real keys."""
     length = mask.shape[1]
-    allowed = sd.dense(sd.causal() & sd.window(WINDOW - 1, 0), length)[0]
+    allowed = sd.dense(sd.causal() & sd.window(WINDOW - 1, 0), length)[0].to(mask.device)
     allowed = allowed[None, None] & mask.bool()[:, None, None, :]
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 def cache_argument(model) -> str:
@@ -309,3 +309,30 @@ def test_import_sparsedsl_does_not_import_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install 'transformers>="):
         register(sd.causal(), "sparsedsl_test_missing")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gpu_logits_and_greedy_generation_equal_eager(family):
+    """On CUDA (flex and decoding plans, tiles of 128), float32: a windowed pattern's logits
+    and greedy tokens equal eager attention with the same window, with left padding."""
+    name = register(sd.causal() & sd.window(WINDOW - 1, 0), f"sparsedsl_test_gpu_{family}")
+    model = build(CONFIGS[family]()).cuda()
+    ids, mask = (t.cuda() for t in tokens(2, 150, left_padding=(0, 9)))
+    explicit = window_mask(mask)
+    got = logits(model, name, ids, attention_mask=mask)
+    want = logits(model, "eager", ids, attention_mask=explicit)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() < 1e-3
+    # greedy decoding through the KV cache (unpadded rows) against eager, step by step, with
+    # the same window as an explicit mask over the grown sequence
+    ids = ids[:1]
+    model.set_attn_implementation(name)
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                               min_new_tokens=6, do_sample=False)
+    model.set_attn_implementation("eager")
+    sequence = ids
+    for _ in range(6):
+        step_logits = model(sequence, attention_mask=window_mask(torch.ones_like(sequence))).logits[:, -1]
+        sequence = torch.cat([sequence, step_logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, sequence)

@@ -396,7 +396,7 @@ class CompiledPattern(nn.Module):
         if kind == "flex":
             return lambda q, k, v, q_offset: flex_plan_attention(
                 q, k, v, block_mask=rows.block_mask(q_offset, q_len, kv_len),
-                score_mod=score_rows_from(score_mod, q_offset, device), scale=scale,
+                score_mod=score_rows_from(score_mod, rows.position(q_offset), device), scale=scale,
                 return_lse=return_lse)
         return lambda q, k, v, q_offset: gather_attention(
             q, k, v, states=rows.states(q_offset, q_len, kv_len), grid=rows.grid(q_offset, q_len),

@@ -32,21 +32,26 @@ def lower_mask(pattern: n.Pattern, ctx: Context) -> MaskFn:
     return _lower(pattern, ctx)
 
 
-def rows_from(mask_mod: MaskFn, first_row: int, device) -> MaskFn:
+def rows_from(mask_mod: MaskFn, first_row, device) -> MaskFn:
     """``mask_mod`` on row indices: query index ``i`` is position ``first_row + i``. The
-    offset is held in a 0-d tensor, so compiled kernels do not specialise on it."""
-    if first_row == 0:
+    offset is held in a 0-d tensor (``first_row`` may be one already), so compiled kernels
+    do not specialise on it."""
+    if isinstance(first_row, int) and first_row == 0:
         return mask_mod
-    offset = torch.tensor(first_row, device=device)
+    offset = _offset_tensor(first_row, device)
     return lambda b, h, q, k: mask_mod(b, h, q + offset, k)
 
 
-def score_rows_from(score_mod: ScoreFn | None, first_row: int, device) -> ScoreFn | None:
+def score_rows_from(score_mod: ScoreFn | None, first_row, device) -> ScoreFn | None:
     """``score_mod`` on row indices, as :func:`rows_from`."""
-    if score_mod is None or first_row == 0:
+    if score_mod is None or (isinstance(first_row, int) and first_row == 0):
         return score_mod
-    offset = torch.tensor(first_row, device=device)
+    offset = _offset_tensor(first_row, device)
     return lambda score, b, h, q, k: score_mod(score, b, h, q + offset, k)
+
+
+def _offset_tensor(first_row, device) -> torch.Tensor:
+    return first_row if isinstance(first_row, torch.Tensor) else torch.tensor(first_row, device=device)
 
 
 @singledispatch

@@ -60,7 +60,19 @@ class DecodeRows:
         self.position_mask = position_mask
         self._rows: dict[int, torch.Tensor] = {}
         self._block_masks: dict[tuple, BlockMask] = {}
+        self._positions: torch.Tensor | None = None
         self._lock = threading.Lock()
+
+    def position(self, value: int) -> torch.Tensor:
+        """``value`` as a 0-d int64 tensor on the states' device: for ``0 <= value <=
+        kv_capacity`` a view into one cached ``arange``, so a step copies nothing to the
+        device."""
+        if self._positions is None:
+            device = self.aligned_states(0).device
+            self._positions = torch.arange(self.kv_capacity + 1, device=device)
+        if value <= self.kv_capacity:
+            return self._positions[value]
+        return torch.tensor(value, device=self._positions.device)
 
     def aligned_states(self, row: int) -> torch.Tensor:
         """The cached states of aligned tile row ``row``."""
@@ -104,9 +116,7 @@ class DecodeRows:
                 cached = self._block_masks.setdefault(key, _forward_block_mask(
                     (q_len, self.kv_capacity), kv_num, kv_idx, full_num, full_idx,
                     (self.q_block, self.kv_block), self.position_mask))
-        device = cached.kv_indices.device
-        offset = torch.tensor(q_offset, device=device)
-        kv_limit = torch.tensor(kv_len, device=device)
+        offset, kv_limit = self.position(q_offset), self.position(kv_len)
         position_mask = self.position_mask
 
         def mask_mod(b, h, q, k):
