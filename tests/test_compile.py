@@ -89,7 +89,7 @@ def test_rows_without_keys_output_zero_with_finite_gradients(dtype):
     (sd.dilated(6, 2, 1), "lattice", 13, 13, 0, "lattice"),
     (sd.causal(), "auto", 5, 12, "end", "sdpa"),
     (sd.full(), "auto", 7, 9, 0, "sdpa"),
-    (sd.causal() & sd.window(5, 0), "auto", 3, 20, "end", "gather"),  # a decoding step
+    (sd.causal() & sd.window(5, 0), "auto", 3, 20, "end", "gather"),  # queries at the end
 ])
 def test_gradcheck_float64_through_every_plan(pattern, kernel, q_len, kv_len, q_offset, plan):
     module = sd.compile(pattern, block_size=16, kernel=kernel)

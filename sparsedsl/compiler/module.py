@@ -314,7 +314,7 @@ class CompiledPattern(nn.Module):
         if buffers:
             runner = self._runner(q, k, v, scale, needs_grad, return_lse, q_offset, buffers)
         else:
-            decoding = self._decoding(q.shape[2], q_offset)
+            decoding = not needs_grad and self._decoding(q.shape[2], q_offset)
             key = (self.pattern, self.q_block, self.kv_block, self.kernel, q.shape, k.shape,
                    v.shape, q.dtype, q.device, needs_grad, return_lse, scale,
                    "rows" if decoding else q_offset)
@@ -325,8 +325,9 @@ class CompiledPattern(nn.Module):
         return (out, lse) if return_lse else out
 
     def _decoding(self, q_len: int, q_offset: int) -> bool:
-        """Whether a call runs as a decoding step (:mod:`sparsedsl.plans.decode`): a few
-        query rows past position 0, for a pattern whose states do not depend on lengths."""
+        """Whether a call without gradients runs as a decoding step
+        (:mod:`sparsedsl.plans.decode`): a few query rows past position 0, for a pattern
+        whose states do not depend on lengths."""
         return self._decodes_by_rows and q_offset > 0 and q_len <= min(MAX_DECODE_ROWS, self.q_block)
 
     def _runner(self, q, k, v, scale: float, needs_grad: bool, return_lse: bool, q_offset: int,
