@@ -62,6 +62,15 @@ class LatticePart:
             return t[:, :, self.stride[0]::self.stride[1]]
         return t.index_select(2, self.positions)
 
+    def view(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The lattice's positions of ``t`` (dimension 2) as a view that can be written
+        through, or None when they are gathered (not evenly spaced)."""
+        if self.positions is None:
+            return t
+        if self.stride is not None:
+            return t[:, :, self.stride[0]::self.stride[1]]
+        return None
+
     def put(self, target: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``values`` into the lattice's positions of ``target`` (in place)."""
         if self.positions is None:
@@ -176,26 +185,26 @@ def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: in
     return tuple(plans) if useful else None
 
 
-def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
-    """``chunks(size)`` attention: dense SDPA per chunk with the chunks folded into the
-    batch (the last, shorter chunk in a call of its own). Returns ``(out, lse or None)``."""
-    batch, heads, length, dim = q.shape
+def _chunks_into(q, k, v, size: int, scale: float, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """``chunks(size)`` attention of ``q``/``k``/``v`` (``[B, H, L, D]``, any strides)
+    written into ``out`` (and ``lse``): dense SDPA per chunk with the chunks folded into the
+    batch as *views* (``[count, H, size, D]`` per batch entry, the last, shorter chunk in a
+    call of its own), so a strided lattice is read in place and its output written straight
+    to its positions."""
+    length = q.shape[2]
     whole = length // size * size
-    outs, lses = [], []
     for start, stop, chunk in ((0, whole, size), (whole, length, length - whole)):
         if stop == start:
             continue
-        count = (stop - start) // chunk
 
-        def fold(t):
-            return t[:, :, start:stop].reshape(batch, t.shape[1], count, chunk, t.shape[-1]) \
-                .transpose(1, 2).reshape(batch * count, t.shape[1], chunk, t.shape[-1])
+        def fold(t, b):
+            return t[b, :, start:stop].unflatten(1, ((stop - start) // chunk, chunk)).transpose(0, 1)
 
-        out, lse = sdpa_with_lse(fold(q), fold(k), fold(v), scale, need_lse)
-        outs.append(out.reshape(batch, count, heads, chunk, -1).transpose(1, 2).reshape(batch, heads, stop - start, -1))
-        if need_lse:
-            lses.append(lse.reshape(batch, count, heads, chunk).transpose(1, 2).reshape(batch, heads, stop - start))
-    return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if need_lse else None)
+        for b in range(q.shape[0]):
+            part_out, part_lse = sdpa_with_lse(fold(q, b), fold(k, b), fold(v, b), scale, lse is not None)
+            fold(out, b).copy_(part_out)
+            if lse is not None:
+                fold(lse, b).copy_(part_lse)
 
 
 def sdpa_with_lse(q, k, v, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -225,8 +234,8 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     batch, heads, length, _ = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     group = heads // kv_heads
-    out = q.new_zeros(batch, heads, length, dv)
-    lse = torch.full((batch, heads, length), float("-inf"), device=q.device) if need_lse else None
+    out = q.new_empty(batch, heads, length, dv)
+    lse = torch.empty((batch, heads, length), device=q.device) if need_lse else None
     for head_plan in plan:
         rng = head_plan.heads
         qg = q[:, rng.start:rng.stop]
@@ -235,17 +244,29 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         else:
             kv_index = torch.arange(rng.start, rng.stop, device=q.device) // group
             kg, vg = k.index_select(1, kv_index), v.index_select(1, kv_index)
+        group_out = out[:, rng.start:rng.stop]
+        group_lse = lse[:, rng.start:rng.stop] if need_lse else None
+        if sum(length if part.length is None else part.length for part in head_plan.parts) < length:
+            group_out.zero_()  # rows in no lattice see no key
+            if need_lse:
+                group_lse.fill_(float("-inf"))
         for part in head_plan.parts:
             if part.length == 0:  # no position of this lattice occurs at this length
                 continue
             sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
+            if isinstance(part.pattern, n.Chunks) and part.view(group_out) is not None:
+                _chunks_into(sq, sk, sv, part.pattern.size, scale, part.view(group_out),
+                             part.view(group_lse) if need_lse else None)
+                continue
             if isinstance(part.pattern, n.Chunks):
-                part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
+                part_out = sq.new_empty(*sq.shape[:3], dv)
+                part_lse = torch.empty(sq.shape[:3], device=q.device) if need_lse else None
+                _chunks_into(sq, sk, sv, part.pattern.size, scale, part_out, part_lse)
             else:
                 part_out, part_lse = run_part(part.pattern, sq, sk, sv)
-            part.put(out[:, rng.start:rng.stop], part_out.to(out.dtype))
+            part.put(group_out, part_out.to(out.dtype))
             if need_lse:
-                part.put(lse[:, rng.start:rng.stop, :, None], part_lse.float()[..., None])
+                part.put(group_lse[..., None], part_lse.float()[..., None])
     if not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
         # No lattice position occurs at this length: the output is all zeros, kept in the
         # autograd graph so that gradients (zeros) reach the inputs.
