@@ -201,7 +201,10 @@ def _chunks_into(q, k, v, size: int, scale: float, out: torch.Tensor, lse: torch
             return t[b, :, start:stop].unflatten(1, ((stop - start) // chunk, chunk)).transpose(0, 1)
 
         for b in range(q.shape[0]):
-            part_out, part_lse = sdpa_with_lse(fold(q, b), fold(k, b), fold(v, b), scale, lse is not None)
+            inputs = [fold(t, b) for t in (q, k, v)]
+            if any(t.requires_grad for t in inputs):  # SDPA's backward wants dense inputs
+                inputs = [t.contiguous() for t in inputs]
+            part_out, part_lse = sdpa_with_lse(*inputs, scale, lse is not None)
             fold(out, b).copy_(part_out)
             if lse is not None:
                 fold(lse, b).copy_(part_lse)
@@ -234,6 +237,10 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     batch, heads, length, _ = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     group = heads // kv_heads
+    # Without gradients, chunked lattices are written through views of the output; with
+    # them, each part is computed apart and scattered once (in-place writes into views of
+    # one output make autograd copy the whole output gradient per write).
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     out = q.new_empty(batch, heads, length, dv)
     lse = torch.empty((batch, heads, length), device=q.device) if need_lse else None
     for head_plan in plan:
@@ -254,7 +261,7 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             if part.length == 0:  # no position of this lattice occurs at this length
                 continue
             sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
-            if isinstance(part.pattern, n.Chunks) and part.view(group_out) is not None:
+            if in_place and isinstance(part.pattern, n.Chunks) and part.view(group_out) is not None:
                 _chunks_into(sq, sk, sv, part.pattern.size, scale, part.view(group_out),
                              part.view(group_lse) if need_lse else None)
                 continue
