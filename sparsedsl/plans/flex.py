@@ -28,11 +28,6 @@ from ..passes.tiles import EMPTY, TileGrid
 
 #: Smallest tile FlexAttention's CUDA kernels take in both passes.
 CUDA_MIN_TILE = 128
-#: Forward kernel options for calls without gradients, by (compute capability, head dim):
-#: ``benchmarks/flex_options.py`` on an H100 with ``blocks(128).local(25)`` at 64K tokens
-#: measured 7.51 ms against 7.88 ms for FlexAttention's default (best of 16 settings).
-#: Calls that need gradients keep the defaults, which the backward kernels are tuned with.
-FORWARD_OPTIONS = {((9, 0), 128): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}}
 #: Dynamo's per-function recompilation limit is raised to this when the plan first runs:
 #: each pattern lowers to its own ``mask_mod``, and the default (8) would send the ninth
 #: pattern of a process to FlexAttention's unfused eager path.
@@ -95,8 +90,7 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
 
     ``reads_score_tensors``: the ``score_mod`` loads a ``[.., Q, K]`` tensor (``bias``);
     its tile is pipelined beside K and V, so two pipeline stages are used instead of the
-    default three, which overflow an H100's shared memory with 128x128 tiles. Otherwise a
-    call without gradients uses :data:`FORWARD_OPTIONS` where they are measured."""
+    default three, which overflow an H100's shared memory with 128x128 tiles."""
     q_len, kv_len = q.shape[2], k.shape[2]
     q_padded, kv_padded = block_mask.seq_lengths
     if q_padded != q_len:
@@ -104,11 +98,7 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     if kv_padded != kv_len:
         k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
         v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
-    options = None
-    if q.is_cuda and reads_score_tensors:
-        options = {"num_stages": 2}
-    elif q.is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        options = FORWARD_OPTIONS.get((torch.cuda.get_device_capability(q.device), q.shape[-1]))
+    options = {"num_stages": 2} if reads_score_tensors and q.is_cuda else None
     result = compiled_flex_attention()(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse, kernel_options=options)

@@ -185,29 +185,51 @@ def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: in
     return tuple(plans) if useful else None
 
 
-def _chunks_into(q, k, v, size: int, scale: float, out: torch.Tensor, lse: torch.Tensor | None) -> None:
-    """``chunks(size)`` attention of ``q``/``k``/``v`` (``[B, H, L, D]``, any strides)
-    written into ``out`` (and ``lse``): dense SDPA per chunk with the chunks folded into the
-    batch as *views* (``[count, H, size, D]`` per batch entry, the last, shorter chunk in a
-    call of its own), so a strided lattice is read in place and its output written straight
-    to its positions."""
+def _chunk_pieces(q, k, v, size: int, scale: float, need_lse: bool):
+    """``chunks(size)`` attention of ``q``/``k``/``v`` (``[B, H, L, D]``, any strides) by
+    dense SDPA with the chunks folded into the batch as views (``[count, H, chunk, D]`` per
+    batch entry; the last, shorter chunk in a call of its own). Yields ``(start, fold, out,
+    lse)`` per call, batch entries in order: ``start`` the first position the call covers,
+    ``fold(t)`` the same folded view of any ``[B, H, L, ...]`` tensor, ``out`` and ``lse``
+    that call's results in the folded shape."""
     length = q.shape[2]
     whole = length // size * size
     for start, stop, chunk in ((0, whole, size), (whole, length, length - whole)):
         if stop == start:
             continue
-
-        def fold(t, b):
-            return t[b, :, start:stop].unflatten(1, ((stop - start) // chunk, chunk)).transpose(0, 1)
-
         for b in range(q.shape[0]):
-            inputs = [fold(t, b) for t in (q, k, v)]
+            def fold(t, b=b, start=start, stop=stop, chunk=chunk):
+                return t[b, :, start:stop].unflatten(1, ((stop - start) // chunk, chunk)).transpose(0, 1)
+
+            inputs = [fold(t) for t in (q, k, v)]
             if any(t.requires_grad for t in inputs):  # SDPA's backward wants dense inputs
                 inputs = [t.contiguous() for t in inputs]
-            part_out, part_lse = sdpa_with_lse(*inputs, scale, lse is not None)
-            fold(out, b).copy_(part_out)
-            if lse is not None:
-                fold(lse, b).copy_(part_lse)
+            out, lse = sdpa_with_lse(*inputs, scale, need_lse)
+            yield start, fold, out, lse
+
+
+def _chunks_into(q, k, v, size: int, scale: float, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """:func:`_chunk_pieces` written through views of ``out`` (and ``lse``): a strided
+    lattice is read in place and its output goes straight to its positions (no autograd)."""
+    for _, fold, part_out, part_lse in _chunk_pieces(q, k, v, size, scale, lse is not None):
+        fold(out).copy_(part_out)
+        if lse is not None:
+            fold(lse).copy_(part_lse)
+
+
+def _chunks(q, k, v, size: int, scale: float, need_lse: bool):
+    """:func:`_chunk_pieces` assembled out of place: ``(out [B, H, L, Dv], lse or None)``
+    (differentiable without in-place writes)."""
+    heads = q.shape[1]
+    outs, lses = {}, {}  # by first position: whole chunks, then the remainder
+    for start, _, part_out, part_lse in _chunk_pieces(q, k, v, size, scale, need_lse):
+        count, _, chunk, dv = part_out.shape
+        outs.setdefault(start, []).append(part_out.transpose(0, 1).reshape(heads, count * chunk, dv))
+        if need_lse:
+            lses.setdefault(start, []).append(part_lse.transpose(0, 1).reshape(heads, count * chunk))
+    out = torch.cat([torch.stack(pieces) for pieces in outs.values()], dim=2)
+    lse = torch.cat([torch.stack(pieces) for pieces in lses.values()], dim=2) if need_lse else None
+    return out, lse
 
 
 def sdpa_with_lse(q, k, v, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -266,9 +288,7 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              part.view(group_lse) if need_lse else None)
                 continue
             if isinstance(part.pattern, n.Chunks):
-                part_out = sq.new_empty(*sq.shape[:3], dv)
-                part_lse = torch.empty(sq.shape[:3], device=q.device) if need_lse else None
-                _chunks_into(sq, sk, sv, part.pattern.size, scale, part_out, part_lse)
+                part_out, part_lse = _chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
             else:
                 part_out, part_lse = run_part(part.pattern, sq, sk, sv)
             part.put(group_out, part_out.to(out.dtype))
