@@ -265,6 +265,12 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     out = q.new_empty(batch, heads, length, dv)
     lse = torch.empty((batch, heads, length), device=q.device) if need_lse else None
+    for head_plan in plan:  # rows in no lattice see no key: zeroed before any write that
+        # autograd records (an in-place write into a recorded output copies its gradient)
+        if sum(length if part.length is None else part.length for part in head_plan.parts) < length:
+            out[:, head_plan.heads.start:head_plan.heads.stop].zero_()
+            if need_lse:
+                lse[:, head_plan.heads.start:head_plan.heads.stop].fill_(float("-inf"))
     for head_plan in plan:
         rng = head_plan.heads
         qg = q[:, rng.start:rng.stop]
@@ -275,10 +281,6 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             kg, vg = k.index_select(1, kv_index), v.index_select(1, kv_index)
         group_out = out[:, rng.start:rng.stop]
         group_lse = lse[:, rng.start:rng.stop] if need_lse else None
-        if sum(length if part.length is None else part.length for part in head_plan.parts) < length:
-            group_out.zero_()  # rows in no lattice see no key
-            if need_lse:
-                group_lse.fill_(float("-inf"))
         for part in head_plan.parts:
             if part.length == 0:  # no position of this lattice occurs at this length
                 continue
