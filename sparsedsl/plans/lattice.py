@@ -62,15 +62,6 @@ class LatticePart:
             return t[:, :, self.stride[0]::self.stride[1]]
         return t.index_select(2, self.positions)
 
-    def view(self, t: torch.Tensor) -> torch.Tensor | None:
-        """The lattice's positions of ``t`` (dimension 2) as a view that can be written
-        through, or None when they are gathered (not evenly spaced)."""
-        if self.positions is None:
-            return t
-        if self.stride is not None:
-            return t[:, :, self.stride[0]::self.stride[1]]
-        return None
-
     def put(self, target: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``values`` into the lattice's positions of ``target`` (in place)."""
         if self.positions is None:
@@ -185,33 +176,9 @@ def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: in
     return tuple(plans) if useful else None
 
 
-def _chunks_into(q, k, v, size: int, scale: float, out: torch.Tensor, lse: torch.Tensor | None) -> None:
-    """``chunks(size)`` attention of ``q``/``k``/``v`` (``[B, H, L, D]``, any strides)
-    written into ``out`` (and ``lse``), without autograd: dense SDPA per chunk with the
-    chunks folded into the batch as *views* (``[count, H, chunk, D]`` per batch entry, the
-    last, shorter chunk in a call of its own), so a strided lattice is read in place and its
-    output written straight to its positions."""
-    length = q.shape[2]
-    whole = length // size * size
-    for start, stop, chunk in ((0, whole, size), (whole, length, length - whole)):
-        if stop == start:
-            continue
-        for b in range(q.shape[0]):
-            def fold(t):
-                return t[b, :, start:stop].unflatten(1, ((stop - start) // chunk, chunk)).transpose(0, 1)
-
-            part_out, part_lse = sdpa_with_lse(fold(q), fold(k), fold(v), scale, lse is not None)
-            fold(out).copy_(part_out)
-            if lse is not None:
-                fold(lse).copy_(part_lse)
-
-
-def _chunks(q, k, v, size: int, scale: float, need_lse: bool):
-    """``chunks(size)`` attention out of place, for autograd: dense SDPA per chunk with the
-    chunks folded into the batch by copies (the last, shorter chunk in a call of its own).
-    Returns ``(out, lse or None)``. (Folding as views and copying the output into place, as
-    :func:`_chunks_into` does, measured slower with gradients: 10.6 against 8.9 ms of GPU
-    time for LongNet's forward+backward at 64K tokens on an H100.)"""
+def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
+    """``chunks(size)`` attention: dense SDPA per chunk with the chunks folded into the
+    batch (the last, shorter chunk in a call of its own). Returns ``(out, lse or None)``."""
     batch, heads, length, dim = q.shape
     whole = length // size * size
     outs, lses = [], []
@@ -258,18 +225,8 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     batch, heads, length, _ = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     group = heads // kv_heads
-    # Without gradients, chunked lattices are written through views of the output; with
-    # them, each part is computed apart and scattered once (in-place writes into views of
-    # one output make autograd copy the whole output gradient per write).
-    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    out = q.new_empty(batch, heads, length, dv)
-    lse = torch.empty((batch, heads, length), device=q.device) if need_lse else None
-    for head_plan in plan:  # rows in no lattice see no key: zeroed before any write that
-        # autograd records (an in-place write into a recorded output copies its gradient)
-        if sum(length if part.length is None else part.length for part in head_plan.parts) < length:
-            out[:, head_plan.heads.start:head_plan.heads.stop].zero_()
-            if need_lse:
-                lse[:, head_plan.heads.start:head_plan.heads.stop].fill_(float("-inf"))
+    out = q.new_zeros(batch, heads, length, dv)
+    lse = torch.full((batch, heads, length), float("-inf"), device=q.device) if need_lse else None
     for head_plan in plan:
         rng = head_plan.heads
         qg = q[:, rng.start:rng.stop]
@@ -278,23 +235,17 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         else:
             kv_index = torch.arange(rng.start, rng.stop, device=q.device) // group
             kg, vg = k.index_select(1, kv_index), v.index_select(1, kv_index)
-        group_out = out[:, rng.start:rng.stop]
-        group_lse = lse[:, rng.start:rng.stop] if need_lse else None
         for part in head_plan.parts:
             if part.length == 0:  # no position of this lattice occurs at this length
                 continue
             sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
-            if in_place and isinstance(part.pattern, n.Chunks) and part.view(group_out) is not None:
-                _chunks_into(sq, sk, sv, part.pattern.size, scale, part.view(group_out),
-                             part.view(group_lse) if need_lse else None)
-                continue
             if isinstance(part.pattern, n.Chunks):
-                part_out, part_lse = _chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
+                part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
             else:
                 part_out, part_lse = run_part(part.pattern, sq, sk, sv)
-            part.put(group_out, part_out.to(out.dtype))
+            part.put(out[:, rng.start:rng.stop], part_out.to(out.dtype))
             if need_lse:
-                part.put(group_lse[..., None], part_lse.float()[..., None])
+                part.put(lse[:, rng.start:rng.stop, :, None], part_lse.float()[..., None])
     if not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
         # No lattice position occurs at this length: the output is all zeros, kept in the
         # autograd graph so that gradients (zeros) reach the inputs.
