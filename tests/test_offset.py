@@ -177,7 +177,7 @@ def test_decode_block_mask_is_a_sound_superset(pattern, q_len, q_offset, kv_len)
         lowering = module.lowering(32, capacity, heads=heads, q_offset=row * 32)
         return lowering.states
 
-    rows = DecodeRows(row_states, 32, 32, capacity, module.lowering(1, capacity, heads=heads).position_mask)
+    rows = DecodeRows(row_states, 32, 32, capacity, module.lowering(1, capacity, heads=heads).position_mask, "cpu")
     ours = rows.states(q_offset, q_len, kv_len)[..., :exact.shape[-1]]
     assert ((exact != 0) <= (ours != 0)).all()
     assert ((ours == 3) <= (exact == 3)).all()

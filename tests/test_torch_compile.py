@@ -132,3 +132,11 @@ def test_operator_passes_torch_library_opcheck(return_lse, q_offset):
     k, v = (torch.randn(1, 1, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     result = torch.library.opcheck(attention_op, (q, k, v, module._handle, 0.3, q_offset, return_lse, "", []))
     assert set(result.values()) == {"SUCCESS"}
+
+
+def test_bad_offsets_are_refused_under_fullgraph_too():
+    module = sd.compile(sd.window(3), block_size=16)
+    q = torch.randn(1, 1, 4, 8)
+    for bad in (-1, "start"):
+        with pytest.raises(Exception, match="q_offset"):
+            torch.compile(lambda q: module(q, q, q, q_offset=bad), fullgraph=True, backend=CompileCounter())(q)

@@ -60,8 +60,6 @@ class Lowering:
         partial = (self.states == PARTIAL).nonzero()
         inside = int(tile_pair_counts(self.position_mask, self.grid, partial).sum()) if partial.numel() else 0
         return (full + inside) * per_grid
-        self._block_masks: dict[tuple[int, int], BlockMask] = {}
-        self._lock = threading.Lock()
 
     @property
     def block_mask(self) -> BlockMask:
@@ -306,7 +304,7 @@ class CompiledPattern(nn.Module):
         q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
         if torch.compiler.is_compiling():
             # Traced by torch.compile: one opaque operator (lengths may be symbolic here).
-            offset = k.shape[2] - q.shape[2] if q_offset == "end" else q_offset
+            offset = k.shape[2] - q.shape[2] if q_offset == "end" else _static_offset(q_offset)
             result = traced_attention(self._handle, q, k, v, scale, offset, return_lse, buffers)
             return (_to_layout(result[0], layout), result[1]) if return_lse else _to_layout(result, layout)
         _, _, q_offset = resolve_q_offset("forward()", q.shape[2], k.shape[2], q_offset)
@@ -391,7 +389,7 @@ class CompiledPattern(nn.Module):
         key = (core, state_heads, q_block, kv_block, str(device), capacity)
         rows = _DECODE_ROWS.get(key, lambda: DecodeRows(
             row_states, q_block, kv_block, capacity,
-            lower_mask(core, self._context(1, capacity, state_heads, device, {}, "forward()"))))
+            lower_mask(core, self._context(1, capacity, state_heads, device, {}, "forward()")), device))
         score_ctx = self._context(q_len, kv_len, heads, device, {}, "forward()")
         score_mod = lower_score(self.pattern, score_ctx)
         if kind == "flex":
@@ -425,6 +423,13 @@ def resolve_q_offset(where: str, q_len, kv_len, q_offset) -> tuple[int, int, int
         raise PatternArgumentError(f"{where}: argument 'q_offset' must be an int >= 0 or 'end', got {q_offset!r}")
     q_offset = check_int(where, "q_offset", q_offset, minimum=0)
     return q_len, q_offset + q_len if kv_len is None else kv_len, q_offset
+
+
+def _static_offset(q_offset) -> int:
+    """A ``q_offset`` other than ``"end"``, checked without the (possibly symbolic) lengths."""
+    if isinstance(q_offset, str):
+        raise PatternArgumentError(f"forward(): argument 'q_offset' must be an int >= 0 or 'end', got {q_offset!r}")
+    return check_int("forward()", "q_offset", q_offset, minimum=0)
 
 
 def _sdpa_runner(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, scale: float, gqa: bool):

@@ -51,13 +51,14 @@ class DecodeRows:
 
     ``row_states(r)`` computes the int8 states ``[B or 1, H or 1, 1, num_kv_tiles]`` of
     aligned tile row ``r`` over ``kv_capacity`` keys (cached here); ``position_mask`` is
-    the pattern's ``mask_mod`` on absolute positions."""
+    the pattern's ``mask_mod`` on absolute positions; ``device`` the states' device."""
 
     def __init__(self, row_states: Callable[[int], torch.Tensor], q_block: int, kv_block: int,
-                 kv_capacity: int, position_mask: Callable):
+                 kv_capacity: int, position_mask: Callable, device: torch.device):
         self.row_states = row_states
         self.q_block, self.kv_block, self.kv_capacity = q_block, kv_block, kv_capacity
         self.position_mask = position_mask
+        self.device = torch.device(device)
         self._rows: dict[int, torch.Tensor] = {}
         self._block_masks: dict[tuple, BlockMask] = {}
         self._positions: torch.Tensor | None = None
@@ -68,11 +69,10 @@ class DecodeRows:
         kv_capacity`` a view into one cached ``arange``, so a step copies nothing to the
         device."""
         if self._positions is None:
-            device = self.aligned_states(0).device
-            self._positions = torch.arange(self.kv_capacity + 1, device=device)
+            self._positions = torch.arange(self.kv_capacity + 1, device=self.device)
         if value <= self.kv_capacity:
             return self._positions[value]
-        return torch.tensor(value, device=self._positions.device)
+        return torch.tensor(value, device=self.device)
 
     def aligned_states(self, row: int) -> torch.Tensor:
         """The cached states of aligned tile row ``row``."""
