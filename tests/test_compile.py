@@ -275,3 +275,24 @@ def test_gpu_score_mods_across_lengths(pattern, length):
     expected, _ = reference_attention(pattern, q.cpu(), k.cpu(), v.cpu(),
                                       **{n: t.cpu() for n, t in buffers.items()})
     assert (out.double().cpu() - expected).abs().max().item() < 3e-2
+
+
+def test_lowerings_of_bound_tensors_are_shared_while_the_tensor_is_unchanged():
+    """One ids tensor used by several calls (the layers of a model) is lowered once; an
+    in-place change of it, or another tensor, gets its own lowering and exact results."""
+    module = sd.compile(sd.documents("ids") & sd.causal(), block_size=16)
+    ids = torch.tensor([0] * 30 + [1] * 34)
+    first = module.lowering(64, ids=ids)
+    assert module.lowering(64, ids=ids) is first
+    assert module.lowering(64, ids=ids[None][0]) is first  # another view of the same memory
+    assert module.lowering(64, ids=ids.clone()) is not first
+    q, k, v = _inputs(1, 2, 2, 64, 64, 8, dtype=torch.float64)
+    before = module(q, k, v, ids=ids)
+    ids[40:] = 2  # in place: a third document
+    assert module.lowering(64, ids=ids) is not first
+    expected, _ = reference_attention(sd.documents("ids") & sd.causal(), q, k, v, ids=ids)
+    after = module(q, k, v, ids=ids)
+    assert torch.allclose(after, expected, atol=1e-12) and not torch.allclose(after, before)
+    scored = sd.compile((sd.documents("ids") & sd.causal()).score(sd.bias("b")), block_size=16)
+    bias = torch.randn(64, 64)
+    assert scored.lowering(64, ids=ids, b=bias) is not scored.lowering(64, ids=ids, b=bias)

@@ -83,6 +83,9 @@ class Lowering:
 
 #: Lowerings of patterns without call-time tensors, shared by every compiled module.
 _LOWERINGS = BuildCache(maxsize=64)
+#: Lowerings of patterns whose mask binds tensors (document ids, layouts), per tensor memory
+#: and version: the layers of a model called with one ids tensor share one lowering.
+_BOUND_LOWERINGS = BuildCache(maxsize=16)
 #: Lattice decompositions, likewise.
 _LATTICES = BuildCache(maxsize=64)
 #: Resolved runners per (pattern, tiles, kernel, call shape, dtype, device, grad, lse, scale,
@@ -115,7 +118,9 @@ class CompiledPattern(nn.Module):
 
     Lowerings (``mask_mod``, tile states, ``BlockMask``) are cached per (pattern, lengths,
     heads when the pattern has head groups, tile sizes, device) and shared by every module
-    with the same pattern; patterns with call-time tensors are lowered per call.
+    with the same pattern; patterns whose mask binds call-time tensors are cached per
+    tensor memory and version (the same, unchanged tensor or a view of it reuses its
+    lowering), and with a bound ``bias`` lowered per call.
     """
 
     def __init__(self, pattern: n.Pattern, *, block_size=128, kernel: str = "auto"):
@@ -164,7 +169,17 @@ class CompiledPattern(nn.Module):
         grid = TileGrid(ctx.q_len, ctx.kv_len, q_block, kv_block, q_offset)
         core = mask_part(self.pattern)
         if buffers:
-            return Lowering(core, ctx, grid)
+            if core.buffer_names() != buffers.keys():  # a bias is bound: not kept alive here
+                return Lowering(core, ctx, grid)
+            # Keyed by the memory a tensor views and its version counter: the cached lowering
+            # holds its tensors (ctx.buffers), so while it is cached that memory is not
+            # reused, a tensor with the same address, shape and strides views the same
+            # values (another view of one tensor, as each layer of a model takes), and an
+            # in-place change bumps the version counter that views share.
+            bound = tuple(sorted((name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype,
+                                  str(t.device), t._version) for name, t in buffers.items()))
+            key = (core, grid, ctx.heads, str(ctx.device), bound)
+            return _BOUND_LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
         if not depends_on_heads(core):
             ctx = Context(ctx.q_len, ctx.kv_len, 1, ctx.device)
         key = (core, grid, ctx.heads, str(ctx.device))
