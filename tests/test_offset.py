@@ -74,7 +74,8 @@ def test_offset_block_mask_equals_create_block_mask_and_counts(case, block):
     _assert_same_blocks(ours, theirs, batch, heads)
     plan = module.explain(rows, kv_len, heads=heads, q_offset=offset, device="cpu", **buffers)
     assert plan.pairs == int(sd.dense(pattern, rows, kv_len, heads=heads, q_offset=offset, **buffers).sum())
-    assert (plan.q_len, plan.q_offset) == (rows, offset)
+    assert plan.q_len == rows
+    assert plan.q_offset == (0 if module._block_local(rows, kv_len, offset) else offset)
 
 
 def test_end_alignment_is_decoding_with_a_kv_cache():
@@ -188,3 +189,51 @@ def test_decode_block_mask_is_a_sound_superset(pattern, q_len, q_offset, kv_len)
     out = flex_attention(q, kp, vp, block_mask=rows.block_mask(q_offset, q_len, kv_len), score_mod=score_mod)
     expected, _ = reference_attention(pattern, q, k, v, q_offset=q_offset)
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@st.composite
+def block_periodic_cases(draw):
+    """``(pattern, period)``: unions and head groups of ``dilated``/``chunks``/``segments``."""
+    def part():
+        segment = draw(st.sampled_from((4, 8, 16, 32)))
+        kind = draw(st.sampled_from(("dilated", "chunks", "segments")))
+        if kind == "dilated":
+            rate = draw(st.integers(1, min(segment, 4)))
+            return sd.dilated(segment, rate, draw(st.integers(0, rate - 1)))
+        if kind == "chunks":
+            return sd.chunks(segment)
+        return sd.segments([segment, 2 * segment], [1, 2])
+    parts = [part() for _ in range(draw(st.integers(1, 2)))]
+    pattern = parts[0] if len(parts) == 1 else (parts[0] | parts[1] if draw(st.booleans())
+                                                else sd.heads(*parts))
+    return pattern, sd.compile(pattern)._diagonal_period
+
+
+@settings(max_examples=60)
+@given(case=block_periodic_cases(), blocks_before=st.integers(1, 3), blocks=st.integers(1, 3),
+       blocks_after=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_rows_of_whole_diagonal_blocks_run_as_self_attention(case, blocks_before, blocks, blocks_after, seed):
+    """A shard of rows that are whole blocks of a block-periodic pattern (a LongNet shard)
+    runs on its own keys (the lattice plan applies) and equals the dense reference, with
+    gradients reaching only its own keys."""
+    pattern, period = case
+    offset, rows = blocks_before * period, blocks * period
+    kv_len = offset + rows + blocks_after * period
+    q, k, v = _inputs(1, 4, 4, rows, kv_len, 8, dtype=torch.float64, seed=seed, requires_grad=True)
+    module = sd.compile(pattern, block_size=16)
+    out = module(q, k, v, q_offset=offset)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
+    assert (out - expected).abs().max().item() < 1e-10
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-9
+
+
+def test_a_longnet_shard_runs_on_the_lattice_plan():
+    module = sd.compile(sd.segments([2048, 4096, 8192, 16384], [1, 2, 4, 8]))
+    plan = module.explain(16384, 65536, heads=16, q_offset=32768, device="cuda")
+    assert plan.kind == "lattice" and plan.computed_pairs == plan.pairs
+    # rows that cut a segment are not a shard of whole blocks: the tile plan runs
+    assert module.explain(16384, 65536, heads=16, q_offset=8192, device="cuda").kind == "flex"

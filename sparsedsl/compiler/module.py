@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..analysis.count import count
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
-from ..lang.queries import depends_on_heads, head_group_count, mask_part, score_mods
+from ..lang.queries import depends_on_heads, diagonal_period, head_group_count, mask_part, score_mods
 from ..passes.blockmask import block_mask_from_states, tile_states
 from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score, rows_from, score_rows_from
@@ -137,6 +137,7 @@ class CompiledPattern(nn.Module):
         self.q_block, self.kv_block = _block_sizes(block_size)
         self.kernel = kernel
         self._decodes_by_rows = decodes_by_rows(pattern)
+        self._diagonal_period = None if score_mods(pattern) or pattern.buffer_names() else diagonal_period(pattern)
         self._handle = handle_for(self, self._configuration())
 
     def _configuration(self) -> tuple:
@@ -226,9 +227,13 @@ class CompiledPattern(nn.Module):
                 requires_grad: bool = False, q_offset=0, **buffers) -> Plan:
         """The plan ``forward`` would run for these sizes on ``device`` (default: CUDA when
         present) and what it computes. Works for ``device="cuda"`` on a machine without
-        CUDA too."""
+        CUDA too. Rows past position 0 that are whole diagonal blocks of a block-periodic
+        pattern (``dilated``, ``chunks``, ``segments``) are explained as the self-attention
+        they run as (``kv_len = q_len``, ``q_offset = 0``)."""
         head_dim = check_int("explain()", "head_dim", head_dim, minimum=1)
         q_len, kv_len, q_offset = resolve_q_offset("explain()", q_len, kv_len, q_offset)
+        if self._block_local(q_len, kv_len, q_offset):  # as forward() runs it
+            kv_len, q_offset = q_len, 0
         device = torch.device(device if device is not None else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -323,6 +328,10 @@ class CompiledPattern(nn.Module):
             result = traced_attention(self._handle, q, k, v, scale, offset, return_lse, buffers)
             return (_to_layout(result[0], layout), result[1]) if return_lse else _to_layout(result, layout)
         _, _, q_offset = resolve_q_offset("forward()", q.shape[2], k.shape[2], q_offset)
+        if self._block_local(q.shape[2], k.shape[2], q_offset) and not buffers:
+            # Rows that are whole diagonal blocks see only their own keys, as at position 0.
+            k, v = k[:, :, q_offset:q_offset + q.shape[2]], v[:, :, q_offset:q_offset + q.shape[2]]
+            q_offset = 0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if buffers:
             runner = self._runner(q, k, v, scale, needs_grad, return_lse, q_offset, buffers)
@@ -336,6 +345,16 @@ class CompiledPattern(nn.Module):
         out, lse = runner(q, k, v, q_offset)
         out = _to_layout(out, layout)
         return (out, lse) if return_lse else out
+
+    def _block_local(self, q_len: int, kv_len: int, q_offset: int) -> bool:
+        """Whether rows ``[q_offset, q_offset + q_len)`` are whole diagonal blocks of a
+        pattern that is the same in every block (:func:`diagonal_period`) within the keys:
+        then they attend exactly as the first ``q_len`` rows over the first ``q_len`` keys
+        would, so the call runs as self-attention on the keys of those positions (the
+        lattice plan applies to a LongNet shard of a sequence-parallel run)."""
+        period = self._diagonal_period
+        return (period is not None and q_offset > 0 and q_offset % period == 0
+                and q_len % period == 0 and q_offset + q_len <= kv_len)
 
     def _decoding(self, q_len: int, q_offset: int) -> bool:
         """Whether a call without gradients runs as a decoding step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from . import nodes as n
 
 
@@ -33,3 +35,22 @@ def depends_on_heads(pattern: n.Pattern) -> bool:
     """Whether ``allowed`` can differ between heads without call-time tensors (head groups);
     a ``[H, nqb, nkb]`` layout tensor can make it so too, see the bound tensors."""
     return any(isinstance(node, (n.Heads, n.Segments)) for node in walk(mask_part(pattern)))
+
+
+def diagonal_period(pattern: n.Pattern) -> int | None:
+    """``T`` such that the pattern allows pairs only inside diagonal blocks of ``T``
+    positions (``allowed(q, k)`` implies ``q // T == k // T``) and allows the same pairs in
+    every block (``allowed(q + T, k + T) == allowed(q, k)``): ``dilated`` and ``chunks``
+    (their segment), ``segments``, and head groups, unions and intersections of such parts
+    (the least common multiple); None for every other pattern, and for any with score
+    modifications (they may read absolute positions)."""
+    if isinstance(pattern, n.Dilated):
+        return pattern.segment
+    if isinstance(pattern, n.Chunks):
+        return pattern.size
+    if isinstance(pattern, n.Segments):
+        return math.lcm(*pattern.lengths)
+    if isinstance(pattern, (n.Heads, n.Union, n.Intersection)):
+        periods = [diagonal_period(part) for part in pattern.parts]
+        return None if None in periods else math.lcm(*periods)
+    return None
