@@ -20,43 +20,43 @@ def check_4d(where: str, q, k, v, dims: str) -> None:
             raise ValueError(f"{where}: argument {name!r} must be 4-D {dims}, got shape {list(t.shape)}")
 
 
-def check_attention_inputs(q, k, v, scale, layout: str):
+def check_attention_inputs(q, k, v, scale, layout: str, where: str = "forward()"):
     """``(q, k, v, scale)`` in ``[batch, heads, length, dim]`` layout with ``scale`` a
     float (``1 / sqrt(head_dim)`` when None), or a ``ValueError``/``TypeError`` that says
-    what is wrong."""
+    what is wrong (its message starts with ``where``)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"forward(): argument 'layout' must be one of {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"{where}: argument 'layout' must be one of {LAYOUTS}, got {layout!r}")
     dims = "[batch, heads, length, head_dim]" if layout == "bhnd" else "[batch, length, heads, head_dim]"
-    check_4d("forward()", q, k, v, f"{dims} (layout={layout!r})")
+    check_4d(where, q, k, v, f"{dims} (layout={layout!r})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"forward(): argument {name!r} must be a floating tensor "
+                f"{where}: argument {name!r} must be a floating tensor "
                 f"(float16, bfloat16, float32 or float64), got dtype={t.dtype}"
             )
         if t.dtype != q.dtype:
-            raise TypeError(f"forward(): q, k and v must share one dtype, got q={q.dtype} and {name}={t.dtype}")
+            raise TypeError(f"{where}: q, k and v must share one dtype, got q={q.dtype} and {name}={t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"forward(): q, k and v must be on one device, got q on {q.device} and {name} on {t.device}")
+            raise ValueError(f"{where}: q, k and v must be on one device, got q on {q.device} and {name} on {t.device}")
     if layout == "bnhd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     (batch, heads, q_len, dim), (kb, kv_heads, kv_len, kdim) = q.shape, k.shape
     shape_names = f"(layout={layout!r}; q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} as [batch, heads, length, head_dim])"
     if 0 in (batch, heads, q_len, dim, kv_heads, kv_len):
-        raise ValueError(f"forward(): empty inputs are not attention {shape_names}")
+        raise ValueError(f"{where}: empty inputs are not attention {shape_names}")
     if kb != batch or v.shape[0] != batch:
-        raise ValueError(f"forward(): q, k and v must have the same batch size {shape_names}")
+        raise ValueError(f"{where}: q, k and v must have the same batch size {shape_names}")
     if tuple(v.shape[1:3]) != (kv_heads, kv_len):
-        raise ValueError(f"forward(): k and v must have the same heads and length {shape_names}")
+        raise ValueError(f"{where}: k and v must have the same heads and length {shape_names}")
     if kdim != dim:
-        raise ValueError(f"forward(): q and k must have the same head_dim, got {dim} and {kdim} {shape_names}")
+        raise ValueError(f"{where}: q and k must have the same head_dim, got {dim} and {kdim} {shape_names}")
     if heads % kv_heads:
         raise ValueError(
-            f"forward(): q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) "
+            f"{where}: q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) "
             f"for grouped-query attention {shape_names}"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"forward(): argument 'scale' must be a finite number, got {scale!r}")
+        raise ValueError(f"{where}: argument 'scale' must be a finite number, got {scale!r}")
     return q, k, v, float(scale)

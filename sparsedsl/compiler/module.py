@@ -433,8 +433,8 @@ class CompiledPattern(nn.Module):
                 return_lse=return_lse)
         return lambda q, k, v, q_offset: gather_attention(
             q, k, v, states=rows.states(q_offset, q_len, kv_len), grid=rows.grid(q_offset, q_len),
-            mask_mod=rows_from(rows.position_mask, q_offset, device),
-            score_mod=score_rows_from(score_mod, q_offset, device), scale=scale)
+            mask_mod=rows_from(rows.position_mask, rows.position(q_offset), device),
+            score_mod=score_rows_from(score_mod, rows.position(q_offset), device), scale=scale)
 
 
 def resolve_q_offset(where: str, q_len, kv_len, q_offset) -> tuple[int, int, int]:

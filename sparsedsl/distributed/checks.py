@@ -13,7 +13,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from ..compiler.inputs import FLOAT_DTYPES
+from ..compiler.inputs import FLOAT_DTYPES, check_attention_inputs
 from ..compiler.module import CompiledPattern
 
 WHERE = "sequence_parallel_attention()"
@@ -39,32 +39,21 @@ def check_types(compiled, q, k, v, group) -> None:
 
 
 def local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zigzag: bool) -> str | None:
-    """What is wrong with this rank's shards ``[B, H, L, D]``, or None."""
+    """What is wrong with this rank's shards ``[B, H, L, D]``, or None: the compiled
+    module's own input checks, plus equal shard lengths and, with ``zigzag``, even ones."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             return (f"argument {name!r} must be a 4-D shard [batch, heads, length, head_dim], "
                     f"got shape {list(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            return f"argument {name!r} must be a floating tensor, got dtype={t.dtype}"
-        if t.dtype != q.dtype:
-            return f"q, k and v must share one dtype, got q={q.dtype} and {name}={t.dtype}"
-        if t.device != q.device:
-            return f"q, k and v must be on one device, got q on {q.device} and {name} on {t.device}"
-    shapes = f"(q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)})"
-    (batch, heads, length, dim), (_, kv_heads, kv_length, key_dim) = q.shape, k.shape
-    if 0 in (batch, heads, length, dim, kv_heads):
-        return f"empty shards are not attention {shapes}"
-    if k.shape[0] != batch or v.shape[0] != batch:
-        return f"q, k and v must have the same batch size {shapes}"
-    if tuple(v.shape[1:3]) != (kv_heads, kv_length):
-        return f"k and v must have the same heads and length {shapes}"
-    if kv_length != length:
+    try:
+        check_attention_inputs(q, k, v, None, "bhnd", where=WHERE)
+    except (TypeError, ValueError) as err:
+        return str(err).removeprefix(f"{WHERE}: ")
+    length = q.shape[2]
+    if k.shape[2] != length:
         return (f"q, k and v shards must have the same length (each rank holds the same "
-                f"positions of the queries, keys and values) {shapes}")
-    if key_dim != dim:
-        return f"q and k must have the same head_dim {shapes}"
-    if heads % kv_heads:
-        return f"q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) {shapes}"
+                f"positions of the queries, keys and values) (q {list(q.shape)}, "
+                f"k {list(k.shape)}, v {list(v.shape)})")
     if zigzag and length % 2:
         return (f"with zigzag=True each shard holds two chunks, so its length must be even, "
                 f"got q.shape[2]={length}")

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..catalog import pattern_from_text
 from ..compiler.module import CompiledPattern
 from ..lang import nodes as n
-from ..lang.queries import mask_part, score_mods
+from ..lang.queries import restrict
 
 __all__ = ["MINIMUM_TRANSFORMERS", "PADDING_IDS", "SLOT_DTYPE", "PatternAttention",
            "read_slot_mask", "register", "slot_mask"]
@@ -132,8 +132,8 @@ class PatternAttention:
         self.name = name
         self.pattern = pattern
         self.attend = CompiledPattern(pattern, block_size=block_size, kernel=kernel)
-        self.attend_padded = CompiledPattern(_and_padding(pattern), block_size=block_size,
-                                             kernel=kernel)
+        self.attend_padded = CompiledPattern(restrict(pattern, n.documents(PADDING_IDS)),
+                                             block_size=block_size, kernel=kernel)
 
     def __repr__(self) -> str:
         return f"PatternAttention({self.name!r}, {self.pattern})"
@@ -168,13 +168,6 @@ class PatternAttention:
             out = self.attend_padded(query, key, value, scale=scaling, q_offset=filled - q_len,
                                      **{PADDING_IDS: padding_ids})
         return out.transpose(1, 2).contiguous(), None
-
-
-def _and_padding(pattern: n.Pattern) -> n.Pattern:
-    """``pattern & documents(PADDING_IDS)``, its score modifications kept last."""
-    masked = mask_part(pattern) & n.documents(PADDING_IDS)
-    mods = score_mods(pattern)
-    return masked.score(*mods) if mods else masked
 
 
 def slot_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,

@@ -24,6 +24,13 @@ def score_mods(pattern: n.Pattern) -> tuple[n.ScoreMod, ...]:
     return pattern.mods if isinstance(pattern, n.Scored) else ()
 
 
+def restrict(pattern: n.Pattern, mask: n.Pattern) -> n.Pattern:
+    """``pattern & mask``, with ``pattern``'s score modifications kept last."""
+    mods = score_mods(pattern)
+    core = mask_part(pattern) & mask
+    return core.score(*mods) if mods else core
+
+
 def head_group_count(pattern: n.Pattern) -> int:
     """The fewest heads the pattern can run with (the largest head-group count in it)."""
     counts = [len(node.parts) for node in walk(pattern) if isinstance(node, n.Heads)]

@@ -12,7 +12,7 @@ from ..compiler.inputs import check_4d
 from ..compiler.module import CompiledPattern
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError
-from ..lang.queries import mask_part, score_mods
+from ..lang.queries import restrict, score_mods
 from ..passes.dense import dense_attention_weights
 from ..passes.tiles import EMPTY
 
@@ -34,9 +34,7 @@ def resolve_pattern(pattern, where: str) -> n.Pattern:
 
 def with_causal(pattern: n.Pattern) -> n.Pattern:
     """``pattern & causal()``, keeping score modifications last."""
-    mods = score_mods(pattern)
-    core = mask_part(pattern) & n.causal()
-    return core.score(*mods) if mods else core
+    return restrict(pattern, n.causal())
 
 
 def kernel_tile(block_size: int) -> int:
