@@ -13,12 +13,14 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..analysis.count import count
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
-from ..lang.queries import depends_on_heads, diagonal_period, head_group_count, mask_part, score_mods
+from ..lang.queries import (block_band, depends_on_heads, diagonal_period, head_group_count, mask_part,
+                             score_mods)
 from ..passes.blockmask import block_mask_from_states, tile_states
 from ..passes.context import Context
 from ..passes.maskmod import MaskFn, ScoreFn, lower_mask, lower_score, rows_from, score_rows_from
 from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..plans.band import Band, band_attention, edge_states
 from ..plans.decode import MAX_DECODE_ROWS, DecodeRows, decodes_by_rows
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention, row_chunks
@@ -26,7 +28,7 @@ from ..plans.lattice import HeadGroupPlan, lattice_attention, lattice_decomposit
 from .cache import BuildCache
 from .inputs import check_attention_inputs
 from .opaque import handle_for, traced_attention
-from .plan import KERNELS, Plan, choose_plan, dense_sdpa_case
+from .plan import FLEX_MIN_HEAD_DIM, KERNELS, Plan, choose_plan, dense_sdpa_case
 
 #: The lattice plan runs when the tile plan would compute more than this many times its pairs.
 LATTICE_ADVANTAGE = 1.5
@@ -224,13 +226,15 @@ class CompiledPattern(nn.Module):
 
     def explain(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
                 head_dim: int = 128, device=None, dtype: torch.dtype | None = None,
-                requires_grad: bool = False, q_offset=0, **buffers) -> Plan:
+                requires_grad: bool = False, q_offset=0, batch: int = 1, **buffers) -> Plan:
         """The plan ``forward`` would run for these sizes on ``device`` (default: CUDA when
-        present) and what it computes. Works for ``device="cuda"`` on a machine without
+        present) and what it computes (over ``heads`` heads; ``batch`` only informs the
+        choice: the band plan needs enough total work). Works for ``device="cuda"`` on a machine without
         CUDA too. Rows past position 0 that are whole diagonal blocks of a block-periodic
         pattern (``dilated``, ``chunks``, ``segments``) are explained as the self-attention
         they run as (``kv_len = q_len``, ``q_offset = 0``)."""
         head_dim = check_int("explain()", "head_dim", head_dim, minimum=1)
+        batch = check_int("explain()", "batch", batch, minimum=1)
         q_len, kv_len, q_offset = resolve_q_offset("explain()", q_len, kv_len, q_offset)
         if self._block_local(q_len, kv_len, q_offset):  # as forward() runs it
             kv_len, q_offset = q_len, 0
@@ -239,10 +243,11 @@ class CompiledPattern(nn.Module):
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         heads = head_group_count(self.pattern) if heads is None else heads
         lattice = self._lattice_if_cheaper(q_len, kv_len, q_offset, heads, device, dtype)
+        band = self._band(q_len, kv_len, q_offset, device, dtype, head_dim, buffers, batch * heads)
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
                                    lattice=lattice is not None, head_dim=head_dim,
-                                   q_offset=q_offset, lower_right=q_offset == kv_len - q_len)
-        tiles = flex_tiles(self.q_block, self.kv_block, device) if kind == "flex" else None
+                                   q_offset=q_offset, lower_right=q_offset == kv_len - q_len, band=band)
+        tiles = self._edge_tiles(device, dtype, head_dim) if kind in ("flex", "band") else None
         lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles,
                                  q_offset=q_offset, where="explain()", **buffers)
         states = lowering.states
@@ -258,8 +263,8 @@ class CompiledPattern(nn.Module):
             computed = heads * q_len * kv_len
         elif kind == "lattice":
             computed = self._lattice_computed_pairs(lattice, q_len, device, dtype)
-        else:
-            computed = _tile_computed_pairs(kind, lowering, heads)
+        else:  # a band's tiles are whole blocks: its edges and interior compute what they hold
+            computed = _tile_computed_pairs("flex" if kind == "band" else kind, lowering, heads)
         return Plan(kind, reason, q_len, kv_len, heads, head_dim, q_block, kv_block,
                     full * per_grid, partial * per_grid, empty * per_grid, pairs, computed, q_offset)
 
@@ -281,6 +286,26 @@ class CompiledPattern(nn.Module):
         tile_pairs = _tile_computed_pairs(tile_kind, lowering, heads)
         lattice_pairs = self._lattice_computed_pairs(lattice, q_len, device, dtype)
         return lattice if tile_pairs > LATTICE_ADVANTAGE * lattice_pairs else None
+
+    def _edge_tiles(self, device, dtype, head_dim: int) -> tuple[int, int]:
+        """The tiles of the band plan's edge rows: FlexAttention's (at least 128 on CUDA)
+        where flex runs them, else the module's ``block_size`` (the gather plan)."""
+        if _flex_edges(device, dtype, head_dim):
+            return flex_tiles(self.q_block, self.kv_block, device)
+        return self.q_block, self.kv_block
+
+    def _band(self, q_len: int, kv_len: int, q_offset: int, device, dtype, head_dim: int,
+              buffers: dict, batch_heads: int) -> Band | None:
+        """The band plan's decomposition (:mod:`sparsedsl.plans.band`) where it applies:
+        self-attention from position 0 of a band of whole blocks whose size is a multiple of
+        the tile plan's query tile (the edge rows run through that plan), else None."""
+        band = block_band(self.pattern)
+        if band is None or buffers or q_offset or q_len != kv_len or self.kernel not in ("auto", "band"):
+            return None
+        size, before, after = band
+        if size % self._edge_tiles(device, dtype, head_dim)[0]:
+            return None
+        return Band(size, before, after, q_len, batch_heads)
 
     def _lattice_computed_pairs(self, plan, seq_len, device, dtype) -> int:
         """Pairs the lattice plan's kernels compute: whole chunks for folded chunks, and
@@ -372,9 +397,10 @@ class CompiledPattern(nn.Module):
         batch, heads, q_len, _ = q.shape
         kv_len = k.shape[2]
         lattice = self._lattice_if_cheaper(q_len, kv_len, q_offset, heads, q.device, q.dtype)
+        band = self._band(q_len, kv_len, q_offset, q.device, q.dtype, q.shape[-1], buffers, batch * heads)
         kind, _ = choose_plan(self.pattern, self.kernel, q.device, q.dtype, needs_grad, return_lse,
                               lattice=lattice is not None, head_dim=q.shape[-1], q_offset=q_offset,
-                              lower_right=q_offset == kv_len - q_len)
+                              lower_right=q_offset == kv_len - q_len, band=band)
         if kind == "lattice":
             sub_modules: dict = {}
 
@@ -387,6 +413,8 @@ class CompiledPattern(nn.Module):
                                                         need_lse=return_lse, run_part=run_part)
         if kind == "sdpa":
             return _sdpa_runner(self.pattern, q_len, kv_len, q_offset, scale, gqa=k.shape[1] != heads)
+        if kind == "band":
+            return self._band_runner(band, q, scale, return_lse)
         tiles = flex_tiles(self.q_block, self.kv_block, q.device) if kind == "flex" else None
         if decoding:
             return self._decode_runner(kind, q, k, scale, return_lse, tiles)
@@ -405,6 +433,27 @@ class CompiledPattern(nn.Module):
         return lambda q, k, v, _: gather_attention(
             q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
             score_mod=score_mod, scale=scale)
+
+    def _band_runner(self, band: Band, q, scale: float, return_lse: bool):
+        """The band plan's runner: the interior by :func:`~sparsedsl.plans.band.band_attention`,
+        the edge rows through flex (CUDA) or the gather plan with the interior tiles emptied."""
+        heads, q_len, device = q.shape[1], q.shape[2], q.device
+        tiles = self._edge_tiles(device, q.dtype, q.shape[-1])
+        lowering = self.lowering(q_len, q_len, heads=heads, device=device, tiles=tiles, where="forward()")
+        states = edge_states(lowering.states, band, tiles[0])
+        if _flex_edges(device, q.dtype, q.shape[-1]):
+            padded = bucket_length(q_len, tiles[0])
+            block_mask = padded_block_mask(states, lowering.grid, lowering.mask_mod, padded, padded)
+
+            def edges(q, k, v):
+                return flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=None, scale=scale,
+                                           return_lse=return_lse)
+        else:
+            def edges(q, k, v):
+                return gather_attention(q, k, v, states=states, grid=lowering.grid,
+                                        mask_mod=lowering.mask_mod, score_mod=None, scale=scale)
+        return lambda q, k, v, _: band_attention(q, k, v, band=band, scale=scale, need_lse=return_lse,
+                                                 edges=edges)
 
     def _decode_runner(self, kind: str, q, k, scale: float, return_lse: bool, tiles):
         """The runner of decoding steps (any ``q_offset``) for these shapes: block masks
@@ -477,6 +526,11 @@ def _sdpa_runner(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, sca
 
 
 
+def _flex_edges(device, dtype, head_dim: int) -> bool:
+    """Whether the band plan's edge rows run through FlexAttention (else the gather plan)."""
+    return torch.device(device).type == "cuda" and dtype != torch.float64 and head_dim >= FLEX_MIN_HEAD_DIM
+
+
 def _work_device(device: torch.device) -> torch.device:
     """Where ``explain`` does its structural work for a plan on ``device``: the device
     itself, or the CPU when asked about CUDA on a machine without it (plans depend on the
@@ -518,6 +572,7 @@ def compile(pattern: n.Pattern, *, block_size=128, kernel: str = "auto") -> Comp
     ``block_size``: the FlexAttention tile (an int, or ``(q_block, kv_block)``), one of
     ``BLOCK_SIZES``. ``kernel``: ``"auto"`` picks the plan per call (see
     :mod:`sparsedsl.compiler.plan`), ``"flex"`` forces Inductor-compiled FlexAttention
-    (also on the CPU, forward only), ``"gather"`` the PyTorch block-sparse plan.
+    (also on the CPU, forward only), ``"gather"`` the PyTorch block-sparse plan,
+    ``"lattice"`` and ``"band"`` those plans where they apply (an error elsewhere).
     """
     return CompiledPattern(pattern, block_size=block_size, kernel=kernel)

@@ -10,6 +10,9 @@ Plans:
 * ``lattice``: token-level dilation (``dilated``, ``segments``, ``.within(dilated(...))``)
   as dense or block-sparse attention on gathered lattices of positions
   (:mod:`sparsedsl.plans.lattice`); on every device.
+* ``band``: a window of whole blocks (``blocks(size).local(w)``) as one dense SDPA call on
+  overlapping key windows taken as views, the edge rows through the tile plan
+  (:mod:`sparsedsl.plans.band`); chosen for CUDA forward passes without gradients.
 * ``gather``: block-sparse attention in plain PyTorch operations
   (:mod:`sparsedsl.plans.gather`); the plan for the CPU (where FlexAttention has no
   backward and its eager path materialises the whole score matrix) and for float64.
@@ -23,8 +26,9 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.queries import mask_part, score_mods
+from ..plans.band import Band, band_pays
 
-KERNELS = ("auto", "flex", "gather", "lattice")
+KERNELS = ("auto", "band", "flex", "gather", "lattice")
 #: FlexAttention's kernels refuse smaller head dims ("embedding dimension ... at least 16").
 FLEX_MIN_HEAD_DIM = 16
 
@@ -98,12 +102,21 @@ def dense_sdpa_case(pattern: n.Pattern) -> str | None:
 def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: torch.dtype,
                 needs_grad: bool, needs_lse: bool = False, lattice: bool = False,
                 head_dim: int | None = None, q_offset: int = 0,
-                lower_right: bool = False) -> tuple[str, str]:
+                lower_right: bool = False, band: Band | None = None) -> tuple[str, str]:
     """``(kind, reason)`` of the plan that runs ``pattern`` for these inputs; ``lattice``
-    says whether the lattice plan applies to these sizes; ``q_offset`` is the position of
-    the first query and ``lower_right`` whether that aligns the queries to the end of the
-    keys."""
+    says whether the lattice plan applies to these sizes, ``band`` is the band plan's
+    decomposition where it applies; ``q_offset`` is the position of the first query and
+    ``lower_right`` whether that aligns the queries to the end of the keys."""
     device = torch.device(device)
+    if kernel == "band":
+        if band is None:
+            raise ValueError(
+                f"kernel='band': {pattern} is not a band of whole blocks for these sizes (it "
+                f"needs blocks(size) with only local rules, q_len == kv_len, no q_offset, and a "
+                f"block size that is a multiple of the tile plan's query tile; see "
+                f"sparsedsl.plans.band)"
+            )
+        return "band", "requested with kernel='band'"
     if kernel == "lattice":
         if not lattice:
             raise ValueError(
@@ -129,6 +142,11 @@ def choose_plan(pattern: n.Pattern, kernel: str, device: torch.device, dtype: to
     if lattice:
         return "lattice", ("token dilation: dense attention on the dilated lattices, segments "
                            "folded into the batch (a mask would compute whole tiles)")
+    if (band is not None and band_pays(band) and device.type == "cuda" and not needs_grad
+            and not needs_lse and dtype in (torch.float16, torch.bfloat16)
+            and (head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM)):
+        return "band", (f"a band of whole {band.size}-token blocks: one dense SDPA call on "
+                        f"overlapping key windows (views), the edge rows through flex")
     if dtype == torch.float64:
         return "gather", "float64 inputs: FlexAttention kernels take 16- and 32-bit floats"
     if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM:

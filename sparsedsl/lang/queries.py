@@ -61,3 +61,26 @@ def diagonal_period(pattern: n.Pattern) -> int | None:
         periods = [diagonal_period(part) for part in pattern.parts]
         return None if None in periods else math.lcm(*periods)
     return None
+
+
+def block_band(pattern: n.Pattern) -> tuple[int, int, int] | None:
+    """``(size, before, after)`` when the pattern allows exactly the pairs whose key block
+    lies ``before`` blocks or fewer before the query block, or ``after`` or fewer after it
+    (``qb - before <= kb <= qb + after``, blocks of ``size`` tokens): ``blocks(size)`` with
+    only ``local`` rules (or ``dilated`` rules with rate 1 and a window), optionally
+    ``.causal()`` (then ``after = 0``); None for every other pattern, and for any with
+    score modifications."""
+    if score_mods(pattern) or not isinstance(pattern, n.Blocks) or pattern.within_ is not None:
+        return None
+    windows = []
+    for rule in pattern.rules:
+        if isinstance(rule, n.BlockLocal):
+            windows.append(rule.window)
+        elif isinstance(rule, n.BlockDilated) and 1 in rule.rates and rule.window is not None:
+            windows.append(rule.window)
+        else:
+            return None
+    if not windows:
+        return None
+    window = max(windows)
+    return pattern.size, window, 0 if pattern.causal_ else window

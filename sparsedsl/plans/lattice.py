@@ -56,20 +56,25 @@ class LatticePart:
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """The lattice's positions of ``t`` (dimension 2)."""
+        view = self.view(t)
+        return t.index_select(2, self.positions) if view is None else view
+
+    def view(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The lattice's positions of ``t`` (dimension 2) as a view, or None when they are
+        not an arithmetic run to the end (then they are gathered)."""
         if self.positions is None:
             return t
         if self.stride is not None:
             return t[:, :, self.stride[0]::self.stride[1]]
-        return t.index_select(2, self.positions)
+        return None
 
     def put(self, target: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``values`` into the lattice's positions of ``target`` (in place)."""
-        if self.positions is None:
-            target.copy_(values)
-        elif self.stride is not None:
-            target[:, :, self.stride[0]::self.stride[1]] = values
-        else:
+        view = self.view(target)
+        if view is None:
             target.index_copy_(2, self.positions, values)
+        else:
+            view.copy_(values)
 
 
 def _lattice_part(positions: torch.Tensor, pattern: n.Pattern, length: int) -> LatticePart:
@@ -176,10 +181,21 @@ def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: in
     return tuple(plans) if useful else None
 
 
-def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
+def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool, out: torch.Tensor | None = None,
+                 lse_out: torch.Tensor | None = None):
     """``chunks(size)`` attention: dense SDPA per chunk with the chunks folded into the
-    batch (the last, shorter chunk in a call of its own). Returns ``(out, lse or None)``."""
+    batch (the last, shorter chunk in a call of its own). Returns ``(out, lse or None)``,
+    or, given ``out`` (and ``lse_out`` with ``need_lse``), writes into those views and
+    returns None.
+
+    The fold puts the chunks in SDPA's batch dimension and (batch, head) pairs in its head
+    dimension (grouped-query attention maps ``head // group`` on the flattened index as on
+    the head index). Without gradients, inputs whose batch and head dimensions merge (batch
+    1, or every head) are folded as views, strided lattices included, and the output is
+    written once into ``out``; with gradients the folded inputs are copied (their backward
+    is then a plain reshape)."""
     batch, heads, length, dim = q.shape
+    dv = v.shape[-1]
     whole = length // size * size
     outs, lses = [], []
     for start, stop, chunk in ((0, whole, size), (whole, length, length - whole)):
@@ -188,29 +204,40 @@ def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
         count = (stop - start) // chunk
 
         def fold(t):
-            return t[:, :, start:stop].reshape(batch, t.shape[1], count, chunk, t.shape[-1]) \
-                .transpose(1, 2).reshape(batch * count, t.shape[1], chunk, t.shape[-1])
+            folded = t[:, :, start:stop].unflatten(2, (count, chunk)).permute(2, 0, 1, 3, 4).flatten(1, 2)
+            return folded.contiguous() if t.requires_grad and torch.is_grad_enabled() else folded
 
-        out, lse = sdpa_with_lse(fold(q), fold(k), fold(v), scale, need_lse)
-        outs.append(out.reshape(batch, count, heads, chunk, -1).transpose(1, 2).reshape(batch, heads, stop - start, -1))
+        part_out, part_lse = sdpa_with_lse(fold(q), fold(k), fold(v), scale, need_lse)
+        part_out = part_out.unflatten(1, (batch, heads)).permute(1, 2, 0, 3, 4)  # [B, H, count, chunk, Dv]
         if need_lse:
-            lses.append(lse.reshape(batch, count, heads, chunk).transpose(1, 2).reshape(batch, heads, stop - start))
+            part_lse = part_lse.unflatten(1, (batch, heads)).permute(1, 2, 0, 3)
+        if out is not None:
+            out[:, :, start:stop].unflatten(2, (count, chunk)).copy_(part_out)
+            if need_lse:
+                lse_out[:, :, start:stop].unflatten(2, (count, chunk)).copy_(part_lse)
+            continue
+        outs.append(part_out.reshape(batch, heads, stop - start, dv))
+        if need_lse:
+            lses.append(part_lse.reshape(batch, heads, stop - start))
+    if out is not None:
+        return None
     return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if need_lse else None)
 
 
 def sdpa_with_lse(q, k, v, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention by the fused SDPA kernel (GQA when ``k``/``v`` have fewer heads);
-    with ``need_lse`` also the log-sum-exp, computed without gradient from ``QK^T`` a
-    bounded slab of query rows at a time."""
+    with ``need_lse`` also the log-sum-exp (float32, float64 for float64 inputs), computed
+    without gradient from ``QK^T`` a bounded slab of query rows at a time."""
     group = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=group > 1)
     if not need_lse:
         return out, None
     with torch.no_grad():
-        keys = (k.repeat_interleave(group, 1) if group > 1 else k).float()
+        compute = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64
+        keys = (k.repeat_interleave(group, 1) if group > 1 else k).to(compute)
         rows = max(1, LSE_BUDGET // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
         lse = torch.cat([
-            torch.logsumexp((q[:, :, i:i + rows].float() @ keys.transpose(-1, -2)) * scale, dim=-1)
+            torch.logsumexp((q[:, :, i:i + rows].to(compute) @ keys.transpose(-1, -2)) * scale, dim=-1)
             for i in range(0, q.shape[2], rows)
         ], dim=2)
     return out, lse
@@ -225,8 +252,12 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     batch, heads, length, _ = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     group = heads // kv_heads
-    out = q.new_zeros(batch, heads, length, dv)
-    lse = torch.full((batch, heads, length), float("-inf"), device=q.device) if need_lse else None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = q.new_empty(batch, heads, length, dv)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    lse = torch.full((batch, heads, length), float("-inf"), device=q.device, dtype=lse_dtype) if need_lse else None
+    for head_plan in plan:  # before any write autograd records
+        _zero_outside(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts)
     for head_plan in plan:
         rng = head_plan.heads
         qg = q[:, rng.start:rng.stop]
@@ -240,14 +271,37 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 continue
             sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
             if isinstance(part.pattern, n.Chunks):
+                target = None if grad else part.view(out[:, rng.start:rng.stop])
+                if target is not None:  # written in place, once
+                    lse_target = part.view(lse[:, rng.start:rng.stop]) if need_lse else None
+                    _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse, target, lse_target)
+                    continue
                 part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
             else:
                 part_out, part_lse = run_part(part.pattern, sq, sk, sv)
             part.put(out[:, rng.start:rng.stop], part_out.to(out.dtype))
             if need_lse:
-                part.put(lse[:, rng.start:rng.stop, :, None], part_lse.float()[..., None])
-    if not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
+                part.put(lse[:, rng.start:rng.stop, :, None], part_lse.to(lse_dtype)[..., None])
+    if not out.requires_grad and grad:
         # No lattice position occurs at this length: the output is all zeros, kept in the
         # autograd graph so that gradients (zeros) reach the inputs.
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
     return out, lse
+
+
+def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
+    """Zero the rows of ``out`` (one head group's output, ``[B, H, N, D]``) that no part
+    writes: none when a part covers every position, the other residues when the only part
+    is the strided run ``start, start + step, ...`` with ``step`` dividing ``N`` (rows
+    with no allowed key output 0), else every row."""
+    length = out.shape[2]
+    if any(part.positions is None for part in parts):
+        return
+    if len(parts) == 1 and parts[0].stride is not None:
+        start, step = parts[0].stride
+        if start < step and length % step == 0:
+            residues = out.unflatten(2, (length // step, step))
+            residues[:, :, :, :start].zero_()
+            residues[:, :, :, start + 1:].zero_()
+            return
+    out.zero_()
