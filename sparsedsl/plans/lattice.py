@@ -181,47 +181,81 @@ def lattice_decomposition(pattern: n.Pattern, q_len: int, kv_len: int, heads: in
     return tuple(plans) if useful else None
 
 
-def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool, out: torch.Tensor | None = None,
-                 lse_out: torch.Tensor | None = None):
-    """``chunks(size)`` attention: dense SDPA per chunk with the chunks folded into the
-    batch (the last, shorter chunk in a call of its own). Returns ``(out, lse or None)``,
-    or, given ``out`` (and ``lse_out`` with ``need_lse``), writes into those views and
-    returns None.
-
-    The fold puts the chunks in SDPA's batch dimension and (batch, head) pairs in its head
-    dimension (grouped-query attention maps ``head // group`` on the flattened index as on
-    the head index). Without gradients, inputs whose batch and head dimensions merge (batch
-    1, or every head) are folded as views, strided lattices included, and the output is
-    written once into ``out``; with gradients the folded inputs are copied (their backward
-    is then a plain reshape)."""
-    batch, heads, length, dim = q.shape
-    dv = v.shape[-1]
+def _chunk_runs(length: int, size: int) -> list[tuple[int, int, int]]:
+    """``(start, count, chunk)``: a lattice of ``length`` positions as ``count`` chunks of
+    ``chunk`` positions from ``start`` — the whole chunks of ``size``, then the last,
+    shorter one."""
     whole = length // size * size
+    runs = [(0, whole // size, size)] if whole else []
+    if whole < length:
+        runs.append((whole, 1, length - whole))
+    return runs
+
+
+def _fold(t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor:
+    """Positions ``start .. start + count * chunk`` of ``t [B, H, L, D]`` as ``[count, B * H,
+    chunk, D]``: the chunks in SDPA's batch dimension, (batch, head) pairs in its head
+    dimension. A view when the batch and head dimensions merge (batch 1, or every head of a
+    contiguous tensor), strided lattices included; grouped-query attention's ``head //
+    group`` holds on the flattened index as on the head index."""
+    return t[:, :, start:start + count * chunk].unflatten(2, (count, chunk)).movedim(2, 0).flatten(1, 2)
+
+
+def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: int, chunk: int,
+                  folded: torch.Tensor, accumulate: bool = False) -> None:
+    """Write (or, with ``accumulate``, add) ``folded`` (``[count, B * H, chunk, ...]``, as
+    :func:`_fold` lays out the lattice positions ``start ..`` of ``part``) into those
+    positions of ``target [B, H, N, ...]``, in place."""
+    batch, heads = target.shape[:2]
+    values = folded.unflatten(1, (batch, heads)).movedim(0, 2)  # [B, H, count, chunk, ...]
+    view = part.view(target)
+    if view is not None:
+        dest = view[:, :, start:start + count * chunk].unflatten(2, (count, chunk))
+        if accumulate:
+            dest.add_(values)
+        else:
+            dest.copy_(values)
+        return
+    index, values = part.positions[start:start + count * chunk], values.flatten(2, 3)
+    if accumulate:
+        target.index_add_(2, index, values)
+    else:
+        target.index_copy_(2, index, values)
+
+
+def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
+    """``chunks(size)`` attention ``(out, lse or None)`` of lattices ``q``, ``k``, ``v``
+    ``[B, H, L, D]`` with gradients: the folds are copied (their backward is then a plain
+    reshape)."""
+    batch, heads, _, _ = q.shape
     outs, lses = [], []
-    for start, stop, chunk in ((0, whole, size), (whole, length, length - whole)):
-        if stop == start:
-            continue
-        count = (stop - start) // chunk
-
-        def fold(t):
-            folded = t[:, :, start:stop].unflatten(2, (count, chunk)).permute(2, 0, 1, 3, 4).flatten(1, 2)
-            return folded.contiguous() if t.requires_grad and torch.is_grad_enabled() else folded
-
-        part_out, part_lse = sdpa_with_lse(fold(q), fold(k), fold(v), scale, need_lse)
-        part_out = part_out.unflatten(1, (batch, heads)).permute(1, 2, 0, 3, 4)  # [B, H, count, chunk, Dv]
+    for start, count, chunk in _chunk_runs(q.shape[2], size):
+        out, lse = sdpa_with_lse(*(_fold(t, start, count, chunk).contiguous() for t in (q, k, v)), scale, need_lse)
+        outs.append(out.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
         if need_lse:
-            part_lse = part_lse.unflatten(1, (batch, heads)).permute(1, 2, 0, 3)
-        if out is not None:
-            out[:, :, start:stop].unflatten(2, (count, chunk)).copy_(part_out)
-            if need_lse:
-                lse_out[:, :, start:stop].unflatten(2, (count, chunk)).copy_(part_lse)
-            continue
-        outs.append(part_out.reshape(batch, heads, stop - start, dv))
-        if need_lse:
-            lses.append(part_lse.reshape(batch, heads, stop - start))
-    if out is not None:
-        return None
+            lses.append(lse.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
     return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if need_lse else None)
+
+
+def _group_inputs(q, k, v, heads: range):
+    """``(q, k, v, kv)`` of one head group: its query heads, the key/value heads they read,
+    and those heads' indices (a slice, or an index tensor when the group does not cover
+    whole groups of query heads sharing a key/value head)."""
+    group = q.shape[1] // k.shape[1]
+    qg = q[:, heads.start:heads.stop]
+    if heads.start % group == 0 and heads.stop % group == 0:
+        kv = slice(heads.start // group, heads.stop // group)
+        return qg, k[:, kv], v[:, kv], kv
+    kv = torch.arange(heads.start, heads.stop, device=q.device) // group
+    return qg, k.index_select(1, kv), v.index_select(1, kv), kv
+
+
+def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -> torch.Tensor:
+    """The output tensor, zero on the rows no lattice of the plan writes."""
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for head_plan in plan:
+        _zero_outside(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts)
+    return out
 
 
 def sdpa_with_lse(q, k, v, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,34 +282,35 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       run_part: Callable[..., tuple]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention by the lattice ``plan``: ``(out, lse or None)``. ``run_part(pattern, q, k,
     v) -> (out, lse)`` computes a sub-problem whose pattern is not ``chunks`` through that
-    pattern's own plan."""
-    batch, heads, length, _ = q.shape
-    kv_heads, dv = k.shape[1], v.shape[-1]
-    group = heads // kv_heads
+    pattern's own plan.
+
+    Without gradients, chunk parts are folded as views and written into the output once.
+    With gradients and only chunk parts (LongNet's ``segments``), :class:`_ChunkLattice`
+    writes each part's gradients straight into the positions it read; otherwise autograd
+    runs through copies."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out = q.new_empty(batch, heads, length, dv)
+    chunks_only = all(isinstance(part.pattern, n.Chunks) for head_plan in plan for part in head_plan.parts)
+    if grad and chunks_only and not need_lse:
+        return _ChunkLattice.apply(q, k, v, plan, scale), None
+    out = _output(q, v, plan)
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
-    lse = torch.full((batch, heads, length), float("-inf"), device=q.device, dtype=lse_dtype) if need_lse else None
-    for head_plan in plan:  # before any write autograd records
-        _zero_outside(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts)
+    lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=lse_dtype) if need_lse else None
     for head_plan in plan:
         rng = head_plan.heads
-        qg = q[:, rng.start:rng.stop]
-        if rng.start % group == 0 and rng.stop % group == 0:
-            kg, vg = k[:, rng.start // group:rng.stop // group], v[:, rng.start // group:rng.stop // group]
-        else:
-            kv_index = torch.arange(rng.start, rng.stop, device=q.device) // group
-            kg, vg = k.index_select(1, kv_index), v.index_select(1, kv_index)
+        qg, kg, vg, _ = _group_inputs(q, k, v, rng)
         for part in head_plan.parts:
             if part.length == 0:  # no position of this lattice occurs at this length
                 continue
             sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
+            if isinstance(part.pattern, n.Chunks) and not grad:  # written in place, once
+                for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
+                    folded = (_fold(t, start, count, chunk) for t in (sq, sk, sv))
+                    part_out, part_lse = sdpa_with_lse(*folded, scale, need_lse)
+                    _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, part_out)
+                    if need_lse:
+                        _write_folded(lse[:, rng.start:rng.stop], part, start, count, chunk, part_lse)
+                continue
             if isinstance(part.pattern, n.Chunks):
-                target = None if grad else part.view(out[:, rng.start:rng.stop])
-                if target is not None:  # written in place, once
-                    lse_target = part.view(lse[:, rng.start:rng.stop]) if need_lse else None
-                    _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse, target, lse_target)
-                    continue
                 part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
             else:
                 part_out, part_lse = run_part(part.pattern, sq, sk, sv)
@@ -287,6 +322,56 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # autograd graph so that gradients (zeros) reach the inputs.
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
     return out, lse
+
+
+class _ChunkLattice(torch.autograd.Function):
+    """Lattice attention with gradients when every part is ``chunks`` (no log-sum-exp).
+
+    Autograd through the lattice views would give every slice of every part a gradient of
+    the whole input's size (zeros plus a copy) and sum them. Here the forward builds each
+    chunk run's SDPA graph on its folded views made leaves, and the backward writes each
+    run's gradients straight into the positions it read: three zero-filled gradients, one
+    strided write per run."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out = _output(q, v, plan)
+        runs = []
+        with torch.enable_grad():
+            for head_plan in plan:
+                rng = head_plan.heads
+                qg, kg, vg, kv = _group_inputs(q, k, v, rng)
+                for part in head_plan.parts:
+                    if part.length == 0:
+                        continue
+                    sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
+                    for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
+                        leaves = tuple(_fold(t, start, count, chunk).detach().requires_grad_()
+                                       for t in (sq, sk, sv))
+                        result, _ = sdpa_with_lse(*leaves, scale, False)
+                        _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
+                        runs.append((rng, kv, part, start, count, chunk, leaves, result))
+        ctx.runs = runs
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_shape, k_shape, v_shape = ctx.shapes
+        dq, dk, dv = (grad_out.new_zeros(shape) for shape in (q_shape, k_shape, v_shape))
+        for rng, kv, part, start, count, chunk, leaves, result in ctx.runs:
+            grad_folded = _fold(part.take(grad_out[:, rng.start:rng.stop]), start, count, chunk)
+            dqf, dkf, dvf = torch.autograd.grad(result, leaves, grad_folded)
+            _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
+            for total, folded in ((dk, dkf), (dv, dvf)):
+                if isinstance(kv, slice):
+                    _write_folded(total[:, kv], part, start, count, chunk, folded, accumulate=True)
+                else:  # query heads of the group read repeated key/value heads: sum them
+                    per_head = total.new_zeros(total.shape[0], kv.numel(), *total.shape[2:])
+                    _write_folded(per_head, part, start, count, chunk, folded)
+                    total.index_add_(1, kv, per_head)
+        del ctx.runs
+        return dq, dk, dv, None, None
 
 
 def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
