@@ -331,35 +331,24 @@ class _ChunkLattice(torch.autograd.Function):
     the whole input's size (zeros plus a copy) and sum them. Here the forward builds each
     chunk run's SDPA graph on its folded views made leaves, and the backward writes each
     run's gradients straight into the positions it read: three zero-filled gradients, one
-    strided write per run."""
+    strided write per run. The first backward consumes those graphs; a second one (with
+    ``retain_graph``) rebuilds them from the saved inputs."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
         out = _output(q, v, plan)
-        runs = []
-        with torch.enable_grad():
-            for head_plan in plan:
-                rng = head_plan.heads
-                qg, kg, vg, kv = _group_inputs(q, k, v, rng)
-                for part in head_plan.parts:
-                    if part.length == 0:
-                        continue
-                    sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
-                    for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
-                        leaves = tuple(_fold(t, start, count, chunk).detach().requires_grad_()
-                                       for t in (sq, sk, sv))
-                        result, _ = sdpa_with_lse(*leaves, scale, False)
-                        _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
-                        runs.append((rng, kv, part, start, count, chunk, leaves, result))
-        ctx.runs = runs
-        ctx.shapes = (q.shape, k.shape, v.shape)
+        ctx.runs = _chunk_graphs(q, k, v, plan, scale, out)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_shape, k_shape, v_shape = ctx.shapes
-        dq, dk, dv = (grad_out.new_zeros(shape) for shape in (q_shape, k_shape, v_shape))
-        for rng, kv, part, start, count, chunk, leaves, result in ctx.runs:
+        q, k, v = ctx.saved_tensors
+        runs = ctx.runs if ctx.runs is not None else _chunk_graphs(q, k, v, ctx.plan, ctx.scale)
+        ctx.runs = None
+        dq, dk, dv = (torch.zeros_like(t, dtype=grad_out.dtype) for t in (q, k, v))
+        for rng, kv, part, start, count, chunk, leaves, result in runs:
             grad_folded = _fold(part.take(grad_out[:, rng.start:rng.stop]), start, count, chunk)
             dqf, dkf, dvf = torch.autograd.grad(result, leaves, grad_folded)
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
@@ -370,8 +359,29 @@ class _ChunkLattice(torch.autograd.Function):
                     per_head = total.new_zeros(total.shape[0], kv.numel(), *total.shape[2:])
                     _write_folded(per_head, part, start, count, chunk, folded)
                     total.index_add_(1, kv, per_head)
-        del ctx.runs
         return dq, dk, dv, None, None
+
+
+def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float, out: torch.Tensor | None = None):
+    """Each chunk run of ``plan`` as ``(heads, kv, part, start, count, chunk, leaves,
+    result)``: SDPA computed with autograd on the run's folded ``q``, ``k``, ``v`` views
+    made leaves (``leaves``); ``result`` also written into ``out`` when given."""
+    runs = []
+    with torch.enable_grad():
+        for head_plan in plan:
+            rng = head_plan.heads
+            qg, kg, vg, kv = _group_inputs(q, k, v, rng)
+            for part in head_plan.parts:
+                if part.length == 0:
+                    continue
+                sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
+                for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
+                    leaves = tuple(_fold(t, start, count, chunk).detach().requires_grad_() for t in (sq, sk, sv))
+                    result, _ = sdpa_with_lse(*leaves, scale, False)
+                    if out is not None:
+                        _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
+                    runs.append((rng, kv, part, start, count, chunk, leaves, result))
+    return runs
 
 
 def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
