@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsedsl as sd
+from sparsedsl.passes import blockmask
+from sparsedsl.passes.blockmask import ordered_indices
+from sparsedsl.passes.context import Context
+from sparsedsl.passes.tiles import (EMPTY, FULL, PARTIAL, UNKNOWN, TileGrid, _undecided, classify,
+                                    complement, intersection, leaves_unknown, union)
 from strategies import pattern_cases
 
 
@@ -135,3 +142,123 @@ def test_million_token_mask_builds_in_bounded_memory():
     assert result.returncode == 0, result.stderr
     peak_kib = int(result.stdout.strip().splitlines()[-1])
     assert peak_kib < 4 * 1024 * 1024
+
+
+def _reference_order(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the selected columns in order, then the others (create_block_mask's layout)."""
+    num = torch.zeros(selected.shape[:-1], dtype=torch.int32)
+    idx = torch.zeros(selected.shape, dtype=torch.int32)
+    for row in range(selected[..., 0].numel()):
+        at = torch.unravel_index(torch.tensor(row), selected.shape[:-1])
+        flags = selected[at].tolist()
+        chosen = [c for c, f in enumerate(flags) if f]
+        num[at] = len(chosen)
+        idx[at] = torch.tensor(chosen + [c for c, f in enumerate(flags) if not f], dtype=torch.int32)
+    return num, idx
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 5, 9), (2, 3, 7, 4), (3, 1, 6, 6), (1, 2, 1, 13)])
+@pytest.mark.parametrize("budget", [None, 7])
+def test_ordered_indices_equal_a_reference(shape, budget, monkeypatch):
+    if budget is not None:  # several passes, of a row or two each
+        monkeypatch.setattr(blockmask, "ORDER_BUDGET", budget)
+    gen = torch.Generator().manual_seed(sum(shape))
+    selected = torch.rand(shape, generator=gen) < torch.rand(shape[:-1] + (1,), generator=gen)
+    selected[..., 0, :] = False  # an empty row
+    selected[..., -1, :] = True  # a full row
+    selected[..., 0] = True  # a full column (an empty one below)
+    if shape[-1] > 1:
+        selected[..., -1] = False
+    for transposed in (False, True):
+        num, idx = ordered_indices(selected, transposed)
+        ref_num, ref_idx = _reference_order(selected.transpose(-1, -2) if transposed else selected)
+        assert num.dtype == idx.dtype == torch.int32 and num.is_contiguous() and idx.is_contiguous()
+        assert torch.equal(num, ref_num) and torch.equal(idx, ref_idx)
+
+
+def test_block_mask_indices_equal_create_block_mask_exactly():
+    """Not only the block sets: every index entry, past ``num_blocks`` too."""
+    module = sd.compile(sd.blocks(64).local(1).global_(1).random(2, 5), block_size=32)
+    ours = module.block_mask(1000, 900)
+    theirs = create_block_mask(module.mask_mod(1000, 900), 1, 1, 1000, 900, device="cpu", BLOCK_SIZE=32)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+class _AtenOps(TorchDispatchMode):
+    """Counts the aten operations run under it, by name."""
+
+    SYNCS = ("aten::nonzero", "aten::item", "aten::_local_scalar_dense")  # read back to the host
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.counts[name] for name in self.SYNCS)
+
+
+@pytest.mark.parametrize("pattern", [sd.blocks(64).local(2), sd.window(100) | sd.global_tokens(64),
+                                     sd.segments([128, 256], [1, 2]), sd.full(), sd.causal(),
+                                     sd.blocks(128).local(1).random(2, 0),
+                                     sd.blocks(128).local(1).within(sd.segments([64, 64], [1, 2]))])
+@pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1000, 1024), (1024, 999), (1001, 777)])
+def test_builds_without_undecided_tiles_read_nothing_back(pattern, q_len, kv_len):
+    """Aligned or cut short (ragged) alike, and equal to create_block_mask's sets."""
+    module = sd.compile(pattern, block_size=64)
+    ctx = Context.make(pattern, q_len, kv_len, heads=2)
+    assert not leaves_unknown(pattern, ctx, TileGrid(q_len, kv_len, 64, 64))
+    with _AtenOps() as ops:
+        ours = module.block_mask(q_len, kv_len, heads=2)
+    assert ops.syncs == 0
+    theirs = create_block_mask(module.mask_mod(q_len, kv_len, heads=2), 1, 2, q_len, kv_len,
+                               device="cpu", BLOCK_SIZE=64)
+    _assert_same_blocks(ours, theirs, 1, 2)
+
+
+@pytest.mark.parametrize("q_len,kv_len,cut", [(512, 512, False), (500, 512, True), (512, 450, True)])
+def test_cut_tiles_are_partial_and_aligned_grids_skip_the_fix_up(q_len, kv_len, cut):
+    ctx = Context.make(sd.full(), q_len, kv_len)
+    with _AtenOps() as ops:
+        states = blockmask.tile_states(sd.full(), ctx, TileGrid(q_len, kv_len, 64, 64), None)
+    assert (ops.counts["aten::masked_fill_"] > 0) == cut and ops.syncs == 0
+    expected = torch.full((8, 8), FULL, dtype=torch.int8)
+    expected[-1 if q_len % 64 else 8:, :] = PARTIAL
+    expected[:, -1 if kv_len % 64 else 8:] = PARTIAL
+    assert torch.equal(states[0, 0], expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=pattern_cases(), block=st.sampled_from((1, 2, 4, 16, 32)), q_start=st.integers(0, 40))
+def test_structure_bounds_the_undecided_tiles(case, block, q_start):
+    """Where the host-side analysis says no tile is UNKNOWN (or undecided), none is."""
+    pattern, q_len, kv_len, heads, buffers = case
+    ctx = Context.make(pattern, q_len, kv_len, heads=heads, buffers=buffers)
+    grid = TileGrid(q_len, kv_len, block, block, min(q_start, q_len - 1))
+    states = classify(pattern, ctx, grid, range(grid.num_q_tiles))
+    undecided = _undecided(pattern, ctx, grid)
+    if not undecided.unknown:
+        assert not (states == UNKNOWN).any()
+    if not undecided.partial:
+        assert not ((states == UNKNOWN) | (states == PARTIAL)).any()
+
+
+def test_three_valued_logic_tables():
+    states = torch.tensor([EMPTY, PARTIAL, UNKNOWN, FULL], dtype=torch.int8)
+    a, b = states[:, None], states[None, :]
+
+    def expected(rule):
+        return torch.tensor([[rule(x, y) for y in states.tolist()] for x in states.tolist()], dtype=torch.int8)
+
+    assert torch.equal(union(a, b), expected(
+        lambda x, y: FULL if FULL in (x, y) else y if x == EMPTY else x if y == EMPTY else UNKNOWN))
+    assert torch.equal(intersection(a, b), expected(
+        lambda x, y: EMPTY if EMPTY in (x, y) else y if x == FULL else x if y == FULL else UNKNOWN))
+    assert torch.equal(complement(states), torch.tensor(
+        [FULL if s == EMPTY else EMPTY if s == FULL else s for s in states.tolist()], dtype=torch.int8))

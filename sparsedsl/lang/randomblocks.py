@@ -14,17 +14,20 @@ import torch
 _MASK31 = 0x7FFFFFFF
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    # Three rounds of a 31-bit multiply-xorshift; every product stays below 2**62.
+def _mix(x):
+    """Three rounds of a 31-bit multiply-xorshift of ``x``, a Python int or an int64 tensor
+    (updated in place: pass a fresh one); every product stays below 2**62."""
     for mult in (1103515245, 1664525, 22695477):
-        x = (x * mult + 12345) & _MASK31
-        x = x ^ (x >> 13)
+        x *= mult
+        x += 12345
+        x &= _MASK31
+        x ^= x >> 13
     return x
 
 
 def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     """31-bit hash of ``(seed, qb, kb)`` as int64 (broadcasting ``qb`` against ``kb``)."""
-    x = _mix(torch.as_tensor(seed & _MASK31, dtype=torch.int64) ^ 0x2545F491)
+    x = _mix((seed & _MASK31) ^ 0x2545F491)
     x = _mix(x ^ (qb.to(torch.int64) & _MASK31))
     return _mix(x ^ (kb.to(torch.int64) & _MASK31))
 
@@ -38,7 +41,9 @@ def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed:
     for start in range(0, num_q_blocks, row_chunk):
         qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64)
         # Sort key: hash first, block index second (unique, so the order is total).
-        key = block_hash(seed, qb[:, None], kb[None, :]) * num_k_blocks + kb[None, :]
+        key = block_hash(seed, qb[:, None], kb[None, :])
+        key *= num_k_blocks
+        key += kb
         rows.append(torch.topk(key, keep, dim=1, largest=False).indices)
     if not rows:
         return torch.empty(0, keep, dtype=torch.int64)

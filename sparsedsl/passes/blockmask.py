@@ -5,6 +5,9 @@ valued logic through the combinators), a chunk of tile rows at a time; only the 
 ``UNKNOWN`` are refined by evaluating the ``mask_mod`` on them. The result has the same full
 and partial block sets as ``create_block_mask(mask_mod, ...)`` (whose padding makes a tile
 cut short by a sequence end partial at most), without ever holding ``O(Q * K)`` values.
+
+A build is a short, fixed sequence of tensor operations (on a GPU, kernel launches) that
+reads nothing back to the host unless some tile needs refining.
 """
 
 from __future__ import annotations
@@ -17,57 +20,106 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..lang.nodes import Pattern
 from .context import Context
 from .refine import states_from_counts, tile_pair_counts
-from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify
+from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify, leaves_unknown
 
 #: Tile states classified at once (bounds the int64 temporaries of the classifiers).
 CLASSIFY_BUDGET = 1 << 24
+#: Tiles ordered at once by :func:`ordered_indices` (bounds its temporaries: a bool copy, an
+#: int32 grid, and the int64 copy of it that ``scatter_`` makes of its index).
+ORDER_BUDGET = 1 << 24
 
 
 def tile_states(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callable) -> torch.Tensor:
-    """Exact states (``EMPTY`` / ``PARTIAL`` / ``FULL``) of every tile, int8
+    """Exact states (``EMPTY`` / ``PARTIAL`` / ``FULL``) of every tile, int8 contiguous
     ``[B or 1, H or 1, num_q_tiles, num_kv_tiles]``, as ``create_block_mask`` would see them.
     ``mask_mod`` takes absolute positions (it refines the tiles the structure leaves
-    undecided)."""
+    undecided; when :func:`~sparsedsl.passes.tiles.leaves_unknown` rules those out, nothing
+    is read back from the device)."""
     rows_per_chunk = max(1, CLASSIFY_BUDGET // (grid.num_kv_tiles * ctx.heads))
+    refine = leaves_unknown(pattern, ctx, grid)
     chunks = []
     for start in range(0, grid.num_q_tiles, rows_per_chunk):
-        rows = range(start, min(start + rows_per_chunk, grid.num_q_tiles))
-        state = classify(pattern, ctx, grid, rows).clone()
-        ragged = grid.ragged(grid.span(rows, ctx.device))
-        state[(state == FULL) & ragged] = PARTIAL
-        unknown = (state == UNKNOWN).nonzero()
-        if unknown.numel():
-            tiles = unknown.clone()
-            tiles[:, 2] += start
-            state[tuple(unknown.T)] = states_from_counts(tile_pair_counts(mask_mod, grid, tiles), grid)
-        chunks.append(state)
-    return torch.cat(chunks, dim=2)
+        state = classify(pattern, ctx, grid, range(start, min(start + rows_per_chunk, grid.num_q_tiles)))
+        chunks.append(_refined(state, start, grid, mask_mod) if refine else state)
+    return _cut_tiles_partial(torch.cat(chunks, dim=2), grid)
 
 
-def ordered_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(num_blocks, indices)`` in FlexAttention's layout from a bool ``[B, H, R, C]``:
-    ``num_blocks[b, h, r]`` selected columns of row ``r``, listed in ascending order at the
-    start of ``indices[b, h, r]`` (int32; entries past ``num_blocks`` are 0)."""
-    num_blocks = selected.sum(-1, dtype=torch.int32)
-    indices = torch.zeros(selected.shape, dtype=torch.int32, device=selected.device)
-    b, h, r, c = selected.nonzero(as_tuple=True)  # row-major, so each row's columns ascend
-    if c.numel():
-        row_starts = num_blocks.flatten().cumsum(0, dtype=torch.int64) - num_blocks.flatten()
-        row = (b * selected.shape[1] + h) * selected.shape[2] + r
-        rank = torch.arange(c.numel(), device=c.device) - row_starts[row]
-        indices[b, h, r, rank] = c.to(torch.int32)
+def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable) -> torch.Tensor:
+    """``state`` (tile rows from ``start``) with its ``UNKNOWN`` tiles evaluated (a host
+    sync: their number decides the work)."""
+    unknown = (state == UNKNOWN).nonzero()
+    if not unknown.numel():
+        return state
+    tiles = unknown.clone()
+    tiles[:, 2] += start
+    state = state.clone()
+    state[tuple(unknown.T)] = states_from_counts(tile_pair_counts(mask_mod, grid, tiles), grid)
+    return state
+
+
+def _cut_tiles_partial(states: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """``states`` with ``FULL`` made ``PARTIAL``, in place, in the tiles cut short by a
+    sequence end (FlexAttention counts their missing positions as masked): the last tile
+    row when ``grid.rows`` is not a multiple of ``q_block``, the last tile column when
+    ``kv_len`` is not a multiple of ``kv_block``. No operation when no tile is cut."""
+    edges = ([states[..., -1, :]] if grid.rows % grid.q_block else []) \
+        + ([states[..., -1]] if grid.kv_len % grid.kv_block else [])
+    for edge in edges:
+        edge.masked_fill_(edge == FULL, PARTIAL)
+    return states
+
+
+def ordered_indices(selected: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(num_blocks, indices)`` in FlexAttention's layout from a bool ``[..., R, C]``:
+    ``num_blocks[..., r]`` selected columns of row ``r``, listed in ascending order at the
+    start of ``indices[..., r, :]`` and followed by the other columns in ascending order
+    (so each row of ``indices`` is a permutation of ``0 .. C - 1``, as in
+    ``create_block_mask``). Both int32 and contiguous. With ``transposed``, the same for
+    ``selected.transpose(-1, -2)``.
+
+    Nothing is read back from the device: an entry's place in its row comes from a
+    cumulative sum, and one scatter writes the column indices there. Rows are ordered
+    ``ORDER_BUDGET`` tiles at a time, each pass on a contiguous copy of its rows when they
+    are not contiguous already (a transposed copy of a bool is cheaper than scanning and
+    scattering across rows)."""
+    if transposed:
+        selected = selected.transpose(-1, -2)
+    rows, length = selected.shape[-2:]
+    indices = torch.empty(selected.shape, dtype=torch.int32, device=selected.device)
+    num_blocks = torch.empty(selected.shape[:-1], dtype=torch.int32, device=selected.device)
+    line = torch.arange(length, dtype=torch.int32, device=selected.device)
+    step = max(1, ORDER_BUDGET * rows // max(1, selected.numel()))  # rows per pass
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        _order(selected.narrow(-2, start, count).contiguous(), line,
+               indices.narrow(-2, start, count), num_blocks.narrow(-1, start, count))
     return num_blocks, indices
+
+
+def _order(selected: torch.Tensor, line: torch.Tensor, indices: torch.Tensor, num_blocks: torch.Tensor) -> None:
+    """Fill ``indices`` and ``num_blocks`` (views of the results) for the contiguous rows
+    ``selected``; ``line`` is ``arange(C)``."""
+    place = selected.to(torch.int32)
+    place.cumsum_(-1).sub_(1)  # a selected entry: its rank among the selected, from 0
+    last = place[..., -1:]  # num_blocks - 1
+    torch.add(last, 1, out=num_blocks[..., None])
+    # another entry, at c: num_blocks + (c - its rank among the selected) = last - place + c
+    torch.sub(last, place, out=indices).add_(line)
+    torch.where(selected, place, indices, out=place)
+    indices.scatter_(-1, place, line.expand_as(place))
 
 
 def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Callable) -> BlockMask:
     """A ``BlockMask`` with the partial and full tiles of ``states`` over the ``grid.rows``
     query rows of ``grid``; ``mask_mod`` takes row indices ``0 <= q < grid.rows`` (FlexAttention's
-    query indices), so for ``grid.q_start > 0`` it is the pattern shifted by ``q_start``."""
-    partial, full = states == PARTIAL, states == FULL
-    kv_num, kv_idx = ordered_indices(partial)
-    full_kv_num, full_kv_idx = ordered_indices(full)
-    q_num, q_idx = ordered_indices(partial.transpose(-1, -2))
-    full_q_num, full_q_idx = ordered_indices(full.transpose(-1, -2))
+    query indices), so for ``grid.q_start > 0`` it is the pattern shifted by ``q_start``.
+    Partial and full tiles are ordered together, so the partial and the full tensors of one
+    kind are views of one tensor (each contiguous)."""
+    # [PARTIAL, FULL] made on the device (no host-to-device copy)
+    kinds = torch.arange(PARTIAL, FULL + 1, FULL - PARTIAL, dtype=states.dtype, device=states.device)
+    selected = states == kinds.view(-1, 1, 1, 1, 1)  # [2, B, H, R, C]: partial, full
+    (kv_num, full_kv_num), (kv_idx, full_kv_idx) = (t.unbind() for t in ordered_indices(selected))
+    (q_num, full_q_num), (q_idx, full_q_idx) = (t.unbind() for t in ordered_indices(selected, transposed=True))
     return BlockMask(
         seq_lengths=(grid.rows, grid.kv_len),
         kv_num_blocks=kv_num,

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .tiles import EMPTY, FULL, PARTIAL, TileGrid
+from .tiles import TileGrid, decide
 
 #: Positions evaluated at once (one int64 index grid of this many elements per operand).
 EVALUATION_BUDGET = 1 << 22
@@ -42,5 +42,4 @@ def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
 def states_from_counts(counts: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """Tile states (int8) from allowed-pair counts: a tile is ``FULL`` only when all of its
     ``q_block * kv_block`` pairs are inside the sequences and allowed."""
-    state = torch.where(counts == 0, EMPTY, PARTIAL)
-    return torch.where(counts == grid.q_block * grid.kv_block, FULL, state).to(torch.int8)
+    return decide(counts == grid.q_block * grid.kv_block, counts == 0).view(-1)

@@ -15,6 +15,10 @@ three-valued logic (``FULL | x = FULL``, ``PARTIAL | PARTIAL = UNKNOWN``, ``~PAR
 PARTIAL``, ...). A tile's positions are ``[ql, qh] x [kl, kh]`` (inclusive, cut at the
 sequence ends); ``Span`` holds these bounds as ``[R, 1]`` and ``[1, C]`` int64 tensors so a
 whole grid (or a chunk of its rows) is classified at once in ``O(R * C)`` memory.
+Classifiers compute what they can on those small bounds and broadcast to ``[R, C]`` late:
+on a GPU each tensor operation is one kernel launch, so a build costs about its count of
+operations. :func:`leaves_unknown` tells on the host, from the structure alone, whether
+any tile can be left ``UNKNOWN`` (so whether refining needs to read anything back).
 
 Every classifier returns an int8 tensor of shape ``[B or 1, H or 1, R, C]``.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from functools import singledispatch
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +44,19 @@ EMPTY, PARTIAL, UNKNOWN, FULL = 0, 1, 2, 3
 @dataclass(frozen=True)
 class Span:
     """Inclusive position bounds of a grid of tiles: rows ``[ql, qh]`` (``[R, 1]``) and
-    columns ``[kl, kh]`` (``[1, C]``), int64 on the classification device."""
+    columns ``[kl, kh]`` (``[1, C]``), int64 on the classification device. ``q_range``,
+    when known, is ``(lo, hi)`` on the host with ``lo <= ql`` and ``qh <= hi`` everywhere."""
 
     ql: torch.Tensor
     qh: torch.Tensor
     kl: torch.Tensor
     kh: torch.Tensor
+    q_range: tuple[int, int] | None = None
 
     def coarsen(self, size: int) -> "Span":
         """The same tiles in coordinates of ``size``-token blocks."""
-        return Span(self.ql // size, self.qh // size, self.kl // size, self.kh // size)
+        q_range = None if self.q_range is None else (self.q_range[0] // size, self.q_range[1] // size)
+        return Span(self.ql // size, self.qh // size, self.kl // size, self.kh // size, q_range)
 
 
 @dataclass(frozen=True)
@@ -80,55 +88,78 @@ class TileGrid:
 
     def span(self, rows: range, device: torch.device) -> Span:
         """Bounds of the tiles in query-tile rows ``rows`` and every key-tile column."""
-        i = torch.arange(rows.start, rows.stop, device=device, dtype=torch.int64)[:, None]
-        j = torch.arange(self.num_kv_tiles, device=device, dtype=torch.int64)[None, :]
-        return Span(
-            self.q_start + i * self.q_block,
-            torch.clamp(self.q_start + (i + 1) * self.q_block, max=self.q_len) - 1,
-            j * self.kv_block,
-            torch.clamp((j + 1) * self.kv_block, max=self.kv_len) - 1,
-        )
+        first = self.q_start + rows.start * self.q_block
+        ql, qh = _tile_bounds(first, len(rows), self.q_block, self.q_len, device)
+        kl, kh = _tile_bounds(0, self.num_kv_tiles, self.kv_block, self.kv_len, device)
+        last = min(self.q_start + rows.stop * self.q_block, self.q_len) - 1
+        return Span(ql[:, None], qh[:, None], kl[None], kh[None], (first, last))
 
-    def ragged(self, span: Span) -> torch.Tensor:
-        """``[R, C]`` bool: tiles cut short by a sequence end. FlexAttention's block masks
-        count their missing positions as masked, so such a tile is never ``FULL``."""
-        return ((span.qh - span.ql + 1) < self.q_block) | ((span.kh - span.kl + 1) < self.kv_block)
+    def splits(self, position: int) -> tuple[bool, bool]:
+        """Whether some query tile, and whether some key tile, holds positions on both
+        sides of ``position`` (some below it, some at or above it)."""
+        return (_splits(position, self.q_start, self.q_len, self.q_block),
+                _splits(position, 0, self.kv_len, self.kv_block))
+
+    def within_blocks(self, size: int) -> bool:
+        """Whether every tile lies inside one ``size``-token block (positions
+        ``[b * size, (b + 1) * size)``) on both axes: tiles start at multiples of their
+        size and ``size`` is a multiple of both tile sizes. (Sufficient, not necessary.)"""
+        return self.q_start % self.q_block == 0 and size % self.q_block == 0 and size % self.kv_block == 0
+
+
+def _tile_bounds(start: int, count: int, block: int, length: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last positions of ``count`` consecutive ``block``-position tiles from
+    ``start``, the last cut at ``length``: two int64 vectors."""
+    lo = torch.arange(start, start + count * block, block, dtype=torch.int64, device=device)
+    hi = lo + (block - 1)
+    if start + count * block > length:
+        hi.clamp_(max=length - 1)
+    return lo, hi
+
+
+def _splits(position: int, start: int, stop: int, block: int) -> bool:
+    """Whether a tile of the tiling of ``[start, stop)`` by ``block`` holds positions on
+    both sides of ``position``."""
+    return start < position < stop and (position - start) % block != 0
 
 
 # ---------------------------------------------------------------------------------------
 # Three-valued logic on state tensors
 # ---------------------------------------------------------------------------------------
-
-
-def _as4d(state: torch.Tensor) -> torch.Tensor:
-    while state.dim() < 4:
-        state = state[None]
-    return state
+# With EMPTY < PARTIAL < UNKNOWN < FULL (0 to 3), the rules below are integer arithmetic on
+# int8 states: a few elementwise operations each, no comparisons against every state.
 
 
 def decide(full: torch.Tensor, empty: torch.Tensor, otherwise: int = PARTIAL) -> torch.Tensor:
-    """``FULL`` where ``full``, else ``EMPTY`` where ``empty``, else ``otherwise``."""
-    state = torch.where(empty, EMPTY, otherwise)
-    return _as4d(torch.where(full, FULL, state).to(torch.int8))
+    """``EMPTY`` where ``empty``, else ``FULL`` where ``full``, else ``otherwise``: int8 of
+    the two masks' broadcast shape, with leading 1s up to 4 dimensions."""
+    a, b = (1,) * (4 - full.dim()) + full.shape, (1,) * (4 - empty.dim()) + empty.shape
+    shape = tuple(y if x == 1 else x for x, y in zip(a, b))  # broadcast (cheaper on the host)
+    state = torch.full(shape, otherwise, dtype=torch.int8, device=full.device)
+    return state.masked_fill_(full, FULL).masked_fill_(empty, EMPTY)
 
 
 def union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """State of ``x | y`` from the states of ``x`` and ``y``."""
-    either_full = (a == FULL) | (b == FULL)
-    mixed = torch.where(a == EMPTY, b, torch.where(b == EMPTY, a, UNKNOWN))
-    return torch.where(either_full, FULL, mixed).to(torch.int8)
+    """State of ``x | y`` from the states of ``x`` and ``y``: ``FULL`` if either is, the
+    other where one is ``EMPTY``, else ``UNKNOWN``. That is ``max(a, b)``, raised to
+    ``UNKNOWN`` where both are ``PARTIAL`` (the only case with ``max < UNKNOWN <= a + b``)."""
+    return torch.maximum(torch.maximum(a, b), (a + b).clamp_(max=UNKNOWN))
 
 
 def intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """State of ``x & y`` from the states of ``x`` and ``y``."""
-    either_empty = (a == EMPTY) | (b == EMPTY)
-    mixed = torch.where(a == FULL, b, torch.where(b == FULL, a, UNKNOWN))
-    return torch.where(either_empty, EMPTY, mixed).to(torch.int8)
+    """State of ``x & y`` from the states of ``x`` and ``y``: ``EMPTY`` if either is, the
+    other where one is ``FULL``, else ``UNKNOWN``. That is ``min(a, b)``, raised to
+    ``UNKNOWN`` where neither is decided (``(s + 1) & 2`` is 2 for ``PARTIAL`` and
+    ``UNKNOWN``, 0 for ``EMPTY`` and ``FULL``)."""
+    return torch.maximum(torch.minimum(a, b), (a + 1) & (b + 1) & UNKNOWN)
 
 
 def complement(a: torch.Tensor) -> torch.Tensor:
-    """State of ``~x`` from the state of ``x``."""
-    return torch.where(a == FULL, EMPTY, torch.where(a == EMPTY, FULL, a)).to(torch.int8)
+    """State of ``~x`` from the state of ``x``: ``EMPTY`` and ``FULL`` swap, the others
+    stay. As a table lookup: ``15 - 5 * a`` is 15, 10, 5, 0 for ``a`` = 0 to 3; halved,
+    7, 5, 2, 0; its low two bits, 3, 1, 2, 0."""
+    return (torch.rsub(a, 15, alpha=5) >> 1) & 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,14 +178,16 @@ def _difference_bounds(span: Span) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _window_states(span: Span, before: int, after: int, rate: int = 1) -> torch.Tensor:
-    """``-before <= k - q <= after`` and ``(k - q) % rate == 0``."""
+    """``-before <= k - q <= after`` and ``(k - q) % rate == 0`` (``before, after >= 0``)."""
+    if rate == 1:
+        # k - q takes every value in [kl - qh, kh - ql]: compare shifted small bounds.
+        full = (span.kl + before >= span.qh) & (span.kh - after <= span.ql)
+        empty = (span.kh + before < span.ql) | (span.kl - after > span.qh)
+        return decide(full, empty)
     dmin, dmax = _difference_bounds(span)
-    in_full = (dmin >= -before) & (dmax <= after)
     lo, hi = torch.clamp(dmin, min=-before), torch.clamp(dmax, max=after)
-    empty = ~_has_multiple(lo, hi, rate)
-    if rate > 1:
-        in_full = in_full & (dmin == dmax) & (dmin % rate == 0)
-    return decide(in_full, empty)
+    full = (dmin >= -before) & (dmax <= after) & (dmin == dmax) & (dmin % rate == 0)
+    return decide(full, ~_has_multiple(lo, hi, rate))
 
 
 def _strided_states(span: Span, stride: int) -> torch.Tensor:
@@ -171,47 +204,54 @@ def _global_states(span: Span, count: int) -> torch.Tensor:
     return decide((span.qh < count) | (span.kh < count), (span.ql >= count) & (span.kl >= count))
 
 
-def _kept_in(lo: torch.Tensor, hi: torch.Tensor, segment: int, rate: int, offset: int) -> torch.Tensor:
-    """Whether ``[lo, hi]``, inside one segment, holds a position with
-    ``(p % segment) % rate == offset``."""
-    rel_lo = lo % segment
-    first = rel_lo + (offset - rel_lo) % rate
-    return (lo <= hi) & (first <= rel_lo + (hi - lo))
+def _chunk_states(span: Span, size: int) -> torch.Tensor:
+    """``q // size == k // size``: full when both ranges lie in one chunk (the same one,
+    else the tile is empty, which wins)."""
+    c = span.coarsen(size)
+    return decide((c.ql == c.qh) & (c.kl == c.kh), (c.qh < c.kl) | (c.kh < c.ql))
 
 
 def _dilated_states(span: Span, segment: int, rate: int, offset: int) -> torch.Tensor:
-    """LongNet's ``dilated(segment, rate, offset)``, decided exactly per tile."""
-    qs_lo, qs_hi = span.ql // segment, span.qh // segment
-    ks_lo, ks_hi = span.kl // segment, span.kh // segment
-    first, last = torch.maximum(qs_lo, ks_lo), torch.minimum(qs_hi, ks_hi)
+    """LongNet's ``dilated(segment, rate, offset)`` (``0 <= offset < rate <= segment``),
+    decided exactly per tile.
 
-    def both_kept(seg: torch.Tensor) -> torch.Tensor:
-        start, stop = seg * segment, seg * segment + segment - 1
-        q_ok = _kept_in(torch.maximum(span.ql, start), torch.minimum(span.qh, stop), segment, rate, offset)
-        k_ok = _kept_in(torch.maximum(span.kl, start), torch.minimum(span.kh, stop), segment, rate, offset)
-        return q_ok & k_ok
-
-    # Segments strictly between the first and last common one lie inside both ranges whole.
-    nonempty = (first <= last) & (both_kept(first) | both_kept(last) | (last - first >= 2))
-    one_segment = (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
+    With ``rate == 1`` it is ``chunks(segment)``. Otherwise number the kept positions in
+    order from 0: segment ``s`` holds the numbers ``[s * per, (s + 1) * per)``. A tile axis
+    ``[lo, hi]`` holds the numbers from that of the first kept position ``>= lo`` to that
+    of the last ``<= hi`` (none if the first exceeds the last), so the tile is empty unless
+    both axes hold some and their ranges of segments meet. Two adjacent positions are never
+    both kept in one segment, so only a 1 x 1 tile can be full."""
     if rate == 1:
-        full = one_segment
-    else:
-        single = (span.ql == span.qh) & (span.kl == span.kh)
-        full = one_segment & single & both_kept(qs_lo)
-    return decide(full, ~nonempty)
+        return _chunk_states(span, segment)
+    per = (segment - 1 - offset) // rate + 1
+
+    def number(p: torch.Tensor, shift: int) -> torch.Tensor:
+        # The number of the first kept position >= p (shift = rate - 1 - offset) or of the
+        # last <= p (shift = -offset): per for each segment before p's, then p's own.
+        if segment % rate == 0:  # then the kept positions are those = offset (mod rate)
+            return (p + shift) // rate
+        return (p // segment) * per + (p % segment + shift) // rate
+
+    def segments(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first, last = number(lo, rate - 1 - offset), number(hi, -offset)
+        return first // per, (last // per).masked_fill_(first > last, -1)  # none: no segment
+
+    q_first, q_last = segments(span.ql, span.qh)
+    k_first, k_last = segments(span.kl, span.kh)
+    single = (span.ql == span.qh) & (span.kl == span.kh)
+    return decide(single, (q_last < k_first) | (k_last < q_first))
 
 
 def _layout_states(layout: torch.Tensor, span: Span) -> torch.Tensor:
     """States of a ``[H or 1, nqb, nkb]`` bool block layout over tiles given in block
     coordinates: the allowed blocks of each tile's block rectangle are counted with prefix
-    sums, so the decision is exact."""
+    sums, so the decision is exact. Only the block rows of ``span.q_range`` (every row
+    when it is unknown) are summed, and nothing is read back from the device."""
     qbl, qbh = span.ql[:, 0], span.qh[:, 0]
     kbl, kbh = span.kl[0], span.kh[0]
-    lo, hi = int(qbl.min()), int(qbh.max())
-    rows = layout[:, lo:hi + 1].to(torch.int32)
-    by_row = F.pad(rows.cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
-    per_tile_row = by_row[:, qbh - lo + 1] - by_row[:, qbl - lo]  # [H, R, nkb]
+    lo, hi = span.q_range or (0, layout.shape[1] - 1)
+    by_row = F.pad(layout[:, lo:hi + 1].cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
+    per_tile_row = by_row[:, qbh + (1 - lo)] - by_row[:, qbl - lo]  # [H, R, nkb]
     by_col = F.pad(per_tile_row.cumsum(2, dtype=torch.int32), (1, 0))
     counts = by_col[:, :, kbh + 1] - by_col[:, :, kbl]  # [H, R, C]
     cells = (qbh - qbl + 1)[:, None] * (kbh - kbl + 1)[None, :]
@@ -225,8 +265,9 @@ def _layout_states(layout: torch.Tensor, span: Span) -> torch.Tensor:
 
 def classify(pattern: n.Pattern, ctx: Context, grid: TileGrid, rows: range) -> torch.Tensor:
     """States ``[B or 1, H or 1, len(rows), num_kv_tiles]`` of the tiles in query-tile rows
-    ``rows``. ``UNKNOWN`` may remain; ragged tiles may still say ``FULL`` (see
-    :meth:`TileGrid.ragged`)."""
+    ``rows`` (possibly an expanded view). ``UNKNOWN`` may remain (see
+    :func:`leaves_unknown`); tiles cut short by a sequence end may still say ``FULL``
+    (:func:`sparsedsl.passes.blockmask.tile_states` makes them ``PARTIAL``)."""
     span = grid.span(rows, ctx.device)
     state = _classify(pattern, ctx, span, grid)
     return state.expand(*state.shape[:2], len(rows), grid.num_kv_tiles)
@@ -234,13 +275,13 @@ def classify(pattern: n.Pattern, ctx: Context, grid: TileGrid, rows: range) -> t
 
 @singledispatch
 def _classify(node, ctx: Context, span: Span, grid: TileGrid) -> torch.Tensor:
+    """States of the tiles of ``grid`` bounded by ``span``."""
     raise TypeError(f"tile classification: no rule for node type {type(node).__name__}")
 
 
 @_classify.register
 def _(node: n.Full, ctx, span, grid):
-    return decide(torch.ones((), dtype=torch.bool, device=span.ql.device),
-                  torch.zeros((), dtype=torch.bool, device=span.ql.device))
+    return torch.full((1, 1, 1, 1), FULL, dtype=torch.int8, device=span.ql.device)
 
 
 @_classify.register
@@ -260,10 +301,7 @@ def _(node: n.DilatedWindow, ctx, span, grid):
 
 @_classify.register
 def _(node: n.Chunks, ctx, span, grid):
-    qc_lo, qc_hi = span.ql // node.size, span.qh // node.size
-    kc_lo, kc_hi = span.kl // node.size, span.kh // node.size
-    full = (qc_lo == qc_hi) & (kc_lo == kc_hi) & (qc_lo == kc_lo)
-    return decide(full, (qc_hi < kc_lo) | (kc_hi < qc_lo))
+    return _chunk_states(span, node.size)
 
 
 @_classify.register
@@ -364,17 +402,20 @@ def _within_states(rule: n.Pattern, ctx: Context, span: Span, grid: TileGrid, si
     """States of a ``.within(rule)`` rule on block-relative positions.
 
     A tile inside one block per axis sees the relative range ``[lo % size, hi % size]``
-    exactly. A tile crossing a block boundary is classified on the whole relative range
-    ``[0, size - 1]`` (a superset), where only ``FULL`` and ``EMPTY`` stay sound; a
-    ``PARTIAL`` there becomes ``UNKNOWN``."""
+    exactly (every tile does when :meth:`TileGrid.within_blocks`). A tile crossing a block
+    boundary is classified on the whole relative range ``[0, size - 1]`` (a superset),
+    where only ``FULL`` and ``EMPTY`` stay sound; a ``PARTIAL`` there becomes ``UNKNOWN``."""
+    rel_ctx, rel_grid = ctx.relative(size), TileGrid(size, size, grid.q_block, grid.kv_block)
+    if grid.within_blocks(size):
+        relative = Span(span.ql % size, span.qh % size, span.kl % size, span.kh % size)
+        return _classify(rule, rel_ctx, relative, rel_grid)
     q_inside = (span.ql // size) == (span.qh // size)
     k_inside = (span.kl // size) == (span.kh // size)
     relative = Span(
         torch.where(q_inside, span.ql % size, 0), torch.where(q_inside, span.qh % size, size - 1),
         torch.where(k_inside, span.kl % size, 0), torch.where(k_inside, span.kh % size, size - 1),
     )
-    rel_grid = TileGrid(size, size, grid.q_block, grid.kv_block)
-    state = _classify(rule, ctx.relative(size), relative, rel_grid)
+    state = _classify(rule, rel_ctx, relative, rel_grid)
     exact = q_inside & k_inside
     return torch.where((state == PARTIAL) & ~exact, UNKNOWN, state).to(torch.int8)
 
@@ -420,3 +461,105 @@ def _(node: n.Complement, ctx, span, grid):
 @_classify.register
 def _(node: n.Scored, ctx, span, grid):
     return _classify(node.pattern, ctx, span, grid)
+
+
+# ---------------------------------------------------------------------------------------
+# Which tiles a classifier can leave undecided, known on the host
+# ---------------------------------------------------------------------------------------
+
+
+class _Undecided(NamedTuple):
+    """What the classifier of a node can give on a grid, as a guarantee when false:
+    ``partial``, some tile ``PARTIAL`` or ``UNKNOWN``; ``unknown``, some tile ``UNKNOWN``."""
+
+    partial: bool
+    unknown: bool
+
+
+_DECIDED = _Undecided(False, False)
+_EXACT = _Undecided(True, False)
+_OPEN = _Undecided(True, True)
+
+
+def leaves_unknown(pattern: n.Pattern, ctx: Context, grid: TileGrid) -> bool:
+    """Whether :func:`classify` may leave ``UNKNOWN`` tiles of ``pattern`` on ``grid``,
+    from the structure alone. ``False`` is a guarantee (no tile needs refining); ``True``
+    only a possibility. Primitives decide exactly; ``UNKNOWN`` comes from combining two
+    undecided states, from ``documents(...)`` and from a ``.within(...)`` rule on tiles
+    that cross blocks."""
+    return _undecided(pattern, ctx, grid).unknown
+
+
+def _combined(parts) -> _Undecided:
+    """Of a union or intersection of ``parts`` (in any nesting): ``UNKNOWN`` only where
+    a part is, or where two parts are both undecided."""
+    parts = list(parts)
+    undecided = sum(p.partial for p in parts)
+    return _Undecided(undecided > 0, undecided > 1 or any(p.unknown for p in parts))
+
+
+@singledispatch
+def _undecided(node, ctx: Context, grid: TileGrid) -> _Undecided:
+    return _OPEN  # no rule (documents(...)): anything
+
+
+_undecided.register(n.Full, lambda node, ctx, grid: _DECIDED)
+for _primitive in (n.Causal, n.Window, n.DilatedWindow, n.Chunks, n.Strided, n.Dilated):
+    _undecided.register(_primitive, lambda node, ctx, grid: _EXACT)
+
+
+@_undecided.register
+def _(node: n.GlobalTokens, ctx, grid):
+    return _Undecided(any(grid.splits(node.n)), False)
+
+
+@_undecided.register
+def _(node: n.Prefix, ctx, grid):
+    return _Undecided(grid.splits(node.n)[1], False)
+
+
+@_undecided.register
+def _(node: n.Blocks, ctx, grid):
+    # Every rule and block causality decide block rectangles exactly, and a tile inside
+    # one block is one block: allowed or not.
+    one_block = grid.within_blocks(node.size)
+    rule = _Undecided(not one_block, False)
+    terms = [rule] * sum(len(r.rates) if isinstance(r, n.BlockDilated) else 1 for r in node.rules)
+    if node.causal_:
+        terms.append(rule)
+    if node.within_ is not None:
+        rel_grid = TileGrid(node.size, node.size, grid.q_block, grid.kv_block)
+        terms.append(_undecided(node.within_, ctx.relative(node.size), rel_grid) if one_block else _OPEN)
+    return _combined(terms)
+
+
+@_undecided.register
+def _(node: n.Heads, ctx, grid):
+    parts = [_undecided(p, ctx, grid) for p in node.parts]
+    return _Undecided(any(p.partial for p in parts), any(p.unknown for p in parts))
+
+
+@_undecided.register
+def _(node: n.Segments, ctx, grid):
+    return _undecided(node.expand(), ctx, grid)
+
+
+@_undecided.register(n.Union)
+@_undecided.register(n.Intersection)
+def _(node, ctx, grid):
+    return _combined(_undecided(p, ctx, grid) for p in node.parts)
+
+
+@_undecided.register
+def _(node: n.Difference, ctx, grid):
+    return _combined([_undecided(node.left, ctx, grid), _undecided(node.right, ctx, grid)])
+
+
+@_undecided.register
+def _(node: n.Complement, ctx, grid):
+    return _undecided(node.inner, ctx, grid)
+
+
+@_undecided.register
+def _(node: n.Scored, ctx, grid):
+    return _undecided(node.pattern, ctx, grid)
