@@ -88,28 +88,37 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, band: B
     """Attention by the band plan: ``(out, lse or None)`` for ``q [B, H, N, D]`` over ``k``,
     ``v [B, Hkv, N, D]``. ``edges(q, k, v) -> (out, lse or None)`` computes the edge rows
     through the tile plan (rows of the interior output zeros)."""
-    out, lse = edges(q, k, v)
     rows = band.rows
     if not len(rows):
-        return out, lse
+        return edges(q, k, v)
     batch, heads, _, _ = q.shape
     blocks = len(band.interior)
+    # Folded for SDPA, without copies: [B * H, blocks, rows, D], (batch, head) pairs in its
+    # batch dimension and the blocks in its head dimension, so its output is laid out as
+    # the rows of the final output. With grouped-query attention the two swap places
+    # ([blocks, B * H, rows, D]): SDPA's ``head // group`` mapping then holds on the
+    # flattened (batch, head) index as on the head index.
+    grouped = heads != k.shape[1]
+
+    def fold(t5: torch.Tensor) -> torch.Tensor:  # [B, H, blocks, rows, D]
+        return t5.movedim(2, 0).flatten(1, 2) if grouped else t5.flatten(0, 1)
+
+    def unfold(folded: torch.Tensor) -> torch.Tensor:  # back to [B, H, blocks, rows, ...]
+        return folded.unflatten(1, (batch, heads)).movedim(0, 2) if grouped else folded.unflatten(0, (batch, heads))
 
     def windows(t: torch.Tensor) -> torch.Tensor:
-        """``[blocks, B * Hkv, window, D]``: one overlapping key window per interior block."""
+        """One overlapping key window per interior block, folded."""
         start = (band.interior.start - band.before) * band.size
         span = _heads_mergeable(t)[:, :, start:start + (blocks - 1) * band.size + band.window]
-        return span.unfold(2, band.window, band.size).permute(2, 0, 1, 4, 3).flatten(1, 2)
+        return fold(span.unfold(2, band.window, band.size).transpose(-1, -2))
 
-    # Blocks in the batch dimension and (batch, head) pairs in the head dimension: the
-    # views need no copy, and SDPA's grouped-query mapping (head // group) holds on the
-    # flattened (batch, head) index as on the head index.
-    blocked_q = _heads_mergeable(q)[:, :, rows.start:rows.stop].unflatten(2, (blocks, band.size))
-    blocked_q = blocked_q.permute(2, 0, 1, 3, 4).flatten(1, 2)
+    blocked_q = fold(_heads_mergeable(q)[:, :, rows.start:rows.stop].unflatten(2, (blocks, band.size)))
     inner_out, inner_lse = sdpa_with_lse(blocked_q, windows(k), windows(v), scale, need_lse)
-    inner_out = inner_out.unflatten(1, (batch, heads)).permute(1, 2, 0, 3, 4)  # [B, H, blocks, size, D]
+    inner_out = unfold(inner_out)  # [B, H, blocks, size, D]
     if need_lse:
-        inner_lse = inner_lse.unflatten(1, (batch, heads)).permute(1, 2, 0, 3)
+        inner_lse = unfold(inner_lse)
+    # The edges after the interior: their call's host time overlaps the interior's kernel.
+    out, lse = edges(q, k, v)
     if torch.is_grad_enabled() and (out.requires_grad or inner_out.requires_grad):
         out = torch.cat([out[:, :, :rows.start], inner_out.flatten(2, 3).to(out.dtype), out[:, :, rows.stop:]], dim=2)
         if need_lse:
