@@ -198,7 +198,25 @@ def _fold(t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor:
     dimension. A view when the batch and head dimensions merge (batch 1, or every head of a
     contiguous tensor), strided lattices included; grouped-query attention's ``head //
     group`` holds on the flattened index as on the head index."""
+    if not (t.requires_grad and torch.is_grad_enabled()):
+        view = _folded_view(t, start, count, chunk)
+        if view is not None:
+            return view
     return t[:, :, start:start + count * chunk].unflatten(2, (count, chunk)).movedim(2, 0).flatten(1, 2)
+
+
+def _folded_view(t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor | None:
+    """:func:`_fold`'s result as one ``as_strided`` view (a call makes several such views,
+    and each operation costs host time), or None when the batch and head dimensions of
+    ``t`` do not merge."""
+    batch, heads, _, dim = t.shape
+    stride_b, stride_h, stride_n, stride_d = t.stride()
+    if heads == 1:
+        stride_h = stride_b
+    elif batch != 1 and stride_b != heads * stride_h:
+        return None
+    return t.as_strided((count, batch * heads, chunk, dim), (chunk * stride_n, stride_h, stride_n, stride_d),
+                        t.storage_offset() + start * stride_n)
 
 
 def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: int, chunk: int,
@@ -207,16 +225,21 @@ def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: in
     :func:`_fold` lays out the lattice positions ``start ..`` of ``part``) into those
     positions of ``target [B, H, N, ...]``, in place."""
     batch, heads = target.shape[:2]
-    values = folded.unflatten(1, (batch, heads)).movedim(0, 2)  # [B, H, count, chunk, ...]
     view = part.view(target)
-    if view is not None:
+    dest = None if view is None else _folded_view(view if view.dim() == 4 else view[..., None], start, count, chunk)
+    if dest is not None:
+        folded = folded if folded.dim() == 4 else folded[..., None]
+    elif view is not None:
         dest = view[:, :, start:start + count * chunk].unflatten(2, (count, chunk))
+        folded = folded.unflatten(1, (batch, heads)).movedim(0, 2)  # [B, H, count, chunk, ...]
+    if dest is not None:
         if accumulate:
-            dest.add_(values)
+            dest.add_(folded)
         else:
-            dest.copy_(values)
+            dest.copy_(folded)
         return
-    index, values = part.positions[start:start + count * chunk], values.flatten(2, 3)
+    values = folded.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3)
+    index = part.positions[start:start + count * chunk]
     if accumulate:
         target.index_add_(2, index, values)
     else:
