@@ -6,9 +6,9 @@
 of ``size`` queries over ``(before + after + 1) * size`` keys. The windows of consecutive
 blocks overlap, so they are taken as views (``Tensor.unfold`` along the sequence, one
 window per block, nothing copied) and all interior blocks run in one call of PyTorch's
-fused SDPA kernel, with the blocks folded into the batch. No tile is masked, so on a GPU
-the work runs at dense-kernel speed (cuDNN's attention on an H100) instead of the
-block-sparse kernel's.
+fused SDPA kernel, with the blocks folded into its batch or head dimension. No tile is
+masked, so on a GPU the work runs at dense-kernel speed (cuDNN's attention on an H100)
+instead of the block-sparse kernel's.
 
 The *edge* rows (the first ``before`` and last ``after`` blocks, whose windows are cut by
 the sequence ends, and a last block cut short by the length) run through the tile plan of
@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..passes.tiles import EMPTY
 from .lattice import sdpa_with_lse
 
 #: The band plan runs automatically only when its interior holds at least this share of
@@ -79,7 +80,7 @@ def edge_states(states: torch.Tensor, band: Band, q_block: int) -> torch.Tensor:
     """``states`` (tiles of ``q_block`` rows, ``band.size`` a multiple of ``q_block``) with
     the interior rows' tiles made empty: what the tile plan computes for the edge rows."""
     edges = states.clone()
-    edges[..., band.rows.start // q_block:band.rows.stop // q_block, :] = 0
+    edges[..., band.rows.start // q_block:band.rows.stop // q_block, :] = EMPTY
     return edges
 
 
