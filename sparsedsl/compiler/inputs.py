@@ -41,19 +41,23 @@ def check_attention_inputs(q, k, v, scale, layout: str, where: str = "forward()"
     if layout == "bnhd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     (batch, heads, q_len, dim), (kb, kv_heads, kv_len, kdim) = q.shape, k.shape
-    shape_names = f"(layout={layout!r}; q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} as [batch, heads, length, head_dim])"
+
+    def shape_names() -> str:  # built only for a message: a call's host time counts
+        return (f"(layout={layout!r}; q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} "
+                f"as [batch, heads, length, head_dim])")
+
     if 0 in (batch, heads, q_len, dim, kv_heads, kv_len):
-        raise ValueError(f"{where}: empty inputs are not attention {shape_names}")
+        raise ValueError(f"{where}: empty inputs are not attention {shape_names()}")
     if kb != batch or v.shape[0] != batch:
-        raise ValueError(f"{where}: q, k and v must have the same batch size {shape_names}")
+        raise ValueError(f"{where}: q, k and v must have the same batch size {shape_names()}")
     if tuple(v.shape[1:3]) != (kv_heads, kv_len):
-        raise ValueError(f"{where}: k and v must have the same heads and length {shape_names}")
+        raise ValueError(f"{where}: k and v must have the same heads and length {shape_names()}")
     if kdim != dim:
-        raise ValueError(f"{where}: q and k must have the same head_dim, got {dim} and {kdim} {shape_names}")
+        raise ValueError(f"{where}: q and k must have the same head_dim, got {dim} and {kdim} {shape_names()}")
     if heads % kv_heads:
         raise ValueError(
             f"{where}: q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) "
-            f"for grouped-query attention {shape_names}"
+            f"for grouped-query attention {shape_names()}"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(dim)

@@ -352,7 +352,8 @@ class CompiledPattern(nn.Module):
             offset = k.shape[2] - q.shape[2] if q_offset == "end" else _static_offset(q_offset)
             result = traced_attention(self._handle, q, k, v, scale, offset, return_lse, buffers)
             return (_to_layout(result[0], layout), result[1]) if return_lse else _to_layout(result, layout)
-        _, _, q_offset = resolve_q_offset("forward()", q.shape[2], k.shape[2], q_offset)
+        if not (type(q_offset) is int and q_offset == 0):  # 0, the common case, needs no checks
+            _, _, q_offset = resolve_q_offset("forward()", q.shape[2], k.shape[2], q_offset)
         if self._block_local(q.shape[2], k.shape[2], q_offset) and not buffers:
             # Rows that are whole diagonal blocks see only their own keys, as at position 0.
             k, v = k[:, :, q_offset:q_offset + q.shape[2]], v[:, :, q_offset:q_offset + q.shape[2]]
