@@ -247,7 +247,8 @@ class CompiledPattern(nn.Module):
         kind, reason = choose_plan(self.pattern, self.kernel, device, dtype, requires_grad,
                                    lattice=lattice is not None, head_dim=head_dim,
                                    q_offset=q_offset, lower_right=q_offset == kv_len - q_len, band=band)
-        tiles = self._edge_tiles(device, dtype, head_dim) if kind in ("flex", "band") else None
+        tiles = (flex_tiles(self.q_block, self.kv_block, device) if kind == "flex"
+                 else self._edge_tiles(device, dtype, head_dim) if kind == "band" else None)
         lowering = self.lowering(q_len, kv_len, heads=heads, device=_work_device(device), tiles=tiles,
                                  q_offset=q_offset, where="explain()", **buffers)
         states = lowering.states

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..passes.tiles import EMPTY
-from .lattice import sdpa_with_lse
+from .lattice import merges_batch_and_heads, sdpa_with_lse
 
 #: The band plan runs automatically only when its interior holds at least this share of
 #: the query rows (the edge rows cost a tile-plan call of their own) ...
@@ -134,6 +134,6 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, band: B
 def _heads_mergeable(t: torch.Tensor) -> torch.Tensor:
     """``t`` (copied only if needed) with its batch and head dimensions mergeable into one
     strided dimension and unit stride along the head dim, so the plan's views stay views."""
-    if (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)) and t.stride(-1) == 1:
+    if merges_batch_and_heads(t) and t.stride(-1) == 1:
         return t
     return t.contiguous()

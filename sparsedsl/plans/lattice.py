@@ -209,14 +209,19 @@ def _folded_view(t: torch.Tensor, start: int, count: int, chunk: int) -> torch.T
     """:func:`_fold`'s result as one ``as_strided`` view (a call makes several such views,
     and each operation costs host time), or None when the batch and head dimensions of
     ``t`` do not merge."""
+    if not merges_batch_and_heads(t):
+        return None
     batch, heads, _, dim = t.shape
     stride_b, stride_h, stride_n, stride_d = t.stride()
-    if heads == 1:
-        stride_h = stride_b
-    elif batch != 1 and stride_b != heads * stride_h:
-        return None
+    stride_h = stride_b if heads == 1 else stride_h
     return t.as_strided((count, batch * heads, chunk, dim), (chunk * stride_n, stride_h, stride_n, stride_d),
                         t.storage_offset() + start * stride_n)
+
+
+def merges_batch_and_heads(t: torch.Tensor) -> bool:
+    """Whether dimensions 0 and 1 of ``t`` (batch, heads) merge into one strided dimension
+    without a copy."""
+    return t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
 
 
 def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: int, chunk: int,
@@ -318,21 +323,22 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     out = _output(q, v, plan)
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=lse_dtype) if need_lse else None
+    if not grad:  # chunk parts written in place, once
+        for rng, _, part, start, count, chunk, folded in _chunk_folds(q, k, v, plan):
+            part_out, part_lse = sdpa_with_lse(*folded, scale, need_lse)
+            _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, part_out)
+            if need_lse:
+                _write_folded(lse[:, rng.start:rng.stop], part, start, count, chunk, part_lse)
     for head_plan in plan:
+        # Parts left: those whose positions occur at this length, and not written above.
+        parts = [part for part in head_plan.parts
+                 if part.length != 0 and (grad or not isinstance(part.pattern, n.Chunks))]
+        if not parts:
+            continue
         rng = head_plan.heads
         qg, kg, vg, _ = _group_inputs(q, k, v, rng)
-        for part in head_plan.parts:
-            if part.length == 0:  # no position of this lattice occurs at this length
-                continue
+        for part in parts:
             sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
-            if isinstance(part.pattern, n.Chunks) and not grad:  # written in place, once
-                for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
-                    folded = (_fold(t, start, count, chunk) for t in (sq, sk, sv))
-                    part_out, part_lse = sdpa_with_lse(*folded, scale, need_lse)
-                    _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, part_out)
-                    if need_lse:
-                        _write_folded(lse[:, rng.start:rng.stop], part, start, count, chunk, part_lse)
-                continue
             if isinstance(part.pattern, n.Chunks):
                 part_out, part_lse = _fold_chunks(sq, sk, sv, part.pattern.size, scale, need_lse)
             else:
@@ -391,20 +397,28 @@ def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float, out: t
     made leaves (``leaves``); ``result`` also written into ``out`` when given."""
     runs = []
     with torch.enable_grad():
-        for head_plan in plan:
-            rng = head_plan.heads
-            qg, kg, vg, kv = _group_inputs(q, k, v, rng)
-            for part in head_plan.parts:
-                if part.length == 0:
-                    continue
-                sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
-                for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
-                    leaves = tuple(_fold(t, start, count, chunk).detach().requires_grad_() for t in (sq, sk, sv))
-                    result, _ = sdpa_with_lse(*leaves, scale, False)
-                    if out is not None:
-                        _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
-                    runs.append((rng, kv, part, start, count, chunk, leaves, result))
+        for rng, kv, part, start, count, chunk, folded in _chunk_folds(q, k, v, plan):
+            leaves = tuple(t.detach().requires_grad_() for t in folded)
+            result, _ = sdpa_with_lse(*leaves, scale, False)
+            if out is not None:
+                _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
+            runs.append((rng, kv, part, start, count, chunk, leaves, result))
     return runs
+
+
+def _chunk_folds(q, k, v, plan: tuple[HeadGroupPlan, ...]):
+    """Every chunk run of the ``chunks`` parts of ``plan`` that occur at this length:
+    ``(heads, kv, part, start, count, chunk, (q, k, v) folded by _fold)``, ``kv`` as
+    :func:`_group_inputs` gives it."""
+    for head_plan in plan:
+        qg, kg, vg, kv = _group_inputs(q, k, v, head_plan.heads)
+        for part in head_plan.parts:
+            if part.length == 0 or not isinstance(part.pattern, n.Chunks):
+                continue
+            sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
+            for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
+                yield head_plan.heads, kv, part, start, count, chunk, tuple(
+                    _fold(t, start, count, chunk) for t in (sq, sk, sv))
 
 
 def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
