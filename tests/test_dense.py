@@ -416,6 +416,18 @@ def test_random_matches_its_layout_function():
     assert all(len(set(row)) == 2 for row in picks.tolist())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 7, 2, 3), (300, 257, 5, 11), (1024, 1024, 3, 0), (1500, 900, 4, 2**40 + 7)])
+def test_random_layout_on_cuda_is_the_cpu_layout(shape):
+    num_qb, num_kb, per_row, seed = shape
+    on_cpu = random_block_layout(num_qb, num_kb, per_row, seed)
+    on_cuda = random_block_layout(num_qb, num_kb, per_row, seed, device="cuda")
+    assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), on_cpu)
+    # Several row chunks on the device give the same choice as one.
+    chunked = random_block_picks(num_qb, num_kb, per_row, seed, row_chunk=97, device="cuda")
+    assert torch.equal(chunked.sort(1).values.cpu(), random_block_picks(num_qb, num_kb, per_row, seed).sort(1).values)
+
+
 def test_random_combined_with_other_rules():
     size, q_len, kv_len = 3, 20, 25
     picks = random_block_picks(ceil_div(q_len, size), ceil_div(kv_len, size), 2, 9).tolist()

@@ -2,9 +2,10 @@
 
 Each key block ``kb`` of query-block row ``qb`` gets a 31-bit hash of ``(seed, qb, kb)``;
 the row keeps the ``per_row`` key blocks with the smallest hashes (ties broken by ``kb``).
-The hash uses only integer arithmetic that cannot overflow int64, and the choice is made on
-the CPU, so it is the same on every machine and device, and a row's choice depends only on
-``(seed, qb, number of key blocks)``.
+The hash uses only int64 arithmetic that cannot overflow, and the sort keys are unique, so
+the choice is exact and the same on every machine and device it is computed on (the mask
+builds compute it on the device of the mask); a row's choice depends only on ``(seed, qb,
+number of key blocks)``.
 """
 
 from __future__ import annotations
@@ -33,26 +34,30 @@ def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
 
 
 def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
-                       row_chunk: int = 1024) -> torch.Tensor:
-    """``[num_q_blocks, min(per_row, num_k_blocks)]`` int64 key-block indices chosen per row."""
+                       row_chunk: int = 1024, device=None) -> torch.Tensor:
+    """``[num_q_blocks, min(per_row, num_k_blocks)]`` int64 key-block indices chosen per
+    row (unordered within a row), computed on ``device`` (default: the CPU) ``row_chunk``
+    rows at a time."""
     keep = min(per_row, num_k_blocks)
-    kb = torch.arange(num_k_blocks, dtype=torch.int64)
+    kb = torch.arange(num_k_blocks, dtype=torch.int64, device=device)
     rows = []
     for start in range(0, num_q_blocks, row_chunk):
-        qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64)
+        qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64, device=device)
         # Sort key: hash first, block index second (unique, so the order is total).
         key = block_hash(seed, qb[:, None], kb[None, :])
         key *= num_k_blocks
         key += kb
         rows.append(torch.topk(key, keep, dim=1, largest=False).indices)
     if not rows:
-        return torch.empty(0, keep, dtype=torch.int64)
+        return torch.empty(0, keep, dtype=torch.int64, device=device)
     return torch.cat(rows)
 
 
-def random_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int) -> torch.Tensor:
-    """The chosen blocks as a bool ``[num_q_blocks, num_k_blocks]`` layout (on the CPU)."""
-    layout = torch.zeros(num_q_blocks, num_k_blocks, dtype=torch.bool)
-    picks = random_block_picks(num_q_blocks, num_k_blocks, per_row, seed)
+def random_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
+                        device=None) -> torch.Tensor:
+    """The chosen blocks as a bool ``[num_q_blocks, num_k_blocks]`` layout on ``device``
+    (default: the CPU)."""
+    layout = torch.zeros(num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
+    picks = random_block_picks(num_q_blocks, num_k_blocks, per_row, seed, device=device)
     layout.scatter_(1, picks, True)
     return layout

@@ -174,7 +174,7 @@ def _lower_block_rule(rule, ctx: Context, num_qb: int, num_kb: int):
     if isinstance(rule, n.BlockRandom):
         layout = ctx.memoized(
             ("random", rule, num_qb, num_kb),
-            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed).to(ctx.device),
+            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed, device=ctx.device),
         )
         return lambda h, qb, kb: layout[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
     if isinstance(rule, n.BlockLayout):

@@ -388,7 +388,7 @@ def _block_rule_states(rule: n.BlockRule, ctx: Context, coarse: Span, grid: Tile
     if isinstance(rule, n.BlockRandom):
         layout = ctx.memoized(
             ("random", rule, num_qb, num_kb),
-            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed).to(ctx.device),
+            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed, device=ctx.device),
         )[None]
     elif isinstance(rule, n.BlockLayout):
         layout = ctx.memoized(("layout", rule.name, num_qb, num_kb),
