@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from reference import reference_attention
+from sparsedsl.plans.lattice import _chunk_runs, _fold, _zero_outside, lattice_decomposition
 
 
 @st.composite
@@ -155,3 +156,34 @@ def test_gpu_lattice_bf16(pattern, length, heads):
     assert (out.double().cpu() - expected).abs().max().item() < 3e-2
     out.float().square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@settings(max_examples=200)
+@given(segment=st.integers(1, 40), data=st.data(), periods=st.integers(1, 5), extra=st.integers(0, 39))
+def test_dilated_lattices_are_views_and_only_off_lattice_rows_are_zeroed(segment, data, periods, extra):
+    """A dilated segment keeps ``offset, offset + rate, ...`` of every period: folded as one
+    strided view per run when the length is whole periods (rates that do not divide the
+    segment included), and the output rows zeroed are exactly the rows off the lattice."""
+    rate = data.draw(st.integers(1, segment))
+    offset = data.draw(st.integers(0, rate - 1))
+    length = segment * periods + (extra % segment)
+    (group,) = lattice_decomposition(sd.dilated(segment, rate, offset), length, length, 2, "cpu")
+    (part,) = group.parts
+    kept = [p for p in range(length) if (p % segment) % rate == offset]
+    assert part.positions.tolist() == kept
+    t = torch.randn(2, 3, length, 4)
+    if kept and length % segment == 0:
+        assert part.runs is not None
+        # One arithmetic run when the rate divides the segment: a plain strided view.
+        assert (part.view(t) is not None) == (segment % rate == 0 or length == segment)
+        for start, count, chunk in _chunk_runs(len(kept), part.pattern.size):
+            view = part.folded_view(t, start, count, chunk)
+            assert view is not None and view._base is t
+            assert torch.equal(view, _fold(part.take(t), start, count, chunk))
+    out = torch.full((2, 3, length, 4), float("nan"))
+    _zero_outside(out, group.parts)
+    zeroed = [p for p in range(length) if not out[:, :, p].isnan().any()]
+    off_lattice = [p for p in range(length) if p not in kept]
+    assert set(zeroed) >= set(off_lattice)
+    if length % segment == 0:
+        assert zeroed == off_lattice

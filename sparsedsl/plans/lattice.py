@@ -42,13 +42,15 @@ LSE_BUDGET = 1 << 26
 @dataclass(frozen=True)
 class LatticePart:
     """One sub-problem: the query/key ``positions`` of a lattice (ascending; None for all
-    positions) and the ``pattern`` that holds on the compressed sequence. ``stride`` is
-    ``(start, step)`` when the positions are ``start, start + step, ...`` to the end, so
-    they are taken as a strided view instead of a gather."""
+    positions) and the ``pattern`` that holds on the compressed sequence. ``runs`` is
+    ``(start, step, per_period, period)`` when the positions are ``start + s * period + i *
+    step`` for ``i < per_period`` and ``s < length / per_period`` (a dilated segment of every
+    period; one period when the positions are a single arithmetic run): then they are taken
+    as strided views instead of gathers."""
 
     positions: torch.Tensor | None
     pattern: n.Pattern
-    stride: tuple[int, int] | None = None
+    runs: tuple[int, int, int, int] | None = None
 
     @property
     def length(self) -> int | None:
@@ -61,12 +63,43 @@ class LatticePart:
 
     def view(self, t: torch.Tensor) -> torch.Tensor | None:
         """The lattice's positions of ``t`` (dimension 2) as a view, or None when they are
-        not an arithmetic run to the end (then they are gathered)."""
+        not one arithmetic run (then they are gathered, or folded by :meth:`folded_view`)."""
         if self.positions is None:
             return t
-        if self.stride is not None:
-            return t[:, :, self.stride[0]::self.stride[1]]
+        if self.runs is not None:
+            start, step, per_period, period = self.runs
+            if per_period == self.length or period == per_period * step:  # one arithmetic run
+                return t[:, :, start:start + (self.length - 1) * step + 1:step]
         return None
+
+    def folded_view(self, t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor | None:
+        """Lattice positions ``start .. start + count * chunk`` of ``t [B, H, N, D]``
+        folded as :func:`_fold` folds them (``[count, B * H, chunk, D]``) in one view, or
+        None when no view holds them: a gather, batch and head dimensions that do not merge,
+        or chunks that are not whole periods of a lattice of several periods."""
+        view = self.view(t)
+        if view is not None:
+            return _folded_view(view, start, count, chunk)
+        if self.runs is None or not merges_batch_and_heads(t):
+            return None
+        first, step, per_period, period = self.runs
+        if chunk != per_period or start % per_period:
+            return None
+        batch, heads, _, dim = t.shape
+        stride_b, stride_h, stride_n, stride_d = t.stride()
+        stride_h = stride_b if heads == 1 else stride_h
+        offset = first + start // per_period * period
+        return t.as_strided((count, batch * heads, chunk, dim), (period * stride_n, stride_h, step * stride_n, stride_d),
+                            t.storage_offset() + offset * stride_n)
+
+    def fold(self, t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor:
+        """:meth:`folded_view`, or the lattice taken (gathered) and folded by :func:`_fold`
+        when no single view holds the positions or ``t`` carries gradients."""
+        if not (t.requires_grad and torch.is_grad_enabled()):
+            view = self.folded_view(t, start, count, chunk)
+            if view is not None:
+                return view
+        return _fold(self.take(t), start, count, chunk)
 
     def put(self, target: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``values`` into the lattice's positions of ``target`` (in place)."""
@@ -77,17 +110,17 @@ class LatticePart:
             view.copy_(values)
 
 
-def _lattice_part(positions: torch.Tensor, pattern: n.Pattern, length: int) -> LatticePart:
-    """A part, with ``stride`` set when ``positions`` is an arithmetic run to the end."""
-    stride = None
-    if positions.numel() >= 2:
-        start, step = int(positions[0]), int(positions[1] - positions[0])
-        if positions.numel() == -(-(length - start) // step) and \
-                bool((positions[1:] - positions[:-1] == step).all()):
-            stride = (start, step)
-    elif positions.numel() == 1 and int(positions[0]) == length - 1:
-        stride = (length - 1, 1)
-    return LatticePart(positions, pattern, stride)
+def _lattice_part(positions: torch.Tensor, pattern: n.Pattern, length: int, start: int, step: int,
+                  per_period: int, period: int) -> LatticePart:
+    """A part whose ``positions`` are, in each period of ``period`` positions up to
+    ``length``, the first ``per_period`` of ``start, start + step, ...`` (fewer in a last,
+    shorter period), with ``runs`` set when every period holds the same number (see
+    :class:`LatticePart`)."""
+    count, periods = positions.numel(), -(-length // period)
+    if periods == 1:
+        per_period = count
+    runs = (start, step, per_period, period) if count and count == periods * per_period else None
+    return LatticePart(positions, pattern, runs)
 
 
 @dataclass(frozen=True)
@@ -117,7 +150,9 @@ def _decompose_part(part: n.Pattern, length: int, device) -> tuple[LatticePart, 
     pattern (then it runs whole)."""
     if isinstance(part, n.Dilated):
         positions = _kept_positions(length, part.segment, part.segment, 0, part.rate, part.offset, device)
-        return (_lattice_part(positions, n.Chunks(_per_segment(part.segment, part.rate, part.offset)), length),)
+        per_segment = _per_segment(part.segment, part.rate, part.offset)
+        return (_lattice_part(positions, n.Chunks(per_segment), length, part.offset, part.rate, per_segment,
+                              part.segment),)
     if isinstance(part, n.Chunks):
         return (LatticePart(None, part),)
     if isinstance(part, n.Blocks) and isinstance(part.within_, n.Dilated):
@@ -127,8 +162,8 @@ def _decompose_part(part: n.Pattern, length: int, device) -> tuple[LatticePart, 
         per_block = _per_segment(rule.segment, rule.rate, rule.offset)
         coarse = n.Blocks(per_block, part.rules, part.causal_, None)
         return tuple(
-            _lattice_part(_kept_positions(length, size, rule.segment, j, rule.rate, rule.offset, device),
-                          coarse, length)
+            _lattice_part(_kept_positions(length, size, rule.segment, j, rule.rate, rule.offset, device), coarse,
+                          length, j * rule.segment + rule.offset, rule.rate, per_block, size)
             for j in range(size // rule.segment)
         )
     return None
@@ -230,11 +265,11 @@ def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: in
     :func:`_fold` lays out the lattice positions ``start ..`` of ``part``) into those
     positions of ``target [B, H, N, ...]``, in place."""
     batch, heads = target.shape[:2]
+    if target.dim() == 3:  # log-sum-exp rows
+        target, folded = target[..., None], folded[..., None]
+    dest = part.folded_view(target, start, count, chunk)
     view = part.view(target)
-    dest = None if view is None else _folded_view(view if view.dim() == 4 else view[..., None], start, count, chunk)
-    if dest is not None:
-        folded = folded if folded.dim() == 4 else folded[..., None]
-    elif view is not None:
+    if dest is None and view is not None:
         dest = view[:, :, start:start + count * chunk].unflatten(2, (count, chunk))
         folded = folded.unflatten(1, (batch, heads)).movedim(0, 2)  # [B, H, count, chunk, ...]
     if dest is not None:
@@ -378,7 +413,7 @@ class _ChunkLattice(torch.autograd.Function):
         ctx.runs = None
         dq, dk, dv = (torch.zeros_like(t, dtype=grad_out.dtype) for t in (q, k, v))
         for rng, kv, part, start, count, chunk, leaves, result in runs:
-            grad_folded = _fold(part.take(grad_out[:, rng.start:rng.stop]), start, count, chunk)
+            grad_folded = part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
             dqf, dkf, dvf = torch.autograd.grad(result, leaves, grad_folded)
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
             for total, folded in ((dk, dkf), (dv, dvf)):
@@ -397,7 +432,8 @@ def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float, out: t
     made leaves (``leaves``); ``result`` also written into ``out`` when given."""
     runs = []
     with torch.enable_grad():
-        for rng, kv, part, start, count, chunk, folded in _chunk_folds(q, k, v, plan):
+        # Folded from detached inputs: views, made leaves of their own graphs below.
+        for rng, kv, part, start, count, chunk, folded in _chunk_folds(q.detach(), k.detach(), v.detach(), plan):
             leaves = tuple(t.detach().requires_grad_() for t in folded)
             result, _ = sdpa_with_lse(*leaves, scale, False)
             if out is not None:
@@ -415,25 +451,40 @@ def _chunk_folds(q, k, v, plan: tuple[HeadGroupPlan, ...]):
         for part in head_plan.parts:
             if part.length == 0 or not isinstance(part.pattern, n.Chunks):
                 continue
-            sq, sk, sv = part.take(qg), part.take(kg), part.take(vg)
-            for start, count, chunk in _chunk_runs(sq.shape[2], part.pattern.size):
-                yield head_plan.heads, kv, part, start, count, chunk, tuple(
-                    _fold(t, start, count, chunk) for t in (sq, sk, sv))
+            taken = None  # (q, k, v) gathered, for runs that no view holds
+            length = qg.shape[2] if part.length is None else part.length
+            for start, count, chunk in _chunk_runs(length, part.pattern.size):
+                folded = tuple(part.folded_view(t, start, count, chunk) for t in (qg, kg, vg))
+                if any(t is None for t in folded):
+                    taken = taken or tuple(part.take(t) for t in (qg, kg, vg))
+                    folded = tuple(_fold(t, start, count, chunk) for t in taken)
+                yield head_plan.heads, kv, part, start, count, chunk, folded
 
 
 def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
     """Zero the rows of ``out`` (one head group's output, ``[B, H, N, D]``) that no part
-    writes: none when a part covers every position, the other residues when the only part
-    is the strided run ``start, start + step, ...`` with ``step`` dividing ``N`` (rows
-    with no allowed key output 0), else every row."""
+    writes: none when a part covers every position; the rows off the lattice when the
+    only part keeps, in every period of ``N``, the positions ``start, start + step, ...``
+    of that period with ``start < step`` (a ``dilated`` segment); else every row (rows
+    with no allowed key output 0)."""
     length = out.shape[2]
     if any(part.positions is None for part in parts):
         return
-    if len(parts) == 1 and parts[0].stride is not None:
-        start, step = parts[0].stride
-        if start < step and length % step == 0:
-            residues = out.unflatten(2, (length // step, step))
-            residues[:, :, :, :start].zero_()
-            residues[:, :, :, start + 1:].zero_()
+    runs = parts[0].runs if len(parts) == 1 else None
+    if runs is not None:
+        start, step, per_period, period = runs
+        if start < step and length % period == 0 and per_period == -(-(period - start) // step) \
+                and parts[0].length == length // period * per_period:
+            periods = out.unflatten(2, (length // period, period))  # [B, H, periods, period, D]
+            whole = period // step * step
+            residues = periods[:, :, :, :whole].unflatten(3, (period // step, step))
+            residues[:, :, :, :, :start].zero_()
+            residues[:, :, :, :, start + 1:].zero_()
+            tail = periods[:, :, :, whole:]  # the last period - whole positions of each period
+            if start < tail.shape[3]:
+                tail[:, :, :, :start].zero_()
+                tail[:, :, :, start + 1:].zero_()
+            else:
+                tail.zero_()
             return
     out.zero_()
