@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import sparsedsl as sd
+from sparsedsl.lang.queries import block_band
 from sparsedsl.progress import Progress
 
 compiled_cbm = torch.compile(create_block_mask)
@@ -117,6 +118,10 @@ def run_case(name, text, n, batch, heads, dim, quick: bool) -> dict:
         with torch.no_grad():
             row[f"{key}_fwd_isolated_ms"], row[f"{key}_fwd_ms"] = bench(lambda: run(q, k, v), iters=iters)
         row[f"{key}_fwdbwd_isolated_ms"], row[f"{key}_fwdbwd_ms"] = bench(fwd_bwd(run, q, k, v), iters=iters)
+    if block_band(pattern) is not None:  # the band plan forced, to check the auto rule
+        band = sd.compile(pattern, kernel="band")
+        with torch.no_grad():
+            row["band_fwd_isolated_ms"], row["band_fwd_ms"] = bench(lambda: band(q, k, v), iters=iters)
     # Block-mask builds: ours from a cold lowering cache vs create_block_mask.
     from sparsedsl.compiler.module import _LOWERINGS
 
@@ -177,6 +182,11 @@ def main() -> None:
               f"{r['speedup_x_density_fwdbwd']:6.2f} {r['vs_flex_fwdbwd']:6.2f} {r['vs_flex_fwdbwd_isolated']:6.2f} "
               f"{r['tflops_vs_dense_fwd']:8.2f} {r['build_ours_ms']:7.2f} "
               f"{r['build_cbm_compiled_ms']:7.2f}")
+    for r in rows:
+        if "band_fwd_ms" in r:
+            print(f"{r['case']:24} band plan forced: fwd {r['band_fwd_ms']:.3f} ms back to back "
+                  f"({r['band_fwd_isolated_ms']:.3f} isolated) vs flex {r['flex_fwd_ms']:.3f} "
+                  f"({r['flex_fwd_isolated_ms']:.3f})")
 
 
 if __name__ == "__main__":
