@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from reference import reference_attention
-from sparsedsl.plans.lattice import _chunk_runs, _fold, _zero_outside, lattice_decomposition
+from sparsedsl.plans.lattice import LatticeProgram, _chunk_runs, _fold, _off_lattice, lattice_decomposition
 
 
 @st.composite
@@ -181,9 +181,42 @@ def test_dilated_lattices_are_views_and_only_off_lattice_rows_are_zeroed(segment
             assert view is not None and view._base is t
             assert torch.equal(view, _fold(part.take(t), start, count, chunk))
     out = torch.full((2, 3, length, 4), float("nan"))
-    _zero_outside(out, group.parts)
+    for rows in _off_lattice(out, group.parts):
+        rows.zero_()
     zeroed = [p for p in range(length) if not out[:, :, p].isnan().any()]
     off_lattice = [p for p in range(length) if p not in kept]
     assert set(zeroed) >= set(off_lattice)
     if length % segment == 0:
         assert zeroed == off_lattice
+
+
+@pytest.mark.parametrize("layout,uses_program", [
+    ("contiguous", True), ("bnhd, batch 1", True), ("storage offset", True), ("grouped kv heads", True),
+    ("bnhd, batch 2", False),  # batch and heads do not merge into one strided dimension
+    ("kv head shared across groups", False),  # head groups split a key/value head: gathered
+])
+def test_lattice_program_is_exact_for_every_input_layout(layout, uses_program):
+    """Calls without gradients run a LatticeProgram (views from precomputed geometry) where
+    every run is a view, and the general path otherwise; both are exact."""
+    pattern, length, heads = sd.segments([8, 16, 32], [1, 3, 6]), 96, 6  # rates 3 and 6 do not divide 16, 32
+    batch = 2 if layout == "bnhd, batch 2" else 1
+    kv_heads = {"grouped kv heads": 3, "kv head shared across groups": 1}.get(layout, heads)
+    gen = torch.Generator().manual_seed(5)
+
+    def make(h):
+        if layout.startswith("bnhd"):
+            return torch.randn(batch, length, h, 8, generator=gen, dtype=torch.float64).transpose(1, 2)
+        if layout == "storage offset":
+            return torch.randn(batch, h, length + 5, 8, generator=gen, dtype=torch.float64)[:, :, 5:]
+        return torch.randn(batch, h, length, 8, generator=gen, dtype=torch.float64)
+
+    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    plan = lattice_decomposition(pattern, length, length, heads, "cpu")
+    program = LatticeProgram.build(q, k, v, plan)
+    assert (program is not None) == uses_program
+    expected, _ = reference_attention(pattern, q, k, v)
+    if program is not None:
+        assert (program(q, k, v, 8 ** -0.5) - expected).abs().max().item() < 1e-12
+    module = sd.compile(pattern, kernel="lattice")
+    with torch.no_grad():
+        assert (module(q, k, v) - expected).abs().max().item() < 1e-12

@@ -24,7 +24,7 @@ from ..plans.band import Band, band_attention, edge_states
 from ..plans.decode import MAX_DECODE_ROWS, DecodeRows, decodes_by_rows
 from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention, row_chunks
-from ..plans.lattice import HeadGroupPlan, lattice_attention, lattice_decomposition
+from ..plans.lattice import HeadGroupPlan, LatticeAttention, lattice_decomposition
 from .cache import BuildCache
 from .inputs import check_attention_inputs
 from .opaque import handle_for, traced_attention
@@ -411,8 +411,8 @@ class CompiledPattern(nn.Module):
                 result = sub(sq, sk, sv, scale=scale, return_lse=return_lse)
                 return result if return_lse else (result, None)
 
-            return lambda q, k, v, _: lattice_attention(q, k, v, plan=lattice, scale=scale,
-                                                        need_lse=return_lse, run_part=run_part)
+            attention = LatticeAttention(lattice, scale, return_lse, run_part)
+            return lambda q, k, v, _: attention(q, k, v)
         if kind == "sdpa":
             return _sdpa_runner(self.pattern, q_len, kv_len, q_offset, scale, gqa=k.shape[1] != heads)
         if kind == "band":

@@ -317,7 +317,8 @@ def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -
     """The output tensor, zero on the rows no lattice of the plan writes."""
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for head_plan in plan:
-        _zero_outside(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts)
+        for rows in _off_lattice(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts):
+            rows.zero_()
     return out
 
 
@@ -386,6 +387,101 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # autograd graph so that gradients (zeros) reach the inputs.
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
     return out, lse
+
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, offset from the tensor's own
+
+
+def _geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry:
+    """``view`` of ``base`` as ``as_strided`` arguments, its offset relative to ``base``'s."""
+    return tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset()
+
+
+def _strided(t: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The view of ``t`` that ``geometry`` (from :func:`_geometry`) describes."""
+    size, stride, offset = geometry
+    return t.as_strided(size, stride, t.storage_offset() + offset)
+
+
+@dataclass(frozen=True)
+class LatticeProgram:
+    """A lattice plan without gradients or log-sum-exp, resolved for inputs of one layout
+    (shapes and strides): each chunk run's folded ``q``, ``k``, ``v`` and output positions,
+    and the output rows no lattice writes, as ``as_strided`` geometry. A call then makes one
+    view per tensor per run, one SDPA call and one copy per run, and one fill per zeroed
+    region: the same operations as :func:`lattice_attention`, without re-deriving every
+    view on the host at each call."""
+
+    out_shape: tuple[int, ...]
+    zeros: tuple[Geometry, ...]
+    runs: tuple[tuple[Geometry, Geometry, Geometry, Geometry], ...]  # q, k, v, out
+
+    @staticmethod
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              plan: tuple[HeadGroupPlan, ...]) -> LatticeProgram | None:
+        """The program of ``plan`` for inputs laid out as ``q``, ``k``, ``v``, or None when
+        some part is not ``chunks`` or some run is not a view (then
+        :func:`lattice_attention` runs it)."""
+        meta = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (q, k, v))
+        out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device="meta")
+        zeros, runs = [], []
+        for head_plan in plan:
+            rng = head_plan.heads
+            group_out = out[:, rng.start:rng.stop]
+            zeros += [_geometry(rows, out) for rows in _off_lattice(group_out, head_plan.parts)]
+            qg, kg, vg, kv = _group_inputs(*meta, rng)
+            if not isinstance(kv, slice):
+                return None
+            for part in head_plan.parts:
+                if part.length == 0:
+                    continue
+                if not isinstance(part.pattern, n.Chunks):
+                    return None
+                length = q.shape[2] if part.length is None else part.length
+                for start, count, chunk in _chunk_runs(length, part.pattern.size):
+                    views = [part.folded_view(t, start, count, chunk) for t in (qg, kg, vg, group_out)]
+                    if any(view is None for view in views):
+                        return None
+                    runs.append(tuple(_geometry(view, base) for view, base in zip(views, (*meta, out))))
+        return LatticeProgram(tuple(out.shape), tuple(zeros), tuple(runs))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = q.new_empty(self.out_shape)
+        for rows in self.zeros:
+            _strided(out, rows).zero_()
+        gqa = q.shape[1] != k.shape[1]
+        for q_run, k_run, v_run, out_run in self.runs:
+            result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
+                                                    scale=scale, enable_gqa=gqa)
+            _strided(out, out_run).copy_(result)
+        return out
+
+
+class LatticeAttention:
+    """:func:`lattice_attention` of one ``plan``, with calls without gradients or
+    log-sum-exp run by a :class:`LatticeProgram` per input layout (built on the first call
+    of that layout; at most ``MAX_PROGRAMS`` layouts are kept)."""
+
+    MAX_PROGRAMS = 8
+
+    def __init__(self, plan: tuple[HeadGroupPlan, ...], scale: float, need_lse: bool,
+                 run_part: Callable[..., tuple]):
+        self.plan, self.scale, self.need_lse, self.run_part = plan, scale, need_lse, run_part
+        self._programs: dict = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.need_lse and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad)):
+            layout = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device)
+            if layout not in self._programs:
+                if len(self._programs) >= self.MAX_PROGRAMS:
+                    self._programs.clear()
+                self._programs[layout] = LatticeProgram.build(q, k, v, self.plan)
+            program = self._programs[layout]
+            if program is not None:
+                return program(q, k, v, self.scale), None
+        return lattice_attention(q, k, v, plan=self.plan, scale=self.scale, need_lse=self.need_lse,
+                                 run_part=self.run_part)
 
 
 class _ChunkLattice(torch.autograd.Function):
@@ -461,15 +557,15 @@ def _chunk_folds(q, k, v, plan: tuple[HeadGroupPlan, ...]):
                 yield head_plan.heads, kv, part, start, count, chunk, folded
 
 
-def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
-    """Zero the rows of ``out`` (one head group's output, ``[B, H, N, D]``) that no part
+def _off_lattice(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> list[torch.Tensor]:
+    """Views of the rows of ``out`` (one head group's output, ``[B, H, N, D]``) that no part
     writes: none when a part covers every position; the rows off the lattice when the
     only part keeps, in every period of ``N``, the positions ``start, start + step, ...``
     of that period with ``start < step`` (a ``dilated`` segment); else every row (rows
     with no allowed key output 0)."""
     length = out.shape[2]
     if any(part.positions is None for part in parts):
-        return
+        return []
     runs = parts[0].runs if len(parts) == 1 else None
     if runs is not None:
         start, step, per_period, period = runs
@@ -478,13 +574,8 @@ def _zero_outside(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> None:
             periods = out.unflatten(2, (length // period, period))  # [B, H, periods, period, D]
             whole = period // step * step
             residues = periods[:, :, :, :whole].unflatten(3, (period // step, step))
-            residues[:, :, :, :, :start].zero_()
-            residues[:, :, :, :, start + 1:].zero_()
             tail = periods[:, :, :, whole:]  # the last period - whole positions of each period
-            if start < tail.shape[3]:
-                tail[:, :, :, :start].zero_()
-                tail[:, :, :, start + 1:].zero_()
-            else:
-                tail.zero_()
-            return
-    out.zero_()
+            views = [residues[:, :, :, :, :start], residues[:, :, :, :, start + 1:]]
+            views += [tail[:, :, :, :start], tail[:, :, :, start + 1:]] if start < tail.shape[3] else [tail]
+            return [view for view in views if view.numel()]
+    return [out]
