@@ -26,6 +26,7 @@ modification (ALiBi and biases see absolute positions).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -52,7 +53,7 @@ class LatticePart:
     pattern: n.Pattern
     runs: tuple[int, int, int, int] | None = None
 
-    @property
+    @cached_property
     def length(self) -> int | None:
         return None if self.positions is None else self.positions.numel()
 
@@ -77,20 +78,16 @@ class LatticePart:
         folded as :func:`_fold` folds them (``[count, B * H, chunk, D]``) in one view, or
         None when no view holds them: a gather, batch and head dimensions that do not merge,
         or chunks that are not whole periods of a lattice of several periods."""
-        view = self.view(t)
-        if view is not None:
-            return _folded_view(view, start, count, chunk)
-        if self.runs is None or not merges_batch_and_heads(t):
+        if self.positions is None:
+            return _folded_view(t, start, count, chunk)
+        if self.runs is None:
             return None
         first, step, per_period, period = self.runs
-        if chunk != per_period or start % per_period:
-            return None
-        batch, heads, _, dim = t.shape
-        stride_b, stride_h, stride_n, stride_d = t.stride()
-        stride_h = stride_b if heads == 1 else stride_h
-        offset = first + start // per_period * period
-        return t.as_strided((count, batch * heads, chunk, dim), (period * stride_n, stride_h, step * stride_n, stride_d),
-                            t.storage_offset() + offset * stride_n)
+        if per_period == self.length or period == per_period * step:  # one arithmetic run
+            return _folded_view(t, first + start * step, count, chunk, step, chunk * step)
+        if chunk == per_period and start % per_period == 0:  # whole periods
+            return _folded_view(t, first + start // per_period * period, count, chunk, step, period)
+        return None
 
     def fold(self, t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor:
         """:meth:`folded_view`, or the lattice taken (gathered) and folded by :func:`_fold`
@@ -240,17 +237,21 @@ def _fold(t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor:
     return t[:, :, start:start + count * chunk].unflatten(2, (count, chunk)).movedim(2, 0).flatten(1, 2)
 
 
-def _folded_view(t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor | None:
-    """:func:`_fold`'s result as one ``as_strided`` view (a call makes several such views,
-    and each operation costs host time), or None when the batch and head dimensions of
-    ``t`` do not merge."""
+def _folded_view(t: torch.Tensor, first: int, count: int, chunk: int, step: int = 1,
+                 chunk_stride: int | None = None) -> torch.Tensor | None:
+    """``count`` chunks of ``chunk`` positions of ``t [B, H, N, D]`` as one ``as_strided``
+    view ``[count, B * H, chunk, D]`` (a call makes several such views, and each operation
+    costs host time): chunk ``c`` holds positions ``first + c * chunk_stride + i * step``
+    (``chunk_stride`` defaults to ``chunk * step``: consecutive chunks). None when the batch
+    and head dimensions of ``t`` do not merge."""
     if not merges_batch_and_heads(t):
         return None
     batch, heads, _, dim = t.shape
     stride_b, stride_h, stride_n, stride_d = t.stride()
     stride_h = stride_b if heads == 1 else stride_h
-    return t.as_strided((count, batch * heads, chunk, dim), (chunk * stride_n, stride_h, stride_n, stride_d),
-                        t.storage_offset() + start * stride_n)
+    chunk_stride = chunk * step if chunk_stride is None else chunk_stride
+    return t.as_strided((count, batch * heads, chunk, dim), (chunk_stride * stride_n, stride_h, step * stride_n, stride_d),
+                        t.storage_offset() + first * stride_n)
 
 
 def merges_batch_and_heads(t: torch.Tensor) -> bool:
@@ -268,8 +269,8 @@ def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: in
     if target.dim() == 3:  # log-sum-exp rows
         target, folded = target[..., None], folded[..., None]
     dest = part.folded_view(target, start, count, chunk)
-    view = part.view(target)
-    if dest is None and view is not None:
+    view = None if dest is not None else part.view(target)
+    if view is not None:
         dest = view[:, :, start:start + count * chunk].unflatten(2, (count, chunk))
         folded = folded.unflatten(1, (batch, heads)).movedim(0, 2)  # [B, H, count, chunk, ...]
     if dest is not None:
