@@ -174,6 +174,37 @@ def test_bad_inputs_raise_clear_errors(call, message):
         call(module, q)
 
 
+@settings(max_examples=300)
+@given(data=st.data())
+def test_input_fast_path_accepts_exactly_what_the_checks_accept(data):
+    """check_attention_inputs' few-comparison path may accept a call only when the checks
+    made one by one accept it too, with the same scale."""
+    from sparsedsl.compiler.inputs import check_attention_inputs, checked_one_by_one
+
+    def shape():
+        return [data.draw(st.integers(0, 3)) for _ in range(4)]
+
+    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int32])
+    q, k, v = (torch.zeros(shape(), dtype=data.draw(dtypes)) for _ in range(3))
+    if data.draw(st.booleans()):  # mostly well-formed calls, with one size or dtype changed
+        batch, heads, length, dim = (data.draw(st.integers(1, 3)) for _ in range(4))
+        kv_heads = data.draw(st.sampled_from([1, heads, heads + 1]))
+        q = torch.zeros(batch, heads, length, dim)
+        k = torch.zeros(batch, kv_heads, data.draw(st.integers(1, 3)), dim + data.draw(st.sampled_from([0, 0, 1])))
+        v = torch.zeros(batch, kv_heads, k.shape[2], data.draw(st.integers(1, 3)), dtype=data.draw(dtypes))
+    scale = data.draw(st.sampled_from([None, 0.5, 2, float("inf"), True]))
+    layout = data.draw(st.sampled_from(["bhnd", "bnhd"]))
+    try:
+        expected = checked_one_by_one(q, k, v, scale, layout, "forward()")
+    except (ValueError, TypeError):
+        with pytest.raises((ValueError, TypeError)):
+            check_attention_inputs(q, k, v, scale, layout)
+        return
+    got = check_attention_inputs(q, k, v, scale, layout)
+    assert got[3] == expected[3] and type(got[3]) is float
+    assert all(a.shape == b.shape for a, b in zip(got[:3], expected[:3]))
+
+
 def test_missing_buffer_and_batch_mismatch():
     module = sd.compile(sd.documents("doc"), block_size=16)
     q = torch.randn(3, 1, 10, 8)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from typing import Callable, Hashable, TypeVar
 
 T = TypeVar("T")
+_MISSING = object()
 
 
 class BuildCache:
@@ -22,9 +23,10 @@ class BuildCache:
     def get(self, key: Hashable, build: Callable[[], T]) -> T:
         """The value cached under ``key``, built by ``build()`` on the first request."""
         with self._lock:
-            if key in self._values:
+            value = self._values.get(key, _MISSING)
+            if value is not _MISSING:
                 self._values.move_to_end(key)
-                return self._values[key]  # type: ignore[return-value]
+                return value  # type: ignore[return-value]
             key_lock = self._building.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:

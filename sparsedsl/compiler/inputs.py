@@ -24,6 +24,13 @@ def check_attention_inputs(q, k, v, scale, layout: str, where: str = "forward()"
     """``(q, k, v, scale)`` in ``[batch, heads, length, dim]`` layout with ``scale`` a
     float (``1 / sqrt(head_dim)`` when None), or a ``ValueError``/``TypeError`` that says
     what is wrong (its message starts with ``where``)."""
+    if _well_formed(q, k, v, layout) and (scale is None or type(scale) is float and math.isfinite(scale)):
+        return q, k, v, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    return checked_one_by_one(q, k, v, scale, layout, where)
+
+
+def checked_one_by_one(q, k, v, scale, layout: str, where: str):
+    """:func:`check_attention_inputs` with every check made and named in turn."""
     if layout not in LAYOUTS:
         raise ValueError(f"{where}: argument 'layout' must be one of {LAYOUTS}, got {layout!r}")
     dims = "[batch, heads, length, head_dim]" if layout == "bhnd" else "[batch, length, heads, head_dim]"
@@ -64,3 +71,18 @@ def check_attention_inputs(q, k, v, scale, layout: str, where: str = "forward()"
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{where}: argument 'scale' must be a finite number, got {scale!r}")
     return q, k, v, float(scale)
+
+
+def _well_formed(q, k, v, layout: str) -> bool:
+    """Whether ``q``, ``k``, ``v`` pass every check of :func:`check_attention_inputs` in the
+    ``"bhnd"`` layout, decided with a few comparisons (a call's host time counts); when not,
+    the checks run one by one and raise the error that names the problem."""
+    if layout != "bhnd" or type(q) is not torch.Tensor or type(k) is not torch.Tensor \
+            or type(v) is not torch.Tensor or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    (batch, heads, q_len, dim), (kb, kv_heads, kv_len, kdim) = q.shape, k.shape
+    return (q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.device == q.device and v.device == q.device
+            and 0 not in (batch, heads, q_len, dim, kv_heads, kv_len) and kb == batch
+            and v.shape[0] == batch and v.shape[1] == kv_heads and v.shape[2] == kv_len
+            and kdim == dim and heads % kv_heads == 0)

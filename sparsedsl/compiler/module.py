@@ -364,8 +364,8 @@ class CompiledPattern(nn.Module):
             runner = self._runner(q, k, v, scale, needs_grad, return_lse, q_offset, buffers)
         else:
             decoding = not needs_grad and self._decoding(q.shape[2], q_offset)
-            key = (self.pattern, self.q_block, self.kv_block, self.kernel, q.shape, k.shape,
-                   v.shape, q.dtype, q.device, needs_grad, return_lse, scale,
+            # The handle stands for (pattern, tiles, kernel): an int, hashed at no cost.
+            key = (self._handle, q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad, return_lse, scale,
                    "rows" if decoding else q_offset)
             runner = _RUNNERS.get(key, lambda: self._runner(q, k, v, scale, needs_grad, return_lse,
                                                             q_offset, {}, decoding))

@@ -99,8 +99,10 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
         k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
         v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
     options = {"num_stages": 2} if reads_score_tensors and q.is_cuda else None
-    result = compiled_flex_attention()(
+    result = (_compiled or compiled_flex_attention())(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse, kernel_options=options)
     out, lse = result if return_lse else (result, None)
+    if q_padded == q_len:
+        return out, lse
     return out[:, :, :q_len], (lse[:, :, :q_len] if lse is not None else None)
