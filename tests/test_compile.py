@@ -174,26 +174,34 @@ def test_bad_inputs_raise_clear_errors(call, message):
         call(module, q)
 
 
-@settings(max_examples=300)
-@given(data=st.data())
-def test_input_fast_path_accepts_exactly_what_the_checks_accept(data):
-    """check_attention_inputs' few-comparison path may accept a call only when the checks
-    made one by one accept it too, with the same scale."""
+_INPUT_CHANGES = [None] + [
+    ("size", name, axis, value) for name in "qkv" for axis in range(4) for value in ("zero", "plus one")
+] + [("size", "kv", axis, value) for axis in range(4) for value in ("zero", "plus one")] + [
+    ("dtype", names, dtype) for names in ("q", "k", "v", "qkv") for dtype in (torch.float64, torch.int32)
+] + [("rank", name) for name in "qkv"] + [("scale", bad) for bad in (2, float("inf"), float("nan"), True, "x")]
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("change", _INPUT_CHANGES)
+def test_input_fast_path_accepts_exactly_what_the_checks_accept(change, layout):
+    """check_attention_inputs' few-comparison path accepts a call only when the checks made
+    one by one accept it too, with the same scale: a well-formed call (grouped-query heads,
+    a value head_dim of its own) with one thing changed, or none."""
     from sparsedsl.compiler.inputs import check_attention_inputs, checked_one_by_one
 
-    def shape():
-        return [data.draw(st.integers(0, 3)) for _ in range(4)]
-
-    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int32])
-    q, k, v = (torch.zeros(shape(), dtype=data.draw(dtypes)) for _ in range(3))
-    if data.draw(st.booleans()):  # mostly well-formed calls, with one size or dtype changed
-        batch, heads, length, dim = (data.draw(st.integers(1, 3)) for _ in range(4))
-        kv_heads = data.draw(st.sampled_from([1, heads, heads + 1]))
-        q = torch.zeros(batch, heads, length, dim)
-        k = torch.zeros(batch, kv_heads, data.draw(st.integers(1, 3)), dim + data.draw(st.sampled_from([0, 0, 1])))
-        v = torch.zeros(batch, kv_heads, k.shape[2], data.draw(st.integers(1, 3)), dtype=data.draw(dtypes))
-    scale = data.draw(st.sampled_from([None, 0.5, 2, float("inf"), True]))
-    layout = data.draw(st.sampled_from(["bhnd", "bnhd"]))
+    shapes = {"q": [2, 4, 5, 8], "k": [2, 2, 6, 8], "v": [2, 2, 6, 3]}
+    dtypes = dict.fromkeys("qkv", torch.float32)
+    scale = None
+    if change is not None and change[0] == "size":
+        for name in change[1]:
+            shapes[name][change[2]] = 0 if change[3] == "zero" else shapes[name][change[2]] + 1
+    elif change is not None and change[0] == "dtype":
+        dtypes.update(dict.fromkeys(change[1], change[2]))
+    elif change is not None and change[0] == "rank":
+        shapes[change[1]].append(1)
+    elif change is not None:
+        scale = change[1]
+    q, k, v = (torch.randn(shapes[name]).to(dtypes[name]) for name in "qkv")
     try:
         expected = checked_one_by_one(q, k, v, scale, layout, "forward()")
     except (ValueError, TypeError):
