@@ -207,10 +207,15 @@ class _AtenOps(TorchDispatchMode):
 @pytest.mark.parametrize("pattern", [sd.blocks(64).local(2), sd.window(100) | sd.global_tokens(64),
                                      sd.segments([128, 256], [1, 2]), sd.full(), sd.causal(),
                                      sd.blocks(128).local(1).random(2, 0),
-                                     sd.blocks(128).local(1).within(sd.segments([64, 64], [1, 2]))])
+                                     sd.blocks(128).local(1).within(sd.segments([64, 64], [1, 2])),
+                                     # several block rules on tiles that cross blocks (BigBird-like):
+                                     sd.blocks(32).local(1).global_(2).random(3, 0),
+                                     sd.blocks(32).local(2).random(2, 5).causal(),
+                                     sd.blocks(48).local(1).dilated([2, 3])])
 @pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1000, 1024), (1024, 999), (1001, 777)])
 def test_builds_without_undecided_tiles_read_nothing_back(pattern, q_len, kv_len):
-    """Aligned or cut short (ragged) alike, and equal to create_block_mask's sets."""
+    """Aligned or cut short (ragged) alike, and equal to create_block_mask's sets. Several
+    block rules on tiles that cross blocks are decided together on their block layout."""
     module = sd.compile(pattern, block_size=64)
     ctx = Context.make(pattern, q_len, kv_len, heads=2)
     assert not leaves_unknown(pattern, ctx, TileGrid(q_len, kv_len, 64, 64))

@@ -131,7 +131,7 @@ def _(node: n.Documents, ctx):
 def _(node: n.Blocks, ctx):
     size = node.size
     num_qb, num_kb = -(-ctx.q_len // size), -(-ctx.kv_len // size)
-    rules = [_lower_block_rule(rule, ctx, num_qb, num_kb) for rule in node.rules]
+    rules = [lower_block_rule(rule, ctx, num_qb, num_kb) for rule in node.rules]
     within = None if node.within_ is None else _lower(node.within_, ctx.relative(size))
     is_causal = node.causal_
 
@@ -152,7 +152,7 @@ def _(node: n.Blocks, ctx):
     return blocks_mask
 
 
-def _lower_block_rule(rule, ctx: Context, num_qb: int, num_kb: int):
+def lower_block_rule(rule, ctx: Context, num_qb: int, num_kb: int):
     """``rule(h, qb, kb) -> bool`` on block coordinates."""
     if isinstance(rule, n.BlockLocal):
         w = rule.window

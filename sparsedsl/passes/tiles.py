@@ -37,6 +37,7 @@ from ..lang import nodes as n
 from ..lang.groups import head_groups
 from ..lang.randomblocks import random_block_layout
 from .context import Context
+from .maskmod import lower_block_rule
 
 EMPTY, PARTIAL, UNKNOWN, FULL = 0, 1, 2, 3
 
@@ -242,19 +243,25 @@ def _dilated_states(span: Span, segment: int, rate: int, offset: int) -> torch.T
     return decide(single, (q_last < k_first) | (k_last < q_first))
 
 
-def _layout_states(layout: torch.Tensor, span: Span) -> torch.Tensor:
-    """States of a ``[H or 1, nqb, nkb]`` bool block layout over tiles given in block
-    coordinates: the allowed blocks of each tile's block rectangle are counted with prefix
-    sums, so the decision is exact. Only the block rows of ``span.q_range`` (every row
-    when it is unknown) are summed, and nothing is read back from the device."""
+def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0) -> torch.Tensor:
+    """States of a ``[H or 1, rows, nkb]`` bool block layout of the block rows from
+    ``first_row`` over tiles given in block coordinates (a grid, ``[R, 1]`` by ``[1, C]``,
+    or a list of tiles, ``[N, 1]`` each): the allowed blocks of each tile's block rectangle
+    are counted with prefix sums, so the decision is exact. Only the block rows of
+    ``span.q_range`` (every row when it is unknown) are summed, and nothing is read back
+    from the device."""
     qbl, qbh = span.ql[:, 0], span.qh[:, 0]
-    kbl, kbh = span.kl[0], span.kh[0]
-    lo, hi = span.q_range or (0, layout.shape[1] - 1)
-    by_row = F.pad(layout[:, lo:hi + 1].cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
+    lo, hi = span.q_range or (first_row, first_row + layout.shape[1] - 1)
+    by_row = F.pad(layout[:, lo - first_row:hi + 1 - first_row].cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
     per_tile_row = by_row[:, qbh + (1 - lo)] - by_row[:, qbl - lo]  # [H, R, nkb]
     by_col = F.pad(per_tile_row.cumsum(2, dtype=torch.int32), (1, 0))
-    counts = by_col[:, :, kbh + 1] - by_col[:, :, kbl]  # [H, R, C]
-    cells = (qbh - qbl + 1)[:, None] * (kbh - kbl + 1)[None, :]
+    if span.kl.shape[0] == 1:  # a grid: every tile row over the same tile columns
+        kbl, kbh = span.kl[0], span.kh[0]
+        counts = by_col[:, :, kbh + 1] - by_col[:, :, kbl]  # [H, R, C]
+    else:  # a list of tiles: row r's own columns
+        row = torch.arange(qbl.shape[0], device=qbl.device)[:, None]
+        counts = by_col[:, row, span.kh + 1] - by_col[:, row, span.kl]  # [H, N, 1]
+    cells = (qbh - qbl + 1)[:, None] * (span.kh - span.kl + 1)
     return decide(counts == cells, counts == 0)
 
 
@@ -352,18 +359,62 @@ def _tile_extrema(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
 def _(node: n.Blocks, ctx, span, grid):
     size = node.size
     coarse = span.coarsen(size)
-    if node.rules:
+    by_layout = _by_block_layout(node, grid) and coarse.q_range is not None  # a grid's rows
+    if by_layout:
+        layout, first_row = _rules_layout(node, ctx, coarse, grid)
+        state = _layout_states(layout, coarse, first_row)
+    elif node.rules:
         states = [_block_rule_states(rule, ctx, coarse, grid, size) for rule in node.rules]
         state = states[0]
         for other in states[1:]:
             state = union(state, other)
     else:
         state = _classify(n.Full(), ctx, span, grid)
-    if node.causal_:
+    if node.causal_ and not by_layout:
         state = intersection(state, _causal_states(coarse))
     if node.within_ is not None:
         state = intersection(state, _within_states(node.within_, ctx, span, grid, size))
     return state
+
+
+#: Blocks per tile up to which several block rules are decided on a block layout.
+LAYOUT_BLOCKS_PER_TILE = 4
+
+
+def _by_block_layout(node: n.Blocks, grid: TileGrid) -> bool:
+    """Whether the rules (and block causality) of ``node`` are classified together from
+    their block layout (:func:`_rules_layout`): when tiles cross block boundaries and two or
+    more terms would each leave a tile undecided (their union or intersection would then be
+    ``UNKNOWN``, refined by evaluating the ``mask_mod``), and a tile holds at most
+    ``LAYOUT_BLOCKS_PER_TILE`` blocks (which bounds the layout by the tile grid)."""
+    return (_rule_terms(node) > 1 and not grid.within_blocks(node.size)
+            and grid.q_block * grid.kv_block <= LAYOUT_BLOCKS_PER_TILE * node.size * node.size)
+
+
+def _rule_terms(node: n.Blocks) -> int:
+    """The number of block-rule states :func:`_classify` combines for ``node`` (a dilated
+    rule has one per rate; block causality is one)."""
+    return sum(len(r.rates) if isinstance(r, n.BlockDilated) else 1 for r in node.rules) + node.causal_
+
+
+def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) -> tuple[torch.Tensor, int]:
+    """``(layout, first_row)``: whether each block pair is allowed by ``node``'s rules
+    (and block causality), bool ``[H or 1, rows, num_kv_blocks]`` for the block rows
+    ``coarse.q_range`` (a grid's rows) from ``first_row``, from the rules' ``mask_mod`` lowering on block
+    coordinates (one definition of each rule)."""
+    size = node.size
+    num_qb, num_kb = -(-grid.q_len // size), -(-grid.kv_len // size)
+    first, last = coarse.q_range
+    qb = torch.arange(first, last + 1, device=ctx.device)[:, None]
+    kb = torch.arange(num_kb, device=ctx.device)[None, :]
+    h = torch.arange(ctx.heads, device=ctx.device)[:, None, None]
+    rules = [lower_block_rule(rule, ctx, num_qb, num_kb) for rule in node.rules]
+    allowed = rules[0](h, qb, kb) if rules else (kb >= 0) & (qb >= 0)
+    for rule in rules[1:]:
+        allowed = allowed | rule(h, qb, kb)
+    if node.causal_:
+        allowed = allowed & (kb <= qb)
+    return (allowed if allowed.dim() == 3 else allowed[None]), first
 
 
 def _block_rule_states(rule: n.BlockRule, ctx: Context, coarse: Span, grid: TileGrid,
@@ -524,9 +575,10 @@ def _(node: n.Blocks, ctx, grid):
     # one block is one block: allowed or not.
     one_block = grid.within_blocks(node.size)
     rule = _Undecided(not one_block, False)
-    terms = [rule] * sum(len(r.rates) if isinstance(r, n.BlockDilated) else 1 for r in node.rules)
-    if node.causal_:
-        terms.append(rule)
+    if _by_block_layout(node, grid):  # the rules and causality decided as one layout
+        terms = [rule]
+    else:
+        terms = [rule] * _rule_terms(node)
     if node.within_ is not None:
         rel_grid = TileGrid(node.size, node.size, grid.q_block, grid.kv_block)
         terms.append(_undecided(node.within_, ctx.relative(node.size), rel_grid) if one_block else _OPEN)
