@@ -211,11 +211,15 @@ class _AtenOps(TorchDispatchMode):
                                      # several block rules on tiles that cross blocks (BigBird-like):
                                      sd.blocks(32).local(1).global_(2).random(3, 0),
                                      sd.blocks(32).local(2).random(2, 5).causal(),
-                                     sd.blocks(48).local(1).dilated([2, 3])])
+                                     sd.blocks(48).local(1).dilated([2, 3]),
+                                     # diagonal bands intersected: one band
+                                     sd.causal() & sd.window(100, 0), sd.window(100) & sd.window(30, 200) & sd.causal(),
+                                     sd.causal() & sd.window(70, 3) & sd.global_tokens(64)])
 @pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1000, 1024), (1024, 999), (1001, 777)])
 def test_builds_without_undecided_tiles_read_nothing_back(pattern, q_len, kv_len):
     """Aligned or cut short (ragged) alike, and equal to create_block_mask's sets. Several
-    block rules on tiles that cross blocks are decided together on their block layout."""
+    block rules on tiles that cross blocks are decided together on their block layout, and
+    an intersection of diagonal bands as one band."""
     module = sd.compile(pattern, block_size=64)
     ctx = Context.make(pattern, q_len, kv_len, heads=2)
     assert not leaves_unknown(pattern, ctx, TileGrid(q_len, kv_len, 64, 64))

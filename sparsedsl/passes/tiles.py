@@ -495,7 +495,31 @@ def _(node: n.Union, ctx, span, grid):
 
 @_classify.register
 def _(node: n.Intersection, ctx, span, grid):
-    return functools.reduce(intersection, (_classify(p, ctx, span, grid) for p in node.parts))
+    bands, others = _split_bands(node.parts)
+    states = [_classify(p, ctx, span, grid) for p in others]
+    if bands:  # one band, decided exactly (two would make UNKNOWN tiles on their edges)
+        states.append(_window_states(span, *_band_bounds(bands, grid)))
+    return functools.reduce(intersection, states)
+
+
+def _split_bands(parts) -> tuple[list[n.Pattern], list[n.Pattern]]:
+    """``(bands, others)``: the parts of an intersection that are diagonal bands
+    (``causal()``, ``window(...)``: ``-before <= k - q <= after``) and the rest, when there
+    are two or more bands; otherwise no band."""
+    bands = [p for p in parts if isinstance(p, (n.Causal, n.Window))]
+    if len(bands) < 2:
+        return [], list(parts)
+    return bands, [p for p in parts if not isinstance(p, (n.Causal, n.Window))]
+
+
+def _band_bounds(bands: list[n.Pattern], grid: TileGrid) -> tuple[int, int]:
+    """``(before, after)``, both ``>= 0``, of the intersection of diagonal ``bands``
+    (``causal()`` bounds ``k - q`` above by 0 only; below, no distance on ``grid`` reaches
+    its bound)."""
+    unbounded = grid.q_len + grid.kv_len
+    before = min(unbounded if isinstance(b, n.Causal) else b.before for b in bands)
+    after = min(0 if isinstance(b, n.Causal) else b.after for b in bands)
+    return before, after
 
 
 @_classify.register
@@ -596,10 +620,15 @@ def _(node: n.Segments, ctx, grid):
     return _undecided(node.expand(), ctx, grid)
 
 
-@_undecided.register(n.Union)
-@_undecided.register(n.Intersection)
-def _(node, ctx, grid):
+@_undecided.register
+def _(node: n.Union, ctx, grid):
     return _combined(_undecided(p, ctx, grid) for p in node.parts)
+
+
+@_undecided.register
+def _(node: n.Intersection, ctx, grid):
+    bands, others = _split_bands(node.parts)  # two or more bands classify as one
+    return _combined([_undecided(p, ctx, grid) for p in others] + ([_EXACT] if bands else []))
 
 
 @_undecided.register
