@@ -303,15 +303,21 @@ def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
 
 def _group_inputs(q, k, v, heads: range):
     """``(q, k, v, kv)`` of one head group: its query heads, the key/value heads they read,
-    and those heads' indices (a slice, or an index tensor when the group does not cover
-    whole groups of query heads sharing a key/value head)."""
-    group = q.shape[1] // k.shape[1]
+    and those heads' indices (:func:`_kv_heads`)."""
+    kv = _kv_heads(heads, q.shape[1] // k.shape[1], q.device)
     qg = q[:, heads.start:heads.stop]
-    if heads.start % group == 0 and heads.stop % group == 0:
-        kv = slice(heads.start // group, heads.stop // group)
+    if isinstance(kv, slice):
         return qg, k[:, kv], v[:, kv], kv
-    kv = torch.arange(heads.start, heads.stop, device=q.device) // group
     return qg, k.index_select(1, kv), v.index_select(1, kv), kv
+
+
+def _kv_heads(heads: range, group: int, device) -> slice | torch.Tensor:
+    """The key/value heads that query heads ``heads`` read (``group`` query heads per
+    key/value head): a slice, or an index tensor when ``heads`` does not cover whole groups
+    of query heads sharing a key/value head."""
+    if heads.start % group == 0 and heads.stop % group == 0:
+        return slice(heads.start // group, heads.stop // group)
+    return torch.arange(heads.start, heads.stop, device=device) // group
 
 
 def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -> torch.Tensor:
@@ -508,19 +514,46 @@ class _ChunkLattice(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         runs = ctx.runs if ctx.runs is not None else _chunk_graphs(q, k, v, ctx.plan, ctx.scale)
         ctx.runs = None
-        dq, dk, dv = (torch.zeros_like(t, dtype=grad_out.dtype) for t in (q, k, v))
+        dq, dk, dv = _lattice_gradients(q, k, v, ctx.plan, grad_out.dtype)
         for rng, kv, part, start, count, chunk, leaves, result in runs:
             grad_folded = part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
             dqf, dkf, dvf = torch.autograd.grad(result, leaves, grad_folded)
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
             for total, folded in ((dk, dkf), (dv, dvf)):
                 if isinstance(kv, slice):
-                    _write_folded(total[:, kv], part, start, count, chunk, folded, accumulate=True)
+                    _write_folded(total[:, kv], part, start, count, chunk, folded)
                 else:  # query heads of the group read repeated key/value heads: sum them
                     per_head = total.new_zeros(total.shape[0], kv.numel(), *total.shape[2:])
                     _write_folded(per_head, part, start, count, chunk, folded)
                     total.index_add_(1, kv, per_head)
         return dq, dk, dv, None, None
+
+
+def _lattice_gradients(q, k, v, plan: tuple[HeadGroupPlan, ...], dtype: torch.dtype):
+    """``(dq, dk, dv)`` for :class:`_ChunkLattice`'s backward to write into. The lattices
+    of a head group are disjoint, so its runs write each of its positions once: only the
+    rows off its lattices are zeroed, of its query heads and of its key/value heads when
+    they are its own (a slice). Key/value heads that several groups read through an index
+    are zeroed whole, for those groups to add into."""
+    dq, dk, dv = (torch.empty_like(t, dtype=dtype) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    shared = []
+    for head_plan in plan:
+        rng = head_plan.heads
+        kv = _kv_heads(rng, group, q.device)
+        targets = [dq[:, rng.start:rng.stop]]
+        if isinstance(kv, slice):
+            targets += [dk[:, kv], dv[:, kv]]
+        else:
+            shared.append(kv)
+        for target in targets:
+            for rows in _off_lattice(target, head_plan.parts):
+                rows.zero_()
+    if shared:
+        heads = torch.cat(shared)
+        dk.index_fill_(1, heads, 0)
+        dv.index_fill_(1, heads, 0)
+    return dq, dk, dv
 
 
 def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float, out: torch.Tensor | None = None):
