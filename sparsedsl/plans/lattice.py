@@ -1,4 +1,4 @@
-"""The *lattice* plan: token-level dilation as dense attention on gathered sub-sequences.
+"""The *lattice* plan: token-level dilation as dense attention on strided sub-sequences.
 
 A mask cannot make token dilation cheap: a tile with half its pairs masked costs a tile
 kernel as much as a full one. But a dilated pattern allows pairs only inside *lattices* of
@@ -7,7 +7,9 @@ positions, and on a lattice it is dense or block-structured:
 * ``dilated(segment, rate, offset)`` keeps positions ``p`` with ``(p % segment) % rate ==
   offset``. Listed in order, the kept positions of one segment are ``m = ceil((segment -
   offset) / rate)`` consecutive entries, so on that compressed sequence the pattern is
-  ``chunks(m)``: dense attention with the segments folded into the batch.
+  ``chunks(m)``: dense attention with the segments folded into the batch. The kept
+  positions are ``offset + s * segment + i * rate`` (``i < m``): strided views, even when
+  ``rate`` does not divide ``segment``, as long as every segment keeps ``m`` of them.
 * ``blocks(S).<rules>.within(dilated(segment, rate, offset))`` with ``segment`` dividing
   ``S``: for each segment index ``j`` inside a block, the kept positions of segment ``j``
   of every block form one lattice, ``m`` positions per block; on it the pattern is
