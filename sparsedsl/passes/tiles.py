@@ -245,23 +245,18 @@ def _dilated_states(span: Span, segment: int, rate: int, offset: int) -> torch.T
 
 def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0) -> torch.Tensor:
     """States of a ``[H or 1, rows, nkb]`` bool block layout of the block rows from
-    ``first_row`` over tiles given in block coordinates (a grid, ``[R, 1]`` by ``[1, C]``,
-    or a list of tiles, ``[N, 1]`` each): the allowed blocks of each tile's block rectangle
-    are counted with prefix sums, so the decision is exact. Only the block rows of
-    ``span.q_range`` (every row when it is unknown) are summed, and nothing is read back
-    from the device."""
+    ``first_row`` over a grid of tiles given in block coordinates: the allowed blocks of
+    each tile's block rectangle are counted with prefix sums, so the decision is exact.
+    Only the block rows of ``span.q_range`` (every row when it is unknown) are summed, and
+    nothing is read back from the device."""
     qbl, qbh = span.ql[:, 0], span.qh[:, 0]
+    kbl, kbh = span.kl[0], span.kh[0]
     lo, hi = span.q_range or (first_row, first_row + layout.shape[1] - 1)
     by_row = F.pad(layout[:, lo - first_row:hi + 1 - first_row].cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
     per_tile_row = by_row[:, qbh + (1 - lo)] - by_row[:, qbl - lo]  # [H, R, nkb]
     by_col = F.pad(per_tile_row.cumsum(2, dtype=torch.int32), (1, 0))
-    if span.kl.shape[0] == 1:  # a grid: every tile row over the same tile columns
-        kbl, kbh = span.kl[0], span.kh[0]
-        counts = by_col[:, :, kbh + 1] - by_col[:, :, kbl]  # [H, R, C]
-    else:  # a list of tiles: row r's own columns
-        row = torch.arange(qbl.shape[0], device=qbl.device)[:, None]
-        counts = by_col[:, row, span.kh + 1] - by_col[:, row, span.kl]  # [H, N, 1]
-    cells = (qbh - qbl + 1)[:, None] * (span.kh - span.kl + 1)
+    counts = by_col[:, :, kbh + 1] - by_col[:, :, kbl]  # [H, R, C]
+    cells = (qbh - qbl + 1)[:, None] * (kbh - kbl + 1)[None, :]
     return decide(counts == cells, counts == 0)
 
 
