@@ -263,10 +263,10 @@ def merges_batch_and_heads(t: torch.Tensor) -> bool:
 
 
 def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: int, chunk: int,
-                  folded: torch.Tensor, accumulate: bool = False) -> None:
-    """Write (or, with ``accumulate``, add) ``folded`` (``[count, B * H, chunk, ...]``, as
-    :func:`_fold` lays out the lattice positions ``start ..`` of ``part``) into those
-    positions of ``target [B, H, N, ...]``, in place."""
+                  folded: torch.Tensor) -> None:
+    """Write ``folded`` (``[count, B * H, chunk, ...]``, as :func:`_fold` lays out the
+    lattice positions ``start ..`` of ``part``) into those positions of ``target [B, H, N,
+    ...]``, in place."""
     batch, heads = target.shape[:2]
     if target.dim() == 3:  # log-sum-exp rows
         target, folded = target[..., None], folded[..., None]
@@ -276,17 +276,10 @@ def _write_folded(target: torch.Tensor, part: LatticePart, start: int, count: in
         dest = view[:, :, start:start + count * chunk].unflatten(2, (count, chunk))
         folded = folded.unflatten(1, (batch, heads)).movedim(0, 2)  # [B, H, count, chunk, ...]
     if dest is not None:
-        if accumulate:
-            dest.add_(folded)
-        else:
-            dest.copy_(folded)
+        dest.copy_(folded)
         return
     values = folded.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3)
-    index = part.positions[start:start + count * chunk]
-    if accumulate:
-        target.index_add_(2, index, values)
-    else:
-        target.index_copy_(2, index, values)
+    target.index_copy_(2, part.positions[start:start + count * chunk], values)
 
 
 def _fold_chunks(q, k, v, size: int, scale: float, need_lse: bool):
@@ -431,27 +424,20 @@ class LatticeProgram:
         """The program of ``plan`` for inputs laid out as ``q``, ``k``, ``v``, or None when
         some part is not ``chunks`` or some run is not a view (then
         :func:`lattice_attention` runs it)."""
+        if any(part.length != 0 and not isinstance(part.pattern, n.Chunks) for head_plan in plan
+               for part in head_plan.parts):
+            return None
         meta = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (q, k, v))
         out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device="meta")
-        zeros, runs = [], []
-        for head_plan in plan:
-            rng = head_plan.heads
-            group_out = out[:, rng.start:rng.stop]
-            zeros += [_geometry(rows, out) for rows in _off_lattice(group_out, head_plan.parts)]
-            qg, kg, vg, kv = _group_inputs(*meta, rng)
-            if not isinstance(kv, slice):
+        zeros = [_geometry(rows, out) for head_plan in plan
+                 for rows in _off_lattice(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts)]
+        runs = []
+        for rng, kv, part, start, count, chunk, folded in _chunk_folds(*meta, plan):
+            dest = part.folded_view(out[:, rng.start:rng.stop], start, count, chunk)
+            # Views of the inputs themselves (not of gathered copies) and of the output.
+            if dest is None or not isinstance(kv, slice) or any(f._base is not m for f, m in zip(folded, meta)):
                 return None
-            for part in head_plan.parts:
-                if part.length == 0:
-                    continue
-                if not isinstance(part.pattern, n.Chunks):
-                    return None
-                length = q.shape[2] if part.length is None else part.length
-                for start, count, chunk in _chunk_runs(length, part.pattern.size):
-                    views = [part.folded_view(t, start, count, chunk) for t in (qg, kg, vg, group_out)]
-                    if any(view is None for view in views):
-                        return None
-                    runs.append(tuple(_geometry(view, base) for view, base in zip(views, (*meta, out))))
+            runs.append(tuple(_geometry(view, base) for view, base in zip((*folded, dest), (*meta, out))))
         return LatticeProgram(tuple(out.shape), tuple(zeros), tuple(runs))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
