@@ -394,9 +394,9 @@ def _rule_terms(node: n.Blocks) -> int:
 
 def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) -> tuple[torch.Tensor, int]:
     """``(layout, first_row)``: whether each block pair is allowed by ``node``'s rules
-    (and block causality), bool ``[H or 1, rows, num_kv_blocks]`` for the block rows
-    ``coarse.q_range`` (a grid's rows) from ``first_row``, from the rules' ``mask_mod`` lowering on block
-    coordinates (one definition of each rule)."""
+    (at least one) and block causality, bool ``[H or 1, rows, num_kv_blocks]`` for the
+    block rows ``coarse.q_range`` (a grid's rows) from ``first_row``, from the rules'
+    ``mask_mod`` lowering on block coordinates (one definition of each rule)."""
     size = node.size
     num_qb, num_kb = -(-grid.q_len // size), -(-grid.kv_len // size)
     first, last = coarse.q_range
@@ -404,7 +404,7 @@ def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) ->
     kb = torch.arange(num_kb, device=ctx.device)[None, :]
     h = torch.arange(ctx.heads, device=ctx.device)[:, None, None]
     rules = [lower_block_rule(rule, ctx, num_qb, num_kb) for rule in node.rules]
-    allowed = rules[0](h, qb, kb) if rules else (kb >= 0) & (qb >= 0)
+    allowed = rules[0](h, qb, kb)
     for rule in rules[1:]:
         allowed = allowed | rule(h, qb, kb)
     if node.causal_:

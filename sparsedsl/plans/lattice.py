@@ -252,7 +252,8 @@ def _folded_view(t: torch.Tensor, first: int, count: int, chunk: int, step: int 
     stride_b, stride_h, stride_n, stride_d = t.stride()
     stride_h = stride_b if heads == 1 else stride_h
     chunk_stride = chunk * step if chunk_stride is None else chunk_stride
-    return t.as_strided((count, batch * heads, chunk, dim), (chunk_stride * stride_n, stride_h, step * stride_n, stride_d),
+    return t.as_strided((count, batch * heads, chunk, dim),
+                        (chunk_stride * stride_n, stride_h, step * stride_n, stride_d),
                         t.storage_offset() + first * stride_n)
 
 
