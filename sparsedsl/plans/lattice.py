@@ -453,6 +453,9 @@ class LatticeProgram:
         return out
 
 
+_NOT_BUILT = object()
+
+
 class LatticeAttention:
     """:func:`lattice_attention` of one ``plan``, with calls without gradients or
     log-sum-exp run by a :class:`LatticeProgram` per input layout (built on the first call
@@ -469,11 +472,11 @@ class LatticeAttention:
         if not self.need_lse and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                     or v.requires_grad)):
             layout = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device)
-            if layout not in self._programs:
+            program = self._programs.get(layout, _NOT_BUILT)  # None: this layout has no program
+            if program is _NOT_BUILT:  # concurrent calls may build it twice, with the same result
                 if len(self._programs) >= self.MAX_PROGRAMS:
                     self._programs.clear()
-                self._programs[layout] = LatticeProgram.build(q, k, v, self.plan)
-            program = self._programs[layout]
+                program = self._programs[layout] = LatticeProgram.build(q, k, v, self.plan)
             if program is not None:
                 return program(q, k, v, self.scale), None
         return lattice_attention(q, k, v, plan=self.plan, scale=self.scale, need_lse=self.need_lse,
