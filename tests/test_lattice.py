@@ -163,19 +163,22 @@ def test_gpu_lattice_bf16(pattern, length, heads):
 def test_dilated_lattices_are_views_and_only_off_lattice_rows_are_zeroed(segment, data, periods, extra):
     """A dilated segment keeps ``offset, offset + rate, ...`` of every period: folded as one
     strided view per run when the length is whole periods (rates that do not divide the
-    segment included), and the output rows zeroed are exactly the rows off the lattice."""
+    segment included) or the positions are one arithmetic run (a rate that divides the
+    segment, or a single period: to any length), and the output rows zeroed are exactly
+    the rows off the lattice."""
     rate = data.draw(st.integers(1, segment))
     offset = data.draw(st.integers(0, rate - 1))
-    length = segment * periods + (extra % segment)
+    length = max(1, segment * periods + (extra % segment) - data.draw(st.sampled_from([0, segment])))
     (group,) = lattice_decomposition(sd.dilated(segment, rate, offset), length, length, 2, "cpu")
     (part,) = group.parts
     kept = [p for p in range(length) if (p % segment) % rate == offset]
     assert part.positions.tolist() == kept
     t = torch.randn(2, 3, length, 4)
-    if kept and length % segment == 0:
+    one_run = segment % rate == 0 or length <= segment  # also to a length of no whole periods
+    if kept:
+        assert (part.view(t) is not None) == one_run
+    if kept and (one_run or length % segment == 0):
         assert part.runs is not None
-        # One arithmetic run when the rate divides the segment: a plain strided view.
-        assert (part.view(t) is not None) == (segment % rate == 0 or length == segment)
         for start, count, chunk in _chunk_runs(len(kept), part.pattern.size):
             view = part.folded_view(t, start, count, chunk)
             assert view is not None and view._base is t

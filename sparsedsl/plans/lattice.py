@@ -48,8 +48,8 @@ class LatticePart:
     positions) and the ``pattern`` that holds on the compressed sequence. ``runs`` is
     ``(start, step, per_period, period)`` when the positions are ``start + s * period + i *
     step`` for ``i < per_period`` and ``s < length / per_period`` (a dilated segment of every
-    period; one period when the positions are a single arithmetic run): then they are taken
-    as strided views instead of gathers."""
+    period; one period, or periods that continue one arithmetic run, to any length): then
+    they are taken as strided views instead of gathers."""
 
     positions: torch.Tensor | None
     pattern: n.Pattern
@@ -69,11 +69,19 @@ class LatticePart:
         not one arithmetic run (then they are gathered, or folded by :meth:`folded_view`)."""
         if self.positions is None:
             return t
-        if self.runs is not None:
-            start, step, per_period, period = self.runs
-            if per_period == self.length or period == per_period * step:  # one arithmetic run
-                return t[:, :, start:start + (self.length - 1) * step + 1:step]
+        if self.one_run:
+            start, step = self.runs[:2]
+            return t[:, :, start:start + (self.length - 1) * step + 1:step]
         return None
+
+    @property
+    def one_run(self) -> bool:
+        """Whether the positions are one arithmetic run (one period, or periods that
+        continue the run)."""
+        if self.runs is None:
+            return False
+        _, step, per_period, period = self.runs
+        return per_period == self.length or period == per_period * step
 
     def folded_view(self, t: torch.Tensor, start: int, count: int, chunk: int) -> torch.Tensor | None:
         """Lattice positions ``start .. start + count * chunk`` of ``t [B, H, N, D]``
@@ -85,7 +93,7 @@ class LatticePart:
         if self.runs is None:
             return None
         first, step, per_period, period = self.runs
-        if per_period == self.length or period == per_period * step:  # one arithmetic run
+        if self.one_run:
             return _folded_view(t, first + start * step, count, chunk, step, chunk * step)
         if chunk == per_period and start % per_period == 0:  # whole periods
             return _folded_view(t, first + start // per_period * period, count, chunk, step, period)
@@ -113,12 +121,14 @@ def _lattice_part(positions: torch.Tensor, pattern: n.Pattern, length: int, star
                   per_period: int, period: int) -> LatticePart:
     """A part whose ``positions`` are, in each period of ``period`` positions up to
     ``length``, the first ``per_period`` of ``start, start + step, ...`` (fewer in a last,
-    shorter period), with ``runs`` set when every period holds the same number (see
-    :class:`LatticePart`)."""
+    shorter period), with ``runs`` set (see :class:`LatticePart`) when they are one
+    arithmetic run (one period, or periods that continue the run: ``period == per_period *
+    step``) or when every period holds ``per_period`` of them."""
     count, periods = positions.numel(), -(-length // period)
     if periods == 1:
         per_period = count
-    runs = (start, step, per_period, period) if count and count == periods * per_period else None
+    one_run = periods == 1 or period == per_period * step  # to any length
+    runs = (start, step, per_period, period) if count and (one_run or count == periods * per_period) else None
     return LatticePart(positions, pattern, runs)
 
 
