@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from reference import reference_attention
-from sparsedsl.plans.lattice import LatticeProgram, _chunk_runs, _fold, _off_lattice, lattice_decomposition
+from sparsedsl.plans.lattice import (LatticeProgram, _chunk_runs, _fold, _merged, _writes_every_row,
+                                     _zeroed_heads, lattice_decomposition)
 
 
 @st.composite
@@ -164,8 +165,8 @@ def test_dilated_lattices_are_views_and_only_off_lattice_rows_are_zeroed(segment
     """A dilated segment keeps ``offset, offset + rate, ...`` of every period: folded as one
     strided view per run when the length is whole periods (rates that do not divide the
     segment included) or the positions are one arithmetic run (a rate that divides the
-    segment, or a single period: to any length), and the output rows zeroed are exactly
-    the rows off the lattice."""
+    segment, or a single period: to any length), and its head group counts as writing
+    every output row exactly when the lattice holds every position."""
     rate = data.draw(st.integers(1, segment))
     offset = data.draw(st.integers(0, rate - 1))
     length = max(1, segment * periods + (extra % segment) - data.draw(st.sampled_from([0, segment])))
@@ -183,14 +184,19 @@ def test_dilated_lattices_are_views_and_only_off_lattice_rows_are_zeroed(segment
             view = part.folded_view(t, start, count, chunk)
             assert view is not None and view._base is t
             assert torch.equal(view, _fold(part.take(t), start, count, chunk))
-    out = torch.full((2, 3, length, 4), float("nan"))
-    for rows in _off_lattice(out, group.parts):
-        rows.zero_()
-    zeroed = [p for p in range(length) if not out[:, :, p].isnan().any()]
-    off_lattice = [p for p in range(length) if p not in kept]
-    assert set(zeroed) >= set(off_lattice)
-    if length % segment == 0:
-        assert zeroed == off_lattice
+    assert _writes_every_row(group.parts, length) == (len(kept) == length)
+
+
+@pytest.mark.parametrize("rates,zeroed", [
+    ([1, 2, 1, 3], [range(2, 4), range(6, 8)]),
+    ([1, 2, 4, 1], [range(2, 6)]),  # adjacent groups zeroed as one run of heads
+    ([1, 1, 1, 1], []),
+    ([3, 2, 2, 4], [range(0, 8)]),
+])
+def test_zeroed_heads_are_the_groups_with_rows_off_their_lattices(rates, zeroed):
+    plan = lattice_decomposition(sd.segments([8, 16, 32, 64], rates), 128, 128, 8, "cpu")
+    assert _zeroed_heads(plan, 128) == zeroed
+    assert _merged([range(5, 7), range(0, 2), range(2, 3)]) == [range(0, 3), range(5, 7)]
 
 
 @pytest.mark.parametrize("layout,uses_program", [

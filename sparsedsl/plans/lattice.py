@@ -327,11 +327,11 @@ def _kv_heads(heads: range, group: int, device) -> slice | torch.Tensor:
 
 
 def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -> torch.Tensor:
-    """The output tensor, zero on the rows no lattice of the plan writes."""
+    """The output tensor, zero on the heads of :func:`_zeroed_heads` (the lattices then
+    write their rows)."""
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for head_plan in plan:
-        for rows in _off_lattice(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts):
-            rows.zero_()
+    for heads in _zeroed_heads(plan, q.shape[2]):
+        out[:, heads.start:heads.stop].zero_()
     return out
 
 
@@ -419,14 +419,14 @@ def _strided(t: torch.Tensor, geometry: Geometry) -> torch.Tensor:
 @dataclass(frozen=True)
 class LatticeProgram:
     """A lattice plan without gradients or log-sum-exp, resolved for inputs of one layout
-    (shapes and strides): each chunk run's folded ``q``, ``k``, ``v`` and output positions,
-    and the output rows no lattice writes, as ``as_strided`` geometry. A call then makes one
-    view per tensor per run, one SDPA call and one copy per run, and one fill per zeroed
-    region: the same operations as :func:`lattice_attention`, without re-deriving every
+    (shapes and strides): each chunk run's folded ``q``, ``k``, ``v`` and output positions
+    as ``as_strided`` geometry, and the heads zeroed (:func:`_zeroed_heads`). A call then
+    makes one view per tensor per run, one SDPA call and one copy per run, and one fill per
+    run of zeroed heads: the same operations as :func:`lattice_attention`, without re-deriving every
     view on the host at each call."""
 
     out_shape: tuple[int, ...]
-    zeros: tuple[Geometry, ...]
+    zeroed_heads: tuple[tuple[int, int], ...]  # (start, stop) of each run of zeroed heads
     runs: tuple[tuple[Geometry, Geometry, Geometry, Geometry], ...]  # q, k, v, out
 
     @staticmethod
@@ -440,8 +440,7 @@ class LatticeProgram:
             return None
         meta = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (q, k, v))
         out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device="meta")
-        zeros = [_geometry(rows, out) for head_plan in plan
-                 for rows in _off_lattice(out[:, head_plan.heads.start:head_plan.heads.stop], head_plan.parts)]
+        zeroed = tuple((heads.start, heads.stop) for heads in _zeroed_heads(plan, q.shape[2]))
         runs = []
         for rng, kv, part, start, count, chunk, folded in _chunk_folds(*meta, plan):
             dest = part.folded_view(out[:, rng.start:rng.stop], start, count, chunk)
@@ -449,12 +448,12 @@ class LatticeProgram:
             if dest is None or not isinstance(kv, slice) or any(f._base is not m for f, m in zip(folded, meta)):
                 return None
             runs.append(tuple(_geometry(view, base) for view, base in zip((*folded, dest), (*meta, out))))
-        return LatticeProgram(tuple(out.shape), tuple(zeros), tuple(runs))
+        return LatticeProgram(tuple(out.shape), zeroed, tuple(runs))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         out = q.new_empty(self.out_shape)
-        for rows in self.zeros:
-            _strided(out, rows).zero_()
+        for start, stop in self.zeroed_heads:
+            out[:, start:stop].zero_()
         gqa = q.shape[1] != k.shape[1]
         for q_run, k_run, v_run, out_run in self.runs:
             result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
@@ -499,8 +498,8 @@ class _ChunkLattice(torch.autograd.Function):
     Autograd through the lattice views would give every slice of every part a gradient of
     the whole input's size (zeros plus a copy) and sum them. Here the forward builds each
     chunk run's SDPA graph on its folded views made leaves, and the backward writes each
-    run's gradients straight into the positions it read: three zero-filled gradients, one
-    strided write per run. The first backward consumes those graphs; a second one (with
+    run's gradients straight into the positions it read: three gradients zeroed only on the
+    heads whose lattices leave rows unwritten, one strided write per run. The first backward consumes those graphs; a second one (with
     ``retain_graph``) rebuilds them from the saved inputs."""
 
     @staticmethod
@@ -517,9 +516,15 @@ class _ChunkLattice(torch.autograd.Function):
         runs = ctx.runs if ctx.runs is not None else _chunk_graphs(q, k, v, ctx.plan, ctx.scale)
         ctx.runs = None
         dq, dk, dv = _lattice_gradients(q, k, v, ctx.plan, grad_out.dtype)
-        for rng, kv, part, start, count, chunk, leaves, result in runs:
-            grad_folded = part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
-            dqf, dkf, dvf = torch.autograd.grad(result, leaves, grad_folded)
+        # One pass of the autograd engine over every run's graph: a pass per run costs host
+        # time in proportion. The runs' folded gradients are then held at once: the size of
+        # the positions they read.
+        folded_grads = torch.autograd.grad(
+            [run[-1] for run in runs], [leaf for run in runs for leaf in run[-2]],
+            [part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
+             for rng, _, part, start, count, chunk, _, _ in runs]) if runs else ()
+        for i, (rng, kv, part, start, count, chunk, _, _) in enumerate(runs):
+            dqf, dkf, dvf = folded_grads[3 * i:3 * i + 3]
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
             for total, folded in ((dk, dkf), (dv, dvf)):
                 if isinstance(kv, slice):
@@ -534,23 +539,23 @@ class _ChunkLattice(torch.autograd.Function):
 def _lattice_gradients(q, k, v, plan: tuple[HeadGroupPlan, ...], dtype: torch.dtype):
     """``(dq, dk, dv)`` for :class:`_ChunkLattice`'s backward to write into. The lattices
     of a head group are disjoint, so its runs write each of its positions once: only the
-    rows off its lattices are zeroed, of its query heads and of its key/value heads when
-    they are its own (a slice). Key/value heads that several groups read through an index
-    are zeroed whole, for those groups to add into."""
+    heads of groups whose lattices leave rows unwritten are zeroed (:func:`_zeroed_heads`),
+    query heads and the key/value heads such a group owns (a slice). Key/value heads that
+    several groups read through an index are zeroed whole, for those groups to add into."""
     dq, dk, dv = (torch.empty_like(t, dtype=dtype) for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    shared = []
+    length, group = q.shape[2], q.shape[1] // k.shape[1]
+    for heads in _zeroed_heads(plan, length):
+        dq[:, heads.start:heads.stop].zero_()
+    owned, shared = [], []
     for head_plan in plan:
-        rng = head_plan.heads
-        kv = _kv_heads(rng, group, q.device)
-        targets = [dq[:, rng.start:rng.stop]]
-        if isinstance(kv, slice):
-            targets += [dk[:, kv], dv[:, kv]]
-        else:
+        kv = _kv_heads(head_plan.heads, group, q.device)
+        if not isinstance(kv, slice):
             shared.append(kv)
-        for target in targets:
-            for rows in _off_lattice(target, head_plan.parts):
-                rows.zero_()
+        elif not _writes_every_row(head_plan.parts, length):
+            owned.append(range(kv.start, kv.stop))
+    for heads in _merged(owned):
+        dk[:, heads.start:heads.stop].zero_()
+        dv[:, heads.start:heads.stop].zero_()
     if shared:
         heads = torch.cat(shared)
         dk.index_fill_(1, heads, 0)
@@ -593,25 +598,29 @@ def _chunk_folds(q, k, v, plan: tuple[HeadGroupPlan, ...]):
                 yield head_plan.heads, kv, part, start, count, chunk, folded
 
 
-def _off_lattice(out: torch.Tensor, parts: tuple[LatticePart, ...]) -> list[torch.Tensor]:
-    """Views of the rows of ``out`` (one head group's output, ``[B, H, N, D]``) that no part
-    writes: none when a part covers every position; the rows off the lattice when the
-    only part keeps, in every period of ``N``, the positions ``start, start + step, ...``
-    of that period with ``start < step`` (a ``dilated`` segment); else every row (rows
-    with no allowed key output 0)."""
-    length = out.shape[2]
-    if any(part.positions is None for part in parts):
-        return []
-    runs = parts[0].runs if len(parts) == 1 else None
-    if runs is not None:
-        start, step, per_period, period = runs
-        if start < step and length % period == 0 and per_period == -(-(period - start) // step) \
-                and parts[0].length == length // period * per_period:
-            periods = out.unflatten(2, (length // period, period))  # [B, H, periods, period, D]
-            whole = period // step * step
-            residues = periods[:, :, :, :whole].unflatten(3, (period // step, step))
-            tail = periods[:, :, :, whole:]  # the last period - whole positions of each period
-            views = [residues[:, :, :, :, :start], residues[:, :, :, :, start + 1:]]
-            views += [tail[:, :, :, :start], tail[:, :, :, start + 1:]] if start < tail.shape[3] else [tail]
-            return [view for view in views if view.numel()]
-    return [out]
+def _writes_every_row(parts: tuple[LatticePart, ...], length: int) -> bool:
+    """Whether the parts of one head group together hold all ``length`` positions (they
+    are disjoint, so their sizes add up to ``length`` exactly then)."""
+    return sum(length if part.length is None else part.length for part in parts) == length
+
+
+def _zeroed_heads(plan: tuple[HeadGroupPlan, ...], length: int) -> list[range]:
+    """The query heads of the groups whose lattices leave some row unwritten (rows with no
+    allowed key output 0; their gradients are 0), merged into runs of consecutive heads.
+
+    Such heads are zeroed whole, then their lattice rows are overwritten: a fill of whole
+    heads is one contiguous region per run, which an H100 fills at memory bandwidth; a
+    fill of the off-lattice rows alone is strided (rows of ``D`` elements) and ran at about
+    a third of that, besides costing a kernel and several views per region."""
+    return _merged(head_plan.heads for head_plan in plan if not _writes_every_row(head_plan.parts, length))
+
+
+def _merged(ranges) -> list[range]:
+    """Disjoint ``ranges`` sorted, with adjacent ones joined."""
+    merged: list[range] = []
+    for rng in sorted(ranges, key=lambda r: r.start):
+        if merged and merged[-1].stop == rng.start:
+            merged[-1] = range(merged[-1].start, rng.stop)
+        else:
+            merged.append(rng)
+    return merged
