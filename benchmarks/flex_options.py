@@ -68,6 +68,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - a configuration the kernel refuses is reported
                 rows.append({"options": options or "default", "error": f"{type(err).__name__}: {err}"[:200]})
             bar.update(str(options or "default"))
+            print(json.dumps(rows[-1]), flush=True)
     mode = "forward+backward" if args.backward else "forward"
     print(f"\n{args.pattern} at {n} tokens, {heads} heads x {dim}, bf16, density {density:.4f}, {mode}: "
           f"dense SDPA {dense_ms:.3f} ms, {torch.cuda.get_device_name()}")

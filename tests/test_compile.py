@@ -287,6 +287,53 @@ def test_gpu_flex_gradients_bf16(pattern):
         assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
 
 
+@pytest.mark.parametrize("pattern,band", [
+    (sd.window(100), True), (sd.window(30, 0), True), (sd.causal() & sd.window(200, 0), True),
+    (sd.blocks(128).local(2), True), (sd.blocks(128).local(3).causal(), True),
+    (sd.causal(), False), (sd.window(100) | sd.global_tokens(4), False),
+    (sd.blocks(64).local(1).global_(2).random(3, 0), False), (sd.window(100).score(sd.alibi()), False),
+    (sd.window(100) & sd.prefix(50), False),
+])
+def test_band_kernel_options_only_for_diagonal_bands_at_head_dim_128_on_h100(pattern, band, monkeypatch):
+    from sparsedsl.lang.queries import is_diagonal_band
+    from sparsedsl.plans.flex import BAND_FORWARD_OPTIONS, flex_kernel_options
+    assert is_diagonal_band(pattern) == band
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    tuned = flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.bfloat16)
+    assert (tuned is BAND_FORWARD_OPTIONS) == band
+    assert flex_kernel_options(pattern, 64, torch.device("cuda", 0), torch.bfloat16) is None
+    assert flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.float32) is None
+    assert flex_kernel_options(pattern, 128, torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.bfloat16) is None
+    assert flex_kernel_options(sd.window(9).score(sd.bias("b")), 128, torch.device("cuda", 0),
+                               torch.bfloat16) == {"num_stages": 2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [sd.window(100), sd.causal() & sd.window(200, 0), sd.blocks(128).local(2)])
+def test_gpu_band_kernel_options_forward_and_gradients_bf16(pattern):
+    """Diagonal bands at head dim 128 run the flex kernel with the band options (on an
+    H100): exact, with gradients, at a length that is not a multiple of the tile."""
+    from sparsedsl.plans.flex import BAND_FORWARD_OPTIONS, flex_kernel_options
+    heads, length = 2, 1000
+    q, k, v = _inputs(1, heads, heads, length, length, 128, dtype=torch.bfloat16, device="cuda",
+                      requires_grad=True)
+    module = sd.compile(pattern)
+    assert module.explain(length, heads=heads, head_dim=128, device="cuda").kind == "flex"
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert flex_kernel_options(pattern, 128, q.device, q.dtype) is BAND_FORWARD_OPTIONS
+    out = module(q, k, v)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    expected, _ = reference_attention(pattern, q64, k64, v64)
+    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
+    want = torch.autograd.grad((expected * weights.cpu().double()).sum(), (q64, k64, v64))
+    for g, w in zip(got, want):
+        assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
+
+
 @pytest.mark.gpu
 def test_gpu_rows_without_keys_bf16():
     pattern = (sd.window(3) & ~sd.prefix(10)) | (sd.causal() - sd.window(50))

@@ -159,9 +159,29 @@ def test_gpu_lattice_bf16(pattern, length, heads):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_gpu_lattice_program_runs_on_side_streams_exactly(dtype, tolerance):
+    """Calls without gradients run the program's runs on side streams: exact, the caller's
+    stream ordered after them, and repeated calls in a queue stay exact."""
+    pattern, length, heads = sd.segments([256, 512, 1024, 2048], [1, 2, 6, 12]), 4096, 8
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, heads, length, 64, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
+    plan = lattice_decomposition(pattern, length, length, heads, "cuda")
+    program = LatticeProgram.build(q, k, v, plan)
+    assert program is not None and len(program.runs) > 1
+    module = sd.compile(pattern, kernel="lattice")
+    expected, _ = reference_attention(pattern, q.cpu(), k.cpu(), v.cpu())
+    with torch.no_grad():
+        outs = [module(q, k, v) for _ in range(4)]  # queued back to back
+        outs.append(program(q, k, v, 64 ** -0.5))
+    for out in outs:
+        assert (out.double().cpu() - expected).abs().max().item() < tolerance
+
+
 @settings(max_examples=200)
 @given(segment=st.integers(1, 40), data=st.data(), periods=st.integers(1, 5), extra=st.integers(0, 39))
-def test_dilated_lattices_are_views_and_only_off_lattice_rows_are_zeroed(segment, data, periods, extra):
+def test_dilated_lattices_are_views_and_their_group_zeroed_when_rows_are_off_them(segment, data, periods, extra):
     """A dilated segment keeps ``offset, offset + rate, ...`` of every period: folded as one
     strided view per run when the length is whole periods (rates that do not divide the
     segment included) or the positions are one arithmetic run (a rate that divides the

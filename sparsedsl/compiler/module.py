@@ -22,7 +22,7 @@ from ..passes.refine import tile_pair_counts
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..plans.band import Band, band_attention, edge_states
 from ..plans.decode import MAX_DECODE_ROWS, DecodeRows, decodes_by_rows
-from ..plans.flex import bucket_length, flex_plan_attention, flex_tiles, padded_block_mask
+from ..plans.flex import bucket_length, flex_kernel_options, flex_plan_attention, flex_tiles, padded_block_mask
 from ..plans.gather import gather_attention, row_chunks
 from ..plans.lattice import HeadGroupPlan, LatticeAttention, lattice_decomposition
 from .cache import BuildCache
@@ -428,10 +428,10 @@ class CompiledPattern(nn.Module):
         if kind == "flex":
             block_mask = lowering.padded_block_mask(bucket_length(q_len, tiles[0]),
                                                     bucket_length(kv_len, tiles[1]))
-            reads_tensors = any(isinstance(m, n.Bias) for m in score_mods(self.pattern))
+            options = flex_kernel_options(self.pattern, q.shape[-1], q.device, q.dtype)
             return lambda q, k, v, _: flex_plan_attention(
                 q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale,
-                return_lse=return_lse, reads_score_tensors=reads_tensors)
+                return_lse=return_lse, kernel_options=options)
         return lambda q, k, v, _: gather_attention(
             q, k, v, states=lowering.states, grid=lowering.grid, mask_mod=lowering.mask_mod,
             score_mod=score_mod, scale=scale)

@@ -84,3 +84,17 @@ def block_band(pattern: n.Pattern) -> tuple[int, int, int] | None:
         return None
     window = max(windows)
     return pattern.size, window, 0 if pattern.causal_ else window
+
+
+def is_diagonal_band(pattern: n.Pattern) -> bool:
+    """Whether the pattern allows exactly a diagonal band of pairs, with no score
+    modification: ``window(...)``, an intersection of windows with ``causal()`` (at least
+    one window), or a window of whole blocks (:func:`block_band`)."""
+    if score_mods(pattern):
+        return False
+    if isinstance(pattern, n.Window):
+        return True
+    if isinstance(pattern, n.Intersection):
+        return all(isinstance(p, (n.Window, n.Causal)) for p in pattern.parts) and \
+            any(isinstance(p, n.Window) for p in pattern.parts)
+    return block_band(pattern) is not None

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ..lang import nodes as n
+from ..lang.queries import is_diagonal_band, score_mods
 from ..passes.blockmask import block_mask_from_states
 from ..passes.tiles import EMPTY, TileGrid
 
@@ -82,15 +84,39 @@ def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
                                   bounded_mask)
 
 
+#: Forward-kernel options for diagonal bands (:func:`~sparsedsl.lang.queries.is_diagonal_band`)
+#: at head dim 128 in bf16/fp16 on an H100 (compute capability 9.0). Measured there with
+#: torch 2.11 (``benchmarks/flex_options.py`` and the same options on every benchmark
+#: case, back to back): forward 8-12% faster on ``window(800)`` and ``blocks(128).local(6)``
+#: at 16K tokens and on ``window(3200)`` and ``blocks(128).local(25)`` at 64K, forward+
+#: backward 2-4% faster; the same options ran 5-49% slower on window + global tokens,
+#: BigBird (its mask reads a block layout) and head dim 64, which keep the defaults.
+BAND_FORWARD_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 2}
+
+
+def flex_kernel_options(pattern, head_dim: int, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """FlexAttention kernel options for ``pattern`` on ``device`` (None: the defaults).
+
+    A ``score_mod`` that loads a ``[.., Q, K]`` tensor (``bias``) has its tile pipelined
+    beside K and V, so two pipeline stages are used instead of the default three, which
+    overflow an H100's shared memory with 128x128 tiles. Diagonal bands at head dim 128 in
+    half precision on an H100 take :data:`BAND_FORWARD_OPTIONS`."""
+    if torch.device(device).type != "cuda":
+        return None
+    if any(isinstance(mod, n.Bias) for mod in score_mods(pattern)):
+        return {"num_stages": 2}
+    if head_dim == 128 and dtype in (torch.bfloat16, torch.float16) and is_diagonal_band(pattern) \
+            and torch.cuda.get_device_capability(device) == (9, 0):
+        return BAND_FORWARD_OPTIONS
+    return None
+
+
 def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
                         score_mod: Callable | None, scale: float, return_lse: bool,
-                        reads_score_tensors: bool = False):
-    """Compiled FlexAttention on inputs padded to ``block_mask``'s lengths; returns
-    ``(out, lse or None)`` cut back to the true lengths.
-
-    ``reads_score_tensors``: the ``score_mod`` loads a ``[.., Q, K]`` tensor (``bias``);
-    its tile is pipelined beside K and V, so two pipeline stages are used instead of the
-    default three, which overflow an H100's shared memory with 128x128 tiles."""
+                        kernel_options: dict | None = None):
+    """Compiled FlexAttention on inputs padded to ``block_mask``'s lengths, with
+    ``kernel_options`` (:func:`flex_kernel_options`); returns ``(out, lse or None)`` cut
+    back to the true lengths."""
     q_len, kv_len = q.shape[2], k.shape[2]
     q_padded, kv_padded = block_mask.seq_lengths
     if q_padded != q_len:
@@ -98,10 +124,9 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     if kv_padded != kv_len:
         k = F.pad(k, (0, 0, 0, kv_padded - kv_len))
         v = F.pad(v, (0, 0, 0, kv_padded - kv_len))
-    options = {"num_stages": 2} if reads_score_tensors and q.is_cuda else None
     result = (_compiled or compiled_flex_attention())(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse, kernel_options=options)
+        enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse, kernel_options=kernel_options)
     out, lse = result if return_lse else (result, None)
     if q_padded == q_len:
         return out, lse

@@ -27,6 +27,7 @@ modification (ALiBi and biases see absolute positions).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -422,8 +423,14 @@ class LatticeProgram:
     (shapes and strides): each chunk run's folded ``q``, ``k``, ``v`` and output positions
     as ``as_strided`` geometry, and the heads zeroed (:func:`_zeroed_heads`). A call then
     makes one view per tensor per run, one SDPA call and one copy per run, and one fill per
-    run of zeroed heads: the same operations as :func:`lattice_attention`, without re-deriving every
-    view on the host at each call."""
+    run of zeroed heads: the same operations as :func:`lattice_attention`, without
+    re-deriving every view on the host at each call.
+
+    On CUDA the runs go to side streams (:func:`side_streams`), forked from the caller's
+    stream after the fills and joined back before the call returns, so their kernels
+    overlap: a run of long chunks on few heads (LongNet's widest segments) is too few
+    thread blocks to fill the GPU alone. Runs are ordered longest chunks first, so those
+    start first."""
 
     out_shape: tuple[int, ...]
     zeroed_heads: tuple[tuple[int, int], ...]  # (start, stop) of each run of zeroed heads
@@ -448,6 +455,7 @@ class LatticeProgram:
             if dest is None or not isinstance(kv, slice) or any(f._base is not m for f, m in zip(folded, meta)):
                 return None
             runs.append(tuple(_geometry(view, base) for view, base in zip((*folded, dest), (*meta, out))))
+        runs.sort(key=lambda run: -run[0][0][2])  # longest chunks (q's size [count, B*H, chunk, D]) first
         return LatticeProgram(tuple(out.shape), zeroed, tuple(runs))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -455,11 +463,51 @@ class LatticeProgram:
         for start, stop in self.zeroed_heads:
             out[:, start:stop].zero_()
         gqa = q.shape[1] != k.shape[1]
-        for q_run, k_run, v_run, out_run in self.runs:
-            result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
-                                                    scale=scale, enable_gqa=gqa)
-            _strided(out, out_run).copy_(result)
+        if not q.is_cuda or len(self.runs) == 1:
+            for run in self.runs:
+                _attend_run(run, q, k, v, out, scale, gqa)
+            return out
+        caller = torch.cuda.current_stream(q.device)
+        streams = side_streams(q.device, len(self.runs))
+        for i, run in enumerate(self.runs):
+            stream = streams[i % len(streams)]
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                _attend_run(run, q, k, v, out, scale, gqa)
+        # Everything after the call (frees of q, k, v or out included) is ordered after the runs.
+        for stream in streams:
+            caller.wait_stream(stream)
         return out
+
+
+def _attend_run(run: tuple[Geometry, Geometry, Geometry, Geometry], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, out: torch.Tensor, scale: float, gqa: bool) -> None:
+    """One run of a :class:`LatticeProgram`: SDPA on its folded views, written into ``out``."""
+    q_run, k_run, v_run, out_run = run
+    result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
+                                            scale=scale, enable_gqa=gqa)
+    _strided(out, out_run).copy_(result)
+
+
+#: Side streams per CUDA device, at most this many (runs beyond share them in turn).
+MAX_SIDE_STREAMS = 8
+_side_streams: dict[int, list] = {}
+_side_streams_lock = threading.Lock()
+
+
+def side_streams(device: torch.device, count: int) -> list:
+    """``min(count, MAX_SIDE_STREAMS)`` CUDA streams of ``device``, created once per
+    process and shared by every program (a program forks onto them and joins back within
+    one call, so sharing only orders calls of different threads)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = min(count, MAX_SIDE_STREAMS)
+    streams = _side_streams.get(index, [])
+    if len(streams) < count:
+        with _side_streams_lock:
+            streams = _side_streams.setdefault(index, [])
+            while len(streams) < count:
+                streams.append(torch.cuda.Stream(index))
+    return streams[:count]
 
 
 _NOT_BUILT = object()
