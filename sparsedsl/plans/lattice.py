@@ -426,11 +426,11 @@ class LatticeProgram:
     run of zeroed heads: the same operations as :func:`lattice_attention`, without
     re-deriving every view on the host at each call.
 
-    On CUDA the runs go to side streams (:func:`side_streams`), forked from the caller's
-    stream after the fills and joined back before the call returns, so their kernels
-    overlap: a run of long chunks on few heads (LongNet's widest segments) is too few
-    thread blocks to fill the GPU alone. Runs are ordered longest chunks first, so those
-    start first."""
+    On CUDA the runs but the first go to side streams (:func:`side_streams`), forked from
+    the caller's stream after the fills and joined back before the call returns, so their
+    kernels overlap: a run of long chunks on few heads (LongNet's widest segments) is too
+    few thread blocks to fill the GPU alone. Runs are ordered longest chunks first; the
+    first runs on the caller's stream."""
 
     out_shape: tuple[int, ...]
     zeroed_heads: tuple[tuple[int, int], ...]  # (start, stop) of each run of zeroed heads
@@ -468,15 +468,21 @@ class LatticeProgram:
                 _attend_run(run, q, k, v, out, scale, gqa)
             return out
         caller = torch.cuda.current_stream(q.device)
-        streams = side_streams(q.device, len(self.runs))
-        for i, run in enumerate(self.runs):
-            stream = streams[i % len(streams)]
-            stream.wait_stream(caller)
-            with torch.cuda.stream(stream):
+        side = side_streams(q.device, len(self.runs) - 1)
+        side.fork.record(caller)
+        try:
+            for i, run in enumerate(self.runs[1:]):
+                stream = side.streams[i % len(side.streams)]
+                stream.wait_event(side.fork)
+                torch.cuda.set_stream(stream)
                 _attend_run(run, q, k, v, out, scale, gqa)
+        finally:
+            torch.cuda.set_stream(caller)
+        _attend_run(self.runs[0], q, k, v, out, scale, gqa)  # the longest, on the caller's stream
         # Everything after the call (frees of q, k, v or out included) is ordered after the runs.
-        for stream in streams:
-            caller.wait_stream(stream)
+        for stream, joined in zip(side.streams, side.joins):
+            joined.record(stream)
+            caller.wait_event(joined)
         return out
 
 
@@ -489,25 +495,43 @@ def _attend_run(run: tuple[Geometry, Geometry, Geometry, Geometry], q: torch.Ten
     _strided(out, out_run).copy_(result)
 
 
-#: Side streams per CUDA device, at most this many (runs beyond share them in turn).
+#: Side streams per CUDA device and thread, at most this many (runs beyond share them in turn).
 MAX_SIDE_STREAMS = 8
-_side_streams: dict[int, list] = {}
-_side_streams_lock = threading.Lock()
 
 
-def side_streams(device: torch.device, count: int) -> list:
-    """``min(count, MAX_SIDE_STREAMS)`` CUDA streams of ``device``, created once per
-    process and shared by every program (a program forks onto them and joins back within
-    one call, so sharing only orders calls of different threads)."""
+@dataclass
+class SideStreams:
+    """CUDA streams of one device and thread with the events that fork work onto them
+    (``fork``, recorded on the caller's stream) and join it back (``joins``, one per
+    stream). Events are re-recorded by every call: a wait enqueued before the next record
+    keeps the point it waited for."""
+
+    streams: list
+    fork: torch.cuda.Event
+    joins: list
+
+
+_side = threading.local()
+
+
+def side_streams(device: torch.device, count: int) -> SideStreams:
+    """The first ``min(count, MAX_SIDE_STREAMS)`` side streams of ``device`` for this
+    thread, created on first use. They are the thread's own (as are their events), so
+    calls from several threads never re-record an event another thread is waiting on."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     count = min(count, MAX_SIDE_STREAMS)
-    streams = _side_streams.get(index, [])
-    if len(streams) < count:
-        with _side_streams_lock:
-            streams = _side_streams.setdefault(index, [])
-            while len(streams) < count:
-                streams.append(torch.cuda.Stream(index))
-    return streams[:count]
+    per_device = getattr(_side, "per_device", None)
+    if per_device is None:
+        per_device = _side.per_device = {}
+    side = per_device.get(index)
+    if side is None:
+        side = per_device[index] = SideStreams([], torch.cuda.Event(), [])
+    while len(side.streams) < count:
+        side.streams.append(torch.cuda.Stream(index))
+        side.joins.append(torch.cuda.Event())
+    if len(side.streams) == count:
+        return side
+    return SideStreams(side.streams[:count], side.fork, side.joins[:count])
 
 
 _NOT_BUILT = object()
