@@ -177,6 +177,10 @@ def test_gpu_lattice_program_runs_on_side_streams_exactly(dtype, tolerance):
         outs.append(program(q, k, v, 64 ** -0.5))
     for out in outs:
         assert (out.double().cpu() - expected).abs().max().item() < tolerance
+    # No lattice position at this length: a program without runs, all zeros.
+    short = sd.compile(sd.dilated(64, 8, 7), kernel="lattice")
+    with torch.no_grad():
+        assert torch.equal(short(q[:, :, :5], k[:, :, :5], v[:, :, :5]), torch.zeros_like(q[:, :, :5]))
 
 
 @settings(max_examples=200)

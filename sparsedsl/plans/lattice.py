@@ -463,21 +463,24 @@ class LatticeProgram:
         for start, stop in self.zeroed_heads:
             out[:, start:stop].zero_()
         gqa = q.shape[1] != k.shape[1]
-        if not q.is_cuda or len(self.runs) == 1:
+        if not q.is_cuda or len(self.runs) <= 1:
             for run in self.runs:
                 _attend_run(run, q, k, v, out, scale, gqa)
             return out
         caller = torch.cuda.current_stream(q.device)
         side = side_streams(q.device, len(self.runs) - 1)
         side.fork.record(caller)
+        current_device = torch.cuda.current_device()
         try:
             for i, run in enumerate(self.runs[1:]):
                 stream = side.streams[i % len(side.streams)]
                 stream.wait_event(side.fork)
-                torch.cuda.set_stream(stream)
+                torch.cuda.set_stream(stream)  # also makes the stream's device current
                 _attend_run(run, q, k, v, out, scale, gqa)
         finally:
             torch.cuda.set_stream(caller)
+            if current_device != caller.device_index:
+                torch.cuda.set_device(current_device)
         _attend_run(self.runs[0], q, k, v, out, scale, gqa)  # the longest, on the caller's stream
         # Everything after the call (frees of q, k, v or out included) is ordered after the runs.
         for stream, joined in zip(side.streams, side.joins):
@@ -571,8 +574,9 @@ class _ChunkLattice(torch.autograd.Function):
     the whole input's size (zeros plus a copy) and sum them. Here the forward builds each
     chunk run's SDPA graph on its folded views made leaves, and the backward writes each
     run's gradients straight into the positions it read: three gradients zeroed only on the
-    heads whose lattices leave rows unwritten, one strided write per run. The first backward consumes those graphs; a second one (with
-    ``retain_graph``) rebuilds them from the saved inputs."""
+    heads whose lattices leave rows unwritten, one strided write per run. The first
+    backward consumes those graphs; a second one (with ``retain_graph``) rebuilds them from
+    the saved inputs."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
