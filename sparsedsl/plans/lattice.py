@@ -595,10 +595,11 @@ class _ChunkLattice(torch.autograd.Function):
         # One pass of the autograd engine over every run's graph: a pass per run costs host
         # time in proportion. The runs' folded gradients are then held at once: the size of
         # the positions they read.
-        folded_grads = torch.autograd.grad(
-            [run[-1] for run in runs], [leaf for run in runs for leaf in run[-2]],
-            [part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
-             for rng, _, part, start, count, chunk, _, _ in runs]) if runs else ()
+        results = [result for *_, result in runs]
+        leaves = [leaf for *_, run_leaves, _ in runs for leaf in run_leaves]
+        grads = [part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
+                 for rng, _, part, start, count, chunk, _, _ in runs]
+        folded_grads = torch.autograd.grad(results, leaves, grads) if runs else ()
         for i, (rng, kv, part, start, count, chunk, _, _) in enumerate(runs):
             dqf, dkf, dvf = folded_grads[3 * i:3 * i + 3]
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
