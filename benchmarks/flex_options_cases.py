@@ -32,7 +32,12 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    options = json.loads(args.options)
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        parser.error(f"--options must be a JSON object of kernel options, got {args.options!r}")
     flex = compiled_flex_attention()
     rows = []
     names = args.cases.split(",")
