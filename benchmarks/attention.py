@@ -44,6 +44,10 @@ CASES = {
 }
 
 
+#: Calls per back-to-back sample, at least.
+MIN_CALLS = 3
+
+
 def bench(fn, warmup: int = 3, iters: int = 10, back_to_back: bool = True) -> tuple[float, float | None]:
     """``(isolated, back_to_back)``: median milliseconds of ``fn()`` on the current CUDA
     stream, measured two ways (the second None unless ``back_to_back``).
@@ -54,7 +58,8 @@ def bench(fn, warmup: int = 3, iters: int = 10, back_to_back: bool = True) -> tu
     two events with no synchronisation in between, divided by ``calls``, so the host queues
     the next call while the GPU runs the current one, as in a training or inference loop
     (where host time is hidden as long as it is shorter than the kernels). ``calls`` is
-    chosen so that one sample lasts about 4 ms (at most 16 calls)."""
+    chosen so that one sample lasts about 4 ms, with at least ``MIN_CALLS`` (a sample of
+    one call would be an isolated call again) and at most 16."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -71,7 +76,7 @@ def bench(fn, warmup: int = 3, iters: int = 10, back_to_back: bool = True) -> tu
     isolated = sorted(sample(1) for _ in range(iters))[iters // 2]
     if not back_to_back:
         return isolated, None
-    calls = max(1, min(16, round(4.0 / isolated)))
+    calls = max(MIN_CALLS, min(16, round(4.0 / isolated)))
     return isolated, sorted(sample(calls) for _ in range(iters))[iters // 2]
 
 

@@ -331,8 +331,7 @@ def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -
     """The output tensor, zero on the heads of :func:`_zeroed_heads` (the lattices then
     write their rows)."""
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for heads in _zeroed_heads(plan, q.shape[2]):
-        out[:, heads.start:heads.stop].zero_()
+    _zero_heads(out, _zeroed_heads(plan, q.shape[2]))
     return out
 
 
@@ -427,10 +426,12 @@ class LatticeProgram:
     re-deriving every view on the host at each call.
 
     On CUDA the runs but the first go to side streams (:func:`side_streams`), forked from
-    the caller's stream after the fills and joined back before the call returns, so their
-    kernels overlap: a run of long chunks on few heads (LongNet's widest segments) is too
-    few thread blocks to fill the GPU alone. Runs are ordered longest chunks first; the
-    first runs on the caller's stream."""
+    the caller's stream and joined back before the call returns, so their kernels overlap:
+    a run of long chunks on few heads (LongNet's widest segments) is too few thread blocks
+    to fill the GPU alone. Runs are ordered longest chunks first; the first runs on the
+    caller's stream, after the zero fills, which thus overlap the side streams' attention
+    (memory-bound fills beside compute-bound attention); a side run waits for the fills
+    only before its copy into the output."""
 
     out_shape: tuple[int, ...]
     zeroed_heads: tuple[tuple[int, int], ...]  # (start, stop) of each run of zeroed heads
@@ -460,23 +461,26 @@ class LatticeProgram:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         out = q.new_empty(self.out_shape)
-        for start, stop in self.zeroed_heads:
-            out[:, start:stop].zero_()
         gqa = q.shape[1] != k.shape[1]
         if not q.is_cuda or len(self.runs) <= 1:
+            self.zero_fill(out)
             for run in self.runs:
                 _attend_run(run, q, k, v, out, scale, gqa)
             return out
         caller = torch.cuda.current_stream(q.device)
         side = side_streams(q.device, len(self.runs) - 1)
         side.fork.record(caller)
+        # The fills run on the caller's stream while the side streams' attention runs; a
+        # side run's copy into the output waits for them (``filled``).
+        self.zero_fill(out)
+        side.filled.record(caller)
         current_device = torch.cuda.current_device()
         try:
             for i, run in enumerate(self.runs[1:]):
                 stream = side.streams[i % len(side.streams)]
                 stream.wait_event(side.fork)
                 torch.cuda.set_stream(stream)  # also makes the stream's device current
-                _attend_run(run, q, k, v, out, scale, gqa)
+                _attend_run(run, q, k, v, out, scale, gqa, side.filled if self.zeroed_heads else None)
         finally:
             torch.cuda.set_stream(caller)
             if current_device != caller.device_index:
@@ -488,13 +492,22 @@ class LatticeProgram:
             caller.wait_event(joined)
         return out
 
+    def zero_fill(self, out: torch.Tensor) -> None:
+        """Zero the heads of ``out`` whose lattices leave rows unwritten."""
+        for start, stop in self.zeroed_heads:
+            out[:, start:stop].zero_()
+
 
 def _attend_run(run: tuple[Geometry, Geometry, Geometry, Geometry], q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, out: torch.Tensor, scale: float, gqa: bool) -> None:
-    """One run of a :class:`LatticeProgram`: SDPA on its folded views, written into ``out``."""
+                v: torch.Tensor, out: torch.Tensor, scale: float, gqa: bool,
+                written_after: torch.cuda.Event | None = None) -> None:
+    """One run of a :class:`LatticeProgram`: SDPA on its folded views, written into ``out``
+    (on the current stream, after ``written_after`` when given)."""
     q_run, k_run, v_run, out_run = run
     result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
                                             scale=scale, enable_gqa=gqa)
+    if written_after is not None:
+        torch.cuda.current_stream().wait_event(written_after)
     _strided(out, out_run).copy_(result)
 
 
@@ -505,12 +518,13 @@ MAX_SIDE_STREAMS = 8
 @dataclass
 class SideStreams:
     """CUDA streams of one device and thread with the events that fork work onto them
-    (``fork``, recorded on the caller's stream) and join it back (``joins``, one per
-    stream). Events are re-recorded by every call: a wait enqueued before the next record
-    keeps the point it waited for."""
+    (``fork``, recorded on the caller's stream), order it after the caller's zero fills
+    (``filled``) and join it back (``joins``, one per stream). Events are re-recorded by
+    every call: a wait enqueued before the next record keeps the point it waited for."""
 
     streams: list
     fork: torch.cuda.Event
+    filled: torch.cuda.Event
     joins: list
 
 
@@ -528,13 +542,13 @@ def side_streams(device: torch.device, count: int) -> SideStreams:
         per_device = _side.per_device = {}
     side = per_device.get(index)
     if side is None:
-        side = per_device[index] = SideStreams([], torch.cuda.Event(), [])
+        side = per_device[index] = SideStreams([], torch.cuda.Event(), torch.cuda.Event(), [])
     while len(side.streams) < count:
         side.streams.append(torch.cuda.Stream(index))
         side.joins.append(torch.cuda.Event())
     if len(side.streams) == count:
         return side
-    return SideStreams(side.streams[:count], side.fork, side.joins[:count])
+    return SideStreams(side.streams[:count], side.fork, side.filled, side.joins[:count])
 
 
 _NOT_BUILT = object()
@@ -574,14 +588,22 @@ class _ChunkLattice(torch.autograd.Function):
     the whole input's size (zeros plus a copy) and sum them. Here the forward builds each
     chunk run's SDPA graph on its folded views made leaves, and the backward writes each
     run's gradients straight into the positions it read: three gradients zeroed only on the
-    heads whose lattices leave rows unwritten, one strided write per run. The first
+    heads whose lattices leave rows unwritten, one strided write per run. The zero fills
+    (of the output, and of the gradients) run on a CUDA side stream beside the attention
+    kernels (:func:`_fill_beside`), before the writes. The first
     backward consumes those graphs; a second one (with ``retain_graph``) rebuilds them from
     the saved inputs."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
-        out = _output(q, v, plan)
-        ctx.runs = _chunk_graphs(q, k, v, plan, scale, out)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        zeroed = _zeroed_heads(plan, q.shape[2])
+        join = _fill_beside(lambda: _zero_heads(out, zeroed), q.device) if zeroed else None
+        ctx.runs = runs = _chunk_graphs(q, k, v, plan, scale)
+        if join is not None:
+            join()
+        for rng, _, part, start, count, chunk, _, result in runs:
+            _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(q, k, v)
         return out
@@ -591,7 +613,9 @@ class _ChunkLattice(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         runs = ctx.runs if ctx.runs is not None else _chunk_graphs(q, k, v, ctx.plan, ctx.scale)
         ctx.runs = None
-        dq, dk, dv = _lattice_gradients(q, k, v, ctx.plan, grad_out.dtype)
+        dq, dk, dv = (torch.empty_like(t, dtype=grad_out.dtype) for t in (q, k, v))
+        fills = _gradient_fills(dq, dk, dv, ctx.plan)
+        join = _fill_beside(fills, q.device) if fills is not None else None
         # One pass of the autograd engine over every run's graph: a pass per run costs host
         # time in proportion. The runs' folded gradients are then held at once: the size of
         # the positions they read.
@@ -600,6 +624,8 @@ class _ChunkLattice(torch.autograd.Function):
         grads = [part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
                  for rng, _, part, start, count, chunk, _, _ in runs]
         folded_grads = torch.autograd.grad(results, leaves, grads) if runs else ()
+        if join is not None:
+            join()
         for i, (rng, kv, part, start, count, chunk, _, _) in enumerate(runs):
             dqf, dkf, dvf = folded_grads[3 * i:3 * i + 3]
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
@@ -613,45 +639,75 @@ class _ChunkLattice(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _lattice_gradients(q, k, v, plan: tuple[HeadGroupPlan, ...], dtype: torch.dtype):
-    """``(dq, dk, dv)`` for :class:`_ChunkLattice`'s backward to write into. The lattices
-    of a head group are disjoint, so its runs write each of its positions once: only the
-    heads of groups whose lattices leave rows unwritten are zeroed (:func:`_zeroed_heads`),
-    query heads and the key/value heads such a group owns (a slice). Key/value heads that
-    several groups read through an index are zeroed whole, for those groups to add into."""
-    dq, dk, dv = (torch.empty_like(t, dtype=dtype) for t in (q, k, v))
-    length, group = q.shape[2], q.shape[1] // k.shape[1]
-    for heads in _zeroed_heads(plan, length):
-        dq[:, heads.start:heads.stop].zero_()
+def _gradient_fills(dq, dk, dv, plan: tuple[HeadGroupPlan, ...]) -> Callable[[], None] | None:
+    """The zero fills that :class:`_ChunkLattice`'s backward needs in ``dq``, ``dk``, ``dv``
+    (uninitialised) before its runs write into them, as one callable (None when none is
+    needed). The lattices of a head group are disjoint, so its runs write each of its
+    positions once: only the heads of groups whose lattices leave rows unwritten are zeroed
+    (:func:`_zeroed_heads`), query heads and the key/value heads such a group owns (a
+    slice). Key/value heads that several groups read through an index are zeroed whole,
+    for those groups to add into."""
+    length, group = dq.shape[2], dq.shape[1] // dk.shape[1]
+    query_heads = _zeroed_heads(plan, length)
     owned, shared = [], []
     for head_plan in plan:
-        kv = _kv_heads(head_plan.heads, group, q.device)
+        kv = _kv_heads(head_plan.heads, group, dq.device)
         if not isinstance(kv, slice):
             shared.append(kv)
         elif not _writes_every_row(head_plan.parts, length):
             owned.append(range(kv.start, kv.stop))
-    for heads in _merged(owned):
-        dk[:, heads.start:heads.stop].zero_()
-        dv[:, heads.start:heads.stop].zero_()
-    if shared:
-        heads = torch.cat(shared)
-        dk.index_fill_(1, heads, 0)
-        dv.index_fill_(1, heads, 0)
-    return dq, dk, dv
+    kv_heads = _merged(owned)
+    if not (query_heads or kv_heads or shared):
+        return None
+
+    def fill() -> None:
+        _zero_heads(dq, query_heads)
+        _zero_heads(dk, kv_heads)
+        _zero_heads(dv, kv_heads)
+        if shared:
+            heads = torch.cat(shared)
+            dk.index_fill_(1, heads, 0)
+            dv.index_fill_(1, heads, 0)
+    return fill
 
 
-def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float, out: torch.Tensor | None = None):
+def _zero_heads(t: torch.Tensor, heads: list[range]) -> None:
+    """Zero heads ``heads`` (dimension 1) of ``t``, in place."""
+    for rng in heads:
+        t[:, rng.start:rng.stop].zero_()
+
+
+def _fill_beside(fill: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run ``fill()`` (zero fills of tensors the caller's stream has just allocated) on a
+    CUDA side stream, ordered after the caller's stream's work so far, so that it overlaps
+    the attention the caller queues next (memory-bound fills beside compute-bound
+    kernels). Returns ``join()``, which orders the caller's stream's later work (writes
+    into the filled tensors, their frees) after the fills; it must be called before this
+    thread forks onto its side streams again. On the CPU ``fill()`` runs at once."""
+    if device.type != "cuda":
+        fill()
+        return lambda: None
+    caller = torch.cuda.current_stream(device)
+    side = side_streams(device, 1)
+    stream = side.streams[0]
+    side.fork.record(caller)
+    stream.wait_event(side.fork)
+    with torch.cuda.stream(stream):
+        fill()
+    side.filled.record(stream)
+    return lambda: caller.wait_event(side.filled)
+
+
+def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float):
     """Each chunk run of ``plan`` as ``(heads, kv, part, start, count, chunk, leaves,
     result)``: SDPA computed with autograd on the run's folded ``q``, ``k``, ``v`` views
-    made leaves (``leaves``); ``result`` also written into ``out`` when given."""
+    made leaves (``leaves``)."""
     runs = []
     with torch.enable_grad():
         # Folded from detached inputs: views, made leaves of their own graphs below.
         for rng, kv, part, start, count, chunk, folded in _chunk_folds(q.detach(), k.detach(), v.detach(), plan):
             leaves = tuple(t.detach().requires_grad_() for t in folded)
             result, _ = sdpa_with_lse(*leaves, scale, False)
-            if out is not None:
-                _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
             runs.append((rng, kv, part, start, count, chunk, leaves, result))
     return runs
 
