@@ -331,7 +331,8 @@ def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -
     """The output tensor, zero on the heads of :func:`_zeroed_heads` (the lattices then
     write their rows)."""
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    _zero_heads(out, _zeroed_heads(plan, q.shape[2]))
+    for heads in _zeroed_heads(plan, q.shape[2]):
+        out[:, heads.start:heads.stop].zero_()
     return out
 
 
@@ -588,22 +589,14 @@ class _ChunkLattice(torch.autograd.Function):
     the whole input's size (zeros plus a copy) and sum them. Here the forward builds each
     chunk run's SDPA graph on its folded views made leaves, and the backward writes each
     run's gradients straight into the positions it read: three gradients zeroed only on the
-    heads whose lattices leave rows unwritten, one strided write per run. The zero fills
-    (of the output, and of the gradients) run on a CUDA side stream beside the attention
-    kernels (:func:`_fill_beside`), before the writes. The first
+    heads whose lattices leave rows unwritten, one strided write per run. The first
     backward consumes those graphs; a second one (with ``retain_graph``) rebuilds them from
     the saved inputs."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
-        out = q.new_empty(*q.shape[:3], v.shape[-1])
-        zeroed = _zeroed_heads(plan, q.shape[2])
-        join = _fill_beside(lambda: _zero_heads(out, zeroed), q.device) if zeroed else None
-        ctx.runs = runs = _chunk_graphs(q, k, v, plan, scale)
-        if join is not None:
-            join()
-        for rng, _, part, start, count, chunk, _, result in runs:
-            _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
+        out = _output(q, v, plan)
+        ctx.runs = _chunk_graphs(q, k, v, plan, scale, out)
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(q, k, v)
         return out
@@ -613,9 +606,7 @@ class _ChunkLattice(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         runs = ctx.runs if ctx.runs is not None else _chunk_graphs(q, k, v, ctx.plan, ctx.scale)
         ctx.runs = None
-        dq, dk, dv = (torch.empty_like(t, dtype=grad_out.dtype) for t in (q, k, v))
-        fills = _gradient_fills(dq, dk, dv, ctx.plan)
-        join = _fill_beside(fills, q.device) if fills is not None else None
+        dq, dk, dv = _lattice_gradients(q, k, v, ctx.plan, grad_out.dtype)
         # One pass of the autograd engine over every run's graph: a pass per run costs host
         # time in proportion. The runs' folded gradients are then held at once: the size of
         # the positions they read.
@@ -624,8 +615,6 @@ class _ChunkLattice(torch.autograd.Function):
         grads = [part.fold(grad_out[:, rng.start:rng.stop], start, count, chunk)
                  for rng, _, part, start, count, chunk, _, _ in runs]
         folded_grads = torch.autograd.grad(results, leaves, grads) if runs else ()
-        if join is not None:
-            join()
         for i, (rng, kv, part, start, count, chunk, _, _) in enumerate(runs):
             dqf, dkf, dvf = folded_grads[3 * i:3 * i + 3]
             _write_folded(dq[:, rng.start:rng.stop], part, start, count, chunk, dqf)
@@ -639,75 +628,45 @@ class _ChunkLattice(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _gradient_fills(dq, dk, dv, plan: tuple[HeadGroupPlan, ...]) -> Callable[[], None] | None:
-    """The zero fills that :class:`_ChunkLattice`'s backward needs in ``dq``, ``dk``, ``dv``
-    (uninitialised) before its runs write into them, as one callable (None when none is
-    needed). The lattices of a head group are disjoint, so its runs write each of its
-    positions once: only the heads of groups whose lattices leave rows unwritten are zeroed
-    (:func:`_zeroed_heads`), query heads and the key/value heads such a group owns (a
-    slice). Key/value heads that several groups read through an index are zeroed whole,
-    for those groups to add into."""
-    length, group = dq.shape[2], dq.shape[1] // dk.shape[1]
-    query_heads = _zeroed_heads(plan, length)
+def _lattice_gradients(q, k, v, plan: tuple[HeadGroupPlan, ...], dtype: torch.dtype):
+    """``(dq, dk, dv)`` for :class:`_ChunkLattice`'s backward to write into. The lattices
+    of a head group are disjoint, so its runs write each of its positions once: only the
+    heads of groups whose lattices leave rows unwritten are zeroed (:func:`_zeroed_heads`),
+    query heads and the key/value heads such a group owns (a slice). Key/value heads that
+    several groups read through an index are zeroed whole, for those groups to add into."""
+    dq, dk, dv = (torch.empty_like(t, dtype=dtype) for t in (q, k, v))
+    length, group = q.shape[2], q.shape[1] // k.shape[1]
+    for heads in _zeroed_heads(plan, length):
+        dq[:, heads.start:heads.stop].zero_()
     owned, shared = [], []
     for head_plan in plan:
-        kv = _kv_heads(head_plan.heads, group, dq.device)
+        kv = _kv_heads(head_plan.heads, group, q.device)
         if not isinstance(kv, slice):
             shared.append(kv)
         elif not _writes_every_row(head_plan.parts, length):
             owned.append(range(kv.start, kv.stop))
-    kv_heads = _merged(owned)
-    if not (query_heads or kv_heads or shared):
-        return None
-
-    def fill() -> None:
-        _zero_heads(dq, query_heads)
-        _zero_heads(dk, kv_heads)
-        _zero_heads(dv, kv_heads)
-        if shared:
-            heads = torch.cat(shared)
-            dk.index_fill_(1, heads, 0)
-            dv.index_fill_(1, heads, 0)
-    return fill
+    for heads in _merged(owned):
+        dk[:, heads.start:heads.stop].zero_()
+        dv[:, heads.start:heads.stop].zero_()
+    if shared:
+        heads = torch.cat(shared)
+        dk.index_fill_(1, heads, 0)
+        dv.index_fill_(1, heads, 0)
+    return dq, dk, dv
 
 
-def _zero_heads(t: torch.Tensor, heads: list[range]) -> None:
-    """Zero heads ``heads`` (dimension 1) of ``t``, in place."""
-    for rng in heads:
-        t[:, rng.start:rng.stop].zero_()
-
-
-def _fill_beside(fill: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """Run ``fill()`` (zero fills of tensors the caller's stream has just allocated) on a
-    CUDA side stream, ordered after the caller's stream's work so far, so that it overlaps
-    the attention the caller queues next (memory-bound fills beside compute-bound
-    kernels). Returns ``join()``, which orders the caller's stream's later work (writes
-    into the filled tensors, their frees) after the fills; it must be called before this
-    thread forks onto its side streams again. On the CPU ``fill()`` runs at once."""
-    if device.type != "cuda":
-        fill()
-        return lambda: None
-    caller = torch.cuda.current_stream(device)
-    side = side_streams(device, 1)
-    stream = side.streams[0]
-    side.fork.record(caller)
-    stream.wait_event(side.fork)
-    with torch.cuda.stream(stream):
-        fill()
-    side.filled.record(stream)
-    return lambda: caller.wait_event(side.filled)
-
-
-def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float):
+def _chunk_graphs(q, k, v, plan: tuple[HeadGroupPlan, ...], scale: float, out: torch.Tensor | None = None):
     """Each chunk run of ``plan`` as ``(heads, kv, part, start, count, chunk, leaves,
     result)``: SDPA computed with autograd on the run's folded ``q``, ``k``, ``v`` views
-    made leaves (``leaves``)."""
+    made leaves (``leaves``); ``result`` also written into ``out`` when given."""
     runs = []
     with torch.enable_grad():
         # Folded from detached inputs: views, made leaves of their own graphs below.
         for rng, kv, part, start, count, chunk, folded in _chunk_folds(q.detach(), k.detach(), v.detach(), plan):
             leaves = tuple(t.detach().requires_grad_() for t in folded)
             result, _ = sdpa_with_lse(*leaves, scale, False)
+            if out is not None:
+                _write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, result.detach())
             runs.append((rng, kv, part, start, count, chunk, leaves, result))
     return runs
 
