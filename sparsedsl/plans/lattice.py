@@ -331,9 +331,15 @@ def _output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupPlan, ...]) -
     """The output tensor, zero on the heads of :func:`_zeroed_heads` (the lattices then
     write their rows)."""
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for heads in _zeroed_heads(plan, q.shape[2]):
-        out[:, heads.start:heads.stop].zero_()
+    _zero_heads(out, _zeroed_heads(plan, q.shape[2]))
     return out
+
+
+def _zero_heads(t: torch.Tensor, heads) -> None:
+    """Zero each range of ``heads`` (dimension 1) of ``t``, in place: one contiguous fill
+    per range when ``t`` is contiguous."""
+    for rng in heads:
+        t[:, rng.start:rng.stop].zero_()
 
 
 def sdpa_with_lse(q, k, v, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -435,7 +441,7 @@ class LatticeProgram:
     only before its copy into the output."""
 
     out_shape: tuple[int, ...]
-    zeroed_heads: tuple[tuple[int, int], ...]  # (start, stop) of each run of zeroed heads
+    zeroed_heads: tuple[range, ...]  # the runs of zeroed heads
     runs: tuple[tuple[Geometry, Geometry, Geometry, Geometry], ...]  # q, k, v, out
 
     @staticmethod
@@ -449,7 +455,7 @@ class LatticeProgram:
             return None
         meta = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (q, k, v))
         out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device="meta")
-        zeroed = tuple((heads.start, heads.stop) for heads in _zeroed_heads(plan, q.shape[2]))
+        zeroed = tuple(_zeroed_heads(plan, q.shape[2]))
         runs = []
         for rng, kv, part, start, count, chunk, folded in _chunk_folds(*meta, plan):
             dest = part.folded_view(out[:, rng.start:rng.stop], start, count, chunk)
@@ -464,7 +470,7 @@ class LatticeProgram:
         out = q.new_empty(self.out_shape)
         gqa = q.shape[1] != k.shape[1]
         if not q.is_cuda or len(self.runs) <= 1:
-            self.zero_fill(out)
+            _zero_heads(out, self.zeroed_heads)
             for run in self.runs:
                 _attend_run(run, q, k, v, out, scale, gqa)
             return out
@@ -473,15 +479,17 @@ class LatticeProgram:
         side.fork.record(caller)
         # The fills run on the caller's stream while the side streams' attention runs; a
         # side run's copy into the output waits for them (``filled``).
-        self.zero_fill(out)
-        side.filled.record(caller)
+        _zero_heads(out, self.zeroed_heads)
+        filled = side.filled if self.zeroed_heads else None
+        if filled is not None:
+            filled.record(caller)
         current_device = torch.cuda.current_device()
         try:
             for i, run in enumerate(self.runs[1:]):
                 stream = side.streams[i % len(side.streams)]
                 stream.wait_event(side.fork)
                 torch.cuda.set_stream(stream)  # also makes the stream's device current
-                _attend_run(run, q, k, v, out, scale, gqa, side.filled if self.zeroed_heads else None)
+                _attend_run(run, q, k, v, out, scale, gqa, filled)
         finally:
             torch.cuda.set_stream(caller)
             if current_device != caller.device_index:
@@ -492,11 +500,6 @@ class LatticeProgram:
             joined.record(stream)
             caller.wait_event(joined)
         return out
-
-    def zero_fill(self, out: torch.Tensor) -> None:
-        """Zero the heads of ``out`` whose lattices leave rows unwritten."""
-        for start, stop in self.zeroed_heads:
-            out[:, start:stop].zero_()
 
 
 def _attend_run(run: tuple[Geometry, Geometry, Geometry, Geometry], q: torch.Tensor, k: torch.Tensor,
@@ -636,8 +639,7 @@ def _lattice_gradients(q, k, v, plan: tuple[HeadGroupPlan, ...], dtype: torch.dt
     several groups read through an index are zeroed whole, for those groups to add into."""
     dq, dk, dv = (torch.empty_like(t, dtype=dtype) for t in (q, k, v))
     length, group = q.shape[2], q.shape[1] // k.shape[1]
-    for heads in _zeroed_heads(plan, length):
-        dq[:, heads.start:heads.stop].zero_()
+    _zero_heads(dq, _zeroed_heads(plan, length))
     owned, shared = [], []
     for head_plan in plan:
         kv = _kv_heads(head_plan.heads, group, q.device)
@@ -645,9 +647,9 @@ def _lattice_gradients(q, k, v, plan: tuple[HeadGroupPlan, ...], dtype: torch.dt
             shared.append(kv)
         elif not _writes_every_row(head_plan.parts, length):
             owned.append(range(kv.start, kv.stop))
-    for heads in _merged(owned):
-        dk[:, heads.start:heads.stop].zero_()
-        dv[:, heads.start:heads.stop].zero_()
+    owned = _merged(owned)
+    _zero_heads(dk, owned)
+    _zero_heads(dv, owned)
     if shared:
         heads = torch.cat(shared)
         dk.index_fill_(1, heads, 0)
