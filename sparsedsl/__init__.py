@@ -9,94 +9,64 @@ read its text form back.
 sharded over ``torch.distributed`` ranks; ``sparsedsl.integrations.transformers.register(
 pattern)`` makes a pattern a Hugging Face transformers attention implementation
 (transformers is imported only there).
+
+Names are imported on first use, so that ``import sparsedsl`` (and the command line's
+``--help``) does not import torch until a name that needs it is used.
 """
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
 
 from ._source_tree import register_source_patterns
 
 register_source_patterns()
 
-from .analysis.count import Counts, TileCounts, count
-from .analysis.formula import NoClosedFormError, formula
-from .catalog import load
-from .compiler.module import BLOCK_SIZES, CompiledPattern, compile
-from .compiler.plan import Plan
-from .lang.checks import PatternArgumentError
-from .lang.nodes import (
-    Pattern,
-    alibi,
-    bias,
-    blocks,
-    causal,
-    chunks,
-    dilated,
-    dilated_window,
-    documents,
-    full,
-    global_tokens,
-    heads,
-    prefix,
-    segments,
-    softcap,
-    strided,
-    window,
-)
-from .lang.parse import PatternSyntaxError, parse
-from .modules import (
-    BlockSparseAttention,
-    BlockSparseDilatedAttention,
-    DilatedAttention,
-    MultiheadSparseAttention,
-    SparsePatternConfig,
-)
-from .passes.context import BufferBindingError
-from .draw.diagram import diagram
-from .draw.render import render
-from .draw.terminal import show
-from .passes.dense import dense
-from . import distributed
-from .distributed import sequence_parallel_attention
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "Counts": ".analysis.count",
+    "TileCounts": ".analysis.count",
+    "count": ".analysis.count",
+    "NoClosedFormError": ".analysis.formula",
+    "formula": ".analysis.formula",
+    "load": ".catalog",
+    "BLOCK_SIZES": ".compiler.module",
+    "CompiledPattern": ".compiler.module",
+    "compile": ".compiler.module",
+    "Plan": ".compiler.plan",
+    "PatternArgumentError": ".lang.checks",
+    **{name: ".lang.nodes" for name in (
+        "Pattern", "alibi", "bias", "blocks", "causal", "chunks", "dilated", "dilated_window",
+        "documents", "full", "global_tokens", "heads", "prefix", "segments", "softcap",
+        "strided", "window")},
+    "PatternSyntaxError": ".lang.parse",
+    "parse": ".lang.parse",
+    **{name: ".modules" for name in (
+        "BlockSparseAttention", "BlockSparseDilatedAttention", "DilatedAttention",
+        "MultiheadSparseAttention", "SparsePatternConfig")},
+    "BufferBindingError": ".passes.context",
+    "diagram": ".draw.diagram",
+    "render": ".draw.render",
+    "show": ".draw.terminal",
+    "dense": ".passes.dense",
+    "sequence_parallel_attention": ".distributed",
+}
 
-__all__ = [
-    "NoClosedFormError",
-    "diagram",
-    "formula",
-    "render",
-    "BlockSparseAttention",
-    "BlockSparseDilatedAttention",
-    "DilatedAttention",
-    "MultiheadSparseAttention",
-    "SparsePatternConfig",
-    "load",
-    "BLOCK_SIZES",
-    "CompiledPattern",
-    "Counts",
-    "TileCounts",
-    "Plan",
-    "compile",
-    "count",
-    "distributed",
-    "sequence_parallel_attention",
-    "BufferBindingError",
-    "Pattern",
-    "PatternArgumentError",
-    "PatternSyntaxError",
-    "alibi",
-    "bias",
-    "blocks",
-    "causal",
-    "chunks",
-    "dense",
-    "dilated",
-    "dilated_window",
-    "documents",
-    "full",
-    "global_tokens",
-    "heads",
-    "parse",
-    "prefix",
-    "segments",
-    "show",
-    "softcap",
-    "strided",
-    "window",
-]
+__all__ = sorted([*_EXPORTS, "distributed"])
+
+
+def __getattr__(name: str):
+    """Import a public name, or a subpackage (``sparsedsl.analysis``), on first use."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
