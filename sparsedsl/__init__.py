@@ -48,6 +48,7 @@ _EXPORTS = {
     "BufferBindingError": ".passes.context",
     "diagram": ".draw.diagram",
     "render": ".draw.render",
+    "render_scores": ".draw.scores",
     "show": ".draw.terminal",
     "dense": ".passes.dense",
     "sequence_parallel_attention": ".distributed",

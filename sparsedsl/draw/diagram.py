@@ -1,7 +1,7 @@
 """``sparsedsl.diagram``: a pattern's expression tree drawn by graphviz.
 
 Each node of the tree is a box with what it is, its text, and the exact pairs it allows and
-its density at the given length (a ``.within`` rule is counted on one block, on the
+its density at the given lengths (a ``.within`` rule is counted on one block, on the
 block-relative positions it sees). Boxes are shaded by density, light for sparse and dark
 for dense. The DOT text is written here and handed to graphviz's ``dot`` program (no Python
 binding needed).
@@ -20,7 +20,8 @@ from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
 from ..lang.groups import head_groups
 from ..lang.queries import head_group_count
-from .render import DrawError, check_suffix, percent
+from .output import DrawError, output_path
+from .render import percent
 
 INSTALL_HINT = ("install graphviz, which provides it: `apt-get install graphviz` (Debian, Ubuntu), "
                 "`brew install graphviz` (macOS) or `conda install graphviz`")
@@ -57,11 +58,12 @@ def _ranges(values) -> str:
     return f"head {values[0]}" if len(values) == 1 else f"heads {values[0]}-{values[-1]}"
 
 
-def _count_text(node: n.Pattern, length: int, heads: int, tile: int, buffers: dict,
+def _count_text(node: n.Pattern, length: tuple[int, int], heads: int, tile: int, buffers: dict,
                 root: bool) -> tuple[str, float]:
-    """Pairs (per head, grouped into runs of equal heads) and density."""
+    """Pairs (per head, grouped into runs of equal heads) and density on a ``length =
+    (q_len, kv_len)`` matrix."""
     wanted = {k: v for k, v in buffers.items() if k in node.buffer_names()}
-    c = count(node, length, heads=heads, tile=min(tile, length), **wanted)
+    c = count(node, *length, heads=heads, tile=min(tile, *length), **wanted)
     if heads == 1:
         text = f"{c.pairs:,} pairs"
     elif len(set(c.per_head)) == 1:
@@ -101,19 +103,21 @@ def _wrap(text: str, width: int = 52, lines: int = 3) -> str:
     return "\n".join(out)
 
 
-def diagram_source(pattern: n.Pattern, *, seq_len: int = 4096, heads: int | None = None,
-                   tile: int = 128, **buffers: torch.Tensor) -> str:
+def diagram_source(pattern: n.Pattern, *, seq_len: int = 4096, kv_len: int | None = None,
+                   heads: int | None = None, tile: int = 128, **buffers: torch.Tensor) -> str:
     """The DOT text :func:`diagram` draws."""
     if not isinstance(pattern, n.Pattern):
         raise PatternArgumentError(f"diagram(): argument 'pattern' must be a pattern, got {pattern!r}")
     seq_len = check_int("diagram()", "seq_len", seq_len, minimum=1)
+    kv_len = seq_len if kv_len is None else check_int("diagram()", "kv_len", kv_len, minimum=1)
     tile = check_int("diagram()", "tile", tile, minimum=1)
     heads = head_group_count(pattern) if heads is None else check_int("diagram()", "heads", heads, minimum=1)
+    shape = f"N = {seq_len:,}" if kv_len == seq_len else f"Q = {seq_len:,}, K = {kv_len:,}"
     lines = [
         "digraph sparsedsl {",
         '  graph [rankdir=TB, fontname="Helvetica", fontsize=13, labelloc=t, nodesep=0.35, '
         'ranksep=0.45, label="' + _escape(
-            f"{_short(str(pattern), 100)}\nN = {seq_len:,}, {heads} head{'s' if heads > 1 else ''}; "
+            f"{_short(str(pattern), 100)}\n{shape}, {heads} head{'s' if heads > 1 else ''}; "
             f"boxes shaded by density (light: sparse, dark: dense)") + '\\n "];',
         '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, '
         'margin="0.18,0.08", color="#555555"];',
@@ -121,7 +125,7 @@ def diagram_source(pattern: n.Pattern, *, seq_len: int = 4096, heads: int | None
     ]
     counter = [0]
 
-    def visit(node: n.Pattern, length: int, where: str, root: bool = False) -> str:
+    def visit(node: n.Pattern, length: tuple[int, int], where: str, root: bool = False) -> str:
         name = f"n{counter[0]}"
         counter[0] += 1
         numbers, density = _count_text(node, length, heads, tile, buffers, root)
@@ -129,7 +133,7 @@ def diagram_source(pattern: n.Pattern, *, seq_len: int = 4096, heads: int | None
         label = f"{_kind(node)}\n{_wrap(str(node))}\n{numbers}" + (f"\n{where}" if where else "")
         extra = ", penwidth=2.2" if root else ""
         lines.append(f'  {name} [label="{_escape(label)}", fillcolor="{fill}", fontcolor="{font}"{extra}];')
-        edges: list[tuple[n.Pattern, int, str, str]] = []
+        edges: list[tuple[n.Pattern, tuple[int, int], str, str]] = []
         if isinstance(node, n.Heads):
             for part, group in zip(node.parts, head_groups(heads, len(node.parts))):
                 edges.append((part, length, _ranges(group), where))
@@ -140,7 +144,7 @@ def diagram_source(pattern: n.Pattern, *, seq_len: int = 4096, heads: int | None
         elif isinstance(node, n.Blocks):
             if node.within_ is not None:
                 size = node.size
-                edges.append((node.within_, size, "within",
+                edges.append((node.within_, (size, size), "within",
                               f"on one {size}×{size} block (q % {size}, k % {size})"))
         elif isinstance(node, n.Difference):
             edges.append((node.left, length, "keep", where))
@@ -154,19 +158,20 @@ def diagram_source(pattern: n.Pattern, *, seq_len: int = 4096, heads: int | None
             lines.append(f"  {name} -> {child_name}{attrs};")
         return name
 
-    visit(pattern, seq_len, "", root=True)
+    visit(pattern, (seq_len, kv_len), "", root=True)
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def diagram(pattern: n.Pattern, path, *, seq_len: int = 4096, heads: int | None = None,
-            tile: int = 128, **buffers: torch.Tensor) -> Path:
-    """Draw the expression tree of ``pattern`` to ``path`` (``.svg`` or ``.png``) with
-    graphviz's ``dot``, each node labelled with its text, pairs and density at
-    ``seq_len``. Raises :class:`DrawError` with install instructions when ``dot`` is not on
-    the ``PATH``. Returns the path written."""
-    path = check_suffix("diagram()", path)
-    source = diagram_source(pattern, seq_len=seq_len, heads=heads, tile=tile, **buffers)
+def diagram(pattern: n.Pattern, path, *, seq_len: int = 4096, kv_len: int | None = None,
+            heads: int | None = None, tile: int = 128, **buffers: torch.Tensor) -> Path:
+    """Draw the expression tree of ``pattern`` to ``path`` (``.svg``, ``.png`` or ``.pdf``)
+    with graphviz's ``dot``, each node labelled with its text, pairs and density on a
+    ``seq_len x kv_len`` matrix (``kv_len`` defaults to ``seq_len``). Raises
+    :class:`DrawError` with install instructions when ``dot`` is not on the ``PATH``.
+    Returns the path written."""
+    path = output_path("diagram()", path)
+    source = diagram_source(pattern, seq_len=seq_len, kv_len=kv_len, heads=heads, tile=tile, **buffers)
     dot = shutil.which("dot")
     if dot is None:
         raise DrawError(f"diagram(): graphviz's `dot` program was not found on the PATH; {INSTALL_HINT}")

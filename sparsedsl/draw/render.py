@@ -1,58 +1,46 @@
-"""``sparsedsl.render``: a pattern drawn to PNG or SVG with matplotlib.
+"""``sparsedsl.render``: a pattern drawn to PNG, SVG or PDF with matplotlib.
 
-One row of panels per distinct head pattern: on the left the tile grid (full / partial /
-empty tiles, as a tile-based kernel sees them), on the right a token-level zoom of a small
-region (the ``mask_mod`` evaluated on that region only, never a dense ``Q x K`` matrix),
-with the tile boundaries drawn over it. The title carries the pattern text and its exact
-counts.
+Two views of the ``Q x K`` matrix (query positions down, key positions across, equal
+aspect, so a square cell is ``c`` queries by ``c`` keys):
+
+* ``view="tokens"`` (default): the pattern itself. Each square cell of ``c x c`` tokens is
+  shaded by the fraction of its pairs that are allowed (:mod:`.cells`), so strides and
+  dilation stay visible at any length; ``c = 1`` (small matrices or zooms) draws every pair.
+* ``view="tiles"``: what a tile-based kernel computes: each ``tile x tile`` tile full,
+  partial (computed and masked) or empty (skipped).
+
+One panel per chosen head, side by side: by default the first head of each group of heads
+that run the same pattern, labelled with the whole group. ``compact=True`` draws one panel
+with small type and no title, for a paper column.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..analysis.count import count
+from ..analysis.headsplit import distinct_head_patterns, resolve_head
 from ..analysis.headstates import head_tile_states
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
 from ..lang.queries import head_group_count, mask_part
 from ..passes.context import Context
-from ..passes.maskmod import lower_mask
 from ..passes.tiles import EMPTY, FULL, PARTIAL
+from .cells import Cells, cell_fractions
+from .output import DrawError, output_path, pyplot, save
 
-#: Colours: full tiles, partial tiles, empty tiles; allowed and masked positions.
-COLORS = {FULL: "#1d3f8f", PARTIAL: "#f0a030", EMPTY: "#ececec"}
-ALLOWED, MASKED = "#1d3f8f", "#ffffff"
-#: Largest number of cells drawn per side of a tile grid (more tiles are merged).
+__all__ = ["DrawError", "render", "panels", "merge_cells", "parse_window", "percent"]
+
+#: Colours of the tile view: full, partial and empty tiles.
+TILE_COLORS = {FULL: "#1d3f8f", PARTIAL: "#f0a030", EMPTY: "#ececec"}
+#: Most cells per side of a panel (more tokens or tiles are merged into one cell).
 MAX_CELLS = 512
-SUFFIXES = (".png", ".svg")
-
-
-class DrawError(RuntimeError):
-    """A drawing tool (matplotlib, graphviz's ``dot``) is missing or failed."""
-
-
-def check_suffix(where: str, path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
-        raise ValueError(f"{where}: the output path must end in .png or .svg (the format is "
-                         f"chosen by the suffix), got {str(path)!r}")
-    return path
-
-
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise DrawError(
-            "render() needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install 'sparsedsl[draw]')"
-        ) from err
-    return plt
+VIEWS = ("tokens", "tiles")
+#: Width of one panel, in inches (the compact panel is a paper column wide).
+PANEL_WIDTH, COMPACT_WIDTH = 3.6, 3.3
 
 
 # ---------------------------------------------------------------------------------------
@@ -60,10 +48,105 @@ def _pyplot():
 # ---------------------------------------------------------------------------------------
 
 
+def parse_window(where: str, zoom, q_len: int, kv_len: int) -> tuple[int, int, int, int]:
+    """``(q_start, q_stop, k_start, k_stop)`` of the drawn region: the whole matrix for
+    ``None``, the top-left ``z x z`` corner for a size ``z``, or the 4-tuple itself."""
+    if zoom is None:
+        return 0, q_len, 0, kv_len
+    if isinstance(zoom, int) and not isinstance(zoom, bool):
+        check_int(where, "zoom", zoom, minimum=1)
+        return 0, min(q_len, zoom), 0, min(kv_len, zoom)
+    try:
+        q0, q1, k0, k1 = (int(v) for v in zoom)
+    except (TypeError, ValueError):
+        raise PatternArgumentError(
+            f"{where}: argument 'zoom' must be a size or (q_start, q_stop, k_start, k_stop), "
+            f"got {zoom!r}") from None
+    if not (0 <= q0 < q1 <= q_len and 0 <= k0 < k1 <= kv_len):
+        raise PatternArgumentError(
+            f"{where}: zoom {zoom!r} must lie inside the {q_len} x {kv_len} matrix with "
+            f"start < stop")
+    return q0, q1, k0, k1
+
+
+def _chosen_heads(pattern: n.Pattern, ctx: Context, show_heads) -> list[tuple[list[int], int, str]]:
+    """``(heads labelled, head drawn, its pattern text)`` per panel."""
+    core = mask_part(pattern)
+    if show_heads is not None:
+        if isinstance(show_heads, int) and not isinstance(show_heads, bool):
+            show_heads = [show_heads]
+        if not isinstance(show_heads, Sequence) or not show_heads:
+            raise PatternArgumentError(
+                f"render(): argument 'show_heads' must be a non-empty list of head indices, "
+                f"got {show_heads!r}")
+        heads = [check_int("render()", "show_heads", h) for h in show_heads]
+        for h in heads:
+            if h >= ctx.heads:
+                raise PatternArgumentError(
+                    f"render(): argument 'show_heads' holds head {h}, but the pattern runs "
+                    f"{ctx.heads} head{'s' if ctx.heads > 1 else ''} (0 to {ctx.heads - 1}); "
+                    f"pass heads= for more")
+        return [([h], h, str(resolve_head(core, h, ctx.heads))) for h in heads]
+    if ctx.buffers:  # tensors may differ by head: every head, merged below when equal
+        return [([h], h, str(resolve_head(core, h, ctx.heads))) for h in range(ctx.heads)]
+    return [(list(members), members[0], str(p)) for p, members in distinct_head_patterns(core, ctx.heads)]
+
+
+def panels(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+           view: str = "tokens", show_heads=None, zoom=None, tile: int = 128,
+           max_cells: int = MAX_CELLS, **buffers) -> tuple[list[dict], Context]:
+    """What :func:`render` draws, one dict per panel: ``heads`` (the heads it stands for),
+    ``text`` (the pattern they run), ``window`` (the drawn region) and either ``cells``
+    (:class:`~.cells.Cells`, token view) or ``states`` (``[nq, nk]`` int8 tile states of the
+    region, tile view). Heads whose panels are equal share one."""
+    if view not in VIEWS:
+        raise PatternArgumentError(f"render(): argument 'view' must be one of {VIEWS}, got {view!r}")
+    tile = check_int("render()", "tile", tile, minimum=1)
+    max_cells = check_int("render()", "max_cells", max_cells, minimum=1)
+    heads = head_group_count(pattern) if heads is None else heads
+    ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where="render()")
+    window = parse_window("render()", zoom, ctx.q_len, ctx.kv_len)
+    chosen = _chosen_heads(pattern, ctx, show_heads)
+    out: list[dict] = []
+    if view == "tiles":
+        q0, q1, k0, k1 = window
+        region = (slice(q0 // tile, -(-q1 // tile)), slice(k0 // tile, -(-k1 // tile)))
+        per_head = {}
+        for members, _, states in head_tile_states(pattern, ctx, tile, buffers, "render()"):
+            for h in members:
+                per_head[h] = states
+        for members, h, text in chosen:
+            out.append({"heads": members, "text": text, "window": window,
+                        "states": per_head[h][region]})
+        key = "states"
+    else:
+        for members, h, text in chosen:
+            out.append({"heads": members, "text": text, "window": window,
+                        "cells": cell_fractions(pattern, ctx, h, window, max_cells)})
+        key = "cells"
+    if show_heads is None:
+        out = _merged(out, key)
+    return out, ctx
+
+
+def _merged(found: list[dict], key: str) -> list[dict]:
+    merged: list[dict] = []
+    for panel in found:
+        value = panel[key].fractions if key == "cells" else panel[key]
+        for other in merged:
+            seen = other[key].fractions if key == "cells" else other[key]
+            if torch.equal(seen, value):
+                other["heads"] = sorted(other["heads"] + panel["heads"])
+                break
+        else:
+            merged.append(dict(panel))
+    return merged
+
+
 def merge_cells(states: torch.Tensor, max_cells: int = MAX_CELLS) -> tuple[torch.Tensor, int]:
-    """``[nq, nk]`` states shrunk so neither side exceeds ``max_cells``: a cell covering
-    several tiles is full (empty) only if all of them are, else partial. Returns the
-    cells and the number of tiles per cell side."""
+    """``[nq, nk]`` tile states shrunk so neither side exceeds ``max_cells``: a cell covering
+    several tiles is full (empty) only if all of them are, else partial. Returns the cells
+    and the number of tiles per cell side."""
     nq, nk = states.shape
     factor = max(1, -(-max(nq, nk) // max_cells))
     if factor == 1:
@@ -80,112 +163,13 @@ def merge_cells(states: torch.Tensor, max_cells: int = MAX_CELLS) -> tuple[torch
     return cells, factor
 
 
-def zoom_size(tile: int) -> int:
-    """Side of the default zoom: a few tiles, few enough tokens to tell apart."""
-    return max(min(4 * tile, 256), min(2 * tile, 256), 32)
-
-
-def default_zoom(states: list[torch.Tensor], q_len: int, kv_len: int, tile: int) -> tuple[int, int, int, int]:
-    """The first few tiles' worth of tokens, when something changes there (a partial tile,
-    or full next to empty); otherwise the same size centred on the first partial tile (row
-    by row) of any panel, or else on the first edge between a non-empty and an empty tile,
-    so that the zoom shows a boundary rather than a uniform block."""
-    size = zoom_size(tile)
-    span = -(-size // tile)
-    origin = (0, min(q_len, size), 0, min(kv_len, size))
-    anchors = []
-    for grid in states:
-        corner = grid[:span, :span]
-        if bool((corner == PARTIAL).any()) or (bool((corner == EMPTY).any()) and bool((corner != EMPTY).any())):
-            return origin
-        hits = (grid == PARTIAL).nonzero()
-        if hits.numel():
-            i, j = (int(v) for v in hits[0])
-            anchors.append((0, i * tile + tile // 2, j * tile + tile // 2))
-            continue
-        edges = ((grid[:, :-1] != EMPTY) & (grid[:, 1:] == EMPTY)).nonzero()
-        if edges.numel():
-            i, j = (int(v) for v in edges[0])
-            anchors.append((1, i * tile + tile // 2, (j + 1) * tile))
-    if not anchors:
-        return origin
-    _, qc, kc = min(anchors)
-    q0 = max(0, min(qc - size // 2, q_len - size))
-    k0 = max(0, min(kc - size // 2, kv_len - size))
-    return q0, min(q_len, q0 + size), k0, min(kv_len, k0 + size)
-
-
-def _zoom_window(zoom, q_len: int, kv_len: int, tile: int) -> tuple[int, int, int, int] | None:
-    """``(q0, q1, k0, k1)`` of the zoomed region (None: decided from the tile states)."""
-    if zoom is None:
-        return None
-    if isinstance(zoom, int) and not isinstance(zoom, bool):
-        check_int("render()", "zoom", zoom, minimum=1)
-        return 0, min(q_len, zoom), 0, min(kv_len, zoom)
-    try:
-        q0, q1, k0, k1 = (int(v) for v in zoom)
-    except (TypeError, ValueError):
-        raise PatternArgumentError(
-            f"render(): argument 'zoom' must be a size or (q_start, q_stop, k_start, k_stop), "
-            f"got {zoom!r}") from None
-    if not (0 <= q0 < q1 <= q_len and 0 <= k0 < k1 <= kv_len):
-        raise PatternArgumentError(
-            f"render(): zoom {zoom!r} must lie inside the {q_len} x {kv_len} matrix with "
-            f"start < stop")
-    if (q1 - q0) * (k1 - k0) > 1 << 22:
-        raise PatternArgumentError(f"render(): zoom {zoom!r} is too large to draw token by token "
-                                   f"(at most 4M positions)")
-    return q0, q1, k0, k1
-
-
-def zoom_mask(mask_mod, head: int, window: tuple[int, int, int, int]) -> torch.Tensor:
-    """The ``mask_mod`` of head ``head`` (batch 0) on the zoomed region only."""
-    q0, q1, k0, k1 = window
-    q = torch.arange(q0, q1)[:, None]
-    k = torch.arange(k0, k1)[None, :]
-    zero = torch.zeros((), dtype=torch.int64)
-    out = mask_mod(zero, torch.tensor(head), q, k)
-    return out.expand(q1 - q0, k1 - k0).clone()
-
-
-def panels(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-           tile: int = 128, zoom=None, **buffers) -> tuple[list[dict], Context]:
-    """One dict per distinct head pattern: ``heads`` (list), ``text`` (the pattern that
-    head group runs), ``states`` (``[nq, nk]`` int8) and ``zoom`` (bool token mask), plus
-    ``window`` (the zoomed region). Heads are grouped by the pattern they run; groups that
-    draw identically are merged."""
-    tile = check_int("render()", "tile", tile, minimum=1)
-    heads = head_group_count(pattern) if heads is None else heads
-    core = mask_part(pattern)
-    ctx = Context.make(pattern, q_len, kv_len, heads, buffers=buffers, where="render()")
-    window = _zoom_window(zoom, ctx.q_len, ctx.kv_len, tile)
-    mask_mod = lower_mask(core, ctx)
-    candidates = head_tile_states(pattern, ctx, tile, buffers, "render()")
-    if window is None:
-        window = default_zoom([c[2] for c in candidates], ctx.q_len, ctx.kv_len, tile)
-    out: list[dict] = []
-    for members, text, states in candidates:
-        mask = zoom_mask(mask_mod, members[0], window)
-        for panel in out:
-            if torch.equal(panel["states"], states) and torch.equal(panel["zoom"], mask):
-                panel["heads"].extend(members)
-                if text not in panel["texts"]:
-                    panel["texts"].append(text)
-                break
-        else:
-            out.append({"heads": list(members), "texts": [text], "states": states, "zoom": mask,
-                        "window": window})
-    for panel in out:
-        panel["heads"].sort()
-    return out, ctx
-
-
 # ---------------------------------------------------------------------------------------
-# Drawing
+# Text
 # ---------------------------------------------------------------------------------------
 
 
-def _ranges(values: list[int]) -> str:
+def ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``"0-2, 5"``."""
     spans, start = [], values[0]
     for prev, cur in zip(values, values[1:] + [None]):
         if cur is None or cur != prev + 1:
@@ -203,140 +187,192 @@ def percent(value: float) -> str:
     return f"{value * 100:.3g}%"
 
 
-def _short(text: str, limit: int = 90) -> str:
+def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _tokens(value: int) -> str:
+    """A length as 4,096 or 1M (powers of two above a million as M)."""
+    if value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"{value >> 20}M"
+    return f"{value:,}"
+
+
+# ---------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------
+
+
 def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
-           heads: int | None = None, tile: int = 128, zoom=None, **buffers: torch.Tensor) -> Path:
-    """Draw ``pattern`` on a ``q_len x kv_len`` matrix to ``path`` (``.png`` or ``.svg``).
+           heads: int | None = None, view: str = "tokens", show_heads=None, zoom=None,
+           tile: int = 128, max_cells: int = MAX_CELLS, size: tuple[float, float] | None = None,
+           dpi: int = 200, cmap: str | None = None, gamma: float = 0.5, compact: bool = False,
+           **buffers: torch.Tensor) -> Path:
+    """Draw ``pattern`` on a ``q_len x kv_len`` matrix to ``path`` (``.png``, ``.svg`` or
+    ``.pdf``, chosen by the suffix). Returns the path written.
 
-    ``zoom`` picks the token-level region: ``None`` (the first few tiles' worth of tokens),
-    a size ``z`` (the top-left ``z x z`` corner) or ``(q_start, q_stop, k_start, k_stop)``.
-    ``heads`` defaults to the pattern's head-group count; tensors the pattern names are
-    passed by keyword. Returns the path written."""
-    path = check_suffix("render()", path)
-    plt = _pyplot()
+    * ``view``: ``"tokens"`` (each cell shaded by its fraction of allowed pairs) or
+      ``"tiles"`` (full / partial / empty ``tile x tile`` tiles, as a kernel computes them).
+    * ``show_heads``: the heads to draw side by side (a list of indices); by default one
+      panel per group of heads that run the same pattern. ``heads`` is the number of heads
+      (default: the pattern's head-group count).
+    * ``zoom``: the region drawn: ``None`` (the whole matrix), a size ``z`` (the top-left
+      ``z x z`` corner) or ``(q_start, q_stop, k_start, k_stop)``.
+    * ``max_cells``: most cells per panel side (the token view's cells are ``c x c`` tokens
+      with ``c`` as small as that allows; the tile view merges tiles).
+    * ``size`` (inches, ``(width, height)``), ``dpi`` (PNG), ``cmap`` (a matplotlib colormap
+      name for the token view, default ``"Blues"``), ``gamma`` (the token view's shading is
+      ``fraction ** gamma``, so sparse cells stay visible; the colour bar reads fractions).
+    * ``compact``: one panel (the first chosen head), small type, no title.
+
+    Tensors the pattern names are passed by keyword (``doc_ids=...``)."""
+    path = output_path("render()", path)
+    size = _check_size(size)
+    dpi = check_int("render()", "dpi", dpi, minimum=1)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 4:
+        raise PatternArgumentError(f"render(): argument 'gamma' must be a number in (0, 4], got {gamma!r}")
+    plt = pyplot("render()")
+    colormap = _colormap(plt, cmap)
+    found, ctx = panels(pattern, q_len, kv_len, heads=heads, view=view, show_heads=show_heads,
+                        zoom=zoom, tile=tile, max_cells=max_cells, **buffers)
+    if compact:
+        found = found[:1]
+    q0, q1, k0, k1 = found[0]["window"]
+    ratio = min(4.0, max(0.25, (q1 - q0) / (k1 - k0)))
+    cols = len(found) if len(found) <= 5 else 4
+    rows = -(-len(found) // cols)
+    width = COMPACT_WIDTH if compact else PANEL_WIDTH
+    if size is None:  # the axes take the panel width less the query labels; titles on top
+        axes_width = width - (0.75 if compact else 0.95)
+        header = 0.45 if compact else 1.0
+        size = (cols * width + (0.7 if view == "tokens" else 1.9),
+                rows * (axes_width * ratio + header) + (0 if compact else 0.45))
+    fontsize = 7 if compact else 9
+    with plt.rc_context({"font.size": fontsize, "axes.titlesize": fontsize + 0.5,
+                         "axes.labelsize": fontsize, "xtick.labelsize": fontsize - 1,
+                         "ytick.labelsize": fontsize - 1}):
+        fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+        image = None
+        for ax, panel in zip(axes.flat, found):
+            if view == "tokens":
+                image = _draw_cells(ax, panel["cells"], colormap, gamma)
+            else:
+                _draw_tiles(ax, panel["states"], panel["window"], tile)
+            _axes(ax, panel["window"], compact)
+            if not compact and ctx.heads > 1:
+                label = ("head " if len(panel["heads"]) == 1 else "heads ") + ranges(panel["heads"])
+                ax.set_title(label + "\n" + _short(panel["text"], 48), loc="left")
+        for ax in list(axes.flat)[len(found):]:
+            ax.set_axis_off()
+        if view == "tokens":
+            _colorbar(fig, axes, image, found, compact)
+        else:
+            _tile_legend(fig, found, tile, compact)
+        if not compact:
+            fig.suptitle(_headline(pattern, ctx, tile, buffers), x=0.01, ha="left",
+                         fontsize=fontsize + 1)
+    return save(fig, path, dpi)
+
+
+def _check_size(size):
+    if size is None:
+        return None
+    try:
+        w, h = (float(v) for v in size)
+    except (TypeError, ValueError):
+        raise PatternArgumentError(
+            f"render(): argument 'size' must be (width, height) in inches, got {size!r}") from None
+    if not (0.5 <= w <= 100 and 0.5 <= h <= 100):
+        raise PatternArgumentError(
+            f"render(): argument 'size' must be between 0.5 and 100 inches a side, got {size!r}")
+    return w, h
+
+
+def _colormap(plt, name):
+    import matplotlib
+
+    if name is None:
+        return matplotlib.colormaps["Blues"]
+    try:
+        return matplotlib.colormaps[name]
+    except (KeyError, ValueError, TypeError):
+        known = ", ".join(sorted(n for n in matplotlib.colormaps if not n.endswith("_r"))[:12])
+        raise PatternArgumentError(
+            f"render(): argument 'cmap' must be a matplotlib colormap name (e.g. {known}, …), "
+            f"got {name!r}") from None
+
+
+def _draw_cells(ax, cells: Cells, colormap, gamma: float):
+    from matplotlib.colors import PowerNorm
+
+    return ax.imshow(cells.fractions.numpy(), cmap=colormap, norm=PowerNorm(gamma, 0.0, 1.0),
+                     interpolation="nearest", extent=cells.extent, aspect="equal")
+
+
+def _draw_tiles(ax, states: torch.Tensor, window, tile: int) -> None:
     from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch, Rectangle
 
-    groups, ctx = panels(pattern, q_len, kv_len, heads=heads, tile=tile, zoom=zoom, **buffers)
-    counts = count(pattern, q_len, kv_len, heads=ctx.heads, tile=tile, **buffers)
-    rows = len(groups)
-    fig, axes = plt.subplots(rows, 2, figsize=(13, 5.9 * rows + 1.3), squeeze=False,
-                             layout="constrained")
-    tile_cmap = ListedColormap([COLORS[EMPTY], COLORS[PARTIAL], COLORS[FULL]])
-    zoom_cmap = ListedColormap([MASKED, ALLOWED])
-    for row, panel in enumerate(groups):
-        ax_grid, ax_zoom = axes[row]
-        cells, factor = merge_cells(panel["states"])
-        nq, nk = panel["states"].shape
-        picture = cells.clone()
-        picture[cells == EMPTY], picture[cells == PARTIAL], picture[cells == FULL] = 0, 1, 2
-        cell = tile * factor
-        ax_grid.imshow(picture.numpy(), cmap=tile_cmap, vmin=0, vmax=2, interpolation="nearest",
-                       extent=(0, cells.shape[1] * cell, cells.shape[0] * cell, 0), aspect="auto")
-        ax_grid.set_xlim(0, ctx.kv_len)
-        ax_grid.set_ylim(ctx.q_len, 0)
-        _positions(ax_grid)
-        _positions(ax_zoom)
-        _grid_lines(ax_grid, cells.shape, cell)
-        if factor > 1:
-            _corner_inset(ax_grid, panel["states"], tile, tile_cmap)
-        head_counts = counts.tiles_per_head[panel["heads"][0]]
-        label = ""
-        if ctx.heads > 1:
-            label = ("head " if len(panel["heads"]) == 1 else "heads ") + _ranges(panel["heads"]) + ": "
-        ax_grid.set_title(
-            f"{label}{_short(' = '.join(panel['texts']), 70)}\n"
-            f"{counts.per_head[panel['heads'][0]]:,} pairs per head · tiles {head_counts.full:,} full, "
-            f"{head_counts.partial:,} partial, {head_counts.empty:,} empty",
-            fontsize=10, loc="left")
-        scale = f"{tile}×{tile} tiles" + (f" (each cell {factor}×{factor} tiles)" if factor > 1 else "")
-        ax_grid.set_xlabel(f"key position k  —  a {nq}×{nk} grid of {scale}", fontsize=9)
-        ax_grid.set_ylabel("query position q", fontsize=9)
-        q0, q1, k0, k1 = panel["window"]
-        whole = (q0, q1, k0, k1) == (0, ctx.q_len, 0, ctx.kv_len)
-        if not whole:
-            ax_grid.add_patch(Rectangle((k0, q0), k1 - k0, q1 - q0, fill=False, edgecolor="#d62728",
-                                        linewidth=2.4, linestyle="--"))
-            ax_grid.annotate("zoom", xy=(k1, q1), xytext=(6, 6), textcoords="offset points",
-                             color="#d62728", fontsize=9, fontweight="bold", va="top",
-                             bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
-                                   "edgecolor": "none", "alpha": 0.85})
-        ax_zoom.imshow(panel["zoom"].to(torch.int8).numpy(), cmap=zoom_cmap, vmin=0, vmax=1,
-                       interpolation="nearest", extent=(k0, k1, q1, q0), aspect="auto")
-        for edge in range((k0 // tile + 1) * tile, k1, tile):
-            ax_zoom.axvline(edge, color="#d62728", linewidth=0.8, alpha=0.7)
-        for edge in range((q0 // tile + 1) * tile, q1, tile):
-            ax_zoom.axhline(edge, color="#d62728", linewidth=0.8, alpha=0.7)
-        for side in ax_zoom.spines.values():
-            side.set_edgecolor("#d62728")
-            side.set_linestyle("--")
-            side.set_linewidth(1.8)
-        allowed = int(panel["zoom"].sum())
-        what = "the whole matrix" if whole else f"q {q0:,}–{q1 - 1:,}, k {k0:,}–{k1 - 1:,}"
-        ax_zoom.set_title(f"zoom: {what} (token level)\n"
-                          f"{allowed:,} of {(q1 - q0) * (k1 - k0):,} positions allowed; "
-                          f"red lines: tile edges", fontsize=10, loc="left")
-        ax_zoom.set_xlabel("key position k", fontsize=9)
-        ax_zoom.set_ylabel("query position q", fontsize=9)
-    kv = f"×{ctx.kv_len:,}" if ctx.kv_len != ctx.q_len else ""
-    fig.suptitle(
-        f"{_short(str(pattern), 110)}\n"
-        f"N={ctx.q_len:,}{kv}, {ctx.heads} head{'s' if ctx.heads > 1 else ''}: {counts.pairs:,} allowed pairs, "
-        f"density {percent(counts.density)} · tiles: {counts.tiles.full:,} full, "
-        f"{counts.tiles.partial:,} partial, {counts.tiles.empty:,} empty",
-        fontsize=12, x=0.01, ha="left")
-    legend = [Patch(facecolor=COLORS[FULL], edgecolor="#444444", label="full tile (computed, no mask)"),
-              Patch(facecolor=COLORS[PARTIAL], edgecolor="#444444", label="partial tile (computed, masked inside or cut short)"),
-              Patch(facecolor=COLORS[EMPTY], edgecolor="#444444", label="empty tile (skipped)"),
-              Patch(facecolor=ALLOWED, edgecolor="#444444", label="zoom: allowed pair"),
-              Patch(facecolor=MASKED, edgecolor="#444444", label="zoom: masked pair")]
-    fig.legend(handles=legend, loc="outside lower center", ncol=5, fontsize=9, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text (searchable)
-        fig.savefig(path, dpi=140)
-    plt.close(fig)
-    return path
+    cells, factor = merge_cells(states)
+    picture = torch.zeros_like(cells)
+    picture[cells == PARTIAL], picture[cells == FULL] = 1, 2
+    q0, _, k0, _ = window
+    cell = tile * factor
+    first_q, first_k = (q0 // tile) * tile, (k0 // tile) * tile
+    extent = (first_k, first_k + cells.shape[1] * cell, first_q + cells.shape[0] * cell, first_q)
+    cmap = ListedColormap([TILE_COLORS[EMPTY], TILE_COLORS[PARTIAL], TILE_COLORS[FULL]])
+    ax.imshow(picture.numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest", extent=extent,
+              aspect="equal")
+    if max(cells.shape) <= 48:  # thin lines between tiles when there are few enough to see
+        for c in range(1, cells.shape[1]):
+            ax.axvline(first_k + c * cell, color="white", linewidth=0.5)
+        for r in range(1, cells.shape[0]):
+            ax.axhline(first_q + r * cell, color="white", linewidth=0.5)
 
 
-def _positions(ax) -> None:
-    """Tick labels as 1,000,000 rather than an 1e6 offset."""
-    from matplotlib.ticker import FuncFormatter
+def _axes(ax, window, compact: bool) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    def label(value, _):
-        return f"{int(round(value)):,}"
-
-    ax.xaxis.set_major_formatter(FuncFormatter(label))
-    ax.yaxis.set_major_formatter(FuncFormatter(label))
-
-
-def _corner_inset(ax, states: torch.Tensor, tile: int, cmap, side: int = 48) -> None:
-    """When the grid is shrunk, the first ``side x side`` tiles at full resolution, in the
-    lower left of the panel."""
-    corner = states[:side, :side].clone()
-    picture = corner.clone()
-    picture[corner == EMPTY], picture[corner == PARTIAL], picture[corner == FULL] = 0, 1, 2
-    inset = ax.inset_axes((0.05, 0.05, 0.42, 0.42))
-    rows, cols = corner.shape
-    inset.imshow(picture.numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest",
-                 extent=(0, cols * tile, rows * tile, 0), aspect="auto")
-    inset.set_title(f"detail: first {rows}×{cols} tiles\n(q, k < {max(rows, cols) * tile:,})",
-                    fontsize=8, pad=3)
-    inset.set_xticks([])
-    inset.set_yticks([])
-    for spine in inset.spines.values():
-        spine.set_edgecolor("#333333")
-        spine.set_linewidth(1.2)
+    q0, q1, k0, k1 = window
+    ax.set_xlim(k0, k1)
+    ax.set_ylim(q1, q0)
+    label = FuncFormatter(lambda value, _: _tokens(int(round(value))))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(label)
+        axis.set_major_locator(MaxNLocator(4 if compact else 5, integer=True))
+    ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
 
 
-def _grid_lines(ax, shape, cell: int) -> None:
-    """Thin lines between cells when there are few enough to see."""
-    rows, cols = shape
-    if max(rows, cols) > 64:
-        return
-    for c in range(1, cols):
-        ax.axvline(c * cell, color="white", linewidth=0.6)
-    for r in range(1, rows):
-        ax.axhline(r * cell, color="white", linewidth=0.6)
+def _colorbar(fig, axes, image, found: list[dict], compact: bool) -> None:
+    cells = [p["cells"] for p in found]
+    largest = max(c.cell for c in cells)
+    if largest == 1:
+        what = "allowed (1) or not (0)"
+    else:
+        what = (f"allowed share of each {largest:,}×{largest:,}-token cell" if not compact
+                else f"allowed share per {largest:,}×{largest:,} cell")
+    if any(c.estimated for c in cells):
+        what += " (sampled)"
+    bar = fig.colorbar(image, ax=axes, shrink=0.8 if compact else 0.6, aspect=30,
+                       pad=0.02, location="right")
+    bar.set_label(what)
+    bar.set_ticks([0, 0.05, 0.25, 0.5, 1] if largest > 1 else [0, 1])
+
+
+def _tile_legend(fig, found: list[dict], tile: int, compact: bool) -> None:
+    from matplotlib.patches import Patch
+
+    labels = [(FULL, "full tile"), (PARTIAL, "partial tile (masked)"), (EMPTY, "empty tile (skipped)")]
+    handles = [Patch(facecolor=TILE_COLORS[s], edgecolor="#555555", label=text) for s, text in labels]
+    fig.legend(handles=handles, loc="outside right center", ncol=1, frameon=False,
+               title=f"{tile}×{tile}-token tiles", alignment="left")
+
+
+def _headline(pattern: n.Pattern, ctx: Context, tile: int, buffers: dict) -> str:
+    counts = count(pattern, ctx.q_len, ctx.kv_len, heads=ctx.heads, tile=tile, **buffers)
+    shape = _tokens(ctx.q_len) if ctx.kv_len == ctx.q_len else f"{_tokens(ctx.q_len)} × {_tokens(ctx.kv_len)}"
+    heads = f", {ctx.heads} heads" if ctx.heads > 1 else ""
+    return (f"{_short(str(pattern), 100)}\nN = {shape}{heads}: {counts.pairs:,} allowed pairs, "
+            f"density {percent(counts.density)}")
