@@ -73,6 +73,10 @@ class TileGrid:
     q_block: int
     kv_block: int
     q_start: int = 0
+    #: Whether the spans classified against this grid are its tiles. ``False`` for the
+    #: block-relative ranges a ``.within(...)`` rule sees of tiles that are not aligned to
+    #: its blocks: any position intervals inside ``[0, q_len) x [0, kv_len)``.
+    aligned: bool = True
 
     @property
     def rows(self) -> int:
@@ -104,8 +108,10 @@ class TileGrid:
     def within_blocks(self, size: int) -> bool:
         """Whether every tile lies inside one ``size``-token block (positions
         ``[b * size, (b + 1) * size)``) on both axes: tiles start at multiples of their
-        size and ``size`` is a multiple of both tile sizes. (Sufficient, not necessary.)"""
-        return self.q_start % self.q_block == 0 and size % self.q_block == 0 and size % self.kv_block == 0
+        size and ``size`` is a multiple of both tile sizes, on a grid whose spans are its
+        tiles. (Sufficient, not necessary.)"""
+        return (self.aligned and self.q_start % self.q_block == 0
+                and size % self.q_block == 0 and size % self.kv_block == 0)
 
 
 def _tile_bounds(start: int, count: int, block: int, length: int,
@@ -248,15 +254,24 @@ def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0) -> torc
     ``first_row`` over a grid of tiles given in block coordinates: the allowed blocks of
     each tile's block rectangle are counted with prefix sums, so the decision is exact.
     Only the block rows of ``span.q_range`` (every row when it is unknown) are summed, and
-    nothing is read back from the device."""
-    qbl, qbh = span.ql[:, 0], span.qh[:, 0]
-    kbl, kbh = span.kl[0], span.kh[0]
+    nothing is read back from the device.
+
+    The bounds may be any broadcastable shapes: a grid's ``[R, 1]`` rows and ``[1, C]``
+    columns (summed by rows, then by columns of each tile row), or one ``[n, 1]`` list of
+    tiles on both axes (a two-dimensional prefix sum, read at each tile's four corners)."""
     lo, hi = span.q_range or (first_row, first_row + layout.shape[1] - 1)
-    by_row = F.pad(layout[:, lo - first_row:hi + 1 - first_row].cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
-    per_tile_row = by_row[:, qbh + (1 - lo)] - by_row[:, qbl - lo]  # [H, R, nkb]
-    by_col = F.pad(per_tile_row.cumsum(2, dtype=torch.int32), (1, 0))
-    counts = by_col[:, :, kbh + 1] - by_col[:, :, kbl]  # [H, R, C]
-    cells = (qbh - qbl + 1)[:, None] * (kbh - kbl + 1)[None, :]
+    rows = layout[:, lo - first_row:hi + 1 - first_row]
+    index = torch.int64 if rows[0].numel() >= 2**31 else torch.int32
+    by_row = F.pad(rows.cumsum(1, dtype=index), (0, 0, 1, 0))
+    qbl, qbh, kbl, kbh = span.ql - lo, span.qh + (1 - lo), span.kl, span.kh + 1
+    if qbl.shape[1] == 1 and kbl.shape[0] == 1:  # a grid: rows first, then columns
+        per_tile_row = by_row[:, qbh[:, 0]] - by_row[:, qbl[:, 0]]  # [H, R, nkb]
+        by_col = F.pad(per_tile_row.cumsum(2, dtype=index), (1, 0))
+        counts = by_col[:, :, kbh[0]] - by_col[:, :, kbl[0]]  # [H, R, C]
+    else:
+        table = F.pad(by_row.cumsum(2, dtype=index), (1, 0))
+        counts = table[:, qbh, kbh] - table[:, qbl, kbh] - table[:, qbh, kbl] + table[:, qbl, kbl]
+    cells = (span.qh - span.ql + 1) * (span.kh - span.kl + 1)
     return decide(counts == cells, counts == 0)
 
 
@@ -450,11 +465,17 @@ def _within_states(rule: n.Pattern, ctx: Context, span: Span, grid: TileGrid, si
     A tile inside one block per axis sees the relative range ``[lo % size, hi % size]``
     exactly (every tile does when :meth:`TileGrid.within_blocks`). A tile crossing a block
     boundary is classified on the whole relative range ``[0, size - 1]`` (a superset),
-    where only ``FULL`` and ``EMPTY`` stay sound; a ``PARTIAL`` there becomes ``UNKNOWN``."""
-    rel_ctx, rel_grid = ctx.relative(size), TileGrid(size, size, grid.q_block, grid.kv_block)
+    where only ``FULL`` and ``EMPTY`` stay sound; a ``PARTIAL`` there becomes ``UNKNOWN``.
+
+    When every tile lies in one block, the relative ranges are the tiles of the relative
+    grid (tiles start at multiples of their size, and ``size`` is one). Otherwise they are
+    intervals at any offset, classified on a grid that says so: a nested ``.within`` must
+    not take them for tiles inside its own blocks."""
+    rel_ctx = ctx.relative(size)
     if grid.within_blocks(size):
         relative = Span(span.ql % size, span.qh % size, span.kl % size, span.kh % size)
-        return _classify(rule, rel_ctx, relative, rel_grid)
+        return _classify(rule, rel_ctx, relative, TileGrid(size, size, grid.q_block, grid.kv_block))
+    rel_grid = TileGrid(size, size, grid.q_block, grid.kv_block, aligned=False)
     q_inside = (span.ql // size) == (span.qh // size)
     k_inside = (span.kl // size) == (span.kh // size)
     relative = Span(
