@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import keyword
 import numbers
+import unicodedata
+import sys
 from typing import Any
 
 #: Positions, sizes and counts must fit the int32 indices the kernels use.
@@ -18,13 +20,30 @@ class PatternArgumentError(ValueError):
     """A pattern constructor was given an argument of the wrong type or range."""
 
 
+class PatternOperandError(PatternArgumentError, TypeError):
+    """An operator (``| & - ~``) was given an operand that is not a pattern, or a pattern it
+    cannot combine; a ``TypeError`` as Python's operators raise, and a
+    :class:`PatternArgumentError` as every other check of the language."""
+
+
 def check_int(where: str, name: str, value: Any, *, minimum: int = 0) -> int:
-    """Return ``value`` as an int if it is an integer in ``[minimum, INDEX_LIMIT]``."""
+    """Return ``value`` as an int if it is an integer in ``[minimum, INDEX_LIMIT]``.
+
+    Under ``torch.compile`` (and for a ``torch.SymInt``) the value is returned as it is:
+    it may be a length traced symbolically, whose bounds become guards of the compiled
+    graph; it is never converted or printed."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise PatternArgumentError(
             f"{where}: argument {name!r} must be an integer, got {value!r} "
             f"({type(value).__name__})"
         )
+    if _traced(value):
+        if value < minimum or value > INDEX_LIMIT:
+            raise PatternArgumentError(
+                f"{where}: argument {name!r} must be in [{minimum}, {INDEX_LIMIT}], got a "
+                f"traced integer outside that range"
+            )
+        return value
     value = int(value)
     shown = repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
     if value < minimum:
@@ -38,6 +57,14 @@ def check_int(where: str, name: str, value: Any, *, minimum: int = 0) -> int:
             f"(32-bit kernel indices), got {shown}"
         )
     return value
+
+
+def _traced(value: Any) -> bool:
+    """Whether ``value`` may be a symbolic integer: a ``torch.SymInt``, or any integer
+    while ``torch.compile`` traces (Dynamo shows symbolic lengths as ints). torch is not
+    imported for the question."""
+    torch = sys.modules.get("torch")
+    return torch is not None and (isinstance(value, torch.SymInt) or torch.compiler.is_compiling())
 
 
 def check_int_list(where: str, name: str, values: Any, *, minimum: int = 0) -> tuple[int, ...]:
@@ -79,12 +106,15 @@ RESERVED_NAMES = frozenset({
 
 
 def check_name(where: str, name: str, value: Any) -> str:
-    """Return ``value`` if it is a valid Python identifier (it is bound by keyword at call
-    time) and not one of :data:`RESERVED_NAMES`."""
-    if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
+    """Return ``value`` if it is a Python identifier as Python reads it back (it is bound
+    by keyword at call time, and Python folds look-alike letters of the identifiers it
+    reads, such as full-width ones, to their NFKC form) and not one of
+    :data:`RESERVED_NAMES`."""
+    if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value) \
+            or unicodedata.normalize("NFKC", value) != value:
         raise PatternArgumentError(
-            f"{where}: argument {name!r} must be a Python identifier (it is passed by keyword "
-            f"at call time), got {value!r}"
+            f"{where}: argument {name!r} must be a Python identifier in its normal (NFKC) form "
+            f"(it is passed by keyword at call time), got {value!r}"
         )
     if value in RESERVED_NAMES:
         raise PatternArgumentError(

@@ -18,6 +18,7 @@ from typing import Callable
 
 from .checks import (
     PatternArgumentError,
+    PatternOperandError,
     check_int,
     check_int_list,
     check_name,
@@ -48,18 +49,26 @@ class Pattern:
 
     # -- combinators -------------------------------------------------------------------
     def __or__(self, other: "Pattern") -> "Pattern":
-        return Union(_operands("|", self, other, Union))
+        return Union(_flattened("|", (self, other), Union))
 
     def __and__(self, other: "Pattern") -> "Pattern":
-        return Intersection(_operands("&", self, other, Intersection))
+        return Intersection(_flattened("&", (self, other), Intersection))
 
     def __sub__(self, other: "Pattern") -> "Pattern":
-        _operands("-", self, other, None)
-        return Difference(self, other)
+        return Difference(*_operands("-", (self, other)))
 
     def __invert__(self) -> "Pattern":
-        _operands("~", self, None, None)
-        return Complement(self)
+        return Complement(*_operands("~", (self,)))
+
+    # Reached with a non-pattern on the left (``None | p``): refused by the same checks.
+    def __ror__(self, other) -> "Pattern":
+        return Union(_flattened("|", (other, self), Union))
+
+    def __rand__(self, other) -> "Pattern":
+        return Intersection(_flattened("&", (other, self), Intersection))
+
+    def __rsub__(self, other) -> "Pattern":
+        return Difference(*_operands("-", (other, self)))
 
     def score(self, *mods: "ScoreMod | Callable") -> "Scored":
         """Return this pattern with score modifications applied in order.
@@ -90,25 +99,29 @@ class Pattern:
         return str(self)
 
 
-def _operands(op: str, left, right, flatten_into):
-    """Validate the operands of a combinator and flatten nested same-kind nodes."""
-    for side in (left, right):
-        if side is None:
-            continue
+def _operands(op: str, operands: tuple) -> tuple:
+    """``operands`` of operator ``op``, each checked to be a pattern without score
+    modifications (:class:`PatternOperandError` naming the operand otherwise)."""
+    for side in operands:
         if not isinstance(side, Pattern):
-            raise PatternArgumentError(
-                f"operator {op!r}: operands must be patterns, got {side!r} ({type(side).__name__})"
+            shown = repr(side) if len(repr(side)) <= 80 else repr(side)[:77] + "..."
+            raise PatternOperandError(
+                f"operator {op!r}: operands must be patterns, got {shown} ({type(side).__name__})"
             )
         if isinstance(side, Scored):
-            raise PatternArgumentError(
+            raise PatternOperandError(
                 f"operator {op!r}: {side} carries score modifications; combine patterns first "
                 f"and call .score(...) last"
             )
-    if flatten_into is None:
-        return None
+    return operands
+
+
+def _flattened(op: str, operands: tuple, kind: type) -> tuple:
+    """The parts of ``kind`` (a union or intersection) of checked ``operands``: operands of
+    the same kind contribute their parts."""
     parts: list[Pattern] = []
-    for side in (left, right):
-        parts.extend(side.parts if isinstance(side, flatten_into) else (side,))
+    for side in _operands(op, operands):
+        parts.extend(side.parts if isinstance(side, kind) else (side,))
     return tuple(parts)
 
 

@@ -66,6 +66,8 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import sys
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -303,6 +305,11 @@ def _prescan(text: str) -> None:
                 )
         elif c in " \t\f\r\n\\":
             pass
+        elif not c.isascii():
+            raise PatternSyntaxError(
+                f"non-ASCII character {c!r} (U+{ord(c):04X}) outside a string: the names of "
+                f"the language are ASCII", text, i,
+            )
         elif c == "#":
             while i < n and text[i] not in "\r\n":
                 i += 1
@@ -327,7 +334,10 @@ def _ast_parse(text: str, source: str, shift: int) -> ast.Expression:
         with warnings.catch_warnings():
             # e.g. "invalid decimal literal": the text either parses or fails below.
             warnings.simplefilter("ignore")
-            return ast.parse(source, mode="eval")
+            try:
+                return ast.parse(source, mode="eval")
+            except RecursionError:
+                return _deep_ast_parse(source)
     except SyntaxError as err:
         reason = err.msg or "invalid syntax"
         if "<lambda>" in text:
@@ -346,6 +356,47 @@ def _ast_parse(text: str, source: str, shift: int) -> ast.Expression:
         raise PatternSyntaxError(
             "pattern text too long or too deeply nested for the parser", text, 0
         ) from None
+
+
+#: Stack of the thread that parses texts whose syntax tree is deeper than the interpreter's
+#: recursion limit (a union of thousands of parts is a left-nested chain of that depth).
+_DEEP_PARSE_STACK = 256 << 20
+
+
+def _deep_ast_parse(source: str) -> ast.Expression:
+    """``ast.parse(source, mode="eval")`` for a tree deeper than the recursion limit: on a
+    thread with a stack of :data:`_DEEP_PARSE_STACK` bytes, with the limit raised to the
+    length of the text (no tree is deeper than the text is long; at most
+    :data:`MAX_LENGTH`) while it runs. Interpreters whose syntax-tree depth does not follow
+    the recursion limit raise ``RecursionError`` still."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, len(source) + 1000))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result["tree"] = ast.parse(source, mode="eval")
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = err
+        finally:
+            sys.setrecursionlimit(limit)
+
+    with _DEEP_PARSE_LOCK:
+        previous = threading.stack_size(_DEEP_PARSE_STACK)
+        try:
+            worker = threading.Thread(target=work, name="sparsedsl-parse")
+            worker.start()
+        finally:
+            threading.stack_size(previous)
+        worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["tree"]
+
+
+_DEEP_PARSE_LOCK = threading.Lock()
 
 
 def _syntax_position(err: SyntaxError, source: str, shift: int) -> int:
@@ -382,17 +433,30 @@ class _Builder:
         self.shift = shift
         self.starts = [0] + [m.end() for m in _NEWLINE.finditer(source)]
         self.depths: dict[int, tuple[Pattern, int]] = {}
+        #: Per line: its length, and for a line with non-ASCII characters the character
+        #: column of each UTF-8 byte column (made once per line, on first use).
+        self.lines: dict[int, tuple[int, list[int] | None]] = {}
 
     # -- positions ------------------------------------------------------------------
     def _abs(self, lineno: int, col_bytes: int) -> int:
-        """Absolute character index into ``text`` of an ast (line, UTF-8 byte column)."""
+        """Absolute character index into ``text`` of an ast (line, UTF-8 byte column), in
+        constant time once the line has been seen."""
         i = max(0, min(lineno - 1, len(self.starts) - 1))
-        line = _line_text(self.source, self.starts, i)
-        if not line.isascii():
-            col_bytes = len(
-                line.encode("utf-8", "surrogatepass")[:col_bytes].decode("utf-8", "ignore")
-            )
-        return self.shift + self.starts[i] + min(col_bytes, len(line))
+        length, columns = self._line(i)
+        col = col_bytes if columns is None else columns[min(col_bytes, len(columns) - 1)]
+        return self.shift + self.starts[i] + min(col, length)
+
+    def _line(self, i: int) -> tuple[int, list[int] | None]:
+        known = self.lines.get(i)
+        if known is None:
+            line = _line_text(self.source, self.starts, i)
+            columns = None
+            if not line.isascii():
+                columns = [0]
+                for char_index, c in enumerate(line):
+                    columns.extend([char_index + 1] * len(c.encode("utf-8", "surrogatepass")))
+            known = self.lines[i] = (len(line), columns)
+        return known
 
     def _start(self, node: ast.AST) -> int:
         return self._abs(node.lineno, node.col_offset)
@@ -621,6 +685,14 @@ class _Builder:
             raise self._error(f"{_describe_constant(value)} not allowed as an argument", self._start(node))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return self._number(node)
+        if isinstance(node, ast.BinOp) and (
+                _BINOP_SYMBOLS.get(type(node.op)) not in ("|", "&", "-")
+                or _is_number_literal(node.left) or _is_number_literal(node.right)):
+            symbol = _BINOP_SYMBOLS.get(type(node.op), "?")
+            raise self._error(
+                f"operator {symbol!r} not allowed in an argument (arguments are literals: write "
+                f"the value as one number, e.g. 1024 for 2**10)", self._operator_position(node),
+            )
         if isinstance(node, ast.List):
             return [self._number(elt) for elt in node.elts]
         if isinstance(node, ast.Name) and node.id not in _VOCABULARY:
@@ -705,6 +777,13 @@ def _params(sig: inspect.Signature) -> str:
         else:
             out.append(f"{p.name}={p.default!r}")
     return ", ".join(out)
+
+
+def _is_number_literal(node: ast.AST) -> bool:
+    """Whether ``node`` is a number literal, possibly negated or part of arithmetic."""
+    while isinstance(node, (ast.UnaryOp, ast.BinOp)):
+        node = node.operand if isinstance(node, ast.UnaryOp) else node.left
+    return isinstance(node, ast.Constant) and _is_number(node.value)
 
 
 def _is_number(value: Any) -> bool:
