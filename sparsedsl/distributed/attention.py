@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ..compiler.module import CompiledPattern
 from .checks import WHERE, agree_across_ranks, call_signature, check_types, local_problem
+from .compact import attend_piece
 from .exchange import assemble_key_values
 from .plan import ExchangePlan, exchange_plan
 from .sharding import check_zigzag
@@ -20,6 +21,8 @@ class ExchangeStats:
     collective sent and received.
 
     ``received_positions``: key/value positions this rank received from other ranks;
+    ``held_kv_positions``: the positions of its compact key/value buffer (its own needed
+    positions and the received ones: what it allocated, besides its own shard);
     ``received_bytes`` / ``sent_bytes``: bytes of keys and values it received / sent
     (the backward pass moves as many gradient bytes the other way);
     ``all_gather_bytes``: what it would receive by all-gathering the keys and values of
@@ -29,6 +32,7 @@ class ExchangeStats:
     rank: int
     world_size: int
     received_positions: int
+    held_kv_positions: int
     received_bytes: int
     sent_bytes: int
     all_gather_bytes: int
@@ -57,7 +61,9 @@ def sequence_parallel_attention(compiled: CompiledPattern, q: torch.Tensor, k: t
     Returns this rank's output shard, equal to the rows it holds of ``compiled(Q, K, V)``
     on the full tensors (and with ``return_stats=True`` also an :class:`ExchangeStats`).
     A rank receives only the key/value tiles its rows can attend to (see
-    :func:`exchange_plan`), in one ``all_to_all_single``; gradients flow back through the
+    :func:`exchange_plan`), in one ``all_to_all_single``, and holds keys and values for
+    those tiles only (see :mod:`sparsedsl.distributed.compact`), never for the whole
+    sequence; gradients flow back through the
     same collective, so the gradients of each rank's ``q``, ``k``, ``v`` are the slices of
     the single-process gradients. Every rank must then run backward through its output.
 
@@ -88,17 +94,19 @@ def attend_with_plan(compiled: CompiledPattern, q: torch.Tensor, k: torch.Tensor
     passes :meth:`ExchangePlan.all_gather` here to compare with moving every key and
     value through the same code)."""
     transfers = plan.rank_transfers(rank, q.device)
-    assembled = assemble_key_values(k, v, transfers, plan.seq_len, group, plan.moves_anything)
+    assembled = assemble_key_values(k, v, transfers, group, plan.moves_anything)
+    held = plan.needed_spans(rank)
     outputs, start = [], 0
-    for rows in plan.ranges(rank):
-        outputs.append(compiled(q.narrow(2, start, len(rows)), assembled.k, assembled.v,
-                                q_offset=rows.start, scale=scale, **buffers))
+    for rows, needed in zip(plan.ranges(rank), plan.piece_needed(rank)):
+        outputs.append(attend_piece(compiled, q.narrow(2, start, len(rows)), assembled.k, assembled.v,
+                                    held, rows, needed, plan.seq_len, scale, buffers))
         start += len(rows)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     position_bytes = k.shape[0] * k.shape[1] * (k.shape[3] + v.shape[3]) * k.element_size()
     stats = ExchangeStats(
         rank=rank, world_size=plan.world_size,
         received_positions=assembled.received_positions,
+        held_kv_positions=transfers.held,
         received_bytes=assembled.received_bytes,
         sent_bytes=assembled.sent_bytes,
         all_gather_bytes=plan.all_gather_positions() * position_bytes,

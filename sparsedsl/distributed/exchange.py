@@ -46,8 +46,10 @@ class AllToAllRows(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class AssembledKeyValues:
-    """Full-length keys and values ``[B, Hkv, seq_len, D]`` and the bytes that moved to
-    build them (counted on the tensors the collective sent and received)."""
+    """The rank's compact keys and values ``[B, Hkv, held, D]`` (the positions of the key
+    tiles its rows need, ascending: its own and the received ones, nothing else) and the
+    bytes that moved to build them (counted on the tensors the collective sent and
+    received)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -56,29 +58,29 @@ class AssembledKeyValues:
     received_positions: int
 
 
-def assemble_key_values(k: torch.Tensor, v: torch.Tensor, transfers: RankTransfers, seq_len: int,
+def assemble_key_values(k: torch.Tensor, v: torch.Tensor, transfers: RankTransfers,
                         group, communicate: bool) -> AssembledKeyValues:
-    """Full-length keys and values for this rank: its own shard and the rows
-    ``transfers`` receives, in their absolute positions, and zeros elsewhere.
+    """Compact keys and values for this rank: its own needed rows and the rows
+    ``transfers`` receives, each at its place in the compact buffer.
 
     ``k`` and ``v`` (this rank's shards, ``[B, Hkv, L, Dk]`` and ``[B, Hkv, L, Dv]``) travel
     as one tensor, so a call runs one collective forward and one backward; with
-    ``communicate=False`` (no rank of the group receives anything) none runs.
+    ``communicate=False`` (no rank of the group receives anything) none runs. Nothing of
+    the sequence's length is allocated: the buffer has ``transfers.held`` positions.
     """
     key_dim = k.shape[-1]
     rows = torch.cat([k, v], dim=-1)
-    parts, positions = [rows], [transfers.own_positions]
+    parts, places = [rows.index_select(2, transfers.own_index)], [transfers.own_place]
     sent_bytes = received_bytes = received_positions = 0
     if communicate:
         send = rows.index_select(2, transfers.send_index).permute(2, 0, 1, 3)
         received = AllToAllRows.apply(send, transfers.send_counts, transfers.recv_counts, group)
         parts.append(received.permute(1, 2, 0, 3))
-        positions.append(transfers.recv_positions)
+        places.append(transfers.recv_index)
         sent_bytes = send.numel() * send.element_size()
         received_bytes = received.numel() * received.element_size()
         received_positions = received.shape[0]
-    batch, kv_heads, _, width = rows.shape
-    full = rows.new_zeros(batch, kv_heads, seq_len, width).index_copy(
-        2, torch.cat(positions), torch.cat(parts, dim=2))
-    return AssembledKeyValues(full[..., :key_dim], full[..., key_dim:], sent_bytes, received_bytes,
+    order = torch.argsort(torch.cat(places))
+    held = torch.cat(parts, dim=2).index_select(2, order)
+    return AssembledKeyValues(held[..., :key_dim], held[..., key_dim:], sent_bytes, received_bytes,
                               received_positions)

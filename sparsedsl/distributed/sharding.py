@@ -49,6 +49,14 @@ def owned_ranges(seq_len: int, rank: int, world_size: int, zigzag: bool = False)
     return tuple(range(c * size, (c + 1) * size) for c in chunks)
 
 
+def chunk_owners(world_size: int, zigzag: bool) -> list[int]:
+    """The rank holding each of the ``world_size * pieces_per_rank(zigzag)`` equal chunks
+    of the sequence, in sequence order."""
+    if not zigzag:
+        return list(range(world_size))
+    return list(range(world_size)) + list(reversed(range(world_size)))
+
+
 def check_divisible(where: str, seq_len, world_size: int, zigzag: bool) -> int:
     """``seq_len`` if it is a positive integer divisible by ``world_size`` (by
     ``2 * world_size`` with ``zigzag``), else a ``ValueError`` naming ``seq_len``."""

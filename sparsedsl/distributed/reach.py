@@ -1,0 +1,368 @@
+"""The keys a range of query rows can reach, from a pattern's structure alone.
+
+``reach(pattern, lo, hi, ctx)`` answers, for each query-row range ``[lo[g], hi[g])`` at
+once, which key positions some row of the range may attend to (in some head and batch
+entry): a :class:`~.spans.Spans` of intervals, never an array of sequence length. Each
+node states its answer from its parameters (``window(b, a)`` reaches ``[lo - b, hi + a]``,
+``dilated(s, r, o)`` the kept positions of the segments its kept rows lie in, ...).
+
+The answer is always a superset of the exact reach, so a rank that holds it holds every
+key its rows can see. ``Reach.exact`` says when it is also exact once widened to tiles of
+``ctx.unit`` positions: for every primitive, union and head group; for intersections,
+differences and complements only on single rows (``hi - lo == 1``, ``unit == 1``), where
+the key set of one row is combined set by set.
+
+Random key blocks (``blocks(s).random(k, seed)``) are chosen by a seeded hash over every
+key block of a row: exact, at a cost of (block rows) x (key blocks) hashes. Past
+``ctx.hash_budget`` hashes, and when ``ctx.expect_random`` allows it, the picks are left
+as :class:`Draws` (so many uniform picks per row), which :mod:`.estimate` counts by their
+expected value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import singledispatch
+
+import numpy as np
+import torch
+
+from ..lang import nodes as n
+from ..lang.groups import head_groups
+from ..lang.randomblocks import block_hash
+from .spans import Spans
+
+#: Hashes of random block choices made exactly before they are left as draws.
+HASH_BUDGET = 1 << 26
+#: Kept positions of dilated segments listed one by one before giving up.
+POINT_BUDGET = 1 << 24
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Random key blocks not chosen exactly: set ``ids[i]`` holds ``rows[i]`` query-block
+    rows, each with ``per_row`` distinct key blocks of ``size`` positions among
+    ``num_blocks``, drawn uniformly (what the seeded hash approximates)."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    per_row: int
+    size: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Key positions reachable per row range: ``spans`` (a superset), whether they are
+    exact at ``unit`` granularity, and random ``draws`` not listed in ``spans``."""
+
+    spans: Spans
+    exact: bool = True
+    draws: tuple[Draws, ...] = ()
+
+
+@dataclass
+class ReachContext:
+    """What reach needs besides the pattern: the key length, the heads, the tile width
+    exactness is judged at, call-time tensors, and the budgets."""
+
+    seq_len: int
+    heads: int
+    unit: int = 1
+    buffers: dict = field(default_factory=dict)
+    expect_random: bool = False
+    hash_budget: int = HASH_BUDGET
+    where: str = "sequence_parallel_attention()"
+
+
+def reach(pattern: n.Pattern, lo, hi, ctx: ReachContext) -> Reach:
+    """The keys rows ``[lo[g], hi[g])`` reach, set ``g`` for each range (``lo < hi``)."""
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    result = _reach(pattern, lo, hi, ctx)
+    return Reach(result.spans.clipped(ctx.seq_len), result.exact, result.draws)
+
+
+def _every(lo: np.ndarray, starts, stops) -> Spans:
+    """One interval per range (broadcast), as a :class:`Spans` of ``len(lo)`` sets."""
+    return Spans.of(len(lo), np.arange(len(lo)), starts, stops)
+
+
+def _single_rows(lo: np.ndarray, hi: np.ndarray, ctx: ReachContext) -> bool:
+    return ctx.unit == 1 and bool(np.all(hi - lo == 1))
+
+
+@singledispatch
+def _reach(node, lo, hi, ctx: ReachContext) -> Reach:
+    raise TypeError(f"{ctx.where}: no reach rule for pattern node {type(node).__name__}")
+
+
+@_reach.register
+def _(node: n.Full, lo, hi, ctx):
+    return Reach(_every(lo, 0, ctx.seq_len))
+
+
+@_reach.register
+def _(node: n.Causal, lo, hi, ctx):
+    return Reach(_every(lo, 0, hi))
+
+
+@_reach.register
+def _(node: n.Window, lo, hi, ctx):
+    return Reach(_every(lo, lo - node.before, hi + node.after))
+
+
+@_reach.register
+def _(node: n.DilatedWindow, lo, hi, ctx):
+    first = -(node.before // node.rate) * node.rate  # nearest multiples inside the window
+    last = node.after // node.rate * node.rate
+    contiguous = (hi - lo >= node.rate) | (first == last)
+    return Reach(_every(lo, lo + first, hi + last), exact=node.rate <= ctx.unit or bool(contiguous.all()))
+
+
+@_reach.register
+def _(node: n.Chunks, lo, hi, ctx):
+    return Reach(_every(lo, lo // node.size * node.size, -(-hi // node.size) * node.size))
+
+
+@_reach.register
+def _(node: n.Strided, lo, hi, ctx):
+    return Reach(_every(lo, 0, ctx.seq_len), exact=bool(np.all(hi - lo >= node.stride)))
+
+
+@_reach.register
+def _(node: n.GlobalTokens, lo, hi, ctx):
+    return Reach(_every(lo, 0, np.where(lo < node.n, ctx.seq_len, node.n)))
+
+
+@_reach.register
+def _(node: n.Prefix, lo, hi, ctx):
+    return Reach(_every(lo, 0, node.n))
+
+
+@_reach.register
+def _(node: n.Dilated, lo, hi, ctx):
+    return Reach(_dilated_spans(node.segment, node.rate, node.offset, lo, hi, ctx))
+
+
+def dilated_kept(segment: int, rate: int, offset: int, lo, hi) -> np.ndarray:
+    """Kept positions of ``dilated(segment, rate, offset)`` in ``[lo, hi)`` (arrays),
+    counted per segment arithmetic: those ``p`` with ``(p % segment) % rate == offset``."""
+    per = (segment - 1 - offset) // rate + 1
+
+    def below(x):  # kept positions in [0, x)
+        whole, rest = np.divmod(x, segment)
+        return whole * per + np.clip((rest - offset + rate - 1) // rate, 0, per)
+
+    return below(np.asarray(hi)) - below(np.asarray(lo))
+
+
+def _dilated_spans(segment: int, rate: int, offset: int, lo, hi, ctx) -> Spans:
+    """Per range: the kept keys of each segment that holds a kept row of the range."""
+    per = (segment - 1 - offset) // rate + 1
+    first_segment, last_segment = lo // segment, (hi - 1) // segment
+    count = last_segment - first_segment + 1
+    ids = np.repeat(np.arange(len(lo)), count)
+    segments = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + np.repeat(first_segment, count)
+    seg_start = segments * segment
+    has_row = dilated_kept(segment, rate, offset, np.maximum(seg_start, np.repeat(lo, count)),
+                           np.minimum(seg_start + segment, np.repeat(hi, count))) > 0
+    ids, seg_start = ids[has_row], seg_start[has_row]
+    first = seg_start + offset
+    last = np.minimum(seg_start + offset + (per - 1) * rate, ctx.seq_len - 1)
+    last = last - (last - first) % rate  # the last kept position before the sequence ends
+    if rate == 1 or rate <= ctx.unit:
+        return Spans.of(len(lo), ids, first, last + 1)
+    points = np.maximum((last - first) // rate + 1, 0)
+    total = int(points.sum())
+    if total > POINT_BUDGET:
+        raise ValueError(
+            f"{ctx.where}: dilated({segment}, {rate}, {offset}) reaches {total} separate kept "
+            f"positions from these rows (more than {POINT_BUDGET} to list); use tiles of at "
+            f"least {rate} positions, or a shorter seq_len"
+        )
+    step = np.arange(total) - np.repeat(np.cumsum(points) - points, points)
+    keys = np.repeat(first, points) + step * rate
+    return Spans.of(len(lo), np.repeat(ids, points), keys, keys + 1)
+
+
+@_reach.register
+def _(node: n.Documents, lo, hi, ctx):
+    ids = ctx.buffers[node.name]
+    sets = []
+    for g, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())):
+        seen = torch.zeros(ids.shape[-1], dtype=torch.bool, device=ids.device)
+        for row in ids.reshape(-1, ids.shape[-1]):
+            seen |= torch.isin(row, row[a:b])
+        sets.append(_runs(seen.cpu().numpy(), g))
+    return Reach(_concat(len(lo), sets))
+
+
+def _runs(mask: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, starts, stops)`` of the runs of True in a bool vector."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return np.full(len(starts), group), starts, stops
+
+
+def _concat(groups: int, sets) -> Spans:
+    if not sets:
+        return Spans.empty(groups)
+    ids, starts, stops = (np.concatenate(parts) for parts in zip(*sets))
+    return Spans.of(groups, ids, starts, stops)
+
+
+# -- blocks -------------------------------------------------------------------------------
+
+@_reach.register
+def _(node: n.Blocks, lo, hi, ctx):
+    size = node.size
+    num_blocks = -(-ctx.seq_len // size)
+    qb_lo, qb_hi = lo // size, (hi - 1) // size + 1
+    if node.rules:
+        parts = [_block_rule(rule, qb_lo, qb_hi, num_blocks, ctx) for rule in node.rules]
+        blocks = _union(parts)
+    else:
+        blocks = Reach(_every(lo, 0, num_blocks))
+    if node.causal_:
+        if blocks.draws:
+            raise ValueError(f"{ctx.where}: random blocks with .causal() are only counted exactly; "
+                             f"this size needs more than {ctx.hash_budget} hashes")
+        blocks = Reach(blocks.spans.intersect(_every(lo, 0, qb_hi)), blocks.exact)
+    spans = Spans.of(len(lo), blocks.spans.ids, blocks.spans.starts * size, blocks.spans.stops * size)
+    # .within() keeps fewer keys of each block: the blocks stay a superset, exact at tiles
+    # of whole blocks.
+    exact = blocks.exact and (node.within_ is None or ctx.unit >= size)
+    return Reach(spans, exact, tuple(replace(d, size=size) for d in blocks.draws))
+
+
+def _block_rule(rule: n.BlockRule, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
+    """Key blocks the block rows ``[qb_lo, qb_hi)`` reach under one rule."""
+    if isinstance(rule, n.BlockLocal):
+        return Reach(_every(qb_lo, qb_lo - rule.window, qb_hi + rule.window))
+    if isinstance(rule, n.BlockDilated):
+        # Rate r reaches the rows' own residues mod r, as far as the window allows (the
+        # furthest multiple of r inside it); rows at least r long hold every residue.
+        rows = qb_hi - qb_lo
+        if rule.window is None:
+            return Reach(_every(qb_lo, 0, num_blocks), exact=all(bool(np.all(rows >= r)) for r in rule.rates))
+        extent = max(rule.window // r * r for r in rule.rates)
+        exact = all(bool(np.all(rows >= r)) for r in rule.rates if r <= rule.window)
+        return Reach(_every(qb_lo, qb_lo - extent, qb_hi + extent), exact)
+    if isinstance(rule, n.BlockGlobal):
+        return Reach(_every(qb_lo, 0, np.where(qb_lo < rule.n, num_blocks, rule.n)))
+    if isinstance(rule, n.BlockRandom):
+        return _random_blocks(rule, qb_lo, qb_hi, num_blocks, ctx)
+    if isinstance(rule, n.BlockLayout):
+        layout = ctx.buffers[rule.name]
+        layout = layout if layout.dim() == 3 else layout[None]
+        sets = [_runs(layout[:, a:b].any(0).any(0).cpu().numpy(), g)
+                for g, (a, b) in enumerate(zip(qb_lo.tolist(), qb_hi.tolist()))]
+        return Reach(_concat(len(qb_lo), sets))
+    raise TypeError(f"{ctx.where}: no reach rule for block rule {type(rule).__name__}")
+
+
+def _random_blocks(rule: n.BlockRandom, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
+    """The seeded picks of the block rows (as :mod:`sparsedsl.lang.randomblocks` chooses
+    them: the ``per_row`` smallest hashes of ``(seed, qb, kb)``, ties by ``kb``)."""
+    rows = qb_hi - qb_lo
+    if int(rows.sum()) * num_blocks > ctx.hash_budget:
+        if not ctx.expect_random:
+            raise ValueError(
+                f"{ctx.where}: choosing {rule} exactly for these rows takes "
+                f"{int(rows.sum()) * num_blocks} hashes (more than {ctx.hash_budget})"
+            )
+        empty = Spans.empty(len(qb_lo))
+        return Reach(empty, draws=(Draws(np.arange(len(qb_lo)), rows, min(rule.per_row, num_blocks),
+                                         1, num_blocks),))
+    keep = min(rule.per_row, num_blocks)
+    kb = torch.arange(num_blocks, dtype=torch.int64)
+    ids, picks = [], []
+    chunk = max(1, ctx.hash_budget // (16 * num_blocks))
+    for g, (a, b) in enumerate(zip(qb_lo.tolist(), qb_hi.tolist())):
+        for start in range(a, b, chunk):
+            qb = torch.arange(start, min(start + chunk, b), dtype=torch.int64)
+            key = block_hash(rule.seed, qb[:, None], kb[None, :]) * num_blocks + kb
+            chosen = torch.topk(key, keep, dim=1, largest=False).indices.flatten().numpy()
+            picks.append(chosen)
+            ids.append(np.full(len(chosen), g))
+    if not picks:
+        return Reach(Spans.empty(len(qb_lo)))
+    ids, picks = np.concatenate(ids), np.concatenate(picks)
+    return Reach(Spans.of(len(qb_lo), ids, picks, picks + 1))
+
+
+# -- combinators ----------------------------------------------------------------------------
+
+def _union(parts: list[Reach]) -> Reach:
+    spans = parts[0].spans
+    for part in parts[1:]:
+        spans = spans.union(part.spans)
+    return Reach(spans, all(p.exact for p in parts), tuple(d for p in parts for d in p.draws))
+
+
+def _no_draws(parts: list[Reach], what: str, ctx) -> None:
+    if any(p.draws for p in parts):
+        raise ValueError(f"{ctx.where}: random blocks inside {what} are only counted exactly; "
+                         f"this size needs more than {ctx.hash_budget} hashes")
+
+
+@_reach.register
+def _(node: n.Union, lo, hi, ctx):
+    return _union([_reach(p, lo, hi, ctx) for p in node.parts])
+
+
+@_reach.register
+def _(node: n.Heads, lo, hi, ctx):
+    groups = head_groups(ctx.heads, len(node.parts))  # checks there are enough heads
+    return _union([_reach(p, lo, hi, ctx) for p, _ in zip(node.parts, groups)])
+
+
+@_reach.register
+def _(node: n.Segments, lo, hi, ctx):
+    return _reach(node.expand(), lo, hi, ctx)
+
+
+@_reach.register
+def _(node: n.Intersection, lo, hi, ctx):
+    parts = [_reach(p, lo, hi, ctx) for p in node.parts]
+    _no_draws(parts, "an intersection", ctx)
+    spans = parts[0].spans
+    for part in parts[1:]:
+        spans = spans.intersect(part.spans)
+    return Reach(spans, all(p.exact for p in parts) and _single_rows(lo, hi, ctx))
+
+
+@_reach.register
+def _(node: n.Difference, lo, hi, ctx):
+    left, right = _reach(node.left, lo, hi, ctx), _reach(node.right, lo, hi, ctx)
+    _no_draws([left, right], "a difference", ctx)
+    if left.exact and right.exact and _single_rows(lo, hi, ctx):
+        return Reach(left.spans.difference(right.spans.clipped(ctx.seq_len)))
+    return Reach(left.spans, exact=False)
+
+
+@_reach.register
+def _(node: n.Complement, lo, hi, ctx):
+    inner = _reach(node.inner, lo, hi, ctx)
+    _no_draws([inner], "a complement", ctx)
+    if inner.exact and _single_rows(lo, hi, ctx):
+        return Reach(inner.spans.clipped(ctx.seq_len).complement(ctx.seq_len))
+    return Reach(_every(lo, 0, ctx.seq_len), exact=False)
+
+
+@_reach.register
+def _(node: n.Scored, lo, hi, ctx):
+    return _reach(node.pattern, lo, hi, ctx)
+
+
+def head_parts(pattern: n.Pattern, heads: int) -> list[tuple[n.Pattern, int]]:
+    """``(part, heads of the part)`` for the head groups at the top of ``pattern``
+    (``heads(...)``, ``segments(...)``, under score modifications), else the whole
+    pattern on every head."""
+    core = pattern.pattern if isinstance(pattern, n.Scored) else pattern
+    if isinstance(core, n.Segments):
+        core = core.expand()
+    if isinstance(core, n.Heads):
+        return [(part, len(group)) for part, group in zip(core.parts, head_groups(heads, len(core.parts)))]
+    return [(core, heads)]
+
