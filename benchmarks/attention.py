@@ -157,7 +157,7 @@ def run_case(name, text, n, batch, heads, dim, quick: bool) -> dict:
         with torch.no_grad():
             row["band_fwd_isolated_ms"], row["band_fwd_ms"] = bench(lambda: band(q, k, v), iters=iters)
     # Block-mask builds: ours from a cold lowering cache vs create_block_mask.
-    from sparsedsl.compiler.module import _LOWERINGS
+    from sparsedsl.passes.lowering import _LOWERINGS
 
     def ours():
         _LOWERINGS.clear()

@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import sparsedsl as sd
 from sparsedsl.progress import Progress
-from sparsedsl.compiler.module import _LOWERINGS
+from sparsedsl.passes.lowering import _LOWERINGS
 
 CASES = {
     "window": ("window(512)", 1),

@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsedsl as sd
-from sparsedsl.compiler.module import _LOWERINGS
+from sparsedsl.passes.lowering import _LOWERINGS
 
 PATTERNS = (
     "blocks(128).local(25)",

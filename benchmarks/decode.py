@@ -86,7 +86,7 @@ def run_pattern(name: str, text: str, cached: int, heads: int, kv_heads: int, di
     results["plan"] = plan.kind
     results["density"] = plan.density
     # host cost of a step's block mask (a cache hit), and of the first call at a new row
-    from sparsedsl.compiler.module import _DECODE_ROWS
+    from sparsedsl.plans.decode import _DECODE_ROWS
     rows = next((r for r in _DECODE_ROWS._values.values() if r.kv_capacity >= capacity), None)
     if rows is not None:
         start = time.perf_counter()

@@ -106,7 +106,7 @@ def test_concurrent_builds_equal_serial_builds():
         for n in lengths:
             bm = sd.compile(p, block_size=32).block_mask(n, heads=2)
             serial[(p, n)] = _block_sets(bm)
-    from sparsedsl.compiler.module import _LOWERINGS
+    from sparsedsl.passes.lowering import _LOWERINGS
     _LOWERINGS.clear()
     results, errors = {}, []
 

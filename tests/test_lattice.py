@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from reference import reference_attention
-from sparsedsl.plans.lattice import (LatticeProgram, _chunk_runs, _fold, _merged, _writes_every_row,
-                                     _zeroed_heads, lattice_decomposition)
+from sparsedsl.passes.lattice import lattice_decomposition, merged, writes_every_row, zeroed_heads
+from sparsedsl.plans.lattice_program import LatticeProgram
+from sparsedsl.plans.lattice_views import chunk_runs, fold_positions, folded_view, take, view
 
 
 @st.composite
@@ -130,14 +131,18 @@ def test_auto_picks_the_lattice_only_where_it_computes_far_less():
 
 
 def test_lattice_does_not_apply_where_it_cannot_be_exact():
+    """``kernel="lattice"`` where the plan cannot run raises an error that lists why."""
     module = sd.compile(sd.segments([8, 8], [1, 2]), block_size=16, kernel="lattice")
-    with pytest.raises(ValueError, match="no lattice decomposition"):
+    with pytest.raises(sd.PlanNotSupported, match="kernel='lattice' cannot run .*needs self-attention"):
         module.explain(64, 48, heads=2, device="cpu")  # Q != K
-    for pattern, length in [(sd.segments([8, 8], [1, 2]).score(sd.alibi()), 64),
-                            (sd.blocks(32).local(1).within(sd.dilated(16, 2)), 100)]:  # ragged blocks
-        with pytest.raises(ValueError, match="no lattice decomposition"):
+    with pytest.raises(sd.PlanNotSupported, match="needs self-attention"):
+        module(*(torch.randn(1, 2, n, 8) for n in (64, 48, 48)))
+    for pattern, length, reason in [
+            (sd.segments([8, 8], [1, 2]).score(sd.alibi()), 64, "score modifications"),
+            (sd.blocks(32).local(1).within(sd.dilated(16, 2)), 100, "no token dilation")]:  # ragged blocks
+        with pytest.raises(sd.PlanNotSupported, match=reason):
             sd.compile(pattern, block_size=16, kernel="lattice").explain(length, heads=2, device="cpu")
-    with pytest.raises(ValueError, match="no lattice decomposition"):
+    with pytest.raises(sd.PlanNotSupported, match="no token dilation"):
         sd.compile(sd.window(3), kernel="lattice").explain(64, device="cpu")
 
 
@@ -227,14 +232,14 @@ def test_dilated_lattices_are_views_and_their_group_zeroed_when_rows_are_off_the
     t = torch.randn(2, 3, length, 4)
     one_run = segment % rate == 0 or length <= segment  # also to a length of no whole periods
     if kept:
-        assert (part.view(t) is not None) == one_run
+        assert (view(part, t) is not None) == one_run
     if kept and (one_run or length % segment == 0):
         assert part.runs is not None
-        for start, count, chunk in _chunk_runs(len(kept), part.pattern.size):
-            view = part.folded_view(t, start, count, chunk)
-            assert view is not None and view._base is t
-            assert torch.equal(view, _fold(part.take(t), start, count, chunk))
-    assert _writes_every_row(group.parts, length) == (len(kept) == length)
+        for start, count, chunk in chunk_runs(len(kept), part.pattern.size):
+            folded = folded_view(part, t, start, count, chunk)
+            assert folded is not None and folded._base is t
+            assert torch.equal(folded, fold_positions(take(part, t), start, count, chunk))
+    assert writes_every_row(group.parts, length) == (len(kept) == length)
 
 
 @pytest.mark.parametrize("rates,zeroed", [
@@ -245,8 +250,8 @@ def test_dilated_lattices_are_views_and_their_group_zeroed_when_rows_are_off_the
 ])
 def test_zeroed_heads_are_the_groups_with_rows_off_their_lattices(rates, zeroed):
     plan = lattice_decomposition(sd.segments([8, 16, 32, 64], rates), 128, 128, 8, "cpu")
-    assert _zeroed_heads(plan, 128) == zeroed
-    assert _merged([range(5, 7), range(0, 2), range(2, 3)]) == [range(0, 3), range(5, 7)]
+    assert zeroed_heads(plan, 128) == zeroed
+    assert merged([range(5, 7), range(0, 2), range(2, 3)]) == [range(0, 3), range(5, 7)]
 
 
 @pytest.mark.parametrize("layout,uses_program", [

@@ -98,8 +98,10 @@ def test_causal_end_aligned_runs_dense_sdpa_with_a_lower_right_bias(q_len, kv_le
     q, k, v = _inputs(1, 2, 2, q_len, kv_len, 16, dtype=torch.float64, seed=1)
     expected, _ = reference_attention(sd.causal(), q, k, v, q_offset=kv_len - q_len)
     assert torch.allclose(module(q, k, v, q_offset="end"), expected, atol=1e-12)
-    # A causal pattern with its queries elsewhere is not dense SDPA's case.
-    assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu").kind == "gather"
+    # A causal pattern with its queries elsewhere is not dense SDPA's case: a few rows
+    # without gradients are a decoding step, and with gradients the tile plan runs.
+    assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu").kind == "decode"
+    assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu", requires_grad=True).kind == "gather"
 
 
 def test_offset_patterns_with_tensors_see_absolute_positions():
@@ -146,7 +148,7 @@ def test_gpu_end_aligned_bf16_equals_dense_softmax(pattern, q_len):
 def test_decoding_steps_reuse_cached_tile_rows():
     """A growing cache decoded token by token classifies one aligned tile row per tile of
     tokens (not one per token), and every step equals the full forward's row."""
-    from sparsedsl.compiler.module import _DECODE_ROWS
+    from sparsedsl.plans.decode import _DECODE_ROWS
     _DECODE_ROWS.clear()
     pattern = sd.causal() & sd.dilated_window(40, 0, 2) | sd.global_tokens(3)
     module = sd.compile(pattern, block_size=16)

@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import sparsedsl as sd
-from sparsedsl.compiler.module import _LOWERINGS
+from sparsedsl.passes.lowering import _LOWERINGS
 
 
 class TinyModel(nn.Module):

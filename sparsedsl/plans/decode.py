@@ -25,14 +25,30 @@ from typing import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..compiler.cache import BuildCache
 from ..lang import nodes as n
-from ..lang.queries import mask_part, walk
-from ..passes.blockmask import ordered_indices
+from ..lang.queries import depends_on_heads, mask_part, walk
+from ..passes.blockmask import ordered_indices, tile_states
+from ..passes.lowering import context
+from ..passes.maskmod import lower_mask, lower_score, rows_from, score_rows_from
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from .base import Call, Plan, Runner
+from .flex import bucket_length, flex_plan_attention, flex_reasons, flex_tiles
+from .gather import gather_attention
+from .tiled import live_tile_pairs
 
 #: Query rows a step may have for the decoding plan (FlexAttention's decoding kernel
 #: handles fewer than 128).
 MAX_DECODE_ROWS = 64
+
+
+#: Cached aligned tile rows, per (pattern, heads, tiles, device, key capacity).
+_DECODE_ROWS = BuildCache(maxsize=64)
+
+
+def clear_caches() -> None:
+    """Drop the cached aligned tile rows."""
+    _DECODE_ROWS.clear()
 
 
 def decodes_by_rows(pattern: n.Pattern) -> bool:
@@ -134,3 +150,80 @@ def _forward_block_mask(seq_lengths, kv_num, kv_idx, full_num, full_idx, block_s
                      full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=None,
                      q_indices=None, full_q_num_blocks=None, full_q_indices=None,
                      BLOCK_SIZE=block_size, mask_mod=mask_mod)
+
+
+def is_decoding_step(decodes: bool, q_len: int, q_offset: int, q_block: int, needs_grad: bool) -> bool:
+    """Whether a call runs as a decoding step: no gradients, a few query rows
+    (``q_len <= min(MAX_DECODE_ROWS, q_block)``) past position 0, of a pattern whose states
+    do not depend on the lengths (``decodes``: :func:`decodes_by_rows`)."""
+    return decodes and not needs_grad and q_offset > 0 and q_len <= min(MAX_DECODE_ROWS, q_block)
+
+
+class DecodePlan(Plan):
+    """Decoding steps from cached aligned tile rows (see the module docstring), run by
+    FlexAttention's decoding kernel on CUDA and by the gather plan elsewhere."""
+
+    name = "decode"
+
+    def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
+        if not call.decoding:
+            return ["not a decoding step (a few rows past position 0, no gradients, a pattern whose "
+                    "tile states do not depend on the lengths)"]
+        return []
+
+    def tiles(self, call: Call) -> tuple[int, int]:
+        if _flex_runs(call):
+            return flex_tiles(call.q_block, call.kv_block, call.device)
+        return call.q_block, call.kv_block
+
+    def prepare(self, pattern: n.Pattern, call: Call) -> tuple[n.Pattern, DecodeRows]:
+        q_block, kv_block = self.tiles(call)
+        device = call.work_device
+        capacity = bucket_length(call.kv_len, kv_block)
+        core = mask_part(pattern)
+        state_heads = call.heads if depends_on_heads(core) else 1
+
+        def row_states(row: int) -> torch.Tensor:
+            ctx = context(core, q_block, capacity, row * q_block, state_heads, device, {}, "forward()")
+            grid = TileGrid(ctx.q_len, capacity, q_block, kv_block, row * q_block)
+            return tile_states(core, ctx, grid, lower_mask(core, ctx))
+
+        def build() -> DecodeRows:
+            ctx = context(core, 1, capacity, 0, state_heads, device, {}, "forward()")
+            return DecodeRows(row_states, q_block, kv_block, capacity, lower_mask(core, ctx), device)
+
+        key = (core, state_heads, q_block, kv_block, str(device), capacity)
+        return pattern, _DECODE_ROWS.get(key, build)
+
+    def efficiency(self, call: Call) -> float:
+        """1: the device's tile kernel, on the tiles of cached rows (at most one tile more
+        per side than the exact states)."""
+        return 1.0
+
+    def computed_pairs(self, prepared, call: Call, planner) -> int:
+        rows = prepared[1]
+        states = rows.states(call.q_offset, call.q_len, call.kv_len)
+        return live_tile_pairs(states, rows.q_block, rows.kv_block, call.heads)
+
+    def build(self, prepared, call: Call, planner) -> Runner:
+        pattern, rows = prepared
+        device, q_len, kv_len, scale, return_lse = call.device, call.q_len, call.kv_len, call.scale, call.return_lse
+        score_mod = lower_score(pattern, context(pattern, q_len, kv_len, 0, call.heads, device, {}, "forward()"))
+        if _flex_runs(call):
+            return lambda q, k, v, q_offset: flex_plan_attention(
+                q, k, v, block_mask=rows.block_mask(q_offset, q_len, kv_len),
+                score_mod=score_rows_from(score_mod, rows.position(q_offset), device), scale=scale,
+                return_lse=return_lse)
+        return lambda q, k, v, q_offset: gather_attention(
+            q, k, v, states=rows.states(q_offset, q_len, kv_len), grid=rows.grid(q_offset, q_len),
+            mask_mod=rows_from(rows.position_mask, rows.position(q_offset), device),
+            score_mod=score_rows_from(score_mod, rows.position(q_offset), device), scale=scale)
+
+    def describe(self, prepared, call: Call) -> str:
+        kernel = "FlexAttention's decoding kernel" if _flex_runs(call) else "the gather kernel"
+        return f"a decoding step: {kernel} on cached aligned tile rows (no block mask built per token)"
+
+
+def _flex_runs(call: Call) -> bool:
+    """Whether decoding steps run through FlexAttention (CUDA, where its kernels apply)."""
+    return call.device.type == "cuda" and not flex_reasons(call)

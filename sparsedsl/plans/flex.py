@@ -27,7 +27,11 @@ from ..lang import nodes as n
 from ..lang.queries import is_diagonal_band, score_mods
 from ..passes.blockmask import block_mask_from_states
 from ..passes.tiles import EMPTY, TileGrid
+from .base import Call, Plan, Runner
+from .tiled import Tiled, call_score_mod, check_batch, tiled
 
+#: FlexAttention's kernels refuse smaller head dims ("embedding dimension ... at least 16").
+FLEX_MIN_HEAD_DIM = 16
 #: Smallest tile FlexAttention's CUDA kernels take in both passes.
 CUDA_MIN_TILE = 128
 #: Dynamo's per-function recompilation limit is raised to this when the plan first runs:
@@ -131,3 +135,62 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     if q_padded == q_len:
         return out, lse
     return out[:, :, :q_len], (lse[:, :, :q_len] if lse is not None else None)
+
+
+def flex_reasons(call: Call) -> list[str]:
+    """Why FlexAttention's kernels cannot run ``call`` (empty when they can)."""
+    reasons = []
+    if call.dtype == torch.float64:
+        reasons.append("float64 inputs: FlexAttention kernels take 16- and 32-bit floats")
+    if call.head_dim < FLEX_MIN_HEAD_DIM:
+        reasons.append(f"head_dim={call.head_dim}: FlexAttention kernels need a head dim of at least "
+                       f"{FLEX_MIN_HEAD_DIM}")
+    if call.device.type == "cpu" and call.needs_grad:
+        reasons.append("FlexAttention has no backward pass on the CPU")
+    if call.device.type == "cpu" and call.return_lse:
+        reasons.append("FlexAttention has no log-sum-exp output (return_lse) on the CPU")
+    return reasons
+
+
+class FlexPlan(Plan):
+    """Block-sparse FlexAttention, compiled by Inductor, with the structural block mask
+    (see the module docstring)."""
+
+    name = "flex"
+
+    def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
+        reasons = flex_reasons(call)
+        if call.decoding:
+            reasons.append("a decoding step: the decode plan runs the kernel from cached tile rows")
+        return reasons
+
+    def tiles(self, call: Call) -> tuple[int, int]:
+        return flex_tiles(call.q_block, call.kv_block, call.device)
+
+    def prepare(self, pattern: n.Pattern, call: Call) -> Tiled:
+        return tiled(pattern, call, self.tiles(call))
+
+    def efficiency(self, call: Call) -> float | None:
+        """1 on CUDA: the reference tile kernel. On the CPU not measured against the
+        gather plan (and the first call of each length bucket compiles for seconds)."""
+        return 1.0 if call.device.type == "cuda" else None
+
+    def computed_pairs(self, prepared: Tiled, call: Call, planner) -> int:
+        return prepared.pairs(call.heads)
+
+    def build(self, prepared: Tiled, call: Call, planner) -> Runner:
+        lowered = prepared.lowering
+        check_batch(call, lowered.states)
+        q_padded, kv_padded = bucket_length(call.q_len, lowered.grid.q_block), bucket_length(call.kv_len,
+                                                                                          lowered.grid.kv_block)
+        block_mask = lowered.block_mask_for(q_padded, kv_padded, lambda states, grid, mask_mod: padded_block_mask(
+            states, grid, mask_mod, q_padded, kv_padded))
+        score_mod = call_score_mod(prepared.pattern, call)
+        options = flex_kernel_options(prepared.pattern, call.head_dim, call.device, call.dtype)
+        return_lse = call.return_lse
+        return lambda q, k, v, _: flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=score_mod,
+                                                      scale=call.scale, return_lse=return_lse,
+                                                      kernel_options=options)
+
+    def describe(self, prepared: Tiled, call: Call) -> str:
+        return "block-sparse FlexAttention with the structural block mask"

@@ -18,9 +18,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..lang import nodes as n
 from ..passes.blockmask import ordered_indices
 from ..passes.tiles import EMPTY, TileGrid
-from .softmax import masked_attention
+from .base import Call, Plan, Runner
+from .kernels import masked_attention
+from .tiled import Tiled, call_score_mod, check_batch, tiled
 
 #: Score elements held at once per chunk of query-tile rows.
 SCORE_BUDGET = 1 << 24
@@ -96,3 +99,41 @@ def row_chunks(counts: torch.Tensor, row_cost: int, budget: int = SCORE_BUDGET):
             stop += 1
         yield order[start:stop], widths[stop - 1]
         start = stop
+
+
+class GatherPlan(Plan):
+    """Block-sparse attention in plain PyTorch operations (see the module docstring)."""
+
+    name = "gather"
+
+    def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
+        if call.decoding:
+            return ["a decoding step: the decode plan runs the kernel from cached tile rows"]
+        return []
+
+    def prepare(self, pattern: n.Pattern, call: Call) -> Tiled:
+        return tiled(pattern, call, self.tiles(call))
+
+    def efficiency(self, call: Call) -> float | None:
+        """1 on the CPU: the reference tile kernel there. On CUDA not measured against
+        FlexAttention; it runs where no FlexAttention kernel can (float64, small head dims)."""
+        return 1.0 if call.device.type == "cpu" else None
+
+    def computed_pairs(self, prepared: Tiled, call: Call, planner) -> int:
+        """Each chunk of query-tile rows at the width of its widest row."""
+        states, grid = prepared.lowering.states, prepared.lowering.grid
+        tile_area = grid.q_block * grid.kv_block
+        live = (states != EMPTY).sum(-1)
+        tiles = sum(len(rows) * width for rows, width in row_chunks(live, tile_area * call.heads))
+        return tiles * tile_area * call.heads * states.shape[0]
+
+    def build(self, prepared: Tiled, call: Call, planner) -> Runner:
+        lowered = prepared.lowering
+        check_batch(call, lowered.states)
+        score_mod = call_score_mod(prepared.pattern, call)
+        states, grid, mask_mod, scale = lowered.states, lowered.grid, lowered.mask_mod, call.scale
+        return lambda q, k, v, _: gather_attention(q, k, v, states=states, grid=grid, mask_mod=mask_mod,
+                                                   score_mod=score_mod, scale=scale)
+
+    def describe(self, prepared: Tiled, call: Call) -> str:
+        return "block-sparse gather in PyTorch operations: the non-empty key tiles of each query tile"

@@ -1,0 +1,119 @@
+"""A pattern lowered for one set of sizes: ``mask_mod``, exact tile states and block masks,
+cached and shared by every compiled module, plan and pass that asks for the same sizes."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..compiler.cache import BuildCache
+from ..lang import nodes as n
+from ..lang.queries import depends_on_heads, head_group_count, mask_part
+from .blockmask import block_mask_from_states, tile_states
+from .context import Context
+from .maskmod import MaskFn, lower_mask, rows_from
+from .refine import tile_pair_counts
+from .tiles import FULL, PARTIAL, TileGrid
+
+
+class Lowering:
+    """A pattern lowered for one set of sizes: its context (``ctx.q_len`` counts every
+    position up to the last query), the tile grid of the query rows computed (rows
+    ``[grid.q_start, ctx.q_len)``), exact tile states, and, built on first use, its
+    FlexAttention ``BlockMask``.
+
+    ``position_mask`` takes absolute positions; ``mask_mod`` takes row indices (query
+    ``i`` is position ``grid.q_start + i``), as kernels index their query tensor."""
+
+    def __init__(self, pattern: n.Pattern, ctx: Context, grid: TileGrid):
+        self.ctx, self.grid = ctx, grid
+        self.position_mask: MaskFn = lower_mask(pattern, ctx)
+        self.mask_mod: MaskFn = rows_from(self.position_mask, grid.q_start, ctx.device)
+        self.states = tile_states(pattern, ctx, grid, self.position_mask)
+        self._block_masks: dict[tuple[int, int], BlockMask] = {}
+        self._lock = threading.Lock()
+
+    def pairs(self, heads: int) -> int:
+        """Allowed pairs of the rows computed, over ``heads`` heads and the batch entries
+        of bound tensors (full tiles by area, partial tiles by evaluating them)."""
+        per_grid = heads // self.states.shape[1]
+        area = self.grid.q_block * self.grid.kv_block
+        full = int((self.states == FULL).sum()) * area
+        partial = (self.states == PARTIAL).nonzero()
+        inside = int(tile_pair_counts(self.position_mask, self.grid, partial).sum()) if partial.numel() else 0
+        return (full + inside) * per_grid
+
+    def block_mask_for(self, q_padded: int, kv_padded: int, build) -> BlockMask:
+        """The block mask built by ``build(states, grid, mask_mod)`` for inputs of
+        ``q_padded x kv_padded``, built once per such size."""
+        with self._lock:
+            key = (q_padded, kv_padded)
+            if key not in self._block_masks:
+                self._block_masks[key] = build(self.states, self.grid, self.mask_mod)
+            return self._block_masks[key]
+
+    @property
+    def block_mask(self) -> BlockMask:
+        """The ``BlockMask`` for the true lengths (equal to ``create_block_mask``'s)."""
+        return self.block_mask_for(self.grid.rows, self.grid.kv_len, block_mask_from_states)
+
+
+#: Lowerings of patterns without call-time tensors.
+_LOWERINGS = BuildCache(maxsize=64)
+#: Lowerings of patterns whose mask binds tensors (document ids, layouts), per tensor memory
+#: and version: the layers of a model called with one ids tensor share one lowering.
+_BOUND_LOWERINGS = BuildCache(maxsize=16)
+
+
+def context(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, heads: int | None, device,
+            buffers: dict, where: str) -> Context:
+    """The context of a call whose ``q_len`` queries start at position ``q_offset``: the
+    pattern is evaluated on the ``(q_offset + q_len) x kv_len`` matrix."""
+    heads = head_group_count(pattern) if heads is None else heads
+    return Context.make(pattern, q_offset + q_len, kv_len, heads, device, buffers, where=where)
+
+
+def bound_key(buffers: dict) -> tuple:
+    """What identifies call-time tensors for caching: the memory each views and its
+    version counter. While a lowering is cached it holds its tensors, so that memory is
+    not reused; a tensor with the same address, shape and strides views the same values
+    (another view of one tensor, as each layer of a model takes), and an in-place change
+    bumps the version counter that views share."""
+    return tuple(sorted((name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version)
+                        for name, t in buffers.items()))
+
+
+def lowering(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, tiles: tuple[int, int], *,
+             heads: int | None, device, buffers: dict, where: str) -> Lowering:
+    """The cached lowering of ``pattern``'s mask (score modifications dropped) for query
+    rows ``[q_offset, q_offset + q_len)`` over ``kv_len`` keys on ``tiles``; sizes checked
+    and named after ``where`` in errors."""
+    ctx = context(pattern, q_len, kv_len, q_offset, heads, device, buffers, where)
+    grid = TileGrid(ctx.q_len, ctx.kv_len, tiles[0], tiles[1], q_offset)
+    core = mask_part(pattern)
+    if buffers:
+        if core.buffer_names() != buffers.keys():  # a bias is bound: not kept alive here
+            return Lowering(core, ctx, grid)
+        key = (core, grid, ctx.heads, str(ctx.device), bound_key(buffers))
+        return _BOUND_LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
+    if not depends_on_heads(core):
+        ctx = Context(ctx.q_len, ctx.kv_len, 1, ctx.device)
+    key = (core, grid, ctx.heads, str(ctx.device))
+    return _LOWERINGS.get(key, lambda: Lowering(core, ctx, grid))
+
+
+def clear_caches() -> None:
+    """Drop every cached lowering."""
+    _LOWERINGS.clear()
+    _BOUND_LOWERINGS.clear()
+
+
+def work_device(device: torch.device) -> torch.device:
+    """Where structural work for a plan on ``device`` runs: the device itself, or the CPU
+    when asked about CUDA on a machine without it (plans depend on the device's kind, not
+    on having one)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device

@@ -1,0 +1,121 @@
+"""The lattice program: a lattice plan without gradients or log-sum-exp, resolved once per
+input layout into ``as_strided`` geometry, so a call makes one view per tensor per run, one
+SDPA call and one copy per run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..lang import nodes as n
+from ..passes.lattice import HeadGroupLattice, zeroed_heads
+from .cuda_streams import side_streams
+from .kernels import zero_heads
+from .lattice_views import chunk_folds, folded_view
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, offset from the tensor's own
+
+
+def _geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry:
+    """``view`` of ``base`` as ``as_strided`` arguments, its offset relative to ``base``'s."""
+    return tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset()
+
+
+def _strided(t: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The view of ``t`` that ``geometry`` (from :func:`_geometry`) describes."""
+    size, stride, offset = geometry
+    return t.as_strided(size, stride, t.storage_offset() + offset)
+
+
+@dataclass(frozen=True)
+class LatticeProgram:
+    """A lattice plan without gradients or log-sum-exp, resolved for inputs of one layout
+    (shapes and strides): each chunk run's folded ``q``, ``k``, ``v`` and output positions
+    as ``as_strided`` geometry, and the heads zeroed (:func:`zeroed_heads`). A call then
+    makes one view per tensor per run, one SDPA call and one copy per run, and one fill per
+    run of zeroed heads: the same operations as :func:`lattice_attention`, without
+    re-deriving every view on the host at each call.
+
+    On CUDA the runs but the first go to side streams (:func:`side_streams`), forked from
+    the caller's stream and joined back before the call returns, so their kernels overlap:
+    a run of long chunks on few heads (LongNet's widest segments) is too few thread blocks
+    to fill the GPU alone. Runs are ordered longest chunks first; the first runs on the
+    caller's stream, after the zero fills, which thus overlap the side streams' attention
+    (memory-bound fills beside compute-bound attention); a side run waits for the fills
+    only before its copy into the output."""
+
+    out_shape: tuple[int, ...]
+    zeroed_heads: tuple[range, ...]  # the runs of zeroed heads
+    runs: tuple[tuple[Geometry, Geometry, Geometry, Geometry], ...]  # q, k, v, out
+
+    @staticmethod
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              plan: tuple[HeadGroupLattice, ...]) -> LatticeProgram | None:
+        """The program of ``plan`` for inputs laid out as ``q``, ``k``, ``v``, or None when
+        some part is not ``chunks`` or some run is not a view (then
+        :func:`lattice_attention` runs it)."""
+        if any(part.length != 0 and not isinstance(part.pattern, n.Chunks) for head_plan in plan
+               for part in head_plan.parts):
+            return None
+        meta = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (q, k, v))
+        out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device="meta")
+        zeroed = tuple(zeroed_heads(plan, q.shape[2]))
+        runs = []
+        for rng, kv, part, start, count, chunk, folded in chunk_folds(*meta, plan):
+            dest = folded_view(part, out[:, rng.start:rng.stop], start, count, chunk)
+            # Views of the inputs themselves (not of gathered copies) and of the output.
+            if dest is None or not isinstance(kv, slice) or any(f._base is not m for f, m in zip(folded, meta)):
+                return None
+            runs.append(tuple(_geometry(view, base) for view, base in zip((*folded, dest), (*meta, out))))
+        runs.sort(key=lambda run: -run[0][0][2])  # longest chunks (q's size [count, B*H, chunk, D]) first
+        return LatticeProgram(tuple(out.shape), zeroed, tuple(runs))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = q.new_empty(self.out_shape)
+        gqa = q.shape[1] != k.shape[1]
+        if not q.is_cuda or len(self.runs) <= 1:
+            zero_heads(out, self.zeroed_heads)
+            for run in self.runs:
+                _attend_run(run, q, k, v, out, scale, gqa)
+            return out
+        caller = torch.cuda.current_stream(q.device)
+        side = side_streams(q.device, len(self.runs) - 1)
+        side.fork.record(caller)
+        # The fills run on the caller's stream while the side streams' attention runs; a
+        # side run's copy into the output waits for them (``filled``).
+        zero_heads(out, self.zeroed_heads)
+        filled = side.filled if self.zeroed_heads else None
+        if filled is not None:
+            filled.record(caller)
+        current_device = torch.cuda.current_device()
+        try:
+            for i, run in enumerate(self.runs[1:]):
+                stream = side.streams[i % len(side.streams)]
+                stream.wait_event(side.fork)
+                torch.cuda.set_stream(stream)  # also makes the stream's device current
+                _attend_run(run, q, k, v, out, scale, gqa, filled)
+        finally:
+            torch.cuda.set_stream(caller)
+            if current_device != caller.device_index:
+                torch.cuda.set_device(current_device)
+        _attend_run(self.runs[0], q, k, v, out, scale, gqa)  # the longest, on the caller's stream
+        # Everything after the call (frees of q, k, v or out included) is ordered after the runs.
+        for stream, joined in zip(side.streams, side.joins):
+            joined.record(stream)
+            caller.wait_event(joined)
+        return out
+
+
+def _attend_run(run: tuple[Geometry, Geometry, Geometry, Geometry], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, out: torch.Tensor, scale: float, gqa: bool,
+                written_after: torch.cuda.Event | None = None) -> None:
+    """One run of a :class:`LatticeProgram`: SDPA on its folded views, written into ``out``
+    (on the current stream, after ``written_after`` when given)."""
+    q_run, k_run, v_run, out_run = run
+    result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
+                                            scale=scale, enable_gqa=gqa)
+    if written_after is not None:
+        torch.cuda.current_stream().wait_event(written_after)
+    _strided(out, out_run).copy_(result)
