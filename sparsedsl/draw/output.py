@@ -22,12 +22,12 @@ def output_path(where: str, path) -> Path:
         path = Path(path)
     except TypeError:
         raise PatternArgumentError(f"{where}: argument 'path' must be a file path, got {path!r}") from None
+    if path.is_dir():
+        raise PatternArgumentError(f"{where}: the output path {str(path)!r} is a directory")
     if path.suffix.lower() not in SUFFIXES:
         raise PatternArgumentError(
             f"{where}: the output path must end in .png, .svg or .pdf (the format is chosen by "
             f"the suffix), got {str(path)!r}")
-    if path.is_dir():
-        raise PatternArgumentError(f"{where}: the output path {str(path)!r} is a directory")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

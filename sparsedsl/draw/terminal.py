@@ -44,11 +44,12 @@ def tile_map(states: torch.Tensor, width: int = 64) -> str:
 
 
 def show(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
-         tile: int = 128, width: int = 64, file=None, **buffers: torch.Tensor) -> str:
+         tile: int = 128, width: int = 64, counts: bool = True, file=None,
+         **buffers: torch.Tensor) -> str:
     """Print (to ``file``, default stdout) and return the tile map of ``pattern``: one panel
-    per distinct head pattern, a legend, and the exact counts. Maps wider than ``width``
-    cells are shrunk (a cell then covers several tiles and is full or empty only if they
-    all are)."""
+    per distinct head pattern, a legend, and (``counts``) the exact counts. Maps wider than
+    ``width`` cells are shrunk (a cell then covers several tiles and is full or empty only
+    if they all are)."""
     width = check_int("show()", "width", width, minimum=1)
     tile = check_int("show()", "tile", tile, minimum=1)
     heads = head_group_count(pattern) if heads is None else heads
@@ -71,7 +72,8 @@ def show(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: in
             parts.append(f"heads {_ranges(heads_of_panel)}:")
         parts.append(tile_map(panel, width))
     parts.append(LEGEND)
-    parts.append(str(count(pattern, q_len, kv_len, heads=ctx.heads, tile=tile, **buffers)))
+    if counts:
+        parts.append(str(count(pattern, q_len, kv_len, heads=ctx.heads, tile=tile, **buffers)))
     text = "\n".join(parts)
     print(text, file=file or sys.stdout)
     return text
