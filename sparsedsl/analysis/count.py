@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import check_memory
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
 from ..lang.queries import head_group_count, mask_part
@@ -23,6 +24,7 @@ from ..passes.blockmask import tile_states
 from ..passes.context import Context
 from ..passes.maskmod import lower_mask
 from ..passes.refine import tile_pair_counts
+from ..passes.squares import uniform_square
 from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from .headsplit import distinct_head_patterns
 from .tilecount import supported, tally
@@ -132,8 +134,10 @@ def count(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: i
     ctx, grid, mask_mod, states = tile_grid_states(pattern, q_len, kv_len, heads, tile, buffers, "count()")
     batch = states.shape[0]
     states = states.expand(batch, ctx.heads, -1, -1)
+    num_partial = int((states == PARTIAL).sum())
+    check_memory("count()", f"the list of {num_partial:,} partial tiles", num_partial * 4 * 8)
     partial = (states == PARTIAL).nonzero()
-    partial_pairs = tile_pair_counts(mask_mod, grid, partial)
+    partial_pairs = tile_pair_counts(mask_mod, grid, partial, square=uniform_square(mask_part(pattern)))
     per_head_partial = torch.zeros(ctx.heads, dtype=torch.int64, device=states.device)
     per_head_partial.index_add_(0, partial[:, 1], partial_pairs)
     full_tiles = (states == FULL).sum((0, 2, 3))

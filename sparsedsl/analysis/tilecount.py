@@ -23,10 +23,12 @@ from typing import Iterator
 
 import torch
 
+from ..budget import check_memory
 from ..lang import nodes as n
 from ..passes.context import Context
 from ..passes.maskmod import lower_mask
 from ..passes.refine import tile_pair_counts
+from ..passes.squares import uniform_square
 from ..passes.tiles import EMPTY, FULL, PARTIAL, UNKNOWN, Span, TileGrid, _classify
 from .structure import diagonal_support, periodicity, tile_signature
 
@@ -139,7 +141,7 @@ class _Counter:
             m = torch.tensor(missing, dtype=torch.int64)
             reps = first[m]
             tiles = torch.stack([torch.zeros_like(reps), torch.zeros_like(reps), i[reps], j[reps]], 1)
-            counted = tile_pair_counts(self.mask_mod, self.grid, tiles)
+            counted = tile_pair_counts(self.mask_mod, self.grid, tiles, square=uniform_square(self.pattern))
             values[m] = counted
             for u, c in zip(missing, counted.tolist()):
                 self.cache[tuple(uniq[u].tolist())] = c
@@ -196,6 +198,8 @@ def state_grid(pattern: n.Pattern, q_len: int, kv_len: int, tile: int) -> torch.
     pattern :func:`tally` covers, filled class by class."""
     counter = _Counter(pattern, q_len, kv_len, tile)
     g = counter.grid
+    check_memory("tile states", f"a grid of {g.num_q_tiles:,} x {g.num_kv_tiles:,} tiles of {tile} x {tile} "
+                 f"positions", g.num_q_tiles * g.num_kv_tiles)
     out = torch.zeros(g.num_q_tiles, g.num_kv_tiles, dtype=torch.int8)
     for batch in counter.batches():
         state, _ = counter.evaluate(batch)

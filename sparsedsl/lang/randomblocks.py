@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..budget import check_memory
+
 _MASK31 = 0x7FFFFFFF
 
 
@@ -33,12 +35,17 @@ def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return _mix(x ^ (kb.to(torch.int64) & _MASK31))
 
 
+#: Hashes computed at once by :func:`random_block_picks` (bounds its int64 temporaries).
+HASH_CHUNK = 1 << 22
+
+
 def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
-                       row_chunk: int = 1024, device=None) -> torch.Tensor:
+                       row_chunk: int | None = None, device=None) -> torch.Tensor:
     """``[num_q_blocks, min(per_row, num_k_blocks)]`` int64 key-block indices chosen per
     row (unordered within a row), computed on ``device`` (default: the CPU) ``row_chunk``
-    rows at a time."""
+    rows at a time (default: ``HASH_CHUNK`` hashes at a time)."""
     keep = min(per_row, num_k_blocks)
+    row_chunk = row_chunk or max(1, HASH_CHUNK // max(1, num_k_blocks))
     kb = torch.arange(num_k_blocks, dtype=torch.int64, device=device)
     rows = []
     for start in range(0, num_q_blocks, row_chunk):
@@ -56,7 +63,9 @@ def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed:
 def random_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
                         device=None) -> torch.Tensor:
     """The chosen blocks as a bool ``[num_q_blocks, num_k_blocks]`` layout on ``device``
-    (default: the CPU)."""
+    (default: the CPU), checked against the memory budget first."""
+    check_memory("blocks().random()", f"a random-block layout of {num_q_blocks:,} x {num_k_blocks:,} blocks",
+                 num_q_blocks * num_k_blocks)
     layout = torch.zeros(num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
     picks = random_block_picks(num_q_blocks, num_k_blocks, per_row, seed, device=device)
     layout.scatter_(1, picks, True)

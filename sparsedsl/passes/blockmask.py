@@ -17,9 +17,11 @@ from typing import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..budget import check_memory
 from ..lang.nodes import Pattern
 from .context import Context
 from .refine import states_from_counts, tile_pair_counts
+from .squares import uniform_square
 from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify, leaves_unknown
 
 #: Tile states classified at once (bounds the int64 temporaries of the classifiers).
@@ -37,15 +39,35 @@ def tile_states(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callab
     is read back from the device)."""
     rows_per_chunk = max(1, CLASSIFY_BUDGET // (grid.num_kv_tiles * ctx.heads))
     refine = leaves_unknown(pattern, ctx, grid)
+    _check_states_memory(1, grid, 1)  # at least one grid of states
     chunks = []
     for start in range(0, grid.num_q_tiles, rows_per_chunk):
         state = classify(pattern, ctx, grid, range(start, min(start + rows_per_chunk, grid.num_q_tiles)))
-        chunks.append(_refined(state, start, grid, mask_mod) if refine else state)
+        if start == 0:  # the first chunk tells whether states vary over batch and heads
+            _check_states_memory(state.shape[0] * state.shape[1], grid, 1)
+        chunks.append(_refined(state, start, grid, mask_mod, uniform_square(pattern)) if refine else state)
     return _cut_tiles_partial(torch.cat(chunks, dim=2), grid)
 
 
-def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable) -> torch.Tensor:
-    """``state`` (tile rows from ``start``) with its ``UNKNOWN`` tiles evaluated (a host
+def _check_states_memory(layers: int, grid: TileGrid, bytes_per_tile: int, what: str = "tile states") -> None:
+    """Check ``bytes_per_tile`` bytes for each of ``layers`` grids of tiles against the
+    memory budget."""
+    check_memory(
+        "tile classification",
+        f"{what} of {layers} x {grid.num_q_tiles:,} x {grid.num_kv_tiles:,} tiles of "
+        f"{grid.q_block} x {grid.kv_block} positions",
+        layers * grid.num_q_tiles * grid.num_kv_tiles * bytes_per_tile,
+    )
+
+
+#: Bytes per tile a ``BlockMask`` build holds: the partial and full selections (bool), and
+#: int32 indices of both kinds in both orders, with the copies ordering makes.
+BLOCK_MASK_BYTES_PER_TILE = 2 + 4 * 4 + 2
+
+
+def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable, square: int) -> torch.Tensor:
+    """``state`` (tile rows from ``start``) with its ``UNKNOWN`` tiles evaluated, once per
+    ``square`` x ``square`` square of positions where the pattern is that coarse (a host
     sync: their number decides the work)."""
     unknown = (state == UNKNOWN).nonzero()
     if not unknown.numel():
@@ -53,7 +75,7 @@ def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable
     tiles = unknown.clone()
     tiles[:, 2] += start
     state = state.clone()
-    state[tuple(unknown.T)] = states_from_counts(tile_pair_counts(mask_mod, grid, tiles), grid)
+    state[tuple(unknown.T)] = states_from_counts(tile_pair_counts(mask_mod, grid, tiles, square=square), grid)
     return state
 
 
@@ -115,6 +137,8 @@ def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Calla
     query indices), so for ``grid.q_start > 0`` it is the pattern shifted by ``q_start``.
     Partial and full tiles are ordered together, so the partial and the full tensors of one
     kind are views of one tensor (each contiguous)."""
+    _check_states_memory(states.shape[0] * states.shape[1], grid, BLOCK_MASK_BYTES_PER_TILE,
+                         "a BlockMask (indices)")
     # [PARTIAL, FULL] made on the device (no host-to-device copy)
     kinds = torch.arange(PARTIAL, FULL + 1, FULL - PARTIAL, dtype=states.dtype, device=states.device)
     selected = states == kinds.view(-1, 1, 1, 1, 1)  # [2, B, H, R, C]: partial, full

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..budget import check_memory
 from ..lang.checks import check_int
 from ..lang.nodes import Pattern
 
@@ -99,6 +100,8 @@ class Context:
         if layout.dtype != torch.bool:
             raise BufferBindingError(f"layout({name!r}): {name} must have dtype torch.bool, got {layout.dtype}")
         layout = (layout if layout.dim() == 3 else layout[None]).to(self.device)
+        check_memory(f"layout({name!r})", f"a block layout of {layout.shape[0]} x {num_q_blocks:,} x "
+                     f"{num_k_blocks:,} blocks", layout.shape[0] * num_q_blocks * num_k_blocks)
         out = torch.zeros(layout.shape[0], num_q_blocks, num_k_blocks, dtype=torch.bool, device=self.device)
         rows, cols = min(num_q_blocks, layout.shape[1]), min(num_k_blocks, layout.shape[2])
         out[:, :rows, :cols] = layout[:, :rows, :cols]

@@ -16,6 +16,7 @@ import torch
 from ..lang import nodes as n
 from ..lang.groups import head_groups
 from ..lang.randomblocks import random_block_layout
+from ..budget import check_memory
 from ..lang.checks import check_int
 from .context import Context
 
@@ -30,11 +31,28 @@ def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int 
     q_len = check_int("dense()", "q_len", q_len, minimum=1)
     kv_len = q_offset + q_len if kv_len is None else kv_len
     ctx = Context.make(pattern, q_offset + q_len, kv_len, heads, buffers=buffers, where="dense()")
+    batch = max((b.shape[0] for name, b in ctx.buffers.items() if b.dim() == 2 and name in _document_names(pattern)),
+                default=1)
+    check_memory("dense()", f"a dense [{batch}, {ctx.heads}, {q_len:,}, {ctx.kv_len:,}] mask (and its int64 "
+                 f"position temporaries)", q_len * ctx.kv_len * (batch * ctx.heads + DENSE_TEMPORARY_BYTES))
     q = torch.arange(q_offset, ctx.q_len)[:, None]
     k = torch.arange(ctx.kv_len)[None, :]
     allowed = _dense(pattern, ctx, q, k)  # [B or 1, H or 1, Q, K]
     allowed = allowed.expand(allowed.shape[0], ctx.heads, q_len, ctx.kv_len)
     return allowed[0].clone() if allowed.shape[0] == 1 else allowed.clone()
+
+
+#: Bytes per ``(q, k)`` pair of the temporaries a dense build holds beside its result (two
+#: int64 grids of positions or differences at most).
+DENSE_TEMPORARY_BYTES = 16
+
+
+def _document_names(pattern: n.Pattern) -> set[str]:
+    """Names of the ``documents(...)`` tensors of ``pattern`` (those may add a batch)."""
+    names = {pattern.name} if isinstance(pattern, n.Documents) else set()
+    for child in pattern.children():
+        names |= _document_names(child)
+    return names
 
 
 def _lift(grid: torch.Tensor) -> torch.Tensor:

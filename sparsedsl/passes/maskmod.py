@@ -295,8 +295,38 @@ def _lower_score_mod(mod: n.ScoreMod, ctx: Context) -> ScoreFn:
             b.clamp(0, last_b), h.clamp(0, last_h), q.clamp(0, last_q), k.clamp(0, last_k)
         ]
     if isinstance(mod, n.FunctionMod):
-        return mod.fn
+        return checked_score_function(mod.fn)
     raise TypeError(f"score_mod: no lowering for {type(mod).__name__}")
+
+
+class ScoreFunctionError(TypeError):
+    """A plain score function returned something other than new scores: a floating tensor
+    of its ``score`` argument's shape and dtype."""
+
+
+def checked_score_function(fn: Callable) -> ScoreFn:
+    """``fn`` (a plain ``(score, b, h, q, k) -> score`` function) with its result checked
+    to be a tensor of the shape and dtype of ``score``: a scalar or a ``[..., :1]`` result
+    would otherwise be broadcast silently, and another dtype fail deep in a kernel. The
+    checks read only shapes and dtypes, so the wrapper traces and compiles as ``fn`` does
+    (under FlexAttention's ``vmap`` every score is one element, so a broadcast result
+    cannot be told from a per-pair one there)."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+    def checked(score, b, h, q, k):
+        result = fn(score, b, h, q, k)
+        if not isinstance(result, torch.Tensor):
+            got = "None" if result is None else f"a {type(result).__name__} ({result!r:.60})"
+        elif result.dtype != score.dtype or result.shape != score.shape:
+            got = f"a {result.dtype} tensor of shape {list(result.shape)}"
+        else:
+            return result
+        raise ScoreFunctionError(
+            f"score function {name}: must return a tensor of the dtype and shape of its "
+            f"'score' argument ({score.dtype}, shape {list(score.shape)}), got {got}"
+        )
+
+    return checked
 
 
 def _bias_tensor(name: str, ctx: Context) -> torch.Tensor:

@@ -6,6 +6,7 @@ stays ``O(budget)`` whatever the sequence lengths.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -17,25 +18,32 @@ EVALUATION_BUDGET = 1 << 22
 
 
 def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
-                     budget: int = EVALUATION_BUDGET) -> torch.Tensor:
+                     budget: int = EVALUATION_BUDGET, square: int = 1) -> torch.Tensor:
     """Allowed pairs inside each tile of ``tiles`` (``[n, 4]`` int64 rows ``(b, h, i, j)``:
     batch, head, query-tile and key-tile index), counting only positions inside the
     sequences. ``mask_mod`` takes absolute positions (query tile ``i`` starts at
-    ``grid.q_start + i * q_block``). Returns ``[n]`` int64."""
+    ``grid.q_start + i * q_block``). Returns ``[n]`` int64.
+
+    ``square`` is a side on which the pattern is constant over aligned squares
+    (:func:`~sparsedsl.passes.squares.uniform_square`; 1 always is): the tiles are cut into
+    squares of ``gcd(square, q_block, kv_block, q_start)`` positions, and ``mask_mod`` is
+    evaluated once per square, weighted by the square's positions inside the sequences."""
     device = tiles.device
+    side = math.gcd(square, grid.q_block, grid.kv_block, grid.q_start)
     counts = torch.zeros(tiles.shape[0], dtype=torch.int64, device=device)
-    q_off = torch.arange(grid.q_block, device=device)[None, :, None]
-    k_off = torch.arange(grid.kv_block, device=device)[None, None, :]
-    step = max(1, budget // (grid.q_block * grid.kv_block))
+    q_off = torch.arange(0, grid.q_block, side, device=device)[None, :, None]
+    k_off = torch.arange(0, grid.kv_block, side, device=device)[None, None, :]
+    step = max(1, budget // (q_off.shape[1] * k_off.shape[2]))
     for start in range(0, tiles.shape[0], step):
         chunk = tiles[start:start + step]
         b = chunk[:, 0, None, None]
         h = chunk[:, 1, None, None]
         q = grid.q_start + chunk[:, 2, None, None] * grid.q_block + q_off
         k = chunk[:, 3, None, None] * grid.kv_block + k_off
-        inside = (q < grid.q_len) & (k < grid.kv_len)
+        # positions of each square inside the sequences: side, fewer at an end, or none
+        weight = (grid.q_len - q).clamp(0, side) * (grid.kv_len - k).clamp(0, side)
         allowed = mask_mod(b, h, q.clamp(max=grid.q_len - 1), k.clamp(max=grid.kv_len - 1))
-        counts[start:start + step] = (allowed & inside).sum((1, 2))
+        counts[start:start + step] = (weight * allowed).sum((1, 2))
     return counts
 
 

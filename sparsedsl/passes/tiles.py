@@ -249,7 +249,8 @@ def _dilated_states(span: Span, segment: int, rate: int, offset: int) -> torch.T
     return decide(single, (q_last < k_first) | (k_last < q_first))
 
 
-def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0) -> torch.Tensor:
+def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0,
+                   pool: tuple[int, int] | None = None) -> torch.Tensor:
     """States of a ``[H or 1, rows, nkb]`` bool block layout of the block rows from
     ``first_row`` over a grid of tiles given in block coordinates: the allowed blocks of
     each tile's block rectangle are counted with prefix sums, so the decision is exact.
@@ -258,9 +259,18 @@ def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0) -> torc
 
     The bounds may be any broadcastable shapes: a grid's ``[R, 1]`` rows and ``[1, C]``
     columns (summed by rows, then by columns of each tile row), or one ``[n, 1]`` list of
-    tiles on both axes (a two-dimensional prefix sum, read at each tile's four corners)."""
+    tiles on both axes (a two-dimensional prefix sum, read at each tile's four corners).
+    When the span is a grid's rows of tiles (``q_range`` known) that are ``pool = (mq,
+    mk)`` whole blocks from a block boundary (the last cut short), each tile's blocks are
+    summed directly instead."""
     lo, hi = span.q_range or (first_row, first_row + layout.shape[1] - 1)
     rows = layout[:, lo - first_row:hi + 1 - first_row]
+    cells = (span.qh - span.ql + 1) * (span.kh - span.kl + 1)
+    if pool is not None and span.q_range is not None:  # a grid's rows, every column
+        (mq, mk), tiles_q, tiles_k = pool, span.ql.shape[0], span.kl.shape[1]
+        padded = F.pad(rows, (0, tiles_k * mk - rows.shape[2], 0, tiles_q * mq - rows.shape[1]))
+        counts = padded.view(-1, tiles_q, mq, tiles_k, mk).sum((2, 4), dtype=torch.int32)
+        return decide(counts == cells, counts == 0)
     index = torch.int64 if rows[0].numel() >= 2**31 else torch.int32
     by_row = F.pad(rows.cumsum(1, dtype=index), (0, 0, 1, 0))
     qbl, qbh, kbl, kbh = span.ql - lo, span.qh + (1 - lo), span.kl, span.kh + 1
@@ -271,7 +281,6 @@ def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0) -> torc
     else:
         table = F.pad(by_row.cumsum(2, dtype=index), (1, 0))
         counts = table[:, qbh, kbh] - table[:, qbl, kbh] - table[:, qbh, kbl] + table[:, qbl, kbl]
-    cells = (span.qh - span.ql + 1) * (span.kh - span.kl + 1)
     return decide(counts == cells, counts == 0)
 
 
@@ -372,7 +381,7 @@ def _(node: n.Blocks, ctx, span, grid):
     by_layout = _by_block_layout(node, grid) and coarse.q_range is not None  # a grid's rows
     if by_layout:
         layout, first_row = _rules_layout(node, ctx, coarse, grid)
-        state = _layout_states(layout, coarse, first_row)
+        state = _layout_states(layout, coarse, first_row, _whole_blocks(grid, size))
     elif node.rules:
         states = [_block_rule_states(rule, ctx, coarse, grid, size) for rule in node.rules]
         state = states[0]
@@ -385,6 +394,15 @@ def _(node: n.Blocks, ctx, span, grid):
     if node.within_ is not None:
         state = intersection(state, _within_states(node.within_, ctx, span, grid, size))
     return state
+
+
+def _whole_blocks(grid: TileGrid, size: int) -> tuple[int, int] | None:
+    """``(mq, mk)`` when every tile of ``grid`` is ``mq x mk`` whole ``size``-token blocks
+    from a block boundary (the last row and column of tiles cut short by the sequence
+    ends); else ``None``."""
+    if grid.aligned and grid.q_start % size == 0 and grid.q_block % size == 0 and grid.kv_block % size == 0:
+        return grid.q_block // size, grid.kv_block // size
+    return None
 
 
 #: Blocks per tile up to which several block rules are decided on a block layout.
@@ -411,17 +429,22 @@ def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) ->
     """``(layout, first_row)``: whether each block pair is allowed by ``node``'s rules
     (at least one) and block causality, bool ``[H or 1, rows, num_kv_blocks]`` for the
     block rows ``coarse.q_range`` (a grid's rows) from ``first_row``, from the rules'
-    ``mask_mod`` lowering on block coordinates (one definition of each rule)."""
+    ``mask_mod`` lowering on block coordinates (one definition of each rule); the rows of
+    a ``.random``/``.layout`` rule are read from its layout directly."""
     size = node.size
     num_qb, num_kb = -(-grid.q_len // size), -(-grid.kv_len // size)
     first, last = coarse.q_range
-    qb = torch.arange(first, last + 1, device=ctx.device)[:, None]
-    kb = torch.arange(num_kb, device=ctx.device)[None, :]
+    index = torch.int32 if num_qb + num_kb < 2**31 else torch.int64  # halves the traffic
+    qb = torch.arange(first, last + 1, dtype=index, device=ctx.device)[:, None]
+    kb = torch.arange(num_kb, dtype=index, device=ctx.device)[None, :]
     h = torch.arange(ctx.heads, device=ctx.device)[:, None, None]
-    rules = [lower_block_rule(rule, ctx, num_qb, num_kb) for rule in node.rules]
-    allowed = rules[0](h, qb, kb)
-    for rule in rules[1:]:
-        allowed = allowed | rule(h, qb, kb)
+    allowed = None
+    for rule in node.rules:
+        if isinstance(rule, (n.BlockRandom, n.BlockLayout)):
+            rows = _bound_layout(rule, ctx, grid, size)[:, first:last + 1]
+        else:
+            rows = lower_block_rule(rule, ctx, num_qb, num_kb)(h, qb, kb)
+        allowed = rows if allowed is None else allowed | rows
     if node.causal_:
         allowed = allowed & (kb <= qb)
     return (allowed if allowed.dim() == 3 else allowed[None]), first
@@ -445,18 +468,22 @@ def _block_rule_states(rule: n.BlockRule, ctx: Context, coarse: Span, grid: Tile
         return state
     if isinstance(rule, n.BlockGlobal):
         return _global_states(coarse, rule.n)
+    if isinstance(rule, (n.BlockRandom, n.BlockLayout)):
+        return _layout_states(_bound_layout(rule, ctx, grid, size), coarse, pool=_whole_blocks(grid, size))
+    raise TypeError(f"tile classification: no rule for block rule {type(rule).__name__}")
+
+
+def _bound_layout(rule: n.BlockRule, ctx: Context, grid: TileGrid, size: int) -> torch.Tensor:
+    """The ``[1 or H, nqb, nkb]`` bool layout of a ``.random(...)`` or ``.layout(...)`` rule
+    on ``grid``'s blocks, shared through ``ctx`` with the ``mask_mod`` lowering."""
     num_qb, num_kb = -(-grid.q_len // size), -(-grid.kv_len // size)
     if isinstance(rule, n.BlockRandom):
-        layout = ctx.memoized(
+        return ctx.memoized(
             ("random", rule, num_qb, num_kb),
             lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed, device=ctx.device),
         )[None]
-    elif isinstance(rule, n.BlockLayout):
-        layout = ctx.memoized(("layout", rule.name, num_qb, num_kb),
-                              lambda: ctx.block_layout(rule.name, num_qb, num_kb))
-    else:
-        raise TypeError(f"tile classification: no rule for block rule {type(rule).__name__}")
-    return _layout_states(layout, coarse)
+    return ctx.memoized(("layout", rule.name, num_qb, num_kb),
+                        lambda: ctx.block_layout(rule.name, num_qb, num_kb))
 
 
 def _within_states(rule: n.Pattern, ctx: Context, span: Span, grid: TileGrid, size: int) -> torch.Tensor:
