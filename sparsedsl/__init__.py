@@ -36,6 +36,12 @@ _EXPORTS = {
     "compile": ".compiler.module",
     "Plan": ".compiler.plan",
     "PatternArgumentError": ".lang.checks",
+    "PatternOperandError": ".lang.checks",
+    "MemoryBudgetError": ".budget",
+    "memory_budget": ".budget",
+    "set_memory_budget": ".budget",
+    "using_memory_budget": ".budget",
+    "ScoreFunctionError": ".passes.maskmod",
     **{name: ".lang.nodes" for name in (
         "Pattern", "alibi", "bias", "blocks", "causal", "chunks", "dilated", "dilated_window",
         "documents", "full", "global_tokens", "heads", "prefix", "segments", "softcap",
