@@ -16,7 +16,11 @@ per attention call (the plans' own backward kernels still run).
 
 A module is named inside the graph by an integer handle into a registry with one module per
 configuration (pattern, tiles, kernel), so patterns with Python score functions work too,
-and copies of a module (``copy.deepcopy``, pickling) name the same configuration.
+and copies of a module (``copy.deepcopy``, pickling) name the same configuration. A caller
+that is not a :class:`~sparsedsl.compiler.module.CompiledPattern` (a model integration) may
+register any callable that takes the same arguments, and pass it a ``context`` string: a
+description of the call that is fixed when the graph is traced (which model layer calls),
+so that what it implies is decided at run time, outside the graph.
 """
 
 from __future__ import annotations
@@ -46,20 +50,24 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _run(handle: int, q, k, v, scale: float, q_offset: int, return_lse: bool, names: str, tensors):
+def _run(handle: int, q, k, v, scale: float, q_offset: int, return_lse: bool, names: str, tensors,
+         context: str):
     module = _MODULES[handle]
     buffers = dict(zip(names.split(_NAME_SEPARATOR), tensors)) if names else {}
+    if context:
+        buffers["context"] = context
     return module(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **buffers)
 
 
 @torch.library.custom_op("sparsedsl::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float,
-                 q_offset: int, return_lse: bool, names: str,
-                 tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                 q_offset: int, return_lse: bool, names: str, tensors: list[torch.Tensor],
+                 context: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the registered module ``handle`` on ``[B, H, N, D]`` inputs;
     ``lse`` is empty unless ``return_lse``. ``names`` lists the bound tensors' keywords,
-    comma-separated, in the order of ``tensors``."""
-    result = _run(handle, q, k, v, scale, q_offset, return_lse, names, tensors)
+    comma-separated, in the order of ``tensors``; a non-empty ``context`` is passed to the
+    module as the keyword ``context``."""
+    result = _run(handle, q, k, v, scale, q_offset, return_lse, names, tensors, context)
     if return_lse:
         out, lse = result
         return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
@@ -67,7 +75,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int,
 
 
 @attention_op.register_fake
-def _(q, k, v, handle, scale, q_offset, return_lse, names, tensors):
+def _(q, k, v, handle, scale, q_offset, return_lse, names, tensors, context=""):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(batch, heads, q_len, v.shape[-1])
     lse = q.new_empty((batch, heads, q_len) if return_lse else (0,), dtype=_lse_dtype(q.dtype))
@@ -77,13 +85,13 @@ def _(q, k, v, handle, scale, q_offset, return_lse, names, tensors):
 @torch.library.custom_op("sparsedsl::attention_backward", mutates_args=())
 def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
                           k: torch.Tensor, v: torch.Tensor, handle: int, scale: float,
-                          q_offset: int, return_lse: bool, names: str,
-                          tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          q_offset: int, return_lse: bool, names: str, tensors: list[torch.Tensor],
+                          context: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``q``, ``k``, ``v`` for :func:`attention_op`, by recomputing its
     forward with autograd (``grad_lse`` is used when ``return_lse``)."""
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     with _autograd_inside_operator(), torch.enable_grad():
-        result = _run(handle, *inputs, scale, q_offset, return_lse, names, tensors)
+        result = _run(handle, *inputs, scale, q_offset, return_lse, names, tensors, context)
         outputs, grads = ([result[0], result[1]], [grad_out, grad_lse]) if return_lse else ([result], [grad_out])
         if return_lse:  # rows without keys have lse = -inf and no gradient through it
             finite = torch.isfinite(outputs[1])
@@ -107,31 +115,34 @@ def _autograd_inside_operator():
 
 
 @attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, handle, scale, q_offset, return_lse, names, tensors):
+def _(grad_out, grad_lse, q, k, v, handle, scale, q_offset, return_lse, names, tensors, context=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, handle, scale, q_offset, return_lse, names, tensors = inputs
+    q, k, v, handle, scale, q_offset, return_lse, names, tensors, context = inputs
     ctx.save_for_backward(q, k, v, *tensors)
-    ctx.arguments = (handle, scale, q_offset, return_lse, names)
+    ctx.arguments = (handle, scale, q_offset, return_lse, names, context)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, *tensors = ctx.saved_tensors
-    handle, scale, q_offset, return_lse, names = ctx.arguments
+    handle, scale, q_offset, return_lse, names, context = ctx.arguments
     if grad_lse is None or not return_lse:
         grad_lse = q.new_zeros(0)
     dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, handle, scale, q_offset,
-                                       return_lse, names, tensors)
-    return dq, dk, dv, None, None, None, None, None, [None] * len(tensors)
+                                       return_lse, names, tensors, context)
+    return dq, dk, dv, None, None, None, None, None, [None] * len(tensors), None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def traced_attention(handle: int, q, k, v, scale: float, q_offset, return_lse: bool, buffers: dict):
-    """The attention of module ``handle`` as :func:`attention_op` (inputs ``[B, H, N, D]``)."""
+def traced_attention(handle: int, q, k, v, scale: float, q_offset, return_lse: bool, buffers: dict,
+                     context: str = ""):
+    """The attention of module ``handle`` as :func:`attention_op` (inputs ``[B, H, N, D]``;
+    ``q_offset`` may be a symbolic length)."""
     names = _NAME_SEPARATOR.join(buffers)
-    out, lse = attention_op(q, k, v, handle, scale, q_offset, return_lse, names, list(buffers.values()))
+    out, lse = attention_op(q, k, v, handle, scale, q_offset, return_lse, names, list(buffers.values()),
+                            context)
     return (out, lse) if return_lse else out
