@@ -115,6 +115,10 @@ def _(node: n.Window, lo, hi, ctx):
 def _(node: n.DilatedWindow, lo, hi, ctx):
     first = -(node.before // node.rate) * node.rate  # nearest multiples inside the window
     last = node.after // node.rate * node.rate
+    if node.rate > ctx.unit and _single_rows(lo, hi, ctx):
+        start = np.maximum(lo + first, lo - (lo // node.rate) * node.rate)  # the first in the sequence
+        stop = np.minimum(lo + last, ctx.seq_len - 1)
+        return Reach(_progressions(len(lo), np.arange(len(lo)), start, stop, node.rate, ctx, str(node)))
     contiguous = (hi - lo >= node.rate) | (first == last)
     return Reach(_every(lo, lo + first, hi + last), exact=node.rate <= ctx.unit or bool(contiguous.all()))
 
@@ -126,7 +130,24 @@ def _(node: n.Chunks, lo, hi, ctx):
 
 @_reach.register
 def _(node: n.Strided, lo, hi, ctx):
-    return Reach(_every(lo, 0, ctx.seq_len), exact=bool(np.all(hi - lo >= node.stride)))
+    if node.stride > ctx.unit and _single_rows(lo, hi, ctx):
+        return Reach(_progressions(len(lo), np.arange(len(lo)), lo % node.stride,
+                                   np.full(len(lo), ctx.seq_len - 1), node.stride, ctx, str(node)))
+    return Reach(_every(lo, 0, ctx.seq_len), exact=bool(np.all(hi - lo >= node.stride)) or node.stride <= ctx.unit)
+
+
+def _progressions(groups: int, ids, first, last, step: int, ctx, what: str) -> Spans:
+    """Set ``ids[i]`` holds ``first[i], first[i] + step, ...`` up to ``last[i]``."""
+    counts = np.maximum((last - first) // step + 1, 0)
+    total = int(counts.sum())
+    if total > POINT_BUDGET:
+        raise ValueError(
+            f"{ctx.where}: {what} reaches {total} separate positions from these rows (more "
+            f"than {POINT_BUDGET} to list); use tiles of at least {step} positions, or a "
+            f"shorter seq_len"
+        )
+    keys = np.repeat(first, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)) * step
+    return Spans.of(groups, np.repeat(ids, counts), keys, keys + 1)
 
 
 @_reach.register
@@ -172,17 +193,7 @@ def _dilated_spans(segment: int, rate: int, offset: int, lo, hi, ctx) -> Spans:
     last = last - (last - first) % rate  # the last kept position before the sequence ends
     if rate == 1 or rate <= ctx.unit:
         return Spans.of(len(lo), ids, first, last + 1)
-    points = np.maximum((last - first) // rate + 1, 0)
-    total = int(points.sum())
-    if total > POINT_BUDGET:
-        raise ValueError(
-            f"{ctx.where}: dilated({segment}, {rate}, {offset}) reaches {total} separate kept "
-            f"positions from these rows (more than {POINT_BUDGET} to list); use tiles of at "
-            f"least {rate} positions, or a shorter seq_len"
-        )
-    step = np.arange(total) - np.repeat(np.cumsum(points) - points, points)
-    keys = np.repeat(first, points) + step * rate
-    return Spans.of(len(lo), np.repeat(ids, points), keys, keys + 1)
+    return _progressions(len(lo), ids, first, last, rate, ctx, f"dilated({segment}, {rate}, {offset})")
 
 
 @_reach.register
@@ -219,8 +230,8 @@ def _(node: n.Blocks, lo, hi, ctx):
     num_blocks = -(-ctx.seq_len // size)
     qb_lo, qb_hi = lo // size, (hi - 1) // size + 1
     if node.rules:
-        parts = [_block_rule(rule, qb_lo, qb_hi, num_blocks, ctx) for rule in node.rules]
-        blocks = _union(parts)
+        parts = [block_rule_reach(rule, qb_lo, qb_hi, num_blocks, ctx) for rule in node.rules]
+        blocks = union_reach(parts)
     else:
         blocks = Reach(_every(lo, 0, num_blocks))
     if node.causal_:
@@ -235,7 +246,7 @@ def _(node: n.Blocks, lo, hi, ctx):
     return Reach(spans, exact, tuple(replace(d, size=size) for d in blocks.draws))
 
 
-def _block_rule(rule: n.BlockRule, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
+def block_rule_reach(rule: n.BlockRule, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
     """Key blocks the block rows ``[qb_lo, qb_hi)`` reach under one rule."""
     if isinstance(rule, n.BlockLocal):
         return Reach(_every(qb_lo, qb_lo - rule.window, qb_hi + rule.window))
@@ -243,6 +254,14 @@ def _block_rule(rule: n.BlockRule, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
         # Rate r reaches the rows' own residues mod r, as far as the window allows (the
         # furthest multiple of r inside it); rows at least r long hold every residue.
         rows = qb_hi - qb_lo
+        if np.all(rows == 1):  # single block rows: each rate's progression, listed
+            parts = []
+            for r in rule.rates:
+                extent = num_blocks if rule.window is None else rule.window // r * r
+                first = np.maximum(qb_lo - extent, qb_lo % r)
+                last = np.minimum(qb_lo + extent, num_blocks - 1)
+                parts.append(Reach(_progressions(len(qb_lo), np.arange(len(qb_lo)), first, last, r, ctx, str(rule))))
+            return union_reach(parts)
         if rule.window is None:
             return Reach(_every(qb_lo, 0, num_blocks), exact=all(bool(np.all(rows >= r)) for r in rule.rates))
         extent = max(rule.window // r * r for r in rule.rates)
@@ -293,7 +312,7 @@ def _random_blocks(rule: n.BlockRandom, qb_lo, qb_hi, num_blocks: int, ctx) -> R
 
 # -- combinators ----------------------------------------------------------------------------
 
-def _union(parts: list[Reach]) -> Reach:
+def union_reach(parts: list[Reach]) -> Reach:
     spans = parts[0].spans
     for part in parts[1:]:
         spans = spans.union(part.spans)
@@ -308,13 +327,13 @@ def _no_draws(parts: list[Reach], what: str, ctx) -> None:
 
 @_reach.register
 def _(node: n.Union, lo, hi, ctx):
-    return _union([_reach(p, lo, hi, ctx) for p in node.parts])
+    return union_reach([_reach(p, lo, hi, ctx) for p in node.parts])
 
 
 @_reach.register
 def _(node: n.Heads, lo, hi, ctx):
     groups = head_groups(ctx.heads, len(node.parts))  # checks there are enough heads
-    return _union([_reach(p, lo, hi, ctx) for p, _ in zip(node.parts, groups)])
+    return union_reach([_reach(p, lo, hi, ctx) for p, _ in zip(node.parts, groups)])
 
 
 @_reach.register
