@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import sparsedsl as sd
 from sparsedsl.distributed import (
+    estimate,
     exchange_plan,
     owned_ranges,
     sequence_parallel_attention,
@@ -43,6 +44,12 @@ def _cases() -> dict:
         "causal zigzag": (sd.causal(), True, 2, 1, 256, {}),
         "window zigzag": (sd.window(20), True, 2, 2, 256, {}),
         "documents": (sd.documents("ids"), False, 2, 2, 256, {"ids": ids}),
+        # needed tiles far apart: random blocks and a global block anywhere in the
+        # sequence, a dilated head group whose kept keys lie 48 positions apart
+        "bigbird (far tiles)": (sd.blocks(16).local(1).global_(1).random(2, seed=3), False, 2, 1, 256, {}),
+        "dilated far apart": (sd.segments([256, 32], [48, 1], [5, 0]), False, 2, 2, 256, {}),
+        "prefix|causal zigzag": (sd.prefix(40) | sd.causal(), True, 2, 2, 256, {}),
+        "alibi window": (sd.window(30).score(sd.alibi()), False, 2, 2, 240, {}),
     }
 
 
@@ -69,12 +76,20 @@ def _run_case(name, rank, world_size, device, dtype) -> dict:
     dist.all_gather(gathered, out.detach().contiguous())
     plan = exchange_plan(compiled, seq_len, world_size, zigzag=zigzag, heads=heads, **buffers)
     position_bytes = k.shape[0] * kv_heads * (k.shape[3] + v.shape[3]) * k.element_size()
+    planned = None
+    if not buffers:
+        planned = estimate(compiled, seq_len, world_size, heads=heads, head_dim=8, dtype=dtype,
+                           zigzag=zigzag, kv_heads=kv_heads, batch=2).ranks[rank]
+        planned = (planned.received_bytes, planned.sent_bytes, planned.held_kv_positions)
     return {
         "out": _max_error(out, shard(expected, rank, world_size, zigzag)),
         "unsharded out": _max_error(unshard(gathered, zigzag), expected),
         **{f"grad {n}": _max_error(t.grad, shard(f.grad, rank, world_size, zigzag))
            for n, t, f in zip("qkv", local, full)},
         "received_bytes": stats.received_bytes,
+        "sent_bytes": stats.sent_bytes,
+        "held_kv_positions": stats.held_kv_positions,
+        "estimate": planned,
         "all_gather_bytes": stats.all_gather_bytes,
         "planned_received_bytes": plan.received_positions(rank) * position_bytes,
     }
@@ -183,6 +198,37 @@ def test_stats_report_the_planned_traffic(gloo_reports):
     for report in reports:
         for case in _cases():
             assert report[case]["received_bytes"] == report[case]["planned_received_bytes"], case
+
+
+def test_the_estimate_equals_the_real_run_byte_for_byte(gloo_reports):
+    world_size, reports = gloo_reports
+    checked = 0
+    for rank, report in enumerate(reports):
+        for case in _cases():
+            planned, real = report[case]["estimate"], report[case]
+            if planned is None:  # patterns with call-time tensors are not estimated
+                continue
+            got = planned
+            want = (real["received_bytes"], real["sent_bytes"], real["held_kv_positions"])
+            assert got == want, f"{case}, rank {rank} of {world_size}: estimate {got}, run {want}"
+            checked += 1
+    assert checked == world_size * (len(_cases()) - 1)
+
+
+def test_compact_holding_is_what_the_rows_need(gloo_reports):
+    """Each rank holds its needed tiles only: a window's rank holds its shard and a tile
+    either side, never the sequence; tiles far apart are held without what lies between."""
+    world_size, reports = gloo_reports
+    shard_len = 256 // world_size
+    for rank, report in enumerate(reports):
+        neighbours = (rank > 0) + (rank < world_size - 1)
+        assert report["window"]["held_kv_positions"] == shard_len + 32 * neighbours
+        # kept keys of the rate-48 group (offset 5): positions 5, 53, ..., 245, one 16-tile
+        # each, and the rank's own tiles for the chunked group.
+        far = report["dilated far apart"]["held_kv_positions"]
+        own_tiles = shard_len // 16
+        kept_tiles_elsewhere = sum(1 for p in range(5, 256, 48) if not rank * shard_len <= p < (rank + 1) * shard_len)
+        assert far == 16 * (own_tiles + kept_tiles_elsewhere) < 256
 
 
 def test_a_window_moves_far_less_than_an_all_gather(gloo_reports):

@@ -121,6 +121,7 @@ def _(node: n.Prefix, lo, hi, seq_len, heads, ctx):
 
 @_pairs.register
 def _(node: n.Heads, lo, hi, seq_len, heads, ctx):
+    _no_head_groups_inside(node.parts, node, ctx)
     groups = head_groups(heads, len(node.parts))
     return sum(_pairs(p, lo, hi, seq_len, len(g), ctx) for p, g in zip(node.parts, groups))
 
@@ -200,11 +201,17 @@ def _expected_blocks(draws, exact: Spans, rows: int) -> np.ndarray:
     return expected
 
 
-def _by_rows(node, lo: int, hi: int, seq_len: int, heads: int, ctx) -> int:
-    """Row by row, from each row's exact key set."""
-    if any(isinstance(m, (n.Heads, n.Segments)) for m in walk(node)):
+def _no_head_groups_inside(parts, node, ctx) -> None:
+    """Head groups count closed-form at the top of a pattern only (nested ones see
+    absolute head indices)."""
+    if any(isinstance(m, (n.Heads, n.Segments)) for p in parts for m in walk(p)):
         raise ValueError(f"{ctx.where}: no pair count for head groups inside {node}; "
                          f"put heads(...) or segments(...) at the top of the pattern")
+
+
+def _by_rows(node, lo: int, hi: int, seq_len: int, heads: int, ctx) -> int:
+    """Row by row, from each row's exact key set."""
+    _no_head_groups_inside([node], node, ctx)
     if hi - lo > ROW_BUDGET:
         raise ValueError(f"{ctx.where}: {node} has no closed form for its pairs, and counting "
                          f"{hi - lo} rows one by one is more than {ROW_BUDGET}; give a shorter seq_len")

@@ -232,6 +232,7 @@ def _(node: n.Blocks, lo, hi, ctx):
     if node.rules:
         parts = [block_rule_reach(rule, qb_lo, qb_hi, num_blocks, ctx) for rule in node.rules]
         blocks = union_reach(parts)
+        blocks = Reach(blocks.spans.clipped(num_blocks), blocks.exact, blocks.draws)
     else:
         blocks = Reach(_every(lo, 0, num_blocks))
     if node.causal_:
@@ -239,11 +240,34 @@ def _(node: n.Blocks, lo, hi, ctx):
             raise ValueError(f"{ctx.where}: random blocks with .causal() are only counted exactly; "
                              f"this size needs more than {ctx.hash_budget} hashes")
         blocks = Reach(blocks.spans.intersect(_every(lo, 0, qb_hi)), blocks.exact)
+    if node.within_ is not None and _single_rows(lo, hi, ctx) and not blocks.draws:
+        return Reach(_within_rows(node, blocks.spans, lo, ctx), blocks.exact)
     spans = Spans.of(len(lo), blocks.spans.ids, blocks.spans.starts * size, blocks.spans.stops * size)
     # .within() keeps fewer keys of each block: the blocks stay a superset, exact at tiles
     # of whole blocks.
     exact = blocks.exact and (node.within_ is None or ctx.unit >= size)
     return Reach(spans, exact, tuple(replace(d, size=size) for d in blocks.draws))
+
+
+def _within_rows(node: n.Blocks, blocks: Spans, rows, ctx) -> Spans:
+    """Single rows of a ``.within(rule)`` block pattern: in each allowed key block, the
+    keys the rule allows from the row's block-relative position (listed block by block)."""
+    size = node.size
+    rel_ctx = ReachContext(size, ctx.heads, 1, {}, False, ctx.hash_budget, ctx.where)
+    relative = _reach(node.within_, rows % size, rows % size + 1, rel_ctx).spans.clipped(size)
+    counts = blocks.stops - blocks.starts
+    if int(counts.sum()) * max(1, len(relative.ids)) > POINT_BUDGET:
+        raise ValueError(f"{ctx.where}: {node} allows too many separate key runs per row to list")
+    ids = np.repeat(blocks.ids, counts)
+    block = np.repeat(blocks.starts, counts) + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    # pair every allowed block of a row with every relative interval of the same row
+    order = np.argsort(relative.ids, kind="stable")
+    rel_ids, rel_lo, rel_hi = relative.ids[order], relative.starts[order], relative.stops[order]
+    first = np.searchsorted(rel_ids, ids, side="left")
+    many = np.searchsorted(rel_ids, ids, side="right") - first
+    which = np.repeat(first, many) + np.arange(int(many.sum())) - np.repeat(np.cumsum(many) - many, many)
+    base = np.repeat(block, many) * size
+    return Spans.of(blocks.groups, np.repeat(ids, many), base + rel_lo[which], base + rel_hi[which])
 
 
 def block_rule_reach(rule: n.BlockRule, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
@@ -345,9 +369,9 @@ def _(node: n.Segments, lo, hi, ctx):
 def _(node: n.Intersection, lo, hi, ctx):
     parts = [_reach(p, lo, hi, ctx) for p in node.parts]
     _no_draws(parts, "an intersection", ctx)
-    spans = parts[0].spans
+    spans = parts[0].spans.clipped(ctx.seq_len)
     for part in parts[1:]:
-        spans = spans.intersect(part.spans)
+        spans = spans.intersect(part.spans.clipped(ctx.seq_len))
     return Reach(spans, all(p.exact for p in parts) and _single_rows(lo, hi, ctx))
 
 
@@ -356,7 +380,7 @@ def _(node: n.Difference, lo, hi, ctx):
     left, right = _reach(node.left, lo, hi, ctx), _reach(node.right, lo, hi, ctx)
     _no_draws([left, right], "a difference", ctx)
     if left.exact and right.exact and _single_rows(lo, hi, ctx):
-        return Reach(left.spans.difference(right.spans.clipped(ctx.seq_len)))
+        return Reach(left.spans.clipped(ctx.seq_len).difference(right.spans.clipped(ctx.seq_len)))
     return Reach(left.spans, exact=False)
 
 
