@@ -11,13 +11,19 @@ How it is derived. A head-free pattern is written as a signed sum of indicator f
 1[b] - 1[a & b]``, ``1[~a] = 1 - 1[a]``, ``1[a - b] = 1[a] - 1[a & b]``); a product of atoms
 is their intersection, which must again be an atom:
 
-* ``Band(lo, hi, rate, rows, cols)``: ``lo <= k - q <= hi``, ``rate | k - q``, ``q < rows``,
-  ``k < cols`` (``None``: unbounded). ``full``, ``causal``, ``window``, ``dilated_window``,
-  ``strided``, ``prefix`` and the two halves of ``global_tokens``.
+* ``Diagonals(lo, hi, rate, rows, cols)``: the pairs on diagonals ``d = k - q`` with ``lo
+  <= d <= hi`` and ``rate | d``, in rows ``q < rows`` and columns ``k < cols`` (``None``:
+  unbounded). ``full``, ``causal``, ``window``, ``dilated_window``, ``strided``, ``prefix``
+  and the two halves of ``global_tokens``.
 * ``Seg(size, rate, offset)``: ``dilated(size, rate, offset)``; ``chunks(s)`` is ``Seg(s, 1, 0)``.
-* ``SegBand(size, band)``: a band inside ``chunks(size)``.
-* ``BlockForm(size, band, within)``: a ``blocks(size)`` pattern, its block rules an atom on
-  block indices, its ``.within`` rule a signed sum of atoms on block-relative positions.
+* ``SegDiagonals(size, diagonals)``: unlimited ``Diagonals`` inside ``chunks(size)``.
+* ``BlockForm(size, diagonals, within)``: a ``blocks(size)`` pattern, its block rules
+  ``Diagonals`` of block indices, its ``.within`` rule a signed sum of atoms on
+  block-relative positions.
+
+What each node and block rule contributes is one ``functools.singledispatch`` entry per
+class (:func:`_poly_of`, :func:`_rule_poly`); a class without an entry is refused with a
+``TypeError`` naming it.
 
 Where an intersection is not an atom (say ``dilated(16, 2) & window(3)``), or a node has no
 closed form (``documents``, ``.layout``, ``.random``), :class:`NoClosedFormError` names the
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import singledispatch
 from typing import Optional
 
 import sympy as sp
@@ -51,8 +58,9 @@ Bound = Optional[int]  # None: unbounded
 
 
 @dataclass(frozen=True)
-class Band:
-    """``lo <= k - q <= hi`` and ``rate | (k - q)``, ``q < rows``, ``k < cols``."""
+class Diagonals:
+    """The pairs with ``lo <= k - q <= hi``, ``rate | (k - q)``, ``q < rows`` and ``k <
+    cols`` (``None``: unbounded)."""
 
     lo: Bound = None
     hi: Bound = None
@@ -72,7 +80,7 @@ class Band:
         return self.rows == 0 or self.cols == 0
 
 
-UNIVERSE = Band()
+UNIVERSE = Diagonals()
 
 
 @dataclass(frozen=True)
@@ -85,20 +93,20 @@ class Seg:
 
 
 @dataclass(frozen=True)
-class SegBand:
-    """A band without row/column limits, inside ``chunks(size)``."""
+class SegDiagonals:
+    """``Diagonals`` without row/column limits, inside ``chunks(size)``."""
 
     size: int
-    band: Band
+    diagonals: Diagonals
 
 
 @dataclass(frozen=True)
 class BlockForm:
-    """``blocks(size)``: block pairs in ``band`` (block indices) and ``within`` (a signed sum
-    of atoms, as ``((atom, coefficient), ...)``) on block-relative positions."""
+    """``blocks(size)``: block pairs in ``diagonals`` (of block indices) and ``within`` (a
+    signed sum of atoms, as ``((atom, coefficient), ...)``) on block-relative positions."""
 
     size: int
-    band: Band
+    diagonals: Diagonals
     within: tuple
 
 
@@ -124,20 +132,20 @@ def _meet(a: Atom, b: Atom) -> Atom | None:
         return b
     if b == UNIVERSE:
         return a
-    if isinstance(a, Band) and isinstance(b, Band):
-        band = Band(_lo_max(a.lo, b.lo), _hi_min(a.hi, b.hi), math.lcm(a.rate, b.rate),
-                    _hi_min(a.rows, b.rows), _hi_min(a.cols, b.cols))
-        return None if band.is_empty() else band
-    if isinstance(b, Band) and not isinstance(a, Band):
+    if isinstance(a, Diagonals) and isinstance(b, Diagonals):
+        both = Diagonals(_lo_max(a.lo, b.lo), _hi_min(a.hi, b.hi), math.lcm(a.rate, b.rate),
+                         _hi_min(a.rows, b.rows), _hi_min(a.cols, b.cols))
+        return None if both.is_empty() else both
+    if isinstance(b, Diagonals) and not isinstance(a, Diagonals):
         a, b = b, a
-    if isinstance(a, Band):  # b is not a band
+    if isinstance(a, Diagonals):  # b is not Diagonals
         if a.limited:
             raise _NoMeet
         if isinstance(b, Seg) and b.rate == 1:
-            return SegBand(b.size, a)
-        if isinstance(b, SegBand):
-            inner = _meet(a, b.band)
-            return None if inner is None else SegBand(b.size, inner)
+            return SegDiagonals(b.size, a)
+        if isinstance(b, SegDiagonals):
+            inner = _meet(a, b.diagonals)
+            return None if inner is None else SegDiagonals(b.size, inner)
         raise _NoMeet
     if isinstance(a, Seg) and isinstance(b, Seg):
         if a.size == b.size:
@@ -146,20 +154,20 @@ def _meet(a: Atom, b: Atom) -> Atom | None:
         if a.rate == b.rate == 1 and max(a.size, b.size) % min(a.size, b.size) == 0:
             return Seg(min(a.size, b.size))
         raise _NoMeet
-    if isinstance(a, SegBand) and isinstance(b, Seg) or isinstance(a, Seg) and isinstance(b, SegBand):
+    if isinstance(a, SegDiagonals) and isinstance(b, Seg) or isinstance(a, Seg) and isinstance(b, SegDiagonals):
         seg, sb = (a, b) if isinstance(a, Seg) else (b, a)
         if seg.rate == 1 and seg.size == sb.size:
             return sb
         raise _NoMeet
-    if isinstance(a, SegBand) and isinstance(b, SegBand) and a.size == b.size:
-        inner = _meet(a.band, b.band)
-        return None if inner is None else SegBand(a.size, inner)
+    if isinstance(a, SegDiagonals) and isinstance(b, SegDiagonals) and a.size == b.size:
+        inner = _meet(a.diagonals, b.diagonals)
+        return None if inner is None else SegDiagonals(a.size, inner)
     if isinstance(a, BlockForm) and isinstance(b, BlockForm) and a.size == b.size:
-        band = _meet(a.band, b.band)
+        diagonals = _meet(a.diagonals, b.diagonals)
         within = _product(dict(a.within), dict(b.within))
-        if band is None or not within:
+        if diagonals is None or not within:
             return None
-        return BlockForm(a.size, band, _frozen(within))
+        return BlockForm(a.size, diagonals, _frozen(within))
     raise _NoMeet
 
 
@@ -211,74 +219,157 @@ def _poly(node: n.Pattern) -> Poly:
         ) from None
 
 
+def _or(p: Poly, q: Poly) -> Poly:
+    """The signed sum of atoms of the union of ``p`` and ``q``: ``p + q - p q``."""
+    return _add(_add(p, q), _product(p, q), -1)
+
+
+@singledispatch
 def _poly_of(node: n.Pattern) -> Poly:
-    if isinstance(node, n.Full):
-        return {UNIVERSE: 1}
-    if isinstance(node, n.Causal):
-        return {Band(hi=0): 1}
-    if isinstance(node, n.Window):
-        return {Band(-node.before, node.after): 1}
-    if isinstance(node, n.DilatedWindow):
-        band = Band(-node.before, node.after, node.rate)
-        return {} if band.is_empty() else {band: 1}
-    if isinstance(node, n.Strided):
-        return {Band(rate=node.stride): 1}
-    if isinstance(node, n.Chunks):
-        return {Seg(node.size): 1}
-    if isinstance(node, n.Dilated):
-        return {Seg(node.segment, node.rate, node.offset): 1}
-    if isinstance(node, n.Prefix):
-        return {Band(cols=node.n): 1}
-    if isinstance(node, n.GlobalTokens):
-        rows, cols, both = Band(rows=node.n), Band(cols=node.n), Band(rows=node.n, cols=node.n)
-        return {rows: 1, cols: 1, both: -1}
-    if isinstance(node, n.Blocks):
-        return _blocks_poly(node)
-    if isinstance(node, n.Union):
-        out = _poly(node.parts[0])
-        for part in node.parts[1:]:
-            other = _poly(part)
-            out = _add(_add(out, other), _product(out, other), -1)
-        return out
-    if isinstance(node, n.Intersection):
-        out = _poly(node.parts[0])
-        for part in node.parts[1:]:
-            out = _product(out, _poly(part))
-        return out
-    if isinstance(node, n.Difference):
-        left = _poly(node.left)
-        return _add(left, _product(left, _poly(node.right)), -1)
-    if isinstance(node, n.Complement):
-        return _add({UNIVERSE: 1}, _poly(node.inner), -1)
-    if isinstance(node, n.Scored):
-        return _poly(node.pattern)
+    """The signed sum of atoms of one node (see the module docstring)."""
+    raise TypeError(f"formula(): no rule for node type {type(node).__name__}")
+
+
+@_poly_of.register
+def _(node: n.Full) -> Poly:
+    return {UNIVERSE: 1}
+
+
+@_poly_of.register
+def _(node: n.Causal) -> Poly:
+    return {Diagonals(hi=0): 1}
+
+
+@_poly_of.register
+def _(node: n.Window) -> Poly:
+    return {Diagonals(-node.before, node.after): 1}
+
+
+@_poly_of.register
+def _(node: n.DilatedWindow) -> Poly:
+    diagonals = Diagonals(-node.before, node.after, node.rate)
+    return {} if diagonals.is_empty() else {diagonals: 1}
+
+
+@_poly_of.register
+def _(node: n.Strided) -> Poly:
+    return {Diagonals(rate=node.stride): 1}
+
+
+@_poly_of.register
+def _(node: n.Chunks) -> Poly:
+    return {Seg(node.size): 1}
+
+
+@_poly_of.register
+def _(node: n.Dilated) -> Poly:
+    return {Seg(node.segment, node.rate, node.offset): 1}
+
+
+@_poly_of.register
+def _(node: n.Prefix) -> Poly:
+    return {Diagonals(cols=node.n): 1}
+
+
+@_poly_of.register
+def _(node: n.GlobalTokens) -> Poly:
+    return _first_rows_or_columns(node.n)
+
+
+def _first_rows_or_columns(count: int) -> Poly:
+    """``q < count or k < count``."""
+    return {Diagonals(rows=count): 1, Diagonals(cols=count): 1, Diagonals(rows=count, cols=count): -1}
+
+
+@_poly_of.register
+def _(node: n.Documents) -> Poly:
     raise NoClosedFormError(f"formula(): {node} has no closed form (its pairs depend on "
                             f"call-time tensors or on a seeded choice)")
 
 
-def _blocks_poly(node: n.Blocks) -> Poly:
+@_poly_of.register(n.Heads)
+@_poly_of.register(n.Segments)
+def _(node: n.Pattern) -> Poly:
+    raise NoClosedFormError(f"formula(): {node} gives heads different patterns: each head "
+                            f"has its own closed form (resolve the head first)")
+
+
+@_poly_of.register
+def _(node: n.Blocks) -> Poly:
     rules: Poly = {} if node.rules else {UNIVERSE: 1}
     for rule in node.rules:
-        if isinstance(rule, n.BlockLocal):
-            part = {Band(-rule.window, rule.window): 1}
-        elif isinstance(rule, n.BlockDilated):
-            part = {}
-            for r in rule.rates:  # union over rates
-                w = rule.window
-                one = {Band(None if w is None else -w, w, r): 1}
-                part = _add(_add(part, one), _product(part, one), -1)
-        elif isinstance(rule, n.BlockGlobal):
-            g = rule.n
-            part = {Band(rows=g): 1, Band(cols=g): 1, Band(rows=g, cols=g): -1}
-        else:
-            raise NoClosedFormError(
-                f"formula(): {node} has no closed form: .{rule} picks blocks from a "
-                f"{'seeded choice' if isinstance(rule, n.BlockRandom) else 'call-time tensor'}")
-        rules = _add(_add(rules, part), _product(rules, part), -1)
+        rules = _or(rules, _rule_poly(rule, node))
     if node.causal_:
-        rules = _product(rules, {Band(hi=0): 1})
+        rules = _product(rules, {Diagonals(hi=0): 1})
     within = _poly(node.within_) if node.within_ is not None else {UNIVERSE: 1}
-    return {BlockForm(node.size, band, _frozen(within)): c for band, c in rules.items()}
+    return {BlockForm(node.size, diagonals, _frozen(within)): c for diagonals, c in rules.items()}
+
+
+@_poly_of.register
+def _(node: n.Union) -> Poly:
+    out = _poly(node.parts[0])
+    for part in node.parts[1:]:
+        out = _or(out, _poly(part))
+    return out
+
+
+@_poly_of.register
+def _(node: n.Intersection) -> Poly:
+    out = _poly(node.parts[0])
+    for part in node.parts[1:]:
+        out = _product(out, _poly(part))
+    return out
+
+
+@_poly_of.register
+def _(node: n.Difference) -> Poly:
+    left = _poly(node.left)
+    return _add(left, _product(left, _poly(node.right)), -1)
+
+
+@_poly_of.register
+def _(node: n.Complement) -> Poly:
+    return _add({UNIVERSE: 1}, _poly(node.inner), -1)
+
+
+@_poly_of.register
+def _(node: n.Scored) -> Poly:
+    return _poly(node.pattern)
+
+
+@singledispatch
+def _rule_poly(rule: n.BlockRule, node: n.Blocks) -> Poly:
+    """The signed sum of ``Diagonals`` of block indices of one block rule of ``node``."""
+    raise TypeError(f"formula(): no rule for block rule type {type(rule).__name__}")
+
+
+@_rule_poly.register
+def _(rule: n.BlockLocal, node: n.Blocks) -> Poly:
+    return {Diagonals(-rule.window, rule.window): 1}
+
+
+@_rule_poly.register
+def _(rule: n.BlockDilated, node: n.Blocks) -> Poly:
+    w = rule.window
+    out: Poly = {}
+    for r in rule.rates:  # union over rates
+        out = _or(out, {Diagonals(None if w is None else -w, w, r): 1})
+    return out
+
+
+@_rule_poly.register
+def _(rule: n.BlockGlobal, node: n.Blocks) -> Poly:
+    return _first_rows_or_columns(rule.n)
+
+
+@_rule_poly.register
+def _(rule: n.BlockRandom, node: n.Blocks) -> Poly:
+    raise NoClosedFormError(f"formula(): {node} has no closed form: .{rule} picks blocks from a seeded choice")
+
+
+@_rule_poly.register
+def _(rule: n.BlockLayout, node: n.Blocks) -> Poly:
+    raise NoClosedFormError(f"formula(): {node} has no closed form: .{rule} picks blocks from a call-time tensor")
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,10 +396,10 @@ def _sum_min(x, y, e0: int, e1: Bound):
     return sp.Piecewise((value, sp.Ge(last, e0)), (0, True))
 
 
-def _band_rect(band: Band, a, b):
-    """Pairs of a rate-1 band in rows ``[0, a)`` x columns ``[0, b)``."""
-    a, b = _min(a, band.rows), _min(b, band.cols)
-    lo, hi = band.lo, band.hi
+def _diagonals_rect(diagonals: Diagonals, a, b):
+    """Pairs of rate-1 ``diagonals`` in rows ``[0, a)`` x columns ``[0, b)``."""
+    a, b = _min(a, diagonals.rows), _min(b, diagonals.cols)
+    lo, hi = diagonals.lo, diagonals.hi
     total = sp.Integer(0)
     if hi is None or hi >= 0:  # d = k - q >= 0: rows q < min(a, b - d)
         total += _sum_min(b, a, max(lo, 0) if lo is not None else 0, hi)
@@ -317,9 +408,9 @@ def _band_rect(band: Band, a, b):
     return total
 
 
-def _band_square(band: Band, x):
-    """Pairs of an unlimited band on an ``x x x`` square (any rate)."""
-    r = band.rate
+def _diagonals_square(diagonals: Diagonals, x):
+    """Pairs of unlimited ``diagonals`` on an ``x x x`` square (any rate)."""
+    r = diagonals.rate
 
     def upto(h):  # sum over multiples d of r in [0, h] of (x - d)_+ ; h None: unbounded
         if h is not None and h < 0:
@@ -328,7 +419,7 @@ def _band_square(band: Band, x):
         terms = (cap if h is None else sp.Min(h // r, cap)) + 1
         return terms * x - r * terms * (terms - 1) / 2
 
-    lo, hi = band.lo, band.hi
+    lo, hi = diagonals.lo, diagonals.hi
     total = sp.Integer(0)
     if hi is None or hi >= 0:
         low = 0 if lo is None or lo <= 0 else lo
@@ -367,62 +458,105 @@ def _rect(atom: Atom, a, b, le: bool = False):
     square = sp.expand(a - b) == 0
     if _is_num(a) and _is_num(b):
         return sp.Integer(_numeric_rect(atom, int(a), int(b)))
-    if isinstance(atom, Band):
-        if atom.lo is None and atom.hi is None and atom.rate == 1:
-            return _min(a, atom.rows) * _min(b, atom.cols)
-        if square and not atom.limited:
-            return _band_square(atom, a)
-        if atom.rate == 1:
-            return _band_rect(atom, a, b)
-        raise _NoMeet
-    if isinstance(atom, Seg):
-        if square:
-            return _seg_square(atom, a)
-        if le and _is_num(b):
-            return _seg_rect(atom, a, int(b))
-        if le and _is_num(a):
-            return _seg_rect(atom, b, int(a))
-        raise _NoMeet
-    if isinstance(atom, SegBand) and square:
-        s = atom.size
-        return sp.floor(a / s) * _band_square(atom.band, sp.Integer(s)) + _band_square(atom.band, sp.Mod(a, s))
-    if isinstance(atom, BlockForm) and square:
-        return _blocks_square(atom, a)
+    return _symbolic_rect(atom, a, b, square, le)
+
+
+@singledispatch
+def _symbolic_rect(atom: Atom, a, b, square: bool, le: bool):
+    """:func:`_rect` of one atom type, ``a`` or ``b`` symbolic (``square``: ``a == b``);
+    raises :class:`_NoMeet` where the atom has no closed form on that rectangle."""
+    raise TypeError(f"formula(): no count for atom type {type(atom).__name__}")
+
+
+@_symbolic_rect.register
+def _(atom: Diagonals, a, b, square, le):
+    if atom.lo is None and atom.hi is None and atom.rate == 1:
+        return _min(a, atom.rows) * _min(b, atom.cols)
+    if square and not atom.limited:
+        return _diagonals_square(atom, a)
+    if atom.rate == 1:
+        return _diagonals_rect(atom, a, b)
     raise _NoMeet
+
+
+@_symbolic_rect.register
+def _(atom: Seg, a, b, square, le):
+    if square:
+        return _seg_square(atom, a)
+    if le and _is_num(b):
+        return _seg_rect(atom, a, int(b))
+    if le and _is_num(a):
+        return _seg_rect(atom, b, int(a))
+    raise _NoMeet
+
+
+@_symbolic_rect.register
+def _(atom: SegDiagonals, a, b, square, le):
+    if not square:
+        raise _NoMeet
+    s = atom.size
+    return sp.floor(a / s) * _diagonals_square(atom.diagonals, sp.Integer(s)) + \
+        _diagonals_square(atom.diagonals, sp.Mod(a, s))
+
+
+@_symbolic_rect.register
+def _(atom: BlockForm, a, b, square, le):
+    if not square:
+        raise _NoMeet
+    return _blocks_square(atom, a)
 
 
 def _numeric_rect(atom: Atom, a: int, b: int) -> int:
     """Exact count by summation over rows (numbers only)."""
     if a <= 0 or b <= 0:
         return 0
-    if isinstance(atom, Band):
-        rows, cols = min(a, atom.rows if atom.rows is not None else a), min(b, atom.cols if atom.cols is not None else b)
-        total = 0
-        for q in range(rows):
-            lo = q + (atom.lo if atom.lo is not None else -q)
-            hi = q + (atom.hi if atom.hi is not None else cols)
-            lo, hi = max(lo, 0), min(hi, cols - 1)
-            if lo <= hi:
-                total += (hi - q) // atom.rate - (lo - q - 1) // atom.rate
-        return total
-    if isinstance(atom, Seg):
-        s, r, o = atom.size, atom.rate, atom.offset
-        total = 0
-        for j in range(0, min(a, b), s):
-            kq = len(range(o, min(s, a - j), r))
-            kk = len(range(o, min(s, b - j), r))
-            total += kq * kk
-        return total
-    if isinstance(atom, SegBand):
-        s = atom.size
-        total = 0
-        for j in range(0, min(a, b), s):
-            total += _numeric_rect(atom.band, min(s, a - j), min(s, b - j))
-        return total
-    if isinstance(atom, BlockForm):
-        if a == b:
-            return int(_blocks_square(atom, sp.Integer(a)))
-    raise _NoMeet
+    return _summed_rect(atom, a, b)
+
+
+@singledispatch
+def _summed_rect(atom: Atom, a: int, b: int) -> int:
+    """:func:`_numeric_rect` of one atom type, ``a, b >= 1``."""
+    raise TypeError(f"formula(): no count for atom type {type(atom).__name__}")
+
+
+@_summed_rect.register
+def _(atom: Diagonals, a, b):
+    rows, cols = min(a, atom.rows if atom.rows is not None else a), min(b, atom.cols if atom.cols is not None else b)
+    total = 0
+    for q in range(rows):
+        lo = q + (atom.lo if atom.lo is not None else -q)
+        hi = q + (atom.hi if atom.hi is not None else cols)
+        lo, hi = max(lo, 0), min(hi, cols - 1)
+        if lo <= hi:
+            total += (hi - q) // atom.rate - (lo - q - 1) // atom.rate
+    return total
+
+
+@_summed_rect.register
+def _(atom: Seg, a, b):
+    s, r, o = atom.size, atom.rate, atom.offset
+    total = 0
+    for j in range(0, min(a, b), s):
+        kq = len(range(o, min(s, a - j), r))
+        kk = len(range(o, min(s, b - j), r))
+        total += kq * kk
+    return total
+
+
+@_summed_rect.register
+def _(atom: SegDiagonals, a, b):
+    s = atom.size
+    total = 0
+    for j in range(0, min(a, b), s):
+        total += _numeric_rect(atom.diagonals, min(s, a - j), min(s, b - j))
+    return total
+
+
+@_summed_rect.register
+def _(atom: BlockForm, a, b):
+    if a != b:
+        raise _NoMeet
+    return int(_blocks_square(atom, sp.Integer(a)))
 
 
 def _within_rect(within: tuple, a, b, le: bool):
@@ -446,9 +580,9 @@ def _blocks_square(form: BlockForm, x):
 
 def _blocks_terms(form: BlockForm, m, rem) -> list:
     """``[(term in M, term in R), ...]`` whose products sum to the count."""
-    s, band = form.size, form.band
-    lo, hi, r = band.lo, band.hi, band.rate
-    whole = _rect(band, m, m)
+    s, diagonals = form.size, form.diagonals
+    lo, hi, r = diagonals.lo, diagonals.hi, diagonals.rate
+    whole = _rect(diagonals, m, m)
 
     def multiples(lo_, hi_):  # multiples of r in [lo_, hi_]
         return sp.Max(0, sp.floor(hi_ / sp.Integer(r)) - sp.floor((lo_ - 1) / sp.Integer(r)))
@@ -459,17 +593,17 @@ def _blocks_terms(form: BlockForm, m, rem) -> list:
     # the last block row against whole block columns: d = kb - m in [-m, -1]
     row_lo = -m if lo is None else sp.Max(lo, -m)
     row_hi = sp.Integer(-1) if hi is None else sp.Min(hi, -1)
-    if band.cols is not None:
-        row_hi = sp.Min(row_hi, band.cols - 1 - m)
-    last_row = sp.Piecewise((multiples(row_lo, row_hi), below(band.rows)), (0, True))
+    if diagonals.cols is not None:
+        row_hi = sp.Min(row_hi, diagonals.cols - 1 - m)
+    last_row = sp.Piecewise((multiples(row_lo, row_hi), below(diagonals.rows)), (0, True))
     # whole block rows against the last block column: d = m - qb in [1, m]
     col_lo = sp.Integer(1) if lo is None else sp.Max(lo, 1)
-    if band.rows is not None:
-        col_lo = sp.Max(col_lo, m - band.rows + 1)
+    if diagonals.rows is not None:
+        col_lo = sp.Max(col_lo, m - diagonals.rows + 1)
     col_hi = m if hi is None else sp.Min(hi, m)
-    last_col = sp.Piecewise((multiples(col_lo, col_hi), below(band.cols)), (0, True))
+    last_col = sp.Piecewise((multiples(col_lo, col_hi), below(diagonals.cols)), (0, True))
     on_diagonal = (lo is None or lo <= 0) and (hi is None or hi >= 0)
-    corner = sp.Piecewise((1, sp.And(below(band.rows), below(band.cols))), (0, True)) if on_diagonal else 0
+    corner = sp.Piecewise((1, sp.And(below(diagonals.rows), below(diagonals.cols))), (0, True)) if on_diagonal else 0
 
     w_full = _within_rect(form.within, sp.Integer(s), sp.Integer(s), False)
     w_row = _within_rect(form.within, rem, sp.Integer(s), True)

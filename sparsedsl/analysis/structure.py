@@ -21,16 +21,22 @@ many of the tile's rows/columns are below ``n``, ...); combinators concatenate.
 
 Both return ``None`` for patterns they do not cover (call-time tensors, random blocks,
 head groups not yet resolved with :func:`sparsedsl.analysis.headsplit.resolve_head`).
+
+Each fact is a :func:`functools.singledispatch` table with an entry for every node class
+(and every block rule class, for ``blocks``); a type without an entry gets the answer that
+claims nothing (not covered, or an unbounded diagonal support).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import singledispatch
 
 import torch
 
 from ..lang import nodes as n
+from ..lang.queries import depends_on_heads
 
 
 @dataclass(frozen=True)
@@ -47,46 +53,109 @@ class Periodicity:
                            max(self.q_bound, other.q_bound), max(self.k_bound, other.k_bound))
 
 
+@singledispatch
 def periodicity(pattern: n.Pattern) -> Periodicity | None:
-    """The period and bounds of a head-free pattern, or ``None`` when it has none we know."""
-    if isinstance(pattern, (n.Full, n.Causal, n.Window, n.DilatedWindow, n.Strided)):
-        return Periodicity(1)
-    if isinstance(pattern, n.Chunks):
-        return Periodicity(pattern.size)
-    if isinstance(pattern, n.Dilated):
-        return Periodicity(pattern.segment)
-    if isinstance(pattern, n.GlobalTokens):
-        return Periodicity(1, pattern.n, pattern.n)
-    if isinstance(pattern, n.Prefix):
-        return Periodicity(1, 0, pattern.n)
-    if isinstance(pattern, n.Blocks):
-        bound = 0
-        for rule in pattern.rules:
-            if isinstance(rule, n.BlockGlobal):
-                bound = max(bound, rule.n * pattern.size)
-            elif not isinstance(rule, (n.BlockLocal, n.BlockDilated)):
-                return None
-        if pattern.within_ is not None and _has_groups_or_buffers(pattern.within_):
+    """The period and bounds of a head-free pattern, or ``None`` when it has none we know
+    (``documents``, ``heads``, ``segments``, and node types without a rule)."""
+    return None
+
+
+@periodicity.register(n.Full)
+@periodicity.register(n.Causal)
+@periodicity.register(n.Window)
+@periodicity.register(n.DilatedWindow)
+@periodicity.register(n.Strided)
+def _(pattern: n.Pattern) -> Periodicity:
+    return Periodicity(1)
+
+
+@periodicity.register
+def _(pattern: n.Chunks) -> Periodicity:
+    return Periodicity(pattern.size)
+
+
+@periodicity.register
+def _(pattern: n.Dilated) -> Periodicity:
+    return Periodicity(pattern.segment)
+
+
+@periodicity.register
+def _(pattern: n.GlobalTokens) -> Periodicity:
+    return Periodicity(1, pattern.n, pattern.n)
+
+
+@periodicity.register
+def _(pattern: n.Prefix) -> Periodicity:
+    return Periodicity(1, 0, pattern.n)
+
+
+@periodicity.register(n.Documents)
+@periodicity.register(n.Heads)
+@periodicity.register(n.Segments)
+def _(pattern: n.Pattern) -> None:
+    return None  # call-time tensors; head groups (resolve them per head first)
+
+
+@periodicity.register
+def _(pattern: n.Blocks) -> Periodicity | None:
+    bound = 0
+    for rule in pattern.rules:
+        rule_bound = _rule_bound(rule)
+        if rule_bound is None:
             return None
-        # The within-rule only sees q % size and k % size, so ``size`` is a period of it.
-        return Periodicity(pattern.size, bound, bound)
-    if isinstance(pattern, n.Scored):
-        return periodicity(pattern.pattern)
-    if isinstance(pattern, (n.Union, n.Intersection, n.Difference, n.Complement)):
-        result = Periodicity(1)
-        for child in pattern.children():
-            part = periodicity(child)
-            if part is None:
-                return None
-            result = result.combine(part)
-        return result
-    return None  # documents, heads, segments, unknown nodes
+        bound = max(bound, rule_bound * pattern.size)
+    if pattern.within_ is not None and _varies_by_head_or_tensor(pattern.within_):
+        return None
+    # The within-rule only sees q % size and k % size, so ``size`` is a period of it.
+    return Periodicity(pattern.size, bound, bound)
 
 
-def _has_groups_or_buffers(pattern: n.Pattern) -> bool:
-    if isinstance(pattern, (n.Heads, n.Segments, n.Documents)):
-        return True
-    return any(_has_groups_or_buffers(c) for c in pattern.children())
+@periodicity.register
+def _(pattern: n.Scored) -> Periodicity | None:
+    return periodicity(pattern.pattern)
+
+
+@periodicity.register(n.Union)
+@periodicity.register(n.Intersection)
+@periodicity.register(n.Difference)
+@periodicity.register(n.Complement)
+def _(pattern: n.Pattern) -> Periodicity | None:
+    result = Periodicity(1)
+    for child in pattern.children():
+        part = periodicity(child)
+        if part is None:
+            return None
+        result = result.combine(part)
+    return result
+
+
+@singledispatch
+def _rule_bound(rule: n.BlockRule) -> int | None:
+    """The block index from which a block rule is invariant along the diagonal (``0``:
+    everywhere), or ``None`` when it is not (random and bound blocks, rules without one)."""
+    return None
+
+
+@_rule_bound.register(n.BlockLocal)
+@_rule_bound.register(n.BlockDilated)
+def _(rule: n.BlockRule) -> int:
+    return 0
+
+
+@_rule_bound.register
+def _(rule: n.BlockGlobal) -> int:
+    return rule.n
+
+
+@_rule_bound.register(n.BlockRandom)
+@_rule_bound.register(n.BlockLayout)
+def _(rule: n.BlockRule) -> None:
+    return None
+
+
+def _varies_by_head_or_tensor(pattern: n.Pattern) -> bool:
+    """Whether ``pattern`` has head groups or reads call-time tensors."""
+    return depends_on_heads(pattern) or bool(pattern.buffer_names())
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,70 +194,147 @@ def _segment_columns(q0, k0, size: int, tile: int, period: int | None = None):
     ]
 
 
+@singledispatch
 def _signature(node: n.Pattern, q0, k0, t: int, cols: list) -> bool:
-    d = k0 - q0  # the tile's corner diagonal; k - q = d + (v - u), |v - u| < t
-    if isinstance(node, n.Full):
-        return True
-    if isinstance(node, n.Causal):
-        cols.append(_clamp(d, t))
-        return True
-    if isinstance(node, (n.Window, n.DilatedWindow)):
-        cols.append(_clamp(d + node.before, t))
-        cols.append(_clamp(node.after - d, t))
-        if isinstance(node, n.DilatedWindow):
-            cols.append(d % node.rate)
-        return True
-    if isinstance(node, n.Strided):
-        cols.append(d % node.stride)
-        return True
-    if isinstance(node, n.Chunks):
-        cols.extend(_segment_columns(q0, k0, node.size, t))
-        return True
-    if isinstance(node, n.Dilated):
-        cols.extend(_segment_columns(q0, k0, node.segment, t, node.rate))
-        return True
-    if isinstance(node, n.GlobalTokens):
-        cols.append((node.n - q0).clamp(0, t))
-        cols.append((node.n - k0).clamp(0, t))
-        return True
-    if isinstance(node, n.Prefix):
-        cols.append((node.n - k0).clamp(0, t))
-        return True
-    if isinstance(node, n.Blocks):
-        return _blocks_signature(node, q0, k0, t, cols)
-    if isinstance(node, n.Scored):
-        return _signature(node.pattern, q0, k0, t, cols)
-    if isinstance(node, (n.Union, n.Intersection, n.Difference, n.Complement)):
-        return all(_signature(c, q0, k0, t, cols) for c in node.children())
+    """Append ``node``'s columns to ``cols``; ``False`` when the node is not covered
+    (call-time tensors, head groups, random blocks, and node types without a rule).
+    ``k0 - q0`` is the tiles' corner diagonal: a pair ``(u, v)`` of a tile has ``k - q =
+    k0 - q0 + (v - u)`` with ``|v - u| < t``."""
     return False
 
 
-def _blocks_signature(node: n.Blocks, q0, k0, t: int, cols: list) -> bool:
+@_signature.register
+def _(node: n.Full, q0, k0, t, cols):
+    return True
+
+
+@_signature.register
+def _(node: n.Causal, q0, k0, t, cols):
+    cols.append(_clamp(k0 - q0, t))
+    return True
+
+
+@_signature.register
+def _(node: n.Window, q0, k0, t, cols):
+    cols.extend(_window_columns(node.before, node.after, k0 - q0, t))
+    return True
+
+
+@_signature.register
+def _(node: n.DilatedWindow, q0, k0, t, cols):
+    d = k0 - q0
+    cols.extend(_window_columns(node.before, node.after, d, t))
+    cols.append(d % node.rate)
+    return True
+
+
+def _window_columns(before: int, after: int, d, bound: int) -> list:
+    """Columns fixing ``-before <= d + x <= after`` for every ``|x| < bound``."""
+    return [_clamp(d + before, bound), _clamp(after - d, bound)]
+
+
+@_signature.register
+def _(node: n.Strided, q0, k0, t, cols):
+    cols.append((k0 - q0) % node.stride)
+    return True
+
+
+@_signature.register
+def _(node: n.Chunks, q0, k0, t, cols):
+    cols.extend(_segment_columns(q0, k0, node.size, t))
+    return True
+
+
+@_signature.register
+def _(node: n.Dilated, q0, k0, t, cols):
+    cols.extend(_segment_columns(q0, k0, node.segment, t, node.rate))
+    return True
+
+
+@_signature.register
+def _(node: n.GlobalTokens, q0, k0, t, cols):
+    cols.append((node.n - q0).clamp(0, t))
+    cols.append((node.n - k0).clamp(0, t))
+    return True
+
+
+@_signature.register
+def _(node: n.Prefix, q0, k0, t, cols):
+    cols.append((node.n - k0).clamp(0, t))
+    return True
+
+
+@_signature.register(n.Documents)
+@_signature.register(n.Heads)
+@_signature.register(n.Segments)
+def _(node: n.Pattern, q0, k0, t, cols):
+    return False  # call-time tensors; head groups (resolve them per head first)
+
+
+@_signature.register
+def _(node: n.Blocks, q0, k0, t, cols):
     size = node.size
     qa, ka = q0 % size, k0 % size  # fix every position's block offset and remainder
     qb, kb = q0 // size, k0 // size
-    db = kb - qb
     reach = (size + t - 2) // size + 1  # block offsets inside the tile stay below this
     cols.extend((qa, ka))
     for rule in node.rules:
-        if isinstance(rule, n.BlockLocal):
-            cols.append(_clamp(db + rule.window, reach))
-            cols.append(_clamp(rule.window - db, reach))
-        elif isinstance(rule, n.BlockDilated):
-            cols.extend(db % r for r in rule.rates)
-            if rule.window is not None:
-                cols.append(_clamp(db + rule.window, reach))
-                cols.append(_clamp(rule.window - db, reach))
-        elif isinstance(rule, n.BlockGlobal):
-            cols.append((rule.n - qb).clamp(0, reach))
-            cols.append((rule.n - kb).clamp(0, reach))
-        else:
+        if not _rule_signature(rule, qb, kb, reach, cols):
             return False
     if node.causal_:
-        cols.append(_clamp(db, reach))
-    if node.within_ is not None and _has_groups_or_buffers(node.within_):
+        cols.append(_clamp(kb - qb, reach))
+    if node.within_ is not None and _varies_by_head_or_tensor(node.within_):
         return False
     return True
+
+
+@_signature.register
+def _(node: n.Scored, q0, k0, t, cols):
+    return _signature(node.pattern, q0, k0, t, cols)
+
+
+@_signature.register(n.Union)
+@_signature.register(n.Intersection)
+@_signature.register(n.Difference)
+@_signature.register(n.Complement)
+def _(node: n.Pattern, q0, k0, t, cols):
+    return all(_signature(c, q0, k0, t, cols) for c in node.children())
+
+
+@singledispatch
+def _rule_signature(rule: n.BlockRule, qb, kb, reach: int, cols: list) -> bool:
+    """Append a block rule's columns for tiles whose corners lie in blocks ``(qb, kb)`` and
+    whose block offsets stay below ``reach``; ``False`` when the rule is not covered (random
+    and bound blocks, rule types without a rule)."""
+    return False
+
+
+@_rule_signature.register
+def _(rule: n.BlockLocal, qb, kb, reach, cols):
+    cols.extend(_window_columns(rule.window, rule.window, kb - qb, reach))
+    return True
+
+
+@_rule_signature.register
+def _(rule: n.BlockDilated, qb, kb, reach, cols):
+    db = kb - qb
+    cols.extend(db % r for r in rule.rates)
+    if rule.window is not None:
+        cols.extend(_window_columns(rule.window, rule.window, db, reach))
+    return True
+
+
+@_rule_signature.register
+def _(rule: n.BlockGlobal, qb, kb, reach, cols):
+    cols.append((rule.n - qb).clamp(0, reach))
+    cols.append((rule.n - kb).clamp(0, reach))
+    return True
+
+
+@_rule_signature.register(n.BlockRandom)
+@_rule_signature.register(n.BlockLayout)
+def _(rule: n.BlockRule, qb, kb, reach, cols):
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,54 +344,117 @@ def _blocks_signature(node: n.Blocks, q0, k0, t: int, cols: list) -> bool:
 INF = math.inf
 
 
+@singledispatch
 def diagonal_support(pattern: n.Pattern) -> tuple[float, float]:
     """``(lo, hi)``: in the periodic region of :func:`periodicity` (``q >= q_bound``,
     ``k >= k_bound``) every allowed pair has ``lo <= k - q <= hi`` (``±inf``: unbounded;
-    ``lo > hi``: nothing is allowed there). A sound superset, for head-free patterns."""
-    if isinstance(pattern, (n.Full, n.Strided)):
-        return (-INF, INF)
-    if isinstance(pattern, n.Causal):
-        return (-INF, 0)
-    if isinstance(pattern, (n.Window, n.DilatedWindow)):
-        return (-pattern.before, pattern.after)
-    if isinstance(pattern, (n.Chunks, n.Dilated)):
-        size = pattern.size if isinstance(pattern, n.Chunks) else pattern.segment
-        return (-(size - 1), size - 1)
-    if isinstance(pattern, (n.GlobalTokens, n.Prefix)):
-        return (1, 0)
-    if isinstance(pattern, n.Blocks):
-        size = pattern.size
-        if not pattern.rules:
-            lo, hi = -INF, INF
-        else:
-            lo, hi = 1, 0
-            for rule in pattern.rules:
-                width = rule.window if isinstance(rule, (n.BlockLocal, n.BlockDilated)) else None
-                if isinstance(rule, n.BlockGlobal):
-                    continue
-                if width is None:
-                    lo, hi = -INF, INF
-                else:
-                    reach = (width + 1) * size - 1
-                    lo, hi = _hull((lo, hi), (-reach, reach))
-        if pattern.causal_:
-            hi = min(hi, size - 1)
-        return (lo, hi)
-    if isinstance(pattern, n.Scored):
-        return diagonal_support(pattern.pattern)
-    if isinstance(pattern, n.Union):
-        out = (1, 0)
-        for part in pattern.parts:
-            out = _hull(out, diagonal_support(part))
-        return out
-    if isinstance(pattern, n.Intersection):
+    ``lo > hi``: nothing is allowed there). A sound superset, for head-free patterns;
+    unbounded for node types without a rule."""
+    return (-INF, INF)
+
+
+@diagonal_support.register(n.Full)
+@diagonal_support.register(n.Strided)
+@diagonal_support.register(n.Documents)
+@diagonal_support.register(n.Heads)
+@diagonal_support.register(n.Segments)
+@diagonal_support.register(n.Complement)
+def _(pattern: n.Pattern) -> tuple[float, float]:
+    return (-INF, INF)
+
+
+@diagonal_support.register
+def _(pattern: n.Causal) -> tuple[float, float]:
+    return (-INF, 0)
+
+
+@diagonal_support.register(n.Window)
+@diagonal_support.register(n.DilatedWindow)
+def _(pattern: n.Pattern) -> tuple[float, float]:
+    return (-pattern.before, pattern.after)
+
+
+@diagonal_support.register
+def _(pattern: n.Chunks) -> tuple[float, float]:
+    return (-(pattern.size - 1), pattern.size - 1)
+
+
+@diagonal_support.register
+def _(pattern: n.Dilated) -> tuple[float, float]:
+    return (-(pattern.segment - 1), pattern.segment - 1)
+
+
+@diagonal_support.register(n.GlobalTokens)
+@diagonal_support.register(n.Prefix)
+def _(pattern: n.Pattern) -> tuple[float, float]:
+    return (1, 0)
+
+
+@diagonal_support.register
+def _(pattern: n.Blocks) -> tuple[float, float]:
+    size = pattern.size
+    if not pattern.rules:
         lo, hi = -INF, INF
-        for part in pattern.parts:
-            plo, phi = diagonal_support(part)
-            lo, hi = max(lo, plo), min(hi, phi)
-        return (lo, hi)
-    if isinstance(pattern, n.Difference):
-        return diagonal_support(pattern.left)
+    else:
+        lo, hi = 1, 0
+        for rule in pattern.rules:
+            blo, bhi = _rule_diagonals(rule)
+            if blo <= bhi:  # block diagonals [blo, bhi] hold token diagonals within size - 1
+                lo, hi = _hull((lo, hi), (blo * size - (size - 1), bhi * size + (size - 1)))
+    if pattern.causal_:
+        hi = min(hi, size - 1)
+    return (lo, hi)
+
+
+@diagonal_support.register
+def _(pattern: n.Scored) -> tuple[float, float]:
+    return diagonal_support(pattern.pattern)
+
+
+@diagonal_support.register
+def _(pattern: n.Union) -> tuple[float, float]:
+    out = (1, 0)
+    for part in pattern.parts:
+        out = _hull(out, diagonal_support(part))
+    return out
+
+
+@diagonal_support.register
+def _(pattern: n.Intersection) -> tuple[float, float]:
+    lo, hi = -INF, INF
+    for part in pattern.parts:
+        plo, phi = diagonal_support(part)
+        lo, hi = max(lo, plo), min(hi, phi)
+    return (lo, hi)
+
+
+@diagonal_support.register
+def _(pattern: n.Difference) -> tuple[float, float]:
+    return diagonal_support(pattern.left)
+
+
+@singledispatch
+def _rule_diagonals(rule: n.BlockRule) -> tuple[float, float]:
+    """``(lo, hi)``: in the periodic region, every block pair a block rule allows has ``lo
+    <= kb - qb <= hi`` (``lo > hi``: it allows none there); unbounded for rule types
+    without a rule."""
+    return (-INF, INF)
+
+
+@_rule_diagonals.register(n.BlockLocal)
+@_rule_diagonals.register(n.BlockDilated)
+def _(rule: n.BlockRule) -> tuple[float, float]:
+    return (-INF, INF) if rule.window is None else (-rule.window, rule.window)
+
+
+@_rule_diagonals.register
+def _(rule: n.BlockGlobal) -> tuple[float, float]:
+    return (1, 0)  # the first block rows and columns lie before the periodic region
+
+
+@_rule_diagonals.register(n.BlockRandom)
+@_rule_diagonals.register(n.BlockLayout)
+def _(rule: n.BlockRule) -> tuple[float, float]:
     return (-INF, INF)
 
 

@@ -1,8 +1,16 @@
-"""Questions the passes ask about a pattern's structure."""
+"""Questions the passes ask about a pattern's structure.
+
+What a node answers is stated once per node class with :func:`functools.singledispatch`.
+:func:`head_group_count` and :func:`depends_on_heads` read one table that every node class
+is registered in; the shape recognisers (:func:`diagonal_period`, :func:`block_band`,
+:func:`is_diagonal_band`) name the classes that can have their shape and answer "not this
+shape" for every other one.
+"""
 
 from __future__ import annotations
 
 import math
+from functools import singledispatch
 
 from . import nodes as n
 
@@ -31,19 +39,68 @@ def restrict(pattern: n.Pattern, mask: n.Pattern) -> n.Pattern:
     return core.score(*mods) if mods else core
 
 
+# ---------------------------------------------------------------------------------------
+# Head groups
+# ---------------------------------------------------------------------------------------
+
+
+@singledispatch
+def _own_head_groups(node: n.Pattern) -> int | None:
+    """The number of head groups ``node`` itself splits the heads into (``heads``: its
+    parts, ``segments``: its lengths), or ``None`` when the node gives every head the same
+    relation apart from what its children do. Every node class is registered; an
+    unregistered one is refused (``TypeError`` naming its type)."""
+    raise TypeError(f"head groups: no rule for node type {type(node).__name__}")
+
+
+@_own_head_groups.register
+def _(node: n.Heads) -> int:
+    return len(node.parts)
+
+
+@_own_head_groups.register
+def _(node: n.Segments) -> int:
+    return len(node.lengths)
+
+
+@_own_head_groups.register(n.Full)
+@_own_head_groups.register(n.Causal)
+@_own_head_groups.register(n.Window)
+@_own_head_groups.register(n.DilatedWindow)
+@_own_head_groups.register(n.Chunks)
+@_own_head_groups.register(n.Strided)
+@_own_head_groups.register(n.Dilated)
+@_own_head_groups.register(n.GlobalTokens)
+@_own_head_groups.register(n.Prefix)
+@_own_head_groups.register(n.Documents)
+@_own_head_groups.register(n.Blocks)
+@_own_head_groups.register(n.Union)
+@_own_head_groups.register(n.Intersection)
+@_own_head_groups.register(n.Difference)
+@_own_head_groups.register(n.Complement)
+@_own_head_groups.register(n.Scored)
+def _(node: n.Pattern) -> None:
+    return None
+
+
 def head_group_count(pattern: n.Pattern) -> int:
     """The fewest heads the pattern can run with (the largest head-group count in it)."""
-    counts = [len(node.parts) for node in walk(pattern) if isinstance(node, n.Heads)]
-    counts += [len(node.lengths) for node in walk(pattern) if isinstance(node, n.Segments)]
-    return max(counts, default=1)
+    counts = (_own_head_groups(node) for node in walk(pattern))
+    return max((count for count in counts if count is not None), default=1)
 
 
 def depends_on_heads(pattern: n.Pattern) -> bool:
     """Whether ``allowed`` can differ between heads without call-time tensors (head groups);
     a ``[H, nqb, nkb]`` layout tensor can make it so too, see the bound tensors."""
-    return any(isinstance(node, (n.Heads, n.Segments)) for node in walk(mask_part(pattern)))
+    return any(_own_head_groups(node) is not None for node in walk(mask_part(pattern)))
 
 
+# ---------------------------------------------------------------------------------------
+# Shape recognisers
+# ---------------------------------------------------------------------------------------
+
+
+@singledispatch
 def diagonal_period(pattern: n.Pattern) -> int | None:
     """``T`` such that the pattern allows pairs only inside diagonal blocks of ``T``
     positions (``allowed(q, k)`` implies ``q // T == k // T``) and allows the same pairs in
@@ -51,16 +108,30 @@ def diagonal_period(pattern: n.Pattern) -> int | None:
     (their segment), ``segments``, and head groups, unions and intersections of such parts
     (the least common multiple); None for every other pattern, and for any with score
     modifications (they may read absolute positions)."""
-    if isinstance(pattern, n.Dilated):
-        return pattern.segment
-    if isinstance(pattern, n.Chunks):
-        return pattern.size
-    if isinstance(pattern, n.Segments):
-        return math.lcm(*pattern.lengths)
-    if isinstance(pattern, (n.Heads, n.Union, n.Intersection)):
-        periods = [diagonal_period(part) for part in pattern.parts]
-        return None if None in periods else math.lcm(*periods)
     return None
+
+
+@diagonal_period.register
+def _(pattern: n.Dilated) -> int:
+    return pattern.segment
+
+
+@diagonal_period.register
+def _(pattern: n.Chunks) -> int:
+    return pattern.size
+
+
+@diagonal_period.register
+def _(pattern: n.Segments) -> int:
+    return math.lcm(*pattern.lengths)
+
+
+@diagonal_period.register(n.Heads)
+@diagonal_period.register(n.Union)
+@diagonal_period.register(n.Intersection)
+def _(pattern: n.Pattern) -> int | None:
+    periods = [diagonal_period(part) for part in pattern.parts]
+    return None if None in periods else math.lcm(*periods)
 
 
 def block_band(pattern: n.Pattern) -> tuple[int, int, int] | None:
@@ -72,29 +143,53 @@ def block_band(pattern: n.Pattern) -> tuple[int, int, int] | None:
     score modifications."""
     if score_mods(pattern) or not isinstance(pattern, n.Blocks) or pattern.within_ is not None:
         return None
-    windows = []
-    for rule in pattern.rules:
-        if isinstance(rule, n.BlockLocal):
-            windows.append(rule.window)
-        elif isinstance(rule, n.BlockDilated) and 1 in rule.rates and rule.window is not None:
-            windows.append(rule.window)
-        else:
-            return None
-    if not windows:
+    windows = [_band_window(rule) for rule in pattern.rules]
+    if not windows or None in windows:
         return None
     window = max(windows)
     return pattern.size, window, 0 if pattern.causal_ else window
+
+
+@singledispatch
+def _band_window(rule: n.BlockRule) -> int | None:
+    """``w`` when ``rule`` allows exactly the block pairs with ``|qb - kb| <= w``; None for
+    every other rule."""
+    return None
+
+
+@_band_window.register
+def _(rule: n.BlockLocal) -> int:
+    return rule.window
+
+
+@_band_window.register
+def _(rule: n.BlockDilated) -> int | None:
+    return rule.window if 1 in rule.rates else None
 
 
 def is_diagonal_band(pattern: n.Pattern) -> bool:
     """Whether the pattern allows exactly a diagonal band of pairs, with no score
     modification: ``window(...)``, an intersection of windows with ``causal()`` (at least
     one window), or a window of whole blocks (:func:`block_band`)."""
-    if score_mods(pattern):
-        return False
-    if isinstance(pattern, n.Window):
-        return True
-    if isinstance(pattern, n.Intersection):
-        return all(isinstance(p, (n.Window, n.Causal)) for p in pattern.parts) and \
-            any(isinstance(p, n.Window) for p in pattern.parts)
+    return not score_mods(pattern) and _is_band(pattern)
+
+
+@singledispatch
+def _is_band(pattern: n.Pattern) -> bool:
+    return False
+
+
+@_is_band.register
+def _(pattern: n.Window) -> bool:
+    return True
+
+
+@_is_band.register
+def _(pattern: n.Intersection) -> bool:
+    return all(isinstance(p, (n.Window, n.Causal)) for p in pattern.parts) and \
+        any(isinstance(p, n.Window) for p in pattern.parts)
+
+
+@_is_band.register
+def _(pattern: n.Blocks) -> bool:
     return block_band(pattern) is not None
