@@ -63,7 +63,8 @@ def test_reach_covers_every_live_tile_and_equals_them_when_exact(case, cut):
 
 FAMILIES = [
     sd.window(20), sd.window(3, 40), sd.causal(), sd.window(12) | sd.global_tokens(8),
-    sd.segments([64, 256], [1, 2]), sd.segments([64, 96], [8, 32]), sd.chunks(40),
+    sd.segments([64, 256], [1, 2]), sd.segments([64, 96], [8, 32]), sd.segments([64, 256], [4, 48]),
+    sd.chunks(40),
     sd.dilated_window(20, 5, 3), sd.strided(9), sd.prefix(33) | sd.causal(),
     sd.blocks(16).local(1).global_(2).random(3, 0), sd.blocks(32).dilated([2, 3], window=5),
     sd.blocks(64).local(1).within(sd.segments([32, 32], [1, 2])), sd.blocks(16).local(2).causal(),
@@ -96,7 +97,7 @@ def test_pairs_of_generated_patterns_equal_the_dense_reference(case, cut):
     assert got == int(dense[..., lo:hi, :].sum())
 
 
-@pytest.mark.parametrize("pattern", FAMILIES[:12], ids=str)
+@pytest.mark.parametrize("pattern", FAMILIES[:-2], ids=str)
 @pytest.mark.parametrize("zigzag", [False, True])
 def test_estimate_pairs_and_holding_match_the_tile_states(pattern, zigzag):
     seq_len, world_size, heads = 256, 4, 4
@@ -111,7 +112,10 @@ def test_estimate_pairs_and_holding_match_the_tile_states(pattern, zigzag):
         assert r.useful_pairs == sum(int(dense[:, p.start:p.stop].sum()) for p in ranges)
         live = sum(int((compiled.lowering(len(p), seq_len, heads=heads, q_offset=p.start).states != EMPTY)
                        .expand(1, heads, -1, -1).sum()) for p in ranges)
-        assert r.computed_pairs == live * TILE * TILE
+        if all(_reached_tiles(pattern, p.start, p.stop, seq_len, heads, {})[1] for p in ranges):
+            assert r.computed_pairs == live * TILE * TILE
+        else:  # .within() on tiles smaller than its blocks: whole blocks, an upper bound
+            assert r.computed_pairs >= live * TILE * TILE
         assert r.held_kv_positions == plan.held_positions(rank)
         assert r.received_positions == plan.received_positions(rank)
         assert r.sent_positions == plan.sent_positions(rank)

@@ -25,7 +25,8 @@ from ..lang.checks import check_int
 from ..lang.queries import head_group_count
 from .pairs import pairs
 from .plan import held_by_owner, needed_tiles, rank_rows
-from .reach import Draws, ReachContext, head_parts, reach
+from ..lang import nodes as n
+from .reach import Draws, ReachContext, dilated_tile_counts, head_parts, reach
 from .sharding import check_divisible, check_zigzag, chunk_owners
 from .spans import Spans
 
@@ -178,14 +179,23 @@ def _computed_pairs(compiled: CompiledPattern, seq_len: int, world_size: int, zi
     for part, part_heads in head_parts(compiled.pattern, heads):
         for start in range(0, len(tile_lo), TILE_ROWS_PER_PASS):
             stop = start + TILE_ROWS_PER_PASS
-            found = reach(part, tile_lo[start:stop], tile_hi[start:stop], ctx)
-            spans = found.spans.coarsened(kv_block, seq_len)
-            tiles = np.zeros(spans.groups, dtype=np.float64)
-            np.add.at(tiles, spans.ids, -(-spans.stops // kv_block) - spans.starts // kv_block)
-            for d in found.draws:
-                tiles += _expected_new_units(d, spans, seq_len, kv_block) * _unit(d, kv_block) / kv_block
+            tiles = _live_tiles(part, tile_lo[start:stop], tile_hi[start:stop], seq_len, kv_block, ctx)
             np.add.at(computed, tile_rank[start:stop], tiles * q_block * kv_block * part_heads)
     return computed
+
+
+def _live_tiles(part, lo: np.ndarray, hi: np.ndarray, seq_len: int, kv_block: int, ctx) -> np.ndarray:
+    """Per query tile ``[lo, hi)``: the key tiles it reaches under ``part`` (expected
+    ones added for random draws)."""
+    if isinstance(part, n.Dilated) and part.segment % kv_block == 0:
+        return dilated_tile_counts(part, lo, hi, seq_len, kv_block).astype(np.float64)
+    found = reach(part, lo, hi, ctx)
+    spans = found.spans.coarsened(kv_block, seq_len)
+    tiles = np.zeros(spans.groups, dtype=np.float64)
+    np.add.at(tiles, spans.ids, -(-spans.stops // kv_block) - spans.starts // kv_block)
+    for d in found.draws:
+        tiles += _expected_new_units(d, spans, seq_len, kv_block) * _unit(d, kv_block) / kv_block
+    return tiles
 
 
 def _unit(d: Draws, kv_block: int) -> int:

@@ -177,8 +177,9 @@ def dilated_kept(segment: int, rate: int, offset: int, lo, hi) -> np.ndarray:
     return below(np.asarray(hi)) - below(np.asarray(lo))
 
 
-def _dilated_spans(segment: int, rate: int, offset: int, lo, hi, ctx) -> Spans:
-    """Per range: the kept keys of each segment that holds a kept row of the range."""
+def _segments_with_rows(segment: int, rate: int, offset: int, lo, hi, seq_len: int):
+    """``(ids, first, last)``: for each range ``ids[i]`` and each segment holding a kept
+    row of it, the first and last kept key of that segment (before ``seq_len``)."""
     per = (segment - 1 - offset) // rate + 1
     first_segment, last_segment = lo // segment, (hi - 1) // segment
     count = last_segment - first_segment + 1
@@ -189,11 +190,30 @@ def _dilated_spans(segment: int, rate: int, offset: int, lo, hi, ctx) -> Spans:
                            np.minimum(seg_start + segment, np.repeat(hi, count))) > 0
     ids, seg_start = ids[has_row], seg_start[has_row]
     first = seg_start + offset
-    last = np.minimum(seg_start + offset + (per - 1) * rate, ctx.seq_len - 1)
-    last = last - (last - first) % rate  # the last kept position before the sequence ends
+    last = np.minimum(seg_start + offset + (per - 1) * rate, seq_len - 1)
+    return ids, first, last - (last - first) % rate  # the last kept key before the end
+
+
+def _dilated_spans(segment: int, rate: int, offset: int, lo, hi, ctx) -> Spans:
+    """Per range: the kept keys of each segment that holds a kept row of the range."""
+    ids, first, last = _segments_with_rows(segment, rate, offset, lo, hi, ctx.seq_len)
     if rate == 1 or rate <= ctx.unit:
         return Spans.of(len(lo), ids, first, last + 1)
     return _progressions(len(lo), ids, first, last, rate, ctx, f"dilated({segment}, {rate}, {offset})")
+
+
+def dilated_tile_counts(node: n.Dilated, lo, hi, seq_len: int, tile: int) -> np.ndarray:
+    """Per range: the ``tile``-position key tiles holding a key the range's rows reach
+    under ``node``, counted without listing them; for segments that are whole tiles
+    (``node.segment % tile == 0``), so no tile holds keys of two segments."""
+    ids, first, last = _segments_with_rows(node.segment, node.rate, node.offset, lo, hi, seq_len)
+    if node.rate >= tile:  # kept keys at least a tile apart: one tile each
+        tiles = (last - first) // node.rate + 1
+    else:  # every tile between the first and the last kept key holds one
+        tiles = last // tile - first // tile + 1
+    counts = np.zeros(len(lo), dtype=np.int64)
+    np.add.at(counts, ids, tiles)
+    return counts
 
 
 @_reach.register
