@@ -35,17 +35,20 @@ def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return _mix(x ^ (kb.to(torch.int64) & _MASK31))
 
 
-#: Hashes computed at once by :func:`random_block_picks` (bounds its int64 temporaries).
-HASH_CHUNK = 1 << 22
+#: Hashes computed at once by :func:`random_block_picks`: on the CPU few enough that the
+#: dozen passes of the hash over them stay in cache, on other devices enough to fill them.
+HASH_CHUNK = {"cpu": 1 << 16}
+HASH_CHUNK_DEFAULT = 1 << 22
 
 
 def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
                        row_chunk: int | None = None, device=None) -> torch.Tensor:
     """``[num_q_blocks, min(per_row, num_k_blocks)]`` int64 key-block indices chosen per
     row (unordered within a row), computed on ``device`` (default: the CPU) ``row_chunk``
-    rows at a time (default: ``HASH_CHUNK`` hashes at a time)."""
+    rows at a time (default: :data:`HASH_CHUNK` hashes at a time)."""
     keep = min(per_row, num_k_blocks)
-    row_chunk = row_chunk or max(1, HASH_CHUNK // max(1, num_k_blocks))
+    hashes = HASH_CHUNK.get(torch.device(device or "cpu").type, HASH_CHUNK_DEFAULT)
+    row_chunk = row_chunk or max(1, hashes // max(1, num_k_blocks))
     kb = torch.arange(num_k_blocks, dtype=torch.int64, device=device)
     rows = []
     for start in range(0, num_q_blocks, row_chunk):

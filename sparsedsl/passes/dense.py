@@ -17,7 +17,7 @@ from ..lang import nodes as n
 from ..lang.groups import head_groups
 from ..lang.randomblocks import random_block_layout
 from ..budget import check_memory
-from ..lang.checks import check_int
+from ..lang.checks import INDEX_LIMIT, PatternArgumentError, check_int
 from .context import Context
 
 
@@ -29,6 +29,10 @@ def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int 
     matrix; ``kv_len`` defaults to ``q_offset + q_len``)."""
     q_offset = check_int("dense()", "q_offset", q_offset, minimum=0)
     q_len = check_int("dense()", "q_len", q_len, minimum=1)
+    if q_offset + q_len > INDEX_LIMIT:
+        raise PatternArgumentError(
+            f"dense(): argument 'q_offset' is {q_offset:,}: the last query position q_offset + "
+            f"q_len - 1 = {q_offset + q_len - 1:,} must be below 2**31 - 1 (32-bit kernel indices)")
     kv_len = q_offset + q_len if kv_len is None else kv_len
     ctx = Context.make(pattern, q_offset + q_len, kv_len, heads, buffers=buffers, where="dense()")
     batch = max((b.shape[0] for name, b in ctx.buffers.items() if b.dim() == 2 and name in _document_names(pattern)),

@@ -269,7 +269,7 @@ def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0,
     if pool is not None and span.q_range is not None:  # a grid's rows, every column
         (mq, mk), tiles_q, tiles_k = pool, span.ql.shape[0], span.kl.shape[1]
         padded = F.pad(rows, (0, tiles_k * mk - rows.shape[2], 0, tiles_q * mq - rows.shape[1]))
-        counts = padded.view(-1, tiles_q, mq, tiles_k, mk).sum((2, 4), dtype=torch.int32)
+        counts = padded.view(-1, tiles_q, mq, tiles_k, mk).sum(4, dtype=torch.int32).sum(2)
         return decide(counts == cells, counts == 0)
     index = torch.int64 if rows[0].numel() >= 2**31 else torch.int32
     by_row = F.pad(rows.cumsum(1, dtype=index), (0, 0, 1, 0))
