@@ -1,4 +1,4 @@
-# The seed guide's "Code Example: Comparing Outputs" (shared/seed/000_828cdb6288ee3ff8.txt),
+# The dilated_attention_pytorch guide's "Code Example: Comparing Outputs",
 # verbatim except for the import: `from sparsedsl import ...` instead of
 # `from dilated_attention_pytorch import ...`. It prints "Outputs are different: True".
 import torch

@@ -9,10 +9,10 @@ text, where the CLI accepts it too: ``sparsedsl count bigbird --seq-len 4096``,
 ==============================  ===========================================================
 entry                           source
 ==============================  ===========================================================
-``local_window``                the seed library (``dilated_attention_pytorch``)
-``dilated_sparse``              the seed library
-``global_local``                the seed library
-``block_sparse_dilated``        the seed library's ``BlockSparseDilatedAttention``
+``local_window``                ``dilated_attention_pytorch``
+``dilated_sparse``              ``dilated_attention_pytorch``
+``global_local``                ``dilated_attention_pytorch``
+``block_sparse_dilated``        ``dilated_attention_pytorch``'s ``BlockSparseDilatedAttention``
 ``sliding_window``              Mistral 7B, arXiv:2310.06825
 ``longformer``                  Longformer, arXiv:2004.05150
 ``bigbird``                     BigBird, arXiv:2007.14062

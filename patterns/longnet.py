@@ -22,7 +22,7 @@ def longnet(segment_lengths=PAPER_SEGMENT_LENGTHS, dilation_rates=PAPER_DILATION
     Heads are split into ``len(segment_lengths)`` groups as evenly as possible (the first
     ``H % G`` groups get one extra head); group ``i`` keeps, inside each
     ``segment_lengths[i]``-token segment, the positions ``p`` with ``p % rate == i % rate``
-    and attends among them (DESIGN.md §2). Defaults: the paper's setup, five groups,
+    and attends among them. Defaults: the paper's setup, five groups,
     segments 2,048 … 32,768 with rates 1, 2, 4, 6, 12 (at least 5 heads). A query that its
     group's offset skips sees no key and outputs 0 in that head; LongNet's mixture over
     heads covers every position through the other groups. Any sequence length works: the

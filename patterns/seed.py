@@ -1,6 +1,6 @@
-"""The seed library's block-sparse patterns (``dilated_attention_pytorch``), made exact.
+"""``dilated_attention_pytorch``'s block-sparse patterns, made exact.
 
-The seed guide (``shared/seed/000_828cdb6288ee3ff8.txt``) configures its
+The ``dilated_attention_pytorch`` guide configures its
 ``BlockSparseAttention`` with ``SparsePatternConfig(pattern_type, sparsity_ratio,
 block_size, ...)``. Its three ``pattern_type`` values are block-level patterns on tiles of
 ``block_size`` tokens, written here in the language:
@@ -17,24 +17,24 @@ block_size, ...)``. Its three ``pattern_type`` values are block-level patterns o
 ``global_local``
     ``blocks(b).local(w).global_(g)``: the local band plus the first ``g =
     ceil(global_tokens / b)`` block rows and columns (global tokens are rounded up to whole
-    blocks: the pattern stays block-sparse, as the seed's whole global blocks are).
+    blocks: the pattern stays block-sparse, as that library's whole global blocks are).
 
 **``sparsity_ratio`` is honoured for all three types.** It is the fraction of *active*
 block pairs (``0.1`` = 90% sparse); the free parameter (``w`` or ``(W, j)``) is chosen per
 sequence length so that the active fraction is as close as possible to it. At 16,384
 tokens and 256-token blocks, ``sparsity_ratio=0.1`` gives 436 active blocks of 4,096 for
 ``local_window`` (``local(3)``), 434 for ``dilated_sparse`` and 436 for ``global_local``,
-against the guide's "~410". (The seed library ignores the ratio for ``local_window`` and
+against the guide's "~410". (``dilated_attention_pytorch`` ignores the ratio for ``local_window`` and
 computes 64 blocks, the diagonal.) Because the choice depends on the length, these
 functions take ``seq_len`` (and ``kv_len``). A short sequence has few blocks and the ratio
 can only be approximated (2,048 tokens of 256-token blocks: 8 of 64 blocks, 0.125, is the
 closest to 0.1).
 
-``window_size`` (tokens) replaces the ratio for the local band when given, with the seed
+``window_size`` (tokens) replaces the ratio for the local band when given, with that library's
 library's rule: ``window_size`` is rounded up to whole blocks and ``w = ceil(window_size /
 block_size) // 2`` blocks on each side (for ``dilated_sparse``, ``W`` steps per rate).
 
-Attention is one exact softmax over all allowed keys of a row (DESIGN.md §1); the seed's
+Attention is one exact softmax over all allowed keys of a row; that library's
 per-block-pair softmaxes summed together are not reproduced.
 """
 
@@ -57,7 +57,7 @@ PATTERN_TYPES = ("local_window", "dilated_sparse", "global_local")
 #: The sequence length of the guide's numbers, used when a length is needed and none given.
 DEFAULT_SEQ_LEN = 16384
 
-#: The seed library's block dilation rates for ``dilated_sparse``.
+#: ``dilated_attention_pytorch``'s block dilation rates for ``dilated_sparse``.
 DEFAULT_DILATION_RATES = (1, 2, 4, 8)
 
 
@@ -206,15 +206,15 @@ def seed_block_pattern(pattern_type: str, seq_len: int, kv_len: int | None = Non
 
 def local_window(seq_len: int = DEFAULT_SEQ_LEN, sparsity_ratio: float = 0.1,
                  block_size: int = 256, window_size: int | None = None) -> n.Pattern:
-    """The seed's ``local_window``: a band of blocks, ``blocks(block_size).local(w)``.
+    """``dilated_attention_pytorch``'s ``local_window``: a band of blocks, ``blocks(block_size).local(w)``.
 
     ``w`` makes the active-block fraction closest to ``sparsity_ratio`` at ``seq_len``
-    tokens, unless ``window_size`` (tokens, the seed's rule) is given. Defaults: the
+    tokens, unless ``window_size`` (tokens, that library's rule) is given. Defaults: the
     guide's 16,384 tokens, 256-token blocks, ratio 0.1 → ``blocks(256).local(3)``, 436 of
     4,096 blocks.
 
     Source: ``dilated_attention_pytorch`` ``SparsePatternConfig(pattern_type="local_window")``
-    (the seed guide); block-local attention as in Qiu et al. 2020, "Blockwise
+    (its guide); block-local attention as in Qiu et al. 2020, "Blockwise
     Self-Attention for Long Document Understanding", arXiv:1911.02972.
     """
     return seed_block_pattern("local_window", seq_len, sparsity_ratio=sparsity_ratio,
@@ -224,16 +224,16 @@ def local_window(seq_len: int = DEFAULT_SEQ_LEN, sparsity_ratio: float = 0.1,
 def dilated_sparse(seq_len: int = DEFAULT_SEQ_LEN, sparsity_ratio: float = 0.1,
                    block_size: int = 256, dilation_rates=DEFAULT_DILATION_RATES,
                    window_size: int | None = None) -> n.Pattern:
-    """The seed's ``dilated_sparse``, made well-defined: multi-scale dilated blocks.
+    """``dilated_attention_pytorch``'s ``dilated_sparse``, made well-defined: multi-scale dilated blocks.
 
-    For each rate ``r`` in ``dilation_rates`` (default ``[1, 2, 4, 8]``, the seed's), the
+    For each rate ``r`` in ``dilation_rates`` (default ``[1, 2, 4, 8]``, that library's), the
     key blocks at a block distance that is a multiple of ``r``, up to ``W`` steps of ``r``
     (one more step for the first rates when that is closer to ``sparsity_ratio``; see the
     module docstring). Defaults → ``blocks(256).dilated([1], window=1).dilated([2],
     window=2).dilated([4], window=4)``, 434 of 4,096 blocks.
 
     Source: ``dilated_attention_pytorch`` ``SparsePatternConfig(pattern_type=
-    "dilated_sparse")`` (the seed guide), whose own version attends to absolute block
+    "dilated_sparse")`` (its guide), whose own version attends to absolute block
     indices ``j % r == 0`` within half the sequence and ignores ``sparsity_ratio``.
     """
     return seed_block_pattern("dilated_sparse", seq_len, sparsity_ratio=sparsity_ratio,
@@ -244,7 +244,7 @@ def dilated_sparse(seq_len: int = DEFAULT_SEQ_LEN, sparsity_ratio: float = 0.1,
 def global_local(seq_len: int = DEFAULT_SEQ_LEN, sparsity_ratio: float = 0.1,
                  block_size: int = 256, global_tokens: int = 1,
                  window_size: int | None = None) -> n.Pattern:
-    """The seed's ``global_local``: a band of blocks plus global blocks,
+    """``dilated_attention_pytorch``'s ``global_local``: a band of blocks plus global blocks,
     ``blocks(block_size).local(w).global_(ceil(global_tokens / block_size))``.
 
     ``global_tokens`` (default 1) is rounded up to whole blocks; ``w`` then makes the
@@ -252,7 +252,7 @@ def global_local(seq_len: int = DEFAULT_SEQ_LEN, sparsity_ratio: float = 0.1,
     .global_(1)``, 436 of 4,096 blocks.
 
     Source: ``dilated_attention_pytorch`` ``SparsePatternConfig(pattern_type=
-    "global_local")`` (the seed guide); the ETC/BigBird global-plus-local idea (Ainslie et
+    "global_local")`` (its guide); the ETC/BigBird global-plus-local idea (Ainslie et
     al. 2020, arXiv:2004.08483; Zaheer et al. 2020, arXiv:2007.14062).
     """
     return seed_block_pattern("global_local", seq_len, sparsity_ratio=sparsity_ratio,
@@ -265,9 +265,9 @@ def block_sparse_dilated(seq_len: int = DEFAULT_SEQ_LEN, segment_lengths=(128, 1
                          sparsity_ratio: float = 0.1, block_size: int = 256,
                          window_size: int | None = None, global_tokens: int = 1,
                          block_dilation_rates=DEFAULT_DILATION_RATES) -> n.Pattern:
-    """The seed's ``BlockSparseDilatedAttention``: a seed block pattern whose active block
+    """``dilated_attention_pytorch``'s ``BlockSparseDilatedAttention``: a block pattern of that library whose active block
     pairs attend with LongNet's head-grouped dilation on block-relative positions,
-    ``blocks(b).<rule>.within(segments(segment_lengths, dilation_rates))`` (DESIGN.md §2).
+    ``blocks(b).<rule>.within(segments(segment_lengths, dilation_rates))``.
 
     Defaults are the guide's: segments ``[128, 128]`` with rates ``[1, 2]``, a
     ``local_window`` block rule at ratio 0.1, 256-token blocks, 16,384 tokens →
@@ -275,7 +275,7 @@ def block_sparse_dilated(seq_len: int = DEFAULT_SEQ_LEN, segment_lengths=(128, 1
     ``len(segment_lengths)`` groups (at least that many heads are needed).
     ``block_dilation_rates`` are the block-level rates of ``pattern_type="dilated_sparse"``.
 
-    Source: ``dilated_attention_pytorch.BlockSparseDilatedAttention`` (the seed guide);
+    Source: ``dilated_attention_pytorch.BlockSparseDilatedAttention`` (its guide);
     dilated attention from Ding et al. 2023, "LongNet", arXiv:2307.02486.
     """
     lengths = check_int_list("block_sparse_dilated()", "segment_lengths", segment_lengths, minimum=1)

@@ -6,13 +6,17 @@
   write it there).
 * The generated blocks of the pages that ``scripts/make_docs.py`` owns are up to date:
   every block has a generator and every generator a block, and re-making the cheap ones
-  (counts, plans, tables, the summed-softmax example) gives the text in the page.
+  (counts, plans, tables, the summed-softmax example, the speeds read from
+  ``benchmarks/results/``) gives the text in the page.
+* Every results file is described (date, commit, device, software, command), the
+  generators read measurements from those files only, and the pages speak of the product.
 * Every image a page shows, and every local page it links to, exists.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 import traceback
@@ -22,7 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), ROOT / "benchmarks" / "results" / "README.md"]
+RESULTS = ROOT / "benchmarks" / "results"
 PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 FENCE = re.compile(r"^```(\w*)", re.M)
 
@@ -108,3 +113,47 @@ def test_every_image_and_local_link_exists(page: Path):
         if not re.match(r"https?://", m.group(1)) and not (page.parent / m.group(1)).is_file():
             missing.append(m.group(1))
     assert not missing, f"{_rel(page)} refers to missing files: {missing}"
+
+
+def test_every_results_file_names_its_run():
+    runs = json.loads((RESULTS / "runs.json").read_text())
+    files = {p.name for p in RESULTS.glob("*.json")} - {"runs.json"}
+    assert set(runs) == files, f"described but missing: {set(runs) - files}; undescribed: {files - set(runs)}"
+    for name, run in runs.items():
+        for key in ("date", "commit", "device", "software", "command", "what"):
+            assert run.get(key), f"runs.json: {name} has no {key!r}"
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", run["date"]) and re.fullmatch(r"[0-9a-f]{7,40}", run["commit"])
+
+
+def test_generators_use_the_public_api_only():
+    sources = sorted((ROOT / "scripts" / "docgen").glob("*.py")) + [ROOT / "scripts" / "make_docs.py"]
+    for path in sources:
+        text = path.read_text()
+        private = re.findall(r"from sparsedsl\.(?!cli\b)[\w.]+ import|import sparsedsl\.(?!cli\b)\w|\bsd\.\w+\._|\.(?:_\w+computed\w*)\(", text)
+        assert not private, f"{_rel(path)} reaches into sparsedsl's internals: {private}"
+        assert not re.search(r"DOCS / \"\w+\.md\"\)\.read_text", text), (
+            f"{_rel(path)} reads numbers from a page; read benchmarks/results/ instead")
+
+
+#: Words about how the pages were made, not about the product.
+PROCESS_WORDS = re.compile(r"\bsession\b|\bissue \d|issue's|DESIGN\.md|shared/|work period|the seed\b|notes\.md",
+                           re.I)
+PRODUCT_PAGES = ["README.md", "docs/index.md", "docs/getting-started.md", "docs/language.md",
+                 "docs/counting.md", "docs/catalog.md", "docs/migration.md", "docs/performance.md",
+                 "benchmarks/results/README.md"]
+
+
+@pytest.mark.parametrize("page", PRODUCT_PAGES)
+def test_pages_speak_of_the_product(page):
+    text = (ROOT / page).read_text()
+    found = sorted({m.group(0) for m in PROCESS_WORDS.finditer(text)})
+    assert not found, f"{page} speaks of how it was made: {found}"
+
+
+def test_the_readme_starts_with_the_set_up_commands_and_ci_runs_its_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)\n```", readme, re.S | re.M)
+    assert "sparsedsl demo" in blocks[0] and "pytest" in blocks[1]
+    assert readme.index(blocks[1]) < readme.index("## ")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert blocks[1].strip() in ci

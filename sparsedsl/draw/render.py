@@ -245,7 +245,7 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
     if size is None:  # the axes take the panel width less the query labels; titles on top
         axes_width = width - (0.75 if compact else 0.95)
         header = 0.45 if compact else 1.0
-        size = (cols * width + (0.7 if view == "tokens" else 1.9),
+        size = (cols * width + (0.7 if view == "tokens" else 2.4),
                 rows * (axes_width * ratio + header) + (0 if compact else 0.45))
     fontsize = 7 if compact else 9
     with plt.rc_context({"font.size": fontsize, "axes.titlesize": fontsize + 0.5,
@@ -267,7 +267,7 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
         if view == "tokens":
             _colorbar(fig, axes, image, found, compact)
         else:
-            _tile_legend(fig, found, tile, compact)
+            _tile_legend(axes, found, tile)
         if not compact:
             fig.suptitle(_headline(pattern, ctx, tile, buffers), x=0.01, ha="left",
                          fontsize=fontsize + 1)
@@ -361,13 +361,15 @@ def _colorbar(fig, axes, image, found: list[dict], compact: bool) -> None:
     bar.set_ticks([0, 0.05, 0.25, 0.5, 1] if largest > 1 else [0, 1])
 
 
-def _tile_legend(fig, found: list[dict], tile: int, compact: bool) -> None:
+def _tile_legend(axes, found: list[dict], tile: int) -> None:
+    """The three tile colours, beside the last panel of the first row."""
     from matplotlib.patches import Patch
 
     labels = [(FULL, "full tile"), (PARTIAL, "partial tile (masked)"), (EMPTY, "empty tile (skipped)")]
     handles = [Patch(facecolor=TILE_COLORS[s], edgecolor="#555555", label=text) for s, text in labels]
-    fig.legend(handles=handles, loc="outside right center", ncol=1, frameon=False,
-               title=f"{tile}×{tile}-token tiles", alignment="left")
+    last = axes[0][min(len(found), axes.shape[1]) - 1]
+    last.legend(handles=handles, loc="center left", bbox_to_anchor=(1.03, 0.5), frameon=False,
+                title=f"{tile}×{tile}-token tiles", alignment="left")
 
 
 def _headline(pattern: n.Pattern, ctx: Context, tile: int, buffers: dict) -> str:
@@ -375,4 +377,4 @@ def _headline(pattern: n.Pattern, ctx: Context, tile: int, buffers: dict) -> str
     shape = _tokens(ctx.q_len) if ctx.kv_len == ctx.q_len else f"{_tokens(ctx.q_len)} × {_tokens(ctx.kv_len)}"
     heads = f", {ctx.heads} heads" if ctx.heads > 1 else ""
     return (f"{_short(str(pattern), 100)}\nN = {shape}{heads}: {counts.pairs:,} allowed pairs, "
-            f"density {percent(counts.density)}")
+            f"density {percent(counts.density)}" + ("\n" if ctx.heads > 1 else ""))

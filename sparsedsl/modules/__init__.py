@@ -1,7 +1,7 @@
 """Attention modules built on the compiler.
 
 * :class:`SparsePatternConfig`, :class:`BlockSparseAttention`,
-  :class:`BlockSparseDilatedAttention`: the seed library's (``dilated_attention_pytorch``)
+  :class:`BlockSparseDilatedAttention`: ``dilated_attention_pytorch``'s
   block-sparse API with exact softmax semantics (:mod:`sparsedsl.modules.seed`).
 * :class:`DilatedAttention`: LongNet's dilated attention (:mod:`sparsedsl.modules.longnet`).
 * :class:`MultiheadSparseAttention`: ``nn.MultiheadAttention``'s interface over any pattern

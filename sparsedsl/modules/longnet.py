@@ -2,7 +2,7 @@
 
 Source: Ding et al. 2023, "LongNet: Scaling Transformers to 1,000,000,000 Tokens",
 arXiv:2307.02486. The pattern is ``segments(segment_lengths, dilation_rates)``
-(DESIGN.md §2), compiled by :func:`sparsedsl.compile`.
+compiled by :func:`sparsedsl.compile`.
 
 Rules:
 

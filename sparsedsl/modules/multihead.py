@@ -4,7 +4,7 @@ Parameters, their names, shapes and initialisation are ``nn.MultiheadAttention``
 (``in_proj_weight`` / ``q_proj_weight``…, ``in_proj_bias``, ``out_proj``), so a state dict
 moves between the two in both directions, and with ``pattern="full()"`` both compute the
 same thing. Attention runs through :func:`sparsedsl.compile` with exact masked-softmax
-semantics (DESIGN.md §1).
+semantics.
 
 Decisions:
 

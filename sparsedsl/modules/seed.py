@@ -1,6 +1,6 @@
-"""The seed library's block-sparse API, done right: exact attention through the compiler.
+"""``dilated_attention_pytorch``'s block-sparse API, done right: exact attention through the compiler.
 
-``dilated_attention_pytorch`` (the seed guide, ``shared/seed/000_828cdb6288ee3ff8.txt``)
+``dilated_attention_pytorch`` (its guide, "BlockSparseAttention vs BlockSparseDilatedAttention")
 configures ``BlockSparseAttention`` and ``BlockSparseDilatedAttention`` with a
 ``SparsePatternConfig``. The same names and signatures are here, with ``[batch, seq_len,
 num_heads, head_dim]`` inputs and ``forward(q, k, v, is_causal=False,
@@ -8,9 +8,9 @@ return_attention_weights=False)``, so the guide's code runs with ``from sparseds
 ...``. What changes:
 
 * **Exact softmax.** Each query row takes one softmax over all the keys its pattern allows
-  (DESIGN.md §1). The seed library sums one softmax per active block pair, so a row that
+  ``dilated_attention_pytorch`` sums one softmax per active block pair, so a row that
   sees three blocks gets weights summing to three.
-* **``sparsity_ratio`` is honoured** for every ``pattern_type`` (the seed ignores it for
+* **``sparsity_ratio`` is honoured** for every ``pattern_type`` (that library ignores it for
   ``local_window``): the band width is chosen *per sequence length* so that the fraction
   of active ``block_size x block_size`` block pairs is as close as possible to the ratio
   (within 7% relative at 16K tokens and 256-token blocks for ratio 0.1); see
@@ -48,7 +48,7 @@ __all__ = ["SparsePatternConfig", "BlockSparseAttention", "BlockSparseDilatedAtt
 
 @dataclass(frozen=True)
 class SparsePatternConfig:
-    """Which blocks attend to which: the seed's configuration, validated on construction.
+    """Which blocks attend to which: ``dilated_attention_pytorch``'s configuration, validated on construction.
 
     Args:
         pattern_type: ``"local_window"`` (a band of blocks), ``"dilated_sparse"``
@@ -62,7 +62,7 @@ class SparsePatternConfig:
         global_tokens: for ``global_local``, the number of leading global tokens, rounded
             up to whole blocks (default 1: one global block; 0: none).
         dilation_rates: for ``dilated_sparse``, the block-level dilation rates (default
-            ``(1, 2, 4, 8)``, the seed's). Stored as a sorted tuple.
+            ``(1, 2, 4, 8)``, that library's). Stored as a sorted tuple.
 
     Raises ``ValueError`` for an unknown ``pattern_type`` or an argument out of range.
     """
@@ -198,7 +198,7 @@ class BlockSparseAttention(_BlockSparseBase):
     ``BlockSparseAttention(sparse_config=SparsePatternConfig(...))`` runs
     ``sparse_config.block_pattern(seq_len)`` (e.g. ``blocks(256).local(3)`` at 16K tokens)
     through :func:`sparsedsl.compile`. See the module docstring for the differences from
-    the seed library, and :meth:`forward` for inputs and outputs.
+    ``dilated_attention_pytorch``, and :meth:`forward` for inputs and outputs.
     """
 
     def __init__(self, sparse_config: SparsePatternConfig | dict | None = None):
@@ -208,7 +208,7 @@ class BlockSparseAttention(_BlockSparseBase):
 class BlockSparseDilatedAttention(_BlockSparseBase):
     """Block-sparse attention with LongNet dilation inside each active block pair:
     ``blocks(b).<block rule>.within(segments(segment_lengths, dilation_rates))``
-    (DESIGN.md §2).
+   .
 
     The heads are split into ``len(segment_lengths)`` groups as evenly as possible (the
     first ``H % G`` groups get one extra head; at least ``G`` heads are needed). Group

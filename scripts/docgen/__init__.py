@@ -1,0 +1,1 @@
+"""The documentation generator: one module per page (see ``scripts/make_docs.py``)."""

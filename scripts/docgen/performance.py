@@ -1,0 +1,77 @@
+"""Generated blocks of ``docs/performance.md`` and ``benchmarks/results/README.md``: every
+number comes from a results file, and every table names the runs it comes from."""
+
+from __future__ import annotations
+
+from .registry import block, cell
+from .results import newest_cases, provenance, rows, runs
+
+ATTENTION_CASES = ("longnet-64k", "longnet-paper-32k", "window-64k", "blockwindow-64k", "window-16k",
+                   "window+global-16k", "blockwindow-16k", "seed-block-dilated-16k", "bigbird-16k",
+                   "seed-guide-shape")
+DECODE = "h100-decode-2026-11-25.json"
+MASK_BUILD = "h100-blockmask-build-2026-11-25.json"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def attention_cases() -> dict[str, tuple[dict, str]]:
+    """The benchmark cases shown, each from the newest run that measured it."""
+    found = newest_cases("h100-attention-")
+    return {case: found[case] for case in ATTENTION_CASES}
+
+
+@block("performance-attention", "docs/performance.md")
+def _attention() -> str:
+    cases = attention_cases()
+    out = ["| case | pattern | plan | density | forward ms: sparsedsl / dense / flex | speedup × density | "
+           "flex ÷ sparsedsl | forward+backward ms: sparsedsl / dense / flex | speedup × density | "
+           "flex ÷ sparsedsl | first call s |",
+           "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for case, (r, _) in cases.items():
+        out.append(
+            f"| `{case}` | `{cell(r['pattern'])}` | {r['plan']} | {r['density']:.3f} | "
+            f"{_ms(r['sparsedsl_fwd_ms'])} / {_ms(r['dense_fwd_ms'])} / {_ms(r['flex_fwd_ms'])} | "
+            f"{r['speedup_x_density_fwd']:.2f} | {r['vs_flex_fwd']:.2f}× | "
+            f"{_ms(r['sparsedsl_fwdbwd_ms'])} / {_ms(r['dense_fwdbwd_ms'])} / {_ms(r['flex_fwdbwd_ms'])} | "
+            f"{r['speedup_x_density_fwdbwd']:.2f} | {r['vs_flex_fwdbwd']:.2f}× | {r['first_call_s']:.1f} |")
+    files = sorted({name for _, name in cases.values()})
+    out += ["", "Runs:", ""] + [f"* {provenance(name)}" for name in files]
+    return "\n".join(out)
+
+
+@block("performance-decode", "docs/performance.md")
+def _decode() -> str:
+    out = ["| pattern | density | dense SDPA ms | sparsedsl, static cache ms | sparsedsl, growing cache ms | "
+           "block mask per step (host) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows(DECODE):
+        dense = _ms(r["dense_ms"]) + (" (cold cuDNN plans)" if r["dense_ms"] > 1 else "")
+        out.append(f"| `{cell(r['pattern'])}` | {r['density']:.3g} | {dense} | {_ms(r['static_ms'])} | "
+                   f"{_ms(r['growing_ms'])} | {r['mask_hit_us']:.0f} µs |")
+    out += ["", f"Run: {provenance(DECODE)}"]
+    return "\n".join(out)
+
+
+@block("performance-blockmask", "docs/performance.md")
+def _blockmask() -> str:
+    out = ["| pattern (65,536 tokens) | heads | sparsedsl ms | eager `create_block_mask` ms | "
+           "compiled `create_block_mask` ms | compiled / sparsedsl |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows(MASK_BUILD):
+        eager = "out of memory" if r.get("eager_s") is None else _ms(r["eager_s"] * 1e3)
+        compiled = r.get("compiled_s")
+        ratio = "–" if compiled is None else f"{compiled / r['sparsedsl_s']:.1f}×"
+        out.append(f"| `{cell(r['pattern'])}` | {r['heads']} | {_ms(r['sparsedsl_s'] * 1e3)} | {eager} | "
+                   f"{'–' if compiled is None else _ms(compiled * 1e3)} | {ratio} |")
+    out += ["", f"Run: {provenance(MASK_BUILD)}"]
+    return "\n".join(out)
+
+
+@block("results-runs", "benchmarks/results/README.md")
+def _runs() -> str:
+    out = ["| file | what | date | commit | device, software | command |", "|---|---|---|---|---|---|"]
+    for name, r in sorted(runs().items(), reverse=True):
+        out.append(f"| `{name}` | {cell(r['what'])} | {r['date']} | {r['commit']} | {r['device']}, "
+                   f"{r['software']} | `{cell(r['command'])}` |")
+    return "\n".join(out)
