@@ -10,7 +10,8 @@ its reasons: never another plan quietly.
 
 Preparations (lowerings, decompositions) and runners are cached per (pattern, call), so a
 call shape is planned once, and sub-problems (the lattice plan's parts) go back through
-the planner and share its caches. Runners run inside
+the planner and share its caches. Runners of plans whose backward has no derivative get
+exact second-order gradients through :mod:`sparsedsl.plans.double_backward`. Runners run inside
 ``torch.profiler.record_function("sparsedsl::<plan>")`` while a profiler records.
 """
 
@@ -25,6 +26,7 @@ from ..lang import nodes as n
 from ..passes import lowering
 from ..plans import decode
 from ..plans.base import Call, Candidate, Plan, Runner
+from ..plans.double_backward import twice_differentiable
 from ..plans.registry import KERNELS, PLANS
 from .cache import BuildCache
 
@@ -113,10 +115,15 @@ class Planner:
 
     def _build(self, pattern: n.Pattern, call: Call) -> Runner:
         plan = self.choose(pattern, call)
-        return _labelled(plan.name, plan.build(self.prepared(plan, pattern, call), call, self))
+        runner = plan.build(self.prepared(plan, pattern, call), call, self)
+        if call.needs_grad and not plan.double_backward:
+            runner = twice_differentiable(runner, lambda: _GATHER.runner(pattern, call))
+        return _labelled(plan.name, runner)
 
 
 _AUTO = Planner("auto")
+#: Runs second-order gradients of plans without them (differentiable operations only).
+_GATHER = Planner("gather")
 
 
 def _labelled(name: str, runner: Runner) -> Runner:

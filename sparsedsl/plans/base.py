@@ -115,6 +115,9 @@ class Plan:
     ``build`` and ``describe``."""
 
     name: str = ""
+    #: Whether the runner's backward is itself differentiable (second-order gradients);
+    #: where not, the planner wraps it (:mod:`sparsedsl.plans.double_backward`).
+    double_backward: bool = False
 
     def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
         raise NotImplementedError

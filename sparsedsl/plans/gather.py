@@ -105,6 +105,7 @@ class GatherPlan(Plan):
     """Block-sparse attention in plain PyTorch operations (see the module docstring)."""
 
     name = "gather"
+    double_backward = True
 
     def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
         if call.decoding:

@@ -4,11 +4,10 @@ an autograd function that writes each run's gradients straight into the position
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..passes.lattice import HeadGroupLattice, merged, writes_every_row, zeroed_heads
 from .kernels import sdpa_with_lse, zero_heads
-from .lattice_views import chunk_folds, fold, fold_chunks, group_inputs, kv_heads_of, put, take, write_folded
+from .lattice_views import chunk_folds, fold, kv_heads_of, write_folded
 
 
 def zeroed_output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupLattice, ...]) -> torch.Tensor:
@@ -28,9 +27,8 @@ class ChunkLattice(torch.autograd.Function):
     run's gradients straight into the positions it read: three gradients zeroed only on the
     heads whose lattices leave rows unwritten, one strided write per run. The first
     backward consumes those graphs; a second one (with ``retain_graph``) rebuilds them from
-    the saved inputs. A backward that is itself differentiated (``create_graph=True``, as a
-    gradient penalty needs) recomputes the attention through differentiable copies and
-    PyTorch's math SDPA kernel, whose backward has a derivative, and differentiates that."""
+    the saved inputs. Its backward is not itself differentiable: the planner wraps the plan
+    for second-order gradients (:mod:`sparsedsl.plans.double_backward`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
@@ -43,9 +41,6 @@ class ChunkLattice(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: these gradients are differentiated in turn
-            ctx.runs = None
-            return (*_differentiable_gradients(q, k, v, ctx.plan, ctx.scale, grad_out), None, None)
         runs = ctx.runs if ctx.runs is not None else chunk_graphs(q, k, v, ctx.plan, ctx.scale)
         ctx.runs = None
         dq, dk, dv = lattice_gradients(q, k, v, ctx.plan, grad_out.dtype)
@@ -111,22 +106,3 @@ def chunk_graphs(q, k, v, plan: tuple[HeadGroupLattice, ...], scale: float, out:
             runs.append((rng, kv, part, start, count, chunk, leaves, result))
     return runs
 
-
-def _differentiable_gradients(q, k, v, plan: tuple[HeadGroupLattice, ...], scale: float, grad_out):
-    """``(dq, dk, dv)`` of the chunk lattice with a graph of their own: the attention
-    recomputed through copies of the lattice positions and the math SDPA kernel (the fused
-    kernels' backward has no derivative)."""
-    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-        out = zeroed_output(q, v, plan)
-        for head_plan in plan:
-            rng = head_plan.heads
-            qg, kg, vg, _ = group_inputs(q, k, v, rng)
-            for part in head_plan.parts:
-                if part.length == 0:
-                    continue
-                part_out, _ = fold_chunks(take(part, qg), take(part, kg), take(part, vg), part.pattern.size,
-                                          scale, False)
-                put(part, out[:, rng.start:rng.stop], part_out.to(out.dtype))
-        inputs = (q, k, v)
-        grads = torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads))

@@ -1,0 +1,154 @@
+"""The planner: explain() names the plan forward() runs, every candidate is listed with its
+cost or reasons, a requested plan that cannot run says why, cached calls plan nothing, and
+every plan that claims gradients has exact second-order gradients."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+import sparsedsl as sd
+from reference import reference_attention
+from sparsedsl.compiler import planner as planner_module
+from sparsedsl.plans.registry import KERNELS, PLANS
+from strategies import pattern_cases
+
+PLAN_NAMES = [plan.name for plan in PLANS]
+
+
+def _plans_run(fn) -> list[str]:
+    """Names of the plans whose runners ran inside ``fn()`` (their profiler labels)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [event.name.split("::", 1)[1] for event in prof.events()
+            if event.name.startswith("sparsedsl::") and event.name.split("::", 1)[1] in PLAN_NAMES]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=pattern_cases(max_depth=2, allow_scores=True, max_len=96), dtype=st.sampled_from(
+    (torch.float32, torch.float64)), grad=st.booleans(), lse=st.booleans(),
+    offset=st.sampled_from(("zero", "end", "some")), head_dim=st.sampled_from((8, 16)),
+    block=st.sampled_from((16, 32)))
+def test_explain_names_the_plan_forward_runs(case, dtype, grad, lse, offset, head_dim, block):
+    pattern, q_len, kv_len, heads, buffers = case
+    if (offset == "end" and kv_len < q_len) or buffers:  # bound tensors are drawn for rows from 0
+        offset = "zero"
+    q_offset = {"zero": 0, "end": "end", "some": 3}[offset]
+    module = sd.compile(pattern, block_size=block)
+    plan = module.explain(q_len, kv_len, heads=heads, head_dim=head_dim, device="cpu", dtype=dtype,
+                          requires_grad=grad, return_lse=lse, q_offset=q_offset, **buffers)
+    assert set(plan.candidates) == set(PLAN_NAMES)
+    assert plan.candidates[plan.kind].reasons in ((), (planner_module.UNCOSTED,))
+    for name, candidate in plan.candidates.items():
+        assert (candidate.cost is None) == bool(candidate.reasons), name
+    gen = torch.Generator().manual_seed(q_len * 7 + kv_len)
+    q = torch.randn(1, heads, q_len, head_dim, generator=gen, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(1, heads, kv_len, head_dim, generator=gen, dtype=dtype, requires_grad=grad)
+            for _ in range(2))
+    ran = _plans_run(lambda: module(q, k, v, return_lse=lse, q_offset=q_offset, **buffers))
+    assert ran and ran[0] == plan.kind, (str(plan), ran)
+
+
+def test_explain_on_cuda_names_flex_or_a_dense_plan_without_a_gpu():
+    """Calls on CUDA are explained on a machine without one (the plan depends on the
+    device's kind), with FlexAttention costed there."""
+    plan = sd.compile(sd.window(64) | sd.global_tokens(2)).explain(1024, heads=4, head_dim=64, device="cuda")
+    assert plan.kind == "flex" and plan.candidates["flex"].cost is not None
+    assert plan.candidates["gather"].cost is None  # not measured against flex on CUDA
+    dilated = sd.compile(sd.segments([256, 512], [1, 2])).explain(1024, heads=4, head_dim=64, device="cuda")
+    assert dilated.kind == "lattice" and dilated.candidates["lattice"].cost < dilated.candidates["flex"].cost
+
+
+@pytest.mark.parametrize("kernel,pattern,call,reason", [
+    ("sdpa", sd.window(3), {}, "not full() or causal()"),
+    ("sdpa", sd.causal(), {"return_lse": True}, "log-sum-exp"),
+    ("lattice", sd.window(3), {}, "no token dilation"),
+    ("band", sd.window(3), {}, "not a band of whole blocks"),
+    ("decode", sd.window(3), {}, "not a decoding step"),
+    ("flex", sd.window(3), {"requires_grad": True}, "no backward pass on the CPU"),
+    ("flex", sd.window(3), {"dtype": torch.float64}, "float64"),
+    ("flex", sd.window(3), {"head_dim": 8}, "head_dim=8"),
+])
+def test_a_requested_plan_that_cannot_run_raises_its_reasons(kernel, pattern, call, reason):
+    module = sd.compile(pattern, block_size=16, kernel=kernel)
+    sizes = {"head_dim": 16, "device": "cpu", **call}
+    with pytest.raises(sd.PlanNotSupported, match=f"kernel='{kernel}' cannot run .*{re.escape(reason)}"):
+        module.explain(64, **sizes)
+    plan = sd.compile(pattern, block_size=16).explain(64, **sizes)
+    assert any(reason in r for r in plan.candidates[kernel].reasons)
+
+
+def test_kernel_names_are_the_plans():
+    assert set(KERNELS) == {"auto", *PLAN_NAMES}
+    with pytest.raises(sd.PatternArgumentError, match="argument 'kernel'"):
+        sd.compile(sd.causal(), kernel="fast")
+
+
+def test_str_lists_every_candidate_and_marks_the_chosen_one():
+    text = str(sd.compile(sd.window(8), block_size=16).explain(100, heads=2, head_dim=16, device="cpu"))
+    lines = text.splitlines()[-len(PLAN_NAMES):]
+    assert [line[3:].split()[0] for line in lines] == PLAN_NAMES
+    assert sum(line.startswith(" * ") for line in lines) == 1
+
+
+def test_a_cached_call_plans_and_builds_nothing(monkeypatch):
+    module = sd.compile(sd.window(4) | sd.global_tokens(1), block_size=16)
+    q = torch.randn(1, 2, 40, 16)
+    module(q, q, q)
+    built = []
+    monkeypatch.setattr(planner_module.Planner, "_build", lambda *a: built.append(a))
+    monkeypatch.setattr(planner_module.Planner, "candidates", lambda *a: built.append(a))
+    for _ in range(3):
+        module(q, q, q)
+    assert built == []
+
+
+def test_lattice_parts_go_through_the_planner():
+    """The parts of a block lattice that are not chunks are sub-problems the planner plans
+    (the gather plan on the CPU), and the module computes them exactly."""
+    pattern = sd.blocks(32).local(1).within(sd.dilated(16, 2))
+    module = sd.compile(pattern, block_size=16)
+    assert module.explain(128, heads=2, head_dim=8, device="cpu").kind == "lattice"
+    q, k, v = (torch.randn(1, 2, 128, 8, dtype=torch.float64) for _ in range(3))
+    ran = _plans_run(lambda: module(q, k, v))
+    assert ran[0] == "lattice" and set(ran[1:]) == {"gather"}
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert (module(q, k, v) - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("pattern,kernel,length", [
+    (sd.causal(), "auto", 13),                             # sdpa
+    (sd.segments([4, 8], [1, 2]), "auto", 16),             # lattice, chunk parts
+    (sd.blocks(8).local(1).within(sd.dilated(4, 2)), "lattice", 24),  # lattice with sub-problems
+    (sd.window(3) | sd.global_tokens(1), "auto", 13),      # gather
+    (sd.blocks(16).local(1), "band", 32),                  # band
+])
+def test_second_order_gradients_are_exact_on_every_plan_with_gradients(pattern, kernel, length):
+    module = sd.compile(pattern, block_size=16, kernel=kernel)
+    heads = 2
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, heads, length, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    assert gradcheck(lambda q, k, v: module(q, k, v), (q, k, v), fast_mode=True)
+    assert gradgradcheck(lambda q, k, v: module(q, k, v), (q, k, v), fast_mode=True)
+
+
+def test_a_gradient_penalty_equals_the_gather_plans():
+    """A loss on the gradient itself (create_graph) through the lattice plan equals the
+    same loss through the gather plan, whose operations are all differentiable."""
+    pattern = sd.segments([4, 8], [1, 2])
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(1, 2, 32, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    grads = {}
+    for kernel in ("lattice", "gather"):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        out = sd.compile(pattern, block_size=16, kernel=kernel)(q, k, v)
+        (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        dq.square().sum().backward()
+        grads[kernel] = k.grad
+    assert (grads["lattice"] - grads["gather"]).abs().max().item() < 1e-10
