@@ -21,9 +21,8 @@ is their intersection, which must again be an atom:
   ``Diagonals`` of block indices, its ``.within`` rule a signed sum of atoms on
   block-relative positions.
 
-What each node and block rule contributes is one ``functools.singledispatch`` entry per
-class (:func:`_poly_of`, :func:`_rule_poly`); a class without an entry is refused with a
-``TypeError`` naming it.
+What each node and each block rule contributes is one ``functools.singledispatch`` entry
+per class; a class without one is refused with a ``TypeError`` naming it.
 
 Where an intersection is not an atom (say ``dilated(16, 2) & window(3)``), or a node has no
 closed form (``documents``, ``.layout``, ``.random``), :class:`NoClosedFormError` names the
@@ -283,8 +282,8 @@ def _first_rows_or_columns(count: int) -> Poly:
 
 @_poly_of.register
 def _(node: n.Documents) -> Poly:
-    raise NoClosedFormError(f"formula(): {node} has no closed form (its pairs depend on "
-                            f"call-time tensors or on a seeded choice)")
+    raise NoClosedFormError(f"formula(): {node} has no closed form (its pairs depend on a "
+                            f"call-time tensor)")
 
 
 @_poly_of.register(n.Heads)
@@ -455,10 +454,9 @@ def _rect(atom: Atom, a, b, le: bool = False):
     """Pairs of ``atom`` in ``[0, a) x [0, b)``. Either ``a`` and ``b`` are the same
     expression (a square), or both are numbers, or ``le`` says the symbolic side is at
     most the numeric one."""
-    square = sp.expand(a - b) == 0
     if _is_num(a) and _is_num(b):
         return sp.Integer(_numeric_rect(atom, int(a), int(b)))
-    return _symbolic_rect(atom, a, b, square, le)
+    return _symbolic_rect(atom, a, b, sp.expand(a - b) == 0, le)
 
 
 @singledispatch
