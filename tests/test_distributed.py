@@ -345,7 +345,7 @@ def test_the_plan_follows_the_pattern():
 def test_nccl_on_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2 or not dist.is_nccl_available():
         pytest.skip("needs 2 CUDA devices and NCCL")
-    names = ["window", "longnet", "causal zigzag"]
+    names = ["window", "longnet", "causal zigzag", "bigbird (far tiles)", "prefix|causal zigzag"]
     for rank, report in enumerate(_spawn(2, "nccl", names, tmp_path)):
         for name in names:
             errors = {key: report[name][key] for key in ("out", "grad q", "grad k", "grad v")}

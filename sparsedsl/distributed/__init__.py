@@ -9,20 +9,31 @@ size from the structure alone (a billion tokens over thousands of ranks included
 ``docs/distributed.md``.
 """
 
-from .attention import ExchangeStats, sequence_parallel_attention
-from .estimate import Estimate, RankEstimate, estimate
-from .plan import ExchangePlan, exchange_plan
-from .sharding import owned_ranges, shard, unshard
+from __future__ import annotations
 
-__all__ = [
-    "Estimate",
-    "ExchangePlan",
-    "ExchangeStats",
-    "RankEstimate",
-    "estimate",
-    "exchange_plan",
-    "owned_ranges",
-    "sequence_parallel_attention",
-    "shard",
-    "unshard",
-]
+import importlib
+
+#: Public name -> the module that defines it (imported on first use, so that the command
+#: line can register ``estimate`` without importing torch).
+_EXPORTS = {
+    "ExchangeStats": ".attention",
+    "sequence_parallel_attention": ".attention",
+    "Estimate": ".estimate",
+    "RankEstimate": ".estimate",
+    "estimate": ".estimate",
+    "ExchangePlan": ".plan",
+    "exchange_plan": ".plan",
+    "owned_ranges": ".sharding",
+    "shard": ".sharding",
+    "unshard": ".sharding",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -11,16 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from ..catalog import pattern_from_text
-from ..compiler.module import compile as compile_pattern
-from ..lang.checks import PatternArgumentError
-from ..lang.parse import PatternSyntaxError
-from .estimate import estimate, table
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "float64": torch.float64}
+#: ``--dtype`` values (torch dtype names); torch is imported only when the command runs.
+DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def add_estimate_command(commands) -> argparse.ArgumentParser:
@@ -51,6 +43,12 @@ def add_estimate_command(commands) -> argparse.ArgumentParser:
 
 def run_estimate(args: argparse.Namespace) -> int:
     """Print the estimate table for parsed ``estimate`` arguments; the exit status."""
+    import torch
+
+    from ..catalog import pattern_from_text
+    from ..compiler.module import compile as compile_pattern
+    from .estimate import estimate, table
+
     try:
         if args.dtype not in DTYPES:
             raise ValueError(f"argument --dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
@@ -61,9 +59,9 @@ def run_estimate(args: argparse.Namespace) -> int:
             raise ValueError(f"argument --rows must be >= 2, got {args.rows}")
         compiled = compile_pattern(pattern_from_text(args.pattern), block_size=args.tile)
         result = estimate(compiled, args.seq_len, args.world_size, heads=args.heads, head_dim=args.head_dim,
-                          dtype=DTYPES[args.dtype], zigzag=args.zigzag, kv_heads=args.kv_heads,
+                          dtype=getattr(torch, args.dtype), zigzag=args.zigzag, kv_heads=args.kv_heads,
                           batch=args.batch)
-    except (PatternSyntaxError, PatternArgumentError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # pattern syntax and argument errors included
         print(f"sparsedsl estimate: {err}", file=sys.stderr)
         return 2
     print(table(result, args.link_gbps * 1e9, args.tflops * 1e12, max_rows=args.rows))
