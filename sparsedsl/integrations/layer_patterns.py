@@ -164,13 +164,17 @@ class WithinCheck:
             size = max(positions, self._first, 2 * self._checked)
             outside = count(self.excess, size, size).pairs
             if outside:
+                inside = mask_part(self.pattern) & self.model_mask
+                remedy = (f"register a pattern inside it (such as {inside}), or build the model "
+                          f"with sliding_window=None (Qwen: use_sliding_window=False) for its "
+                          f"layers to see further" if self.layer.window is not None else
+                          f"a causal layer sees no later key: register a pattern inside it "
+                          f"(such as {inside})")
                 raise ValueError(
                     f"{where}: {self.layer.describe()} attends within {self.model_mask}, but "
                     f"the pattern registered for it, {self.pattern}, allows {outside} pairs "
                     f"outside that on the first {size} positions; a pattern may narrow a "
-                    f"layer's attention, not widen it. Register a pattern inside the layer's "
-                    f"(such as {mask_part(self.pattern) & self.model_mask}), or build the model "
-                    f"with the attention the pattern needs (sliding_window=None for full layers)"
+                    f"layer's attention, not widen it: {remedy}"
                 )
             self._checked = size
 
