@@ -130,8 +130,24 @@ def test_operator_passes_torch_library_opcheck(return_lse, q_offset):
     module = sd.compile(sd.window(5) | sd.global_tokens(2), block_size=16)
     q = torch.randn(1, 2, 37, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 1, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    result = torch.library.opcheck(attention_op, (q, k, v, module._handle, 0.3, q_offset, return_lse, "", []))
+    result = torch.library.opcheck(attention_op, (q, k, v, module._handle, 0.3, q_offset, return_lse, "", [], ""))
     assert set(result.values()) == {"SUCCESS"}
+
+
+def test_an_offset_computed_from_shapes_is_accepted_under_fullgraph():
+    # q_offset = kv_len - q_len is a symbolic integer once lengths are dynamic
+    module = sd.compile(sd.causal() & (sd.window(6, 0) | sd.global_tokens(2)), block_size=16)
+
+    def decode(q, k, v):
+        return module(q, k, v, q_offset=k.shape[2] - q.shape[2])
+
+    counter = CompileCounter()
+    compiled = torch.compile(decode, fullgraph=True, backend=counter)
+    for kv_len in (20, 29, 41, 50):
+        q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+        k, v = (torch.randn(1, 2, kv_len, 8, dtype=torch.float64) for _ in range(2))
+        assert torch.allclose(compiled(q, k, v), module(q, k, v, q_offset="end"), atol=1e-12)
+    assert counter.frame_count <= 2
 
 
 def test_bad_offsets_are_refused_under_fullgraph_too():

@@ -34,6 +34,10 @@ _MODULES: list[torch.nn.Module] = []
 _HANDLES: dict[tuple, int] = {}
 _LOCK = threading.Lock()
 _NAME_SEPARATOR = ","
+#: The operators read tensor values when they run (tile states for a new length, a model's
+#: slot tensor), which a CUDA graph capture cannot hold: Inductor leaves them out of CUDA
+#: graphs (``mode="reduce-overhead"``).
+_TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
 def handle_for(module: torch.nn.Module, configuration: tuple) -> int:
@@ -59,10 +63,10 @@ def _run(handle: int, q, k, v, scale: float, q_offset: int, return_lse: bool, na
     return module(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, **buffers)
 
 
-@torch.library.custom_op("sparsedsl::attention", mutates_args=())
+@torch.library.custom_op("sparsedsl::attention", mutates_args=(), tags=_TAGS)
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float,
                  q_offset: int, return_lse: bool, names: str, tensors: list[torch.Tensor],
-                 context: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+                 context: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the registered module ``handle`` on ``[B, H, N, D]`` inputs;
     ``lse`` is empty unless ``return_lse``. ``names`` lists the bound tensors' keywords,
     comma-separated, in the order of ``tensors``; a non-empty ``context`` is passed to the
@@ -75,18 +79,18 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int,
 
 
 @attention_op.register_fake
-def _(q, k, v, handle, scale, q_offset, return_lse, names, tensors, context=""):
+def _(q, k, v, handle, scale, q_offset, return_lse, names, tensors, context):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(batch, heads, q_len, v.shape[-1])
     lse = q.new_empty((batch, heads, q_len) if return_lse else (0,), dtype=_lse_dtype(q.dtype))
     return out, lse
 
 
-@torch.library.custom_op("sparsedsl::attention_backward", mutates_args=())
+@torch.library.custom_op("sparsedsl::attention_backward", mutates_args=(), tags=_TAGS)
 def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
                           k: torch.Tensor, v: torch.Tensor, handle: int, scale: float,
                           q_offset: int, return_lse: bool, names: str, tensors: list[torch.Tensor],
-                          context: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          context: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``q``, ``k``, ``v`` for :func:`attention_op`, by recomputing its
     forward with autograd (``grad_lse`` is used when ``return_lse``)."""
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -115,7 +119,7 @@ def _autograd_inside_operator():
 
 
 @attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, handle, scale, q_offset, return_lse, names, tensors, context=""):
+def _(grad_out, grad_lse, q, k, v, handle, scale, q_offset, return_lse, names, tensors, context):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
