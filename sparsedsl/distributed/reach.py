@@ -357,9 +357,9 @@ def _random_blocks(rule: n.BlockRandom, qb_lo, qb_hi, num_blocks: int, ctx) -> R
 # -- combinators ----------------------------------------------------------------------------
 
 def union_reach(parts: list[Reach]) -> Reach:
-    spans = parts[0].spans
-    for part in parts[1:]:
-        spans = spans.union(part.spans)
+    """The union of ``parts`` (merged once)."""
+    spans = Spans.of(parts[0].spans.groups, *(np.concatenate([getattr(p.spans, a) for p in parts])
+                                               for a in ("ids", "starts", "stops")))
     return Reach(spans, all(p.exact for p in parts), tuple(d for p in parts for d in p.draws))
 
 

@@ -45,13 +45,18 @@ class Spans:
         """The same sets with overlapping or touching intervals merged, sorted."""
         if not len(self.ids):
             return self
-        order = np.lexsort((self.starts, self.ids))
-        ids, starts, stops = self.ids[order], self.starts[order], self.stops[order]
-        # On one line, set g shifted to [g * width, (g + 1) * width): a running maximum of
-        # the stops never crosses into the next set, and an interval opens a new run unless
-        # it starts at or before the furthest stop so far.
-        base = int(starts.min())
-        shift = ids * (int(stops.max()) - base + 1) - base
+        # On one line, set g shifted to [g * width, (g + 1) * width): sorting by the shifted
+        # start sorts by (set, start); a running maximum of the shifted stops never crosses
+        # into the next set, and an interval opens a new run unless it starts at or before
+        # the furthest stop so far.
+        base = int(self.starts.min())
+        shift = self.ids * (int(self.stops.max()) - base + 1) - base
+        line = self.starts + shift
+        if np.any(line[1:] < line[:-1]):  # intervals often come sorted already
+            order = np.argsort(line)
+            ids, starts, stops, shift = self.ids[order], self.starts[order], self.stops[order], shift[order]
+        else:
+            ids, starts, stops = self.ids, self.starts, self.stops
         furthest = np.maximum.accumulate(stops + shift)
         new = np.ones(len(ids), dtype=bool)
         new[1:] = starts[1:] + shift[1:] > furthest[:-1]
