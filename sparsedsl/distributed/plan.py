@@ -229,8 +229,8 @@ def exchange_plan(compiled: CompiledPattern, seq_len: int, world_size: int, *, z
 
     def build() -> ExchangePlan:
         ctx = ReachContext(seq_len, heads, unit=compiled.kv_block, buffers=buffers)
-        needed, _ = needed_tiles(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, ctx)
-        return ExchangePlan(seq_len, world_size, zigzag, compiled.kv_block, needed)
+        by_piece, _ = needed_tiles(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, ctx)
+        return ExchangePlan(seq_len, world_size, zigzag, compiled.kv_block, by_piece)
 
     if buffers:
         return build()
