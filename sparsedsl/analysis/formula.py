@@ -611,6 +611,74 @@ def _blocks_terms(form: BlockForm, m, rem) -> list:
 
 
 # ---------------------------------------------------------------------------------------
+# Ranges, offsets, positions inside documents, cyclic head groups
+# ---------------------------------------------------------------------------------------
+
+
+@_poly_of.register
+def _(node: n.Queries) -> Poly:
+    return _range_poly(node, "rows")
+
+
+@_poly_of.register
+def _(node: n.Keys) -> Poly:
+    return _range_poly(node, "cols")
+
+
+def _range_poly(node, axis: str) -> Poly:
+    """``start <= p < stop`` on the rows or columns: ``1[p < stop] - 1[p < start]``."""
+    if node.from_end():
+        raise NoClosedFormError(f"formula(): {node} counts from the end of the sequence, which has "
+                                f"no closed form here")
+    out: Poly = {UNIVERSE: 1} if node.stop is None else {Diagonals(**{axis: node.stop}): 1}
+    return out if node.start == 0 else _add(out, {Diagonals(**{axis: node.start}): 1}, -1)
+
+
+@dataclass(frozen=True)
+class Shifted:
+    """``pattern.starting_at(offset)``: the signed sum of atoms ``inner`` counted on the
+    positions from ``offset`` on."""
+
+    offset: int
+    inner: tuple
+
+
+@_poly_of.register
+def _(node: n.Shifted) -> Poly:
+    return {Shifted(node.offset, _frozen(_poly(node.inner))): 1}
+
+
+@_symbolic_rect.register
+def _(atom: Shifted, a, b, square, le):
+    if not square:
+        raise _NoMeet
+    inner = _within_rect(atom.inner, a - atom.offset, a - atom.offset, False)
+    return sp.Piecewise((inner, sp.Gt(a, atom.offset)), (0, True))
+
+
+@_summed_rect.register
+def _(atom: Shifted, a, b):
+    return sum(c * _numeric_rect(inner, a - atom.offset, b - atom.offset) for inner, c in atom.inner)
+
+
+@_poly_of.register
+def _(node: n.DocumentWithin) -> Poly:
+    raise NoClosedFormError(f"formula(): {node} has no closed form (its pairs depend on a "
+                            f"call-time tensor)")
+
+
+@_poly_of.register
+def _(node: n.CycleHeads) -> Poly:
+    raise NoClosedFormError(f"formula(): {node} gives heads different patterns: each head "
+                            f"has its own closed form (resolve the head first)")
+
+
+@_rule_poly.register
+def _(rule: n.BlockRandomCausal, node: n.Blocks) -> Poly:
+    raise NoClosedFormError(f"formula(): {node} has no closed form: .{rule} picks blocks from a seeded choice")
+
+
+# ---------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------
 

@@ -39,6 +39,12 @@ def resolve_head(pattern: n.Pattern, head: int, num_heads: int) -> n.Pattern:
     if isinstance(pattern, n.Blocks) and pattern.within_ is not None:
         return n.Blocks(pattern.size, pattern.rules, pattern.causal_,
                         resolve_head(pattern.within_, head, num_heads))
+    if isinstance(pattern, n.CycleHeads):
+        return resolve_head(pattern.parts[head % len(pattern.parts)], head, num_heads)
+    if isinstance(pattern, n.Shifted):
+        return n.Shifted(resolve_head(pattern.inner, head, num_heads), pattern.offset)
+    if isinstance(pattern, n.DocumentWithin):
+        return n.DocumentWithin(pattern.name, resolve_head(pattern.rule, head, num_heads))
     return pattern
 
 

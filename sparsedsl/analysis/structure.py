@@ -464,3 +464,98 @@ def _hull(a: tuple, b: tuple) -> tuple:
     if b[0] > b[1]:
         return a
     return (min(a[0], b[0]), max(a[1], b[1]))
+
+
+# ---------------------------------------------------------------------------------------
+# Ranges, offsets, positions inside documents, cyclic head groups
+# ---------------------------------------------------------------------------------------
+# A range counted from the end depends on the lengths, not only on the positions: it has
+# no periodicity, signature or bounded support here.
+
+
+@periodicity.register
+def _(pattern: n.Queries) -> Periodicity | None:
+    if pattern.from_end():
+        return None
+    return Periodicity(1, pattern.start if pattern.stop is None else pattern.stop, 0)
+
+
+@periodicity.register
+def _(pattern: n.Keys) -> Periodicity | None:
+    if pattern.from_end():
+        return None
+    return Periodicity(1, 0, pattern.start if pattern.stop is None else pattern.stop)
+
+
+@periodicity.register
+def _(pattern: n.Shifted) -> Periodicity | None:
+    inner = periodicity(pattern.inner)
+    if inner is None:
+        return None
+    return Periodicity(inner.period, inner.q_bound + pattern.offset, inner.k_bound + pattern.offset)
+
+
+@periodicity.register(n.DocumentWithin)
+@periodicity.register(n.CycleHeads)
+def _(pattern: n.Pattern) -> None:
+    return None  # call-time tensors; head groups (resolve them per head first)
+
+
+def _range_columns(start: int, stop: int | None, p0, t: int) -> list:
+    """Columns fixing which of the positions ``p0 .. p0 + t - 1`` lie in ``[start, stop)``."""
+    cols = [(start - p0).clamp(0, t)]
+    if stop is not None:
+        cols.append((stop - p0).clamp(0, t))
+    return cols
+
+
+@_signature.register
+def _(node: n.Queries, q0, k0, t, cols):
+    if node.from_end():
+        return False
+    cols.extend(_range_columns(node.start, node.stop, q0, t))
+    return True
+
+
+@_signature.register
+def _(node: n.Keys, q0, k0, t, cols):
+    if node.from_end():
+        return False
+    cols.extend(_range_columns(node.start, node.stop, k0, t))
+    return True
+
+
+@_signature.register
+def _(node: n.Shifted, q0, k0, t, cols):
+    # Which rows and columns precede the offset, and the inner content at shifted corners.
+    cols.extend(((node.offset - q0).clamp(0, t), (node.offset - k0).clamp(0, t)))
+    return _signature(node.inner, q0 - node.offset, k0 - node.offset, t, cols)
+
+
+@_signature.register(n.DocumentWithin)
+@_signature.register(n.CycleHeads)
+def _(node: n.Pattern, q0, k0, t, cols):
+    return False  # call-time tensors; head groups (resolve them per head first)
+
+
+@diagonal_support.register(n.Queries)
+@diagonal_support.register(n.Keys)
+def _(pattern: n.Pattern) -> tuple[float, float]:
+    # Past a finite stop nothing is allowed; otherwise every diagonal may be.
+    return (-INF, INF) if pattern.stop is None or pattern.from_end() else (1, 0)
+
+
+@diagonal_support.register
+def _(pattern: n.Shifted) -> tuple[float, float]:
+    return diagonal_support(pattern.inner)  # a shift along the diagonal keeps k - q
+
+
+@diagonal_support.register(n.DocumentWithin)
+@diagonal_support.register(n.CycleHeads)
+def _(pattern: n.Pattern) -> tuple[float, float]:
+    return (-INF, INF)
+
+
+_rule_bound.register(n.BlockRandomCausal, lambda rule: None)
+_rule_signature.register(n.BlockRandomCausal, lambda rule, qb, kb, reach, cols: False)
+_rule_diagonals.register(n.BlockRandomCausal, lambda rule: (-INF, 0))  # kb <= qb

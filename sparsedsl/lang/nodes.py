@@ -13,10 +13,13 @@ position), so ``causal()`` with ``Q < K`` lets query ``i`` see keys ``0..i``.
 
 from __future__ import annotations
 
+import inspect
+import keyword
 from dataclasses import dataclass
 from typing import Callable
 
 from .checks import (
+    INDEX_LIMIT,
     PatternArgumentError,
     PatternOperandError,
     check_int,
@@ -79,6 +82,14 @@ class Pattern:
         if not mods:
             raise PatternArgumentError("score(): give at least one score modification")
         return Scored(self, tuple(_as_score_mod(m) for m in mods))
+
+    def starting_at(self, offset: int) -> "Pattern":
+        """This pattern on the positions from ``offset`` on, counted from ``offset``: a pair
+        is allowed iff ``q >= offset``, ``k >= offset`` and this pattern allows ``(q -
+        offset, k - offset)``; see :class:`Shifted`."""
+        where = ".starting_at()"
+        offset = check_int(where, "offset", offset)
+        return Shifted(_relative_rule(where, "pattern", self, in_document=False), offset)
 
     # -- introspection -----------------------------------------------------------------
     def children(self) -> tuple["Pattern", ...]:
@@ -239,6 +250,11 @@ class Documents(Pattern):
     def _own_buffers(self) -> tuple[str, ...]:
         return (self.name,)
 
+    def within(self, rule: "Pattern") -> "Pattern":
+        """Keep a pair of one document only if ``rule`` holds on the positions counted
+        from the document's first position; see :class:`DocumentWithin`."""
+        return DocumentWithin(self.name, _relative_rule("documents().within()", "rule", rule, in_document=True))
+
 
 # ---------------------------------------------------------------------------------------
 # Block-level rules and the block builder
@@ -369,6 +385,13 @@ class Blocks(Pattern):
         return self._with_rule(
             BlockRandom(check_int(where, "per_row", per_row, minimum=1), check_int(where, "seed", seed))
         )
+
+    def random_causal(self, per_row: int, seed: int = 0) -> "Blocks":
+        """Add ``per_row`` seeded random key blocks at or before the diagonal (``kb <= qb``)
+        to every query-block row; see :class:`BlockRandomCausal`."""
+        where = "blocks().random_causal()"
+        return self._with_rule(BlockRandomCausal(check_int(where, "per_row", per_row, minimum=1),
+                                                 check_int(where, "seed", seed)))
 
     def layout(self, name: str) -> "Blocks":
         """Add the block pairs of a bool layout tensor bound as ``name=`` at call time."""
@@ -523,6 +546,211 @@ class Complement(Pattern):
 
 
 # ---------------------------------------------------------------------------------------
+# Ranges, offsets, positions inside documents, cyclic head groups
+# ---------------------------------------------------------------------------------------
+
+
+def range_bounds(start: int, stop: int | None, length: int) -> tuple[int, int]:
+    """``(lo, hi)`` of the range ``start:stop`` over ``length`` positions, as Python's
+    slices read it: a negative bound counts from the end (``length + bound``), ``stop=None``
+    is the end, and both are clamped to ``[0, length]``."""
+    def bound(value: int) -> int:
+        return min(max(value + length if value < 0 else value, 0), length)
+    return bound(start), length if stop is None else bound(stop)
+
+
+def _range_text(name: str, start: int, stop: int | None) -> str:
+    return f"{name}({start})" if stop is None else f"{name}({start}, {stop})"
+
+
+def _range_args(where: str, start, stop) -> tuple[int, int | None]:
+    start = check_int(where, "start", start, minimum=-INDEX_LIMIT)
+    if stop is not None:
+        stop = check_int(where, "stop", stop, minimum=-INDEX_LIMIT)
+        if (start < 0) == (stop < 0) and stop <= start:
+            raise PatternArgumentError(
+                f"{where}: argument 'stop' must be greater than start ({start}), got {stop} "
+                f"(the range would be empty at every length)")
+    return start, stop
+
+
+@dataclass(frozen=True, repr=False)
+class Queries(Pattern):
+    """``lo <= q < hi``, every key: the query rows ``start:stop`` of the ``Q x K`` matrix,
+    read as Python's slices (:func:`range_bounds` over ``Q``): a negative bound counts from
+    the last query position, ``stop=None`` is the end. ``Q`` counts every query position of
+    the matrix (with ``q_offset``, the rows before it too). Inside ``blocks(size).within``
+    the positions are block-relative and the end is the block's."""
+
+    start: int
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        return _range_text("queries", self.start, self.stop)
+
+    def from_end(self) -> bool:
+        """Whether a bound counts from the end (is negative)."""
+        return self.start < 0 or (self.stop is not None and self.stop < 0)
+
+
+@dataclass(frozen=True, repr=False)
+class Keys(Pattern):
+    """``lo <= k < hi``, every query: the key columns ``start:stop`` of the ``Q x K``
+    matrix, read as Python's slices over ``K`` (see :class:`Queries`)."""
+
+    start: int
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        return _range_text("keys", self.start, self.stop)
+
+    def from_end(self) -> bool:
+        """Whether a bound counts from the end (is negative)."""
+        return self.start < 0 or (self.stop is not None and self.stop < 0)
+
+
+@dataclass(frozen=True, repr=False)
+class Shifted(Pattern):
+    """``inner`` on the positions from ``offset`` on: a pair is allowed iff ``q >= offset``,
+    ``k >= offset`` and ``inner`` allows ``(q - offset, k - offset)`` on the ``(Q - offset)
+    x (K - offset)`` matrix of those positions (so a range counted from the end counts from
+    the same end). ``chunks(64).starting_at(100)`` cuts chunks from position 100; nothing
+    before 100 is allowed. Built with ``pattern.starting_at(offset)``."""
+
+    inner: Pattern
+    offset: int
+
+    def children(self) -> tuple[Pattern, ...]:
+        return (self.inner,)
+
+    def __str__(self) -> str:
+        return f"{_wrap(self.inner, _ATOM)}.starting_at({self.offset})"
+
+
+@dataclass(frozen=True, repr=False)
+class DocumentWithin(Pattern):
+    """``ids[q] == ids[k]`` and ``rule`` allows ``(q - s, k - s)``, ``s`` the first position
+    of the document (the first position whose id is ``ids[q]``, in the same batch row).
+    ``ids`` is bound as ``name=`` as for :class:`Documents`. The rule sees an ``L x L``
+    matrix (``L = max(Q, K)``) and cannot count from its end. Built with
+    ``documents(name).within(rule)``: a prefix-LM, window or chunks inside each packed
+    document."""
+
+    name: str
+    rule: Pattern
+
+    def children(self) -> tuple[Pattern, ...]:
+        return (self.rule,)
+
+    def _own_buffers(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def __str__(self) -> str:
+        return f"documents({self.name!r}).within({self.rule})"
+
+
+@dataclass(frozen=True, repr=False)
+class CycleHeads(Pattern):
+    """Heads assigned cyclically: head ``h`` is allowed what ``parts[h % len(parts)]``
+    allows at the same head index ``h`` (DeepSpeed's ``num_different_global_patterns``).
+    Any number of heads runs it; with fewer heads than parts the last parts are unused."""
+
+    parts: tuple[Pattern, ...]
+
+    def children(self) -> tuple[Pattern, ...]:
+        return self.parts
+
+    def __str__(self) -> str:
+        return "cycle_heads(" + ", ".join(str(p) for p in self.parts) + ")"
+
+
+@dataclass(frozen=True)
+class BlockRandomCausal(BlockRule):
+    """``per_row`` distinct key blocks at or before the diagonal (``kb <= qb``) per
+    query-block row: the ``per_row`` blocks ``0 .. qb`` with the smallest hashes of ``(seed,
+    qb, kb)`` (the hash of :class:`BlockRandom`). A row's choice depends only on ``(seed,
+    qb)``: rows with fewer than ``per_row`` such blocks keep them all, and a chosen block
+    past the last key block is not there (BigBird's unidirectional random blocks)."""
+
+    per_row: int
+    seed: int
+
+    def __str__(self) -> str:
+        return f"random_causal({self.per_row}, {self.seed})"
+
+
+def _relative_rule(where: str, name: str, rule, *, in_document: bool) -> Pattern:
+    """``rule`` checked to be a pattern evaluated on relative positions: no score
+    modifications, no call-time tensors; inside a document, no range counted from the end
+    (a document's end is not the sequence's)."""
+    if not isinstance(rule, Pattern) or isinstance(rule, Scored):
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must be a pattern without score modifications (call "
+            f".score(...) last), got {rule!r}")
+    if rule.buffer_names():
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} cannot use call-time tensors "
+            f"({', '.join(sorted(rule.buffer_names()))}), got {rule}")
+    if in_document:
+        counted = _from_end_ranges(rule)
+        if counted:
+            raise PatternArgumentError(
+                f"{where}: {counted[0]} counts from the end of the sequence, which is not the end "
+                f"of a document; count from the document's start (non-negative bounds)")
+    return rule
+
+
+def _from_end_ranges(rule: Pattern) -> list[Pattern]:
+    """The ranges of ``rule`` that count from the end of its own positions (those inside a
+    ``blocks(...).within`` count from the end of a block)."""
+    if isinstance(rule, (Queries, Keys)):
+        return [rule] if rule.from_end() else []
+    if isinstance(rule, Blocks):
+        return []
+    return [r for child in rule.children() for r in _from_end_ranges(child)]
+
+
+def queries(start: int, stop: int | None = None) -> Pattern:
+    """The query rows ``start:stop`` (Python's slice reading; negative counts from the end),
+    every key; see :class:`Queries`."""
+    return Queries(*_range_args("queries()", start, stop))
+
+
+def keys(start: int, stop: int | None = None) -> Pattern:
+    """The key columns ``start:stop`` (Python's slice reading; negative counts from the
+    end), every query; see :class:`Keys`."""
+    return Keys(*_range_args("keys()", start, stop))
+
+
+def cycle_heads(*parts: Pattern) -> Pattern:
+    """Head ``h`` uses ``parts[h % len(parts)]``; see :class:`CycleHeads`."""
+    if not parts:
+        raise PatternArgumentError("cycle_heads(): give at least one pattern")
+    for i, p in enumerate(parts):
+        if not isinstance(p, Pattern) or isinstance(p, Scored):
+            raise PatternArgumentError(
+                f"cycle_heads(): argument {i} must be a pattern without score modifications, "
+                f"got {p!r}")
+    return CycleHeads(tuple(parts))
+
+
+def _check_score_signature(fn: Callable) -> None:
+    """Refuse a plain score function that cannot take ``(score, b, h, q, k)``, naming it
+    (functions whose signature Python cannot read are accepted as they are)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(0, 0, 0, 0, 0)
+    except TypeError:
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+        raise PatternArgumentError(
+            f"score(): score function {name}{signature} must take the five arguments "
+            f"(score, b, h, q, k) and return the new score") from None
+
+
+# ---------------------------------------------------------------------------------------
 # Score modifications
 # ---------------------------------------------------------------------------------------
 
@@ -580,13 +808,19 @@ class FunctionMod(ScoreMod):
         return hash(id(self.fn))
 
     def __str__(self) -> str:
-        return getattr(self.fn, "__name__", "score_function")
+        # An identifier prints bare; any other name (``<lambda>``) as a string literal, so
+        # that the text still parses and the parser refuses it by name.
+        name = getattr(self.fn, "__name__", None)
+        if not isinstance(name, str):
+            return "score_function"
+        return name if name.isidentifier() and not keyword.iskeyword(name) else repr(name)
 
 
 def _as_score_mod(mod) -> ScoreMod:
     if isinstance(mod, ScoreMod):
         return mod
     if callable(mod) and not isinstance(mod, Pattern):
+        _check_score_signature(mod)
         return FunctionMod(mod)
     raise PatternArgumentError(
         f"score(): each modification must be alibi(), softcap(c), bias(name) or a function "

@@ -17,11 +17,15 @@ call/method; binary operators group left to right)::
                 | PNAME "(" arguments ")"
                 | blockpat
                 | pattern ".score(" mod ("," mod)* [","] ")"
+                | pattern ".starting_at(" arguments ")"         positions from an offset
+                | "documents(" arguments ").within(" pattern ")"  positions inside documents
+                | ("queries" | "keys" | "cycle_heads") "(" arguments ")"
     PNAME     ::= "full" | "causal" | "window" | "dilated_window" | "chunks" | "strided"
                 | "dilated" | "global_tokens" | "prefix" | "documents" | "heads" | "segments"
     blockpat  ::= "blocks(" arguments ")" | "(" blockpat ")"
                 | blockpat "." BMETHOD "(" arguments ")"
-    BMETHOD   ::= "local" | "dilated" | "global_" | "random" | "layout" | "causal" | "within"
+    BMETHOD   ::= "local" | "dilated" | "global_" | "random" | "random_causal" | "layout"
+                | "causal" | "within"
     mod       ::= MNAME "(" arguments ")"
     MNAME     ::= "alibi" | "softcap" | "bias"
     arguments ::= [ (posargs ["," kwargs] | kwargs) [","] ]
@@ -91,10 +95,11 @@ _PATTERN_FUNCS: dict[str, Callable] = {
     for name in (
         "full", "causal", "window", "dilated_window", "chunks", "strided", "dilated",
         "global_tokens", "prefix", "documents", "blocks", "heads", "segments",
+        "queries", "keys", "cycle_heads",
     )
 }
 _MOD_FUNCS: dict[str, Callable] = {name: getattr(nodes, name) for name in ("alibi", "softcap", "bias")}
-_BLOCK_METHODS = ("local", "dilated", "global_", "random", "layout", "causal", "within")
+_BLOCK_METHODS = ("local", "dilated", "global_", "random", "random_causal", "layout", "causal", "within")
 _VOCABULARY = set(_PATTERN_FUNCS) | set(_MOD_FUNCS)
 
 
@@ -111,6 +116,8 @@ _METHOD_SIGNATURES: dict[str, inspect.Signature] = {
     name: _method_signature(getattr(Blocks, name)) for name in _BLOCK_METHODS
 }
 _METHOD_SIGNATURES["score"] = _method_signature(Pattern.score)
+_METHOD_SIGNATURES["starting_at"] = _method_signature(Pattern.starting_at)
+_DOCUMENT_WITHIN_SIGNATURE = _method_signature(nodes.Documents.within)
 
 _BINOP_SYMBOLS = {
     ast.BitOr: "|", ast.BitAnd: "&", ast.Sub: "-", ast.Add: "+", ast.Mult: "*",
@@ -615,6 +622,14 @@ class _Builder:
                 value = self._invoke(call, ".score", getattr(value, "score"),
                                      _METHOD_SIGNATURES["score"], depth, position, scores=True)
                 continue
+            if name == "starting_at":
+                value = self._invoke(call, ".starting_at", value.starting_at,
+                                     _METHOD_SIGNATURES["starting_at"], depth, position)
+                continue
+            if name == "within" and isinstance(value, nodes.Documents):
+                value = self._invoke(call, "documents().within", value.within,
+                                     _DOCUMENT_WITHIN_SIGNATURE, depth, position)
+                continue
             if name not in _BLOCK_METHODS:
                 raise self._error(
                     f"unknown method '.{name}()' (the methods are .score() on any pattern "
@@ -737,6 +752,11 @@ class _Builder:
                 f"{node.id!r} is not a score modification of the language: plain Python "
                 f"functions cannot be written in pattern text (use {mods}, or build the "
                 f"pattern in Python)", self._start(node),
+            )
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            raise self._error(
+                f"{node.value!r} names a plain Python score function: pattern text cannot hold "
+                f"Python code (use {mods}, or build the pattern in Python)", self._start(node),
             )
         if isinstance(node, ast.Constant):
             raise self._error(

@@ -83,6 +83,19 @@ def _(node: n.Pattern) -> None:
     return None
 
 
+@_own_head_groups.register(n.Queries)
+@_own_head_groups.register(n.Keys)
+@_own_head_groups.register(n.Shifted)
+@_own_head_groups.register(n.DocumentWithin)
+def _(node: n.Pattern) -> None:
+    return None
+
+
+@_own_head_groups.register
+def _(node: n.CycleHeads) -> int:
+    return len(node.parts)  # head h runs parts[h % n]: n heads show every part
+
+
 def head_group_count(pattern: n.Pattern) -> int:
     """The fewest heads the pattern can run with (the largest head-group count in it)."""
     counts = (_own_head_groups(node) for node in walk(pattern))

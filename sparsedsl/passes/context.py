@@ -89,20 +89,39 @@ class Context:
         return ids.reshape(-1, length).to(device=self.device, dtype=torch.int64)
 
     def block_layout(self, name: str, num_q_blocks: int, num_k_blocks: int) -> torch.Tensor:
-        """The ``[1 or H, nqb, nkb]`` bool layout bound as ``name``, cropped or padded with
-        False to the block grid of this context."""
+        """The bool layout bound as ``name``, cropped or padded with False to the block grid
+        of this context: ``[1 or H, nqb, nkb]``, or ``[B, 1 or H, nqb, nkb]`` for a layout
+        with a batch axis."""
         layout = self.buffers[name]
-        if layout.dim() not in (2, 3) or (layout.dim() == 3 and layout.shape[0] not in (1, self.heads)):
+        heads_axis = layout.dim() - 3
+        if layout.dim() not in (2, 3, 4) or (layout.dim() >= 3 and layout.shape[heads_axis] not in (1, self.heads)):
             raise BufferBindingError(
-                f"layout({name!r}): {name} must be a bool tensor of shape [nqb, nkb] or "
-                f"[{self.heads}, nqb, nkb], got shape={list(layout.shape)}"
+                f"layout({name!r}): {name} must be a bool tensor of shape [nqb, nkb], "
+                f"[{self.heads}, nqb, nkb] or [batch, {self.heads} or 1, nqb, nkb], got shape={list(layout.shape)}"
             )
         if layout.dtype != torch.bool:
             raise BufferBindingError(f"layout({name!r}): {name} must have dtype torch.bool, got {layout.dtype}")
-        layout = (layout if layout.dim() == 3 else layout[None]).to(self.device)
-        check_memory(f"layout({name!r})", f"a block layout of {layout.shape[0]} x {num_q_blocks:,} x "
-                     f"{num_k_blocks:,} blocks", layout.shape[0] * num_q_blocks * num_k_blocks)
-        out = torch.zeros(layout.shape[0], num_q_blocks, num_k_blocks, dtype=torch.bool, device=self.device)
-        rows, cols = min(num_q_blocks, layout.shape[1]), min(num_k_blocks, layout.shape[2])
-        out[:, :rows, :cols] = layout[:, :rows, :cols]
+        layout = (layout if layout.dim() >= 3 else layout[None]).to(self.device)
+        lead = layout.shape[:-2]
+        check_memory(f"layout({name!r})", f"a block layout of {' x '.join(map(str, lead))} x {num_q_blocks:,} x "
+                     f"{num_k_blocks:,} blocks", lead.numel() * num_q_blocks * num_k_blocks)
+        out = torch.zeros(*lead, num_q_blocks, num_k_blocks, dtype=torch.bool, device=self.device)
+        rows, cols = min(num_q_blocks, layout.shape[-2]), min(num_k_blocks, layout.shape[-1])
+        out[..., :rows, :cols] = layout[..., :rows, :cols]
         return out
+
+    def document_positions(self, name: str) -> torch.Tensor:
+        """``[B, L]`` int64: each position of ``documents(name)`` counted from the first
+        position of its document (the first with the same id, in the same batch row), on
+        this context's device, computed once per context."""
+        def positions() -> torch.Tensor:
+            ids = self.document_ids(name)
+            order = torch.argsort(ids, dim=1)
+            ordered = ids.gather(1, order)
+            starts = torch.ones_like(ordered, dtype=torch.bool)
+            starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+            group = starts.cumsum(1) - 1  # the document of each ordered position
+            first = torch.zeros_like(order).scatter_reduce_(1, group, order, reduce="amin", include_self=False)
+            first_of = torch.empty_like(order).scatter_(1, order, first.gather(1, group))
+            return torch.arange(ids.shape[1], device=ids.device) - first_of
+        return self.memoized(("document positions", name), positions)

@@ -15,7 +15,7 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
-from ..lang.randomblocks import random_block_layout
+from ..lang.randomblocks import random_block_layout, random_causal_block_layout
 from ..budget import check_memory
 from ..lang.checks import INDEX_LIMIT, PatternArgumentError, check_int
 from .context import Context
@@ -159,8 +159,13 @@ def _dense_block_rule(rule, ctx, qb, kb, num_qb, num_kb) -> torch.Tensor:
     if isinstance(rule, n.BlockRandom):
         layout = random_block_layout(num_qb, num_kb, rule.per_row, rule.seed)
         return _lift(layout[qb[:, 0]][:, kb[0, :]])
+    if isinstance(rule, n.BlockRandomCausal):
+        layout = random_causal_block_layout(num_qb, num_kb, rule.per_row, rule.seed)
+        return _lift(layout[qb[:, 0]][:, kb[0, :]])
     if isinstance(rule, n.BlockLayout):
-        layout = ctx.block_layout(rule.name, num_qb, num_kb).cpu()  # [H?, nqb, nkb]
+        layout = ctx.block_layout(rule.name, num_qb, num_kb).cpu()  # [H?, nqb, nkb] or [B, H?, nqb, nkb]
+        if layout.dim() == 4:
+            return layout[:, :, qb[:, 0]][:, :, :, kb[0, :]]
         return layout[:, qb[:, 0]][:, :, kb[0, :]][None]
     raise TypeError(f"dense(): no reference for block rule {type(rule).__name__}")
 
@@ -205,6 +210,49 @@ def _(node: n.Complement, ctx, q, k):
 @_dense.register
 def _(node: n.Scored, ctx, q, k):
     return _dense(node.pattern, ctx, q, k)
+
+
+@_dense.register
+def _(node: n.Queries, ctx, q, k):
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.q_len)
+    return _lift(((q >= lo) & (q < hi)).expand(q.shape[0], k.shape[1]))
+
+
+@_dense.register
+def _(node: n.Keys, ctx, q, k):
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.kv_len)
+    return _lift(((k >= lo) & (k < hi)).expand(q.shape[0], k.shape[1]))
+
+
+@_dense.register
+def _(node: n.Shifted, ctx, q, k):
+    offset = node.offset
+    inner_ctx = Context(max(1, ctx.q_len - offset), max(1, ctx.kv_len - offset), ctx.heads)
+    inner = _dense(node.inner, inner_ctx, (q - offset).clamp(min=0), (k - offset).clamp(min=0))
+    return inner & _lift((q >= offset) & (k >= offset))
+
+
+@_dense.register
+def _(node: n.DocumentWithin, ctx, q, k):
+    ids = ctx.document_ids(node.name).cpu()  # [B, L]
+    length = ids.shape[1]
+    same = ids[:, :, None] == ids[:, None, :]  # [B, L, L]
+    first = same.to(torch.int8).argmax(-1)  # the first position of each position's document
+    relative = torch.arange(length) - first  # [B, L]
+    positions = torch.arange(length)
+    rule = _dense(node.rule, Context(length, length, ctx.heads), positions[:, None], positions[None, :])[0]
+    per_batch = [rule[:, relative[b, q[:, 0]]][:, :, relative[b, k[0, :]]] for b in range(ids.shape[0])]
+    in_document = ids[:, q[:, 0]][:, :, None] == ids[:, k[0, :]][:, None, :]
+    return torch.stack(per_batch) & in_document[:, None]
+
+
+@_dense.register
+def _(node: n.CycleHeads, ctx, q, k):
+    # Head h takes part h % n evaluated at the same absolute head h.
+    parts = [_dense(p, ctx, q, k) for p in node.parts]
+    batch = max(p.shape[0] for p in parts)
+    full = [p.expand(batch, ctx.heads, q.shape[0], k.shape[1]) for p in parts]
+    return torch.cat([full[h % len(parts)][:, h:h + 1] for h in range(ctx.heads)], dim=1)
 
 
 def dense_attention_weights(pattern: n.Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,

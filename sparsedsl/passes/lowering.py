@@ -4,6 +4,7 @@ cached and shared by every compiled module, plan and pass that asks for the same
 from __future__ import annotations
 
 import threading
+import zlib
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -76,13 +77,26 @@ def context(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, heads: i
 
 
 def bound_key(buffers: dict) -> tuple:
-    """What identifies call-time tensors for caching: the memory each views and its
-    version counter. While a lowering is cached it holds its tensors, so that memory is
-    not reused; a tensor with the same address, shape and strides views the same values
-    (another view of one tensor, as each layer of a model takes), and an in-place change
-    bumps the version counter that views share."""
-    return tuple(sorted((name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version)
-                        for name, t in buffers.items()))
+    """What identifies call-time tensors for caching: the memory each views, its version
+    counter and, for integer and bool tensors on the CPU (document ids, block layouts), a
+    checksum of their values. While a lowering is cached it holds its tensors, so that
+    memory is not reused; a tensor with the same address, shape and strides views the same
+    values (another view of one tensor, as each layer of a model takes), and an in-place
+    change bumps the version counter that views share. A write that bypasses the counter
+    (through ``.data`` or ``.numpy()``) changes the checksum; on other devices such a write
+    is not seen (reading the values back would synchronise every call)."""
+    return tuple(sorted((name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version,
+                         _checksum(t)) for name, t in buffers.items()))
+
+
+def _checksum(tensor: torch.Tensor) -> int | None:
+    """CRC-32 of the bytes of an integer or bool CPU tensor; ``None`` for others (floating
+    tensors such as biases are read by the kernels at every call, not cached from)."""
+    if tensor.device.type != "cpu" or tensor.is_floating_point() or tensor.is_complex() \
+            or torch.compiler.is_compiling():
+        return None
+    values = tensor.detach().contiguous().reshape(-1)
+    return zlib.crc32(values.view(torch.uint8).numpy()) if values.numel() else 0
 
 
 def lowering(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, tiles: tuple[int, int], *,

@@ -20,7 +20,7 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
-from ..lang.randomblocks import random_block_layout
+from ..lang.randomblocks import random_block_layout, random_causal_block_layout
 from .context import Context
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,9 +138,9 @@ def _(node: n.Blocks, ctx):
     def blocks_mask(b, h, q, k):
         qb, kb = q // size, k // size
         if rules:
-            allowed = rules[0](h, qb, kb)
+            allowed = rules[0](b, h, qb, kb)
             for rule in rules[1:]:
-                allowed = allowed | rule(h, qb, kb)
+                allowed = allowed | rule(b, h, qb, kb)
         else:
             allowed = (qb >= 0) & (kb >= 0)
         if is_causal:
@@ -153,14 +153,14 @@ def _(node: n.Blocks, ctx):
 
 
 def lower_block_rule(rule, ctx: Context, num_qb: int, num_kb: int):
-    """``rule(h, qb, kb) -> bool`` on block coordinates."""
+    """``rule(b, h, qb, kb) -> bool`` on block coordinates."""
     if isinstance(rule, n.BlockLocal):
         w = rule.window
-        return lambda h, qb, kb: (qb - kb).abs() <= w
+        return lambda b, h, qb, kb: (qb - kb).abs() <= w
     if isinstance(rule, n.BlockDilated):
         rates, window = rule.rates, rule.window
 
-        def dilated_rule(h, qb, kb):
+        def dilated_rule(b, h, qb, kb):
             d = qb - kb
             hit = d % rates[0] == 0
             for r in rates[1:]:
@@ -170,20 +170,21 @@ def lower_block_rule(rule, ctx: Context, num_qb: int, num_kb: int):
         return dilated_rule
     if isinstance(rule, n.BlockGlobal):
         count = rule.n
-        return lambda h, qb, kb: (qb < count) | (kb < count)
-    if isinstance(rule, n.BlockRandom):
-        layout = ctx.memoized(
-            ("random", rule, num_qb, num_kb),
-            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed, device=ctx.device),
-        )
-        return lambda h, qb, kb: layout[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
+        return lambda b, h, qb, kb: (qb < count) | (kb < count)
+    if isinstance(rule, (n.BlockRandom, n.BlockRandomCausal)):
+        layout = random_rule_layout(rule, ctx, num_qb, num_kb)
+        return lambda b, h, qb, kb: layout[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
     if isinstance(rule, n.BlockLayout):
         layout = ctx.memoized(("layout", rule.name, num_qb, num_kb),
                               lambda: ctx.block_layout(rule.name, num_qb, num_kb))
+        if layout.dim() == 4:  # a batch axis
+            last_b, by_head = layout.shape[0] - 1, layout.shape[1] > 1
+            return lambda b, h, qb, kb: layout[b.clamp(0, last_b), h if by_head else 0,
+                                               qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
         if layout.shape[0] == 1:
             flat = layout[0]
-            return lambda h, qb, kb: flat[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
-        return lambda h, qb, kb: layout[h, qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
+            return lambda b, h, qb, kb: flat[qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
+        return lambda b, h, qb, kb: layout[h, qb.clamp(0, num_qb - 1), kb.clamp(0, num_kb - 1)]
     raise TypeError(f"mask_mod: no lowering for block rule {type(rule).__name__}")
 
 
@@ -295,7 +296,7 @@ def _lower_score_mod(mod: n.ScoreMod, ctx: Context) -> ScoreFn:
             b.clamp(0, last_b), h.clamp(0, last_h), q.clamp(0, last_q), k.clamp(0, last_k)
         ]
     if isinstance(mod, n.FunctionMod):
-        return checked_score_function(mod.fn)
+        return per_element(mod.fn)
     raise TypeError(f"score_mod: no lowering for {type(mod).__name__}")
 
 
@@ -329,6 +330,48 @@ def checked_score_function(fn: Callable) -> ScoreFn:
     return checked
 
 
+def per_element(fn: Callable) -> ScoreFn:
+    """A plain score function with FlexAttention's semantics on index grids of any shape:
+    ``fn`` runs on each element alone (0-d ``score, b, h, q, k``), under :func:`torch.vmap`
+    over the broadcast grid, as FlexAttention runs it; so a function that gathers a vector
+    per position and reduces it (``torch.dot(table[q], table[k])``, ``.sum()``) means the
+    same on every plan. Called with a 0-d score (inside FlexAttention's own ``vmap``), it
+    calls ``fn`` directly. Its result is checked (:func:`checked_score_function`); a
+    function that cannot run per element raises :class:`ScoreFunctionError` naming it."""
+    checked = checked_score_function(fn)
+    name = _function_name(fn)
+    each = torch.vmap(checked)
+
+    def score_mod(score, b, h, q, k):
+        if score.dim() == 0:
+            return checked(score, b, h, q, k)
+        grids = torch.broadcast_tensors(score, b, h, q, k)
+        shape = grids[0].shape
+        grids = [grid.reshape(-1) for grid in grids]
+        try:
+            return each(*grids).reshape(shape)
+        except ScoreFunctionError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            raise ScoreFunctionError(
+                f"score function {name}: cannot run on one (score, b, h, q, k) element at a time "
+                f"under torch.vmap, as FlexAttention runs it: {err}") from err
+
+    return score_mod
+
+
+def _function_name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def random_rule_layout(rule, ctx: Context, num_qb: int, num_kb: int) -> torch.Tensor:
+    """The ``[nqb, nkb]`` bool layout of a ``.random(...)`` or ``.random_causal(...)`` rule
+    on ``ctx``'s device, computed once per context."""
+    choose = random_block_layout if isinstance(rule, n.BlockRandom) else random_causal_block_layout
+    return ctx.memoized(("random", rule, num_qb, num_kb),
+                        lambda: choose(num_qb, num_kb, rule.per_row, rule.seed, device=ctx.device))
+
+
 def _bias_tensor(name: str, ctx: Context) -> torch.Tensor:
     values = ctx.buffer(name)
     shape = list(values.shape)
@@ -347,3 +390,72 @@ def _bias_tensor(name: str, ctx: Context) -> torch.Tensor:
     while values.dim() < 4:
         values = values[None]
     return values.to(ctx.device)
+
+
+# ---------------------------------------------------------------------------------------
+# Ranges, offsets, positions inside documents, cyclic head groups
+# ---------------------------------------------------------------------------------------
+
+
+@_lower.register
+def _(node: n.Queries, ctx):
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.q_len)
+    return lambda b, h, q, k: (q >= lo) & (q < hi) & (k >= 0)
+
+
+@_lower.register
+def _(node: n.Keys, ctx):
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.kv_len)
+    return lambda b, h, q, k: (k >= lo) & (k < hi) & (q >= 0)
+
+
+def shifted_context(node: n.Shifted, ctx: Context) -> Context:
+    """The context ``node.inner`` is evaluated in: the positions from ``node.offset`` on (at
+    least one, so that a matrix with none still has sizes)."""
+    return Context(max(1, ctx.q_len - node.offset), max(1, ctx.kv_len - node.offset), ctx.heads, ctx.device)
+
+
+@_lower.register
+def _(node: n.Shifted, ctx):
+    inner, offset = _lower(node.inner, shifted_context(node, ctx)), node.offset
+    return lambda b, h, q, k: (q >= offset) & (k >= offset) & inner(b, h, q - offset, k - offset)
+
+
+def document_context(ctx: Context) -> Context:
+    """The context a ``documents(...).within(rule)`` rule is evaluated in: ``L x L``
+    document-relative positions, ``L = max(Q, K)``, same heads and device, no tensors."""
+    length = max(ctx.q_len, ctx.kv_len)
+    return Context(length, length, ctx.heads, ctx.device)
+
+
+@_lower.register
+def _(node: n.DocumentWithin, ctx):
+    ids, relative = ctx.document_ids(node.name), ctx.document_positions(node.name)  # [B, L]
+    rule, last = _lower(node.rule, document_context(ctx)), ids.shape[1] - 1
+    if ids.shape[0] == 1:
+        flat_ids, flat_rel = ids[0], relative[0]
+
+        def one_row_mask(b, h, q, k):
+            qc, kc = q.clamp(0, last), k.clamp(0, last)
+            return (flat_ids[qc] == flat_ids[kc]) & rule(b, h, flat_rel[qc], flat_rel[kc])
+
+        return one_row_mask
+
+    def batched_mask(b, h, q, k):
+        qc, kc = q.clamp(0, last), k.clamp(0, last)
+        return (ids[b, qc] == ids[b, kc]) & rule(b, h, relative[b, qc], relative[b, kc])
+
+    return batched_mask
+
+
+@_lower.register
+def _(node: n.CycleHeads, ctx):
+    parts, count = [_lower(p, ctx) for p in node.parts], len(node.parts)
+
+    def cycle_heads_mask(b, h, q, k):
+        result = parts[0](b, h, q, k)
+        for i, part in enumerate(parts[1:], start=1):
+            result = torch.where(h % count == i, part(b, h, q, k), result)
+        return result
+
+    return cycle_heads_mask

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
-from ..lang.randomblocks import random_block_layout
 from .context import Context
-from .maskmod import lower_block_rule
+from .maskmod import document_context, lower_block_rule, random_rule_layout, shifted_context
 
 EMPTY, PARTIAL, UNKNOWN, FULL = 0, 1, 2, 3
 
@@ -262,7 +261,11 @@ def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0,
     tiles on both axes (a two-dimensional prefix sum, read at each tile's four corners).
     When the span is a grid's rows of tiles (``q_range`` known) that are ``pool = (mq,
     mk)`` whole blocks from a block boundary (the last cut short), each tile's blocks are
-    summed directly instead."""
+    summed directly instead. A ``[B, H or 1, rows, nkb]`` layout (a batch axis) gives
+    ``[B, H or 1, R, C]`` states."""
+    if layout.dim() == 4:
+        states = _layout_states(layout.flatten(0, 1), span, first_row, pool)
+        return states.view(layout.shape[0], layout.shape[1], *states.shape[-2:])
     lo, hi = span.q_range or (first_row, first_row + layout.shape[1] - 1)
     rows = layout[:, lo - first_row:hi + 1 - first_row]
     cells = (span.qh - span.ql + 1) * (span.kh - span.kl + 1)
@@ -440,14 +443,14 @@ def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) ->
     h = torch.arange(ctx.heads, device=ctx.device)[:, None, None]
     allowed = None
     for rule in node.rules:
-        if isinstance(rule, (n.BlockRandom, n.BlockLayout)):
-            rows = _bound_layout(rule, ctx, grid, size)[:, first:last + 1]
+        if isinstance(rule, (n.BlockRandom, n.BlockRandomCausal, n.BlockLayout)):
+            rows = _bound_layout(rule, ctx, grid, size)[..., first:last + 1, :]
         else:
-            rows = lower_block_rule(rule, ctx, num_qb, num_kb)(h, qb, kb)
+            rows = lower_block_rule(rule, ctx, num_qb, num_kb)(None, h, qb, kb)
         allowed = rows if allowed is None else allowed | rows
     if node.causal_:
         allowed = allowed & (kb <= qb)
-    return (allowed if allowed.dim() == 3 else allowed[None]), first
+    return (allowed if allowed.dim() >= 3 else allowed[None]), first
 
 
 def _block_rule_states(rule: n.BlockRule, ctx: Context, coarse: Span, grid: TileGrid,
@@ -468,20 +471,18 @@ def _block_rule_states(rule: n.BlockRule, ctx: Context, coarse: Span, grid: Tile
         return state
     if isinstance(rule, n.BlockGlobal):
         return _global_states(coarse, rule.n)
-    if isinstance(rule, (n.BlockRandom, n.BlockLayout)):
+    if isinstance(rule, (n.BlockRandom, n.BlockRandomCausal, n.BlockLayout)):
         return _layout_states(_bound_layout(rule, ctx, grid, size), coarse, pool=_whole_blocks(grid, size))
     raise TypeError(f"tile classification: no rule for block rule {type(rule).__name__}")
 
 
 def _bound_layout(rule: n.BlockRule, ctx: Context, grid: TileGrid, size: int) -> torch.Tensor:
-    """The ``[1 or H, nqb, nkb]`` bool layout of a ``.random(...)`` or ``.layout(...)`` rule
-    on ``grid``'s blocks, shared through ``ctx`` with the ``mask_mod`` lowering."""
+    """The ``[1 or H, nqb, nkb]`` bool layout of a ``.random(...)``, ``.random_causal(...)``
+    or ``.layout(...)`` rule on ``grid``'s blocks (``[B, 1 or H, nqb, nkb]`` for a layout
+    with a batch axis), shared through ``ctx`` with the ``mask_mod`` lowering."""
     num_qb, num_kb = -(-grid.q_len // size), -(-grid.kv_len // size)
-    if isinstance(rule, n.BlockRandom):
-        return ctx.memoized(
-            ("random", rule, num_qb, num_kb),
-            lambda: random_block_layout(num_qb, num_kb, rule.per_row, rule.seed, device=ctx.device),
-        )[None]
+    if isinstance(rule, (n.BlockRandom, n.BlockRandomCausal)):
+        return random_rule_layout(rule, ctx, num_qb, num_kb)[None]
     return ctx.memoized(("layout", rule.name, num_qb, num_kb),
                         lambda: ctx.block_layout(rule.name, num_qb, num_kb))
 
@@ -687,3 +688,82 @@ def _(node: n.Complement, ctx, grid):
 @_undecided.register
 def _(node: n.Scored, ctx, grid):
     return _undecided(node.pattern, ctx, grid)
+
+
+# ---------------------------------------------------------------------------------------
+# Ranges, offsets, positions inside documents, cyclic head groups
+# ---------------------------------------------------------------------------------------
+
+
+@_classify.register
+def _(node: n.Queries, ctx, span, grid):
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.q_len)
+    return decide((span.ql >= lo) & (span.qh < hi), (span.qh < lo) | (span.ql >= hi))
+
+
+@_classify.register
+def _(node: n.Keys, ctx, span, grid):
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.kv_len)
+    return decide((span.kl >= lo) & (span.kh < hi), (span.kh < lo) | (span.kl >= hi))
+
+
+@_classify.register
+def _(node: n.Shifted, ctx, span, grid):
+    # The inner pattern classifies the part of each tile from the offset on, in its own
+    # coordinates (intervals at any offset: an unaligned grid); a tile with positions
+    # before the offset is empty there, so it is at most partial.
+    offset, inner_ctx = node.offset, shifted_context(node, ctx)
+    inner_grid = TileGrid(inner_ctx.q_len, inner_ctx.kv_len, grid.q_block, grid.kv_block, aligned=False)
+    shifted = Span((span.ql - offset).clamp(min=0), (span.qh - offset).clamp(min=0),
+                   (span.kl - offset).clamp(min=0), (span.kh - offset).clamp(min=0))
+    state = _classify(node.inner, inner_ctx, shifted, inner_grid)
+    before = (span.qh < offset) | (span.kh < offset)
+    crossing = (span.ql < offset) | (span.kl < offset)
+    state = torch.where(crossing & (state == FULL), PARTIAL, state)
+    return torch.where(before, EMPTY, state).to(torch.int8)
+
+
+@_classify.register
+def _(node: n.DocumentWithin, ctx, span, grid):
+    # Where one document holds the whole tile (documents(...) says FULL), the tile's
+    # positions counted from that document's first position are the tile shifted by it,
+    # and the rule classifies them exactly; elsewhere the tile is empty (no pair shares a
+    # document) or left to refinement.
+    documents = _classify(n.Documents(node.name), ctx, span, grid)  # [B, 1, R, C]
+    relative = ctx.document_positions(node.name)  # [B, L]
+    rule_ctx = document_context(ctx)
+    rule_grid = TileGrid(rule_ctx.q_len, rule_ctx.kv_len, grid.q_block, grid.kv_block, aligned=False)
+    last = rule_ctx.q_len - 1
+    rows, cols = span.ql.shape[0], span.kl.shape[1]
+    states = []
+    for b in range(relative.shape[0]):
+        q_first = span.ql - relative[b][span.ql]  # the document start of each tile's first row
+        k_first = span.kl - relative[b][span.kl]
+        shifted = Span((span.ql - q_first).clamp(0, last), (span.qh - q_first).clamp(0, last),
+                       (span.kl - k_first).clamp(0, last), (span.kh - k_first).clamp(0, last))
+        state = _classify(node.rule, rule_ctx, shifted, rule_grid)
+        states.append(state.expand(1, state.shape[1], rows, cols))
+    rule = torch.cat(states)
+    state = torch.where(documents == FULL, rule, torch.where(documents == EMPTY, EMPTY, UNKNOWN))
+    return state.to(torch.int8)
+
+
+@_classify.register
+def _(node: n.CycleHeads, ctx, span, grid):
+    parts = [_classify(p, ctx, span, grid) for p in node.parts]
+    batch = max(p.shape[0] for p in parts)
+    rows, cols = span.ql.shape[0], span.kl.shape[1]
+    return torch.cat([parts[h % len(parts)].expand(batch, ctx.heads, rows, cols)[:, h:h + 1]
+                      for h in range(ctx.heads)], dim=1)
+
+
+_undecided.register(n.Queries, lambda node, ctx, grid: _EXACT)
+_undecided.register(n.Keys, lambda node, ctx, grid: _EXACT)
+_undecided.register(n.Shifted, lambda node, ctx, grid: _OPEN)  # inner on an unaligned grid
+_undecided.register(n.DocumentWithin, lambda node, ctx, grid: _OPEN)
+
+
+@_undecided.register
+def _(node: n.CycleHeads, ctx, grid):
+    parts = [_undecided(p, ctx, grid) for p in node.parts]
+    return _Undecided(any(p.partial for p in parts), any(p.unknown for p in parts))
