@@ -45,12 +45,12 @@ _EXPORTS = {
     **{name: ".lang.nodes" for name in (
         "Pattern", "alibi", "bias", "blocks", "causal", "chunks", "dilated", "dilated_window",
         "documents", "full", "global_tokens", "heads", "prefix", "segments", "softcap",
-        "strided", "window")},
+        "strided", "window", "dilated_heads", "longnet")},
     "PatternSyntaxError": ".lang.parse",
     "parse": ".lang.parse",
     **{name: ".modules" for name in (
         "BlockSparseAttention", "BlockSparseDilatedAttention", "DilatedAttention",
-        "MultiheadSparseAttention", "SparsePatternConfig")},
+        "LongNetAttention", "MultiheadSparseAttention", "SparsePatternConfig")},
     "BufferBindingError": ".passes.context",
     "diagram": ".draw.diagram",
     "render": ".draw.render",

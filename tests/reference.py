@@ -1,5 +1,6 @@
 """The reference attention every plan is tested against: one softmax over the dense mask
-(DESIGN.md §1), with score modifications applied to dense tensors, in float64."""
+(DESIGN.md §1), with score modifications applied to dense tensors, in float64. A multiset
+pattern's dense form is its multiplicities ``m``: ``log m`` is added to the scores last."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def reference_attention(pattern: n.Pattern, q, k, v, scale=None, q_offset=0, **b
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
     scores = dense_scores(pattern, (q.double() @ k.transpose(-1, -2)) * scale, buffers, q_offset)
+    if allowed.dtype != torch.bool:  # a multiset's multiplicities: log m added last
+        scores = scores + allowed.double().log()
+        allowed = allowed > 0
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     weights = torch.softmax(scores, -1).nan_to_num(0.0)

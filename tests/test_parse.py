@@ -395,7 +395,7 @@ def test_round_trip_random(p):
         ("3", 1, "expected a pattern"),
         ("'full()'", 1, "expected a pattern"),
         ("full() | 3", 10, "expected a pattern"),
-        ("full() + causal()", 8, "operator '+'"),
+        ("full() + causal().score(alibi())", 8, "operator '+'"),
         ("full() ^ causal()", 8, "operator '^'"),
         ("full() | causal() * full()", 19, "operator '*'"),
         ("-full()", 1, "use ~"),

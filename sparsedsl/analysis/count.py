@@ -12,6 +12,7 @@ never hold ``O(Q * K)`` values.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from ..budget import check_memory
 from ..lang import nodes as n
 from ..lang.checks import PatternArgumentError, check_int
+from ..lang.multiset import is_multiset, multiset_terms
 from ..lang.queries import head_group_count, mask_part
 from ..passes.blockmask import tile_states
 from ..passes.context import Context
@@ -56,6 +58,11 @@ class Counts:
     kernel sees them (a tile cut short by a sequence end is never full).
     ``useful_flops`` is ``4 * head_dim * pairs`` (forward ``QK^T`` and ``PV``);
     ``computed_flops`` is ``4 * head_dim * tile^2`` per non-empty tile.
+
+    For a multiset pattern (``a + b``, ``longnet``), ``per_head`` counts each allowed pair
+    once (its multiplicity is positive), and ``per_head_with_multiplicity`` counts it once
+    per term that allows it (its multiplicity: LongNet's pairs summed over the branches);
+    it is None for a set pattern, whose pairs count once.
     """
 
     q_len: int
@@ -66,10 +73,18 @@ class Counts:
     per_head: tuple[int, ...]
     tiles_per_head: tuple[TileCounts, ...]
     batch: int = 1
+    per_head_with_multiplicity: tuple[int, ...] | None = None
 
     @property
     def pairs(self) -> int:
         return sum(self.per_head)
+
+    @property
+    def pairs_with_multiplicity(self) -> int:
+        """Pairs counted with multiplicity (``pairs`` for a set pattern)."""
+        if self.per_head_with_multiplicity is None:
+            return self.pairs
+        return sum(self.per_head_with_multiplicity)
 
     @property
     def density(self) -> float:
@@ -98,6 +113,13 @@ class Counts:
         ]
         if len(set(self.per_head)) > 1:
             lines.append("per head: " + ", ".join(f"{p:,}" for p in self.per_head))
+        if self.per_head_with_multiplicity is not None:
+            total = self.pairs_with_multiplicity
+            ratio = f" ({total / self.pairs:.3f} per allowed pair)" if self.pairs else ""
+            lines.append(f"with multiplicity: {total:,} (each pair once per term that allows it){ratio}")
+            if len(set(self.per_head_with_multiplicity)) > 1:
+                lines.append("with multiplicity per head: "
+                             + ", ".join(f"{p:,}" for p in self.per_head_with_multiplicity))
         lines.append(f"tiles ({self.tile}x{self.tile}): {self.tiles}")
         ratio = self.computed_flops / self.useful_flops if self.pairs else float("inf")
         lines.append(f"flops (head_dim={self.head_dim}): {self.useful_flops:,} useful, "
@@ -128,6 +150,20 @@ def count(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: i
     if not isinstance(pattern, n.Pattern):
         raise PatternArgumentError(f"count(): argument 'pattern' must be a pattern, got {pattern!r}")
     head_dim = check_int("count()", "head_dim", head_dim, minimum=1)
+    counts = _count_set(pattern, q_len, kv_len, heads, tile, head_dim, buffers)
+    if not is_multiset(pattern):
+        return counts
+    # A multiset: its terms' pairs add up to the pairs counted with multiplicity.
+    per_head = [0] * counts.heads
+    for term in multiset_terms(pattern):
+        bound = {name: t for name, t in buffers.items() if name in term.buffer_names()}
+        term_counts = _count_set(term, q_len, kv_len, counts.heads, tile, head_dim, bound)
+        per_head = [a + b for a, b in zip(per_head, term_counts.per_head)]
+    return dataclasses.replace(counts, per_head_with_multiplicity=tuple(per_head))
+
+
+def _count_set(pattern: n.Pattern, q_len, kv_len, heads, tile, head_dim, buffers: dict) -> Counts:
+    """:func:`count` of the pairs allowed (counted once each)."""
     fast = _count_by_head_pattern(pattern, q_len, kv_len, heads, tile, head_dim, buffers)
     if fast is not None:
         return fast

@@ -3,12 +3,13 @@
 * :class:`SparsePatternConfig`, :class:`BlockSparseAttention`,
   :class:`BlockSparseDilatedAttention`: ``dilated_attention_pytorch``'s
   block-sparse API with exact softmax semantics (:mod:`sparsedsl.modules.seed`).
-* :class:`DilatedAttention`: LongNet's dilated attention (:mod:`sparsedsl.modules.longnet`).
+* :class:`LongNetAttention`: LongNet's dilated attention, every head running every branch;
+  :class:`DilatedAttention`: its head-grouped form (:mod:`sparsedsl.modules.longnet`).
 * :class:`MultiheadSparseAttention`: ``nn.MultiheadAttention``'s interface over any pattern
   (:mod:`sparsedsl.modules.multihead`).
 """
 
-from .longnet import DilatedAttention
+from .longnet import DilatedAttention, LongNetAttention
 from .multihead import MultiheadSparseAttention
 from .seed import BlockSparseAttention, BlockSparseDilatedAttention, SparsePatternConfig
 
@@ -16,6 +17,7 @@ __all__ = [
     "BlockSparseAttention",
     "BlockSparseDilatedAttention",
     "DilatedAttention",
+    "LongNetAttention",
     "MultiheadSparseAttention",
     "SparsePatternConfig",
 ]

@@ -1,10 +1,15 @@
-"""LongNet's dilated attention as a module: ``DilatedAttention(segment_lengths, dilation_rates)``.
+"""LongNet's dilated attention as modules.
 
 Source: Ding et al. 2023, "LongNet: Scaling Transformers to 1,000,000,000 Tokens",
-arXiv:2307.02486. The pattern is ``segments(segment_lengths, dilation_rates)``
-compiled by :func:`sparsedsl.compile`.
+arXiv:2307.02486. Two modules with the same call convention (``[batch, seq_len,
+num_heads, head_dim]`` inputs, ``is_causal``):
 
-Rules:
+* :class:`LongNetAttention` computes LongNet as its reference code does: every head runs
+  every branch, and the branches are merged by softmax over their log-sum-exps (the
+  pattern ``longnet(segment_lengths, dilation_rates)``, see :func:`sparsedsl.longnet`).
+* :class:`DilatedAttention` is the head-grouped form of ``dilated_attention_pytorch``:
+  head group ``i`` runs only branch ``i`` (the pattern ``segments(segment_lengths,
+  dilation_rates)``). Its rules:
 
 * **Head groups.** The heads are split into ``G = len(segment_lengths)`` contiguous groups
   as evenly as possible: the first ``H % G`` groups get one extra head (``H`` need not be
@@ -36,7 +41,7 @@ from torch import nn
 from ..lang import nodes as n
 from ._common import check_bnhd, check_segments, compiled, with_causal
 
-__all__ = ["DilatedAttention"]
+__all__ = ["DilatedAttention", "LongNetAttention"]
 
 
 class DilatedAttention(nn.Module):
@@ -98,3 +103,58 @@ class DilatedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"segment_lengths={list(self.segment_lengths)}, "
                 f"dilation_rates={list(self.dilation_rates)}, offsets={list(self.offsets)}")
+
+
+class LongNetAttention(nn.Module):
+    """LongNet's dilated attention as its reference code computes it, on ``[batch, seq_len,
+    num_heads, head_dim]`` inputs: the pattern ``longnet(segment_lengths, dilation_rates)``
+    (``& causal()`` when ``is_causal``) compiled by :func:`sparsedsl.compile`.
+
+    Every head runs every branch ``(segment_lengths[i], dilation_rates[i])``; in a branch of
+    rate ``r`` the heads are split into ``r`` groups of ``ceil(num_heads / r)`` heads, group
+    ``j`` keeping the positions ``p`` with ``(p % w) % r == j`` of each ``w``-token segment;
+    the branches' outputs are merged by softmax over their log-sum-exps (one softmax over
+    the keys, each counted once per branch that allows it). Any number of heads and any
+    sequence length (the last segment is shorter).
+
+    Args:
+        segment_lengths: segment length of each branch.
+        dilation_rates: dilation rate of each branch (``rate <= segment length``).
+        softmax_scale: score scale (default ``1 / sqrt(head_dim)``).
+        block_size: the kernel tile (one of ``sparsedsl.BLOCK_SIZES``; default 128).
+        kernel: ``"auto"`` or a plan name (see :func:`sparsedsl.compile`).
+
+    Raises ``ValueError`` when ``segment_lengths`` and ``dilation_rates`` differ in length
+    or a rate exceeds its segment length.
+    """
+
+    def __init__(self, segment_lengths, dilation_rates, softmax_scale: float | None = None, *,
+                 block_size: int = 128, kernel: str = "auto"):
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = check_segments(
+            "LongNetAttention", segment_lengths, dilation_rates)
+        self.softmax_scale = softmax_scale
+        self.block_size = block_size
+        self.kernel = kernel
+        pattern = self.pattern
+        self._attention = (compiled(pattern, block_size, kernel),
+                           compiled(with_causal(pattern), block_size, kernel))
+
+    @property
+    def pattern(self) -> n.Pattern:
+        """The non-causal pattern, ``longnet(segment_lengths, dilation_rates)``."""
+        return n.longnet(self.segment_lengths, self.dilation_rates)
+
+    def pattern_for(self, is_causal: bool = False) -> n.Pattern:
+        """The pattern ``forward`` runs (``& causal()`` when ``is_causal``)."""
+        return with_causal(self.pattern) if is_causal else self.pattern
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                is_causal: bool = False) -> torch.Tensor:
+        """``[batch, seq_len, num_heads, head_dim]`` output."""
+        check_bnhd("LongNetAttention.forward()", query, key, value)
+        module = self._attention[1 if is_causal else 0]
+        return module(query, key, value, scale=self.softmax_scale, layout="bnhd").contiguous()
+
+    def extra_repr(self) -> str:
+        return f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}"

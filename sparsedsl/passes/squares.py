@@ -35,6 +35,8 @@ uniform_square.register(n.GlobalTokens, lambda node: node.n)
 uniform_square.register(n.Prefix, lambda node: node.n)
 uniform_square.register(n.Segments, lambda node: uniform_square(node.expand()))
 uniform_square.register(n.Scored, lambda node: uniform_square(node.pattern))
+uniform_square.register(n.DilatedHeads, lambda node: node.segment if node.rate == 1 else 1)
+uniform_square.register(n.LongNet, lambda node: uniform_square(node.expand()))
 
 
 @uniform_square.register
@@ -48,5 +50,5 @@ def _of_parts(node) -> int:
     return math.gcd(*(uniform_square(p) for p in node.children()))
 
 
-for _combination in (n.Heads, n.Union, n.Intersection, n.Difference, n.Complement):
+for _combination in (n.Heads, n.Union, n.Intersection, n.Difference, n.Complement, n.Sum):
     uniform_square.register(_combination, _of_parts)
