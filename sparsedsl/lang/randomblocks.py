@@ -85,3 +85,48 @@ def random_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed
     picks = _cached_picks(num_q_blocks, num_k_blocks, per_row, seed, torch.device(device or "cpu"))
     layout.scatter_(1, picks, True)
     return layout
+
+
+def random_causal_block_picks(num_q_blocks: int, per_row: int, seed: int, device=None) -> torch.Tensor:
+    """``[num_q_blocks, per_row]`` int64 key-block indices chosen per row among the blocks
+    at or before the diagonal (``kb <= qb``): the ``per_row`` smallest hashes of ``(seed,
+    qb, kb)``, ties broken by ``kb``, so a row's choice depends only on ``(seed, qb)``. A
+    row with fewer than ``per_row`` such blocks repeats its own block ``qb`` (always
+    chosen there) in the unused slots."""
+    width = min(per_row, num_q_blocks)
+    hashes = HASH_CHUNK.get(torch.device(device or "cpu").type, HASH_CHUNK_DEFAULT)
+    row_chunk = max(1, hashes // max(1, num_q_blocks))
+    kb = torch.arange(num_q_blocks, dtype=torch.int64, device=device)
+    rows = []
+    for start in range(0, num_q_blocks, row_chunk):
+        qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64, device=device)
+        last = int(qb[-1]) + 1  # the blocks any of these rows may choose
+        key = block_hash(seed, qb[:, None], kb[None, :last])
+        key *= last
+        key += kb[:last]
+        key.masked_fill_(kb[None, :last] > qb[:, None], torch.iinfo(torch.int64).max)  # after the diagonal
+        picks = torch.topk(key, min(width, last), dim=1, largest=False).indices
+        picks = torch.where(picks > qb[:, None], qb[:, None], picks)  # rows with fewer blocks
+        rows.append(_repeat_last_column(picks, width))
+    if not rows:
+        return torch.empty(0, width, dtype=torch.int64, device=device)
+    return torch.cat(rows)
+
+
+def _repeat_last_column(picks: torch.Tensor, width: int) -> torch.Tensor:
+    """``picks`` with its last column repeated up to ``width`` columns."""
+    missing = width - picks.shape[1]
+    return picks if missing == 0 else torch.cat([picks, picks[:, -1:].expand(-1, missing)], 1)
+
+
+def random_causal_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
+                               device=None) -> torch.Tensor:
+    """The blocks of :func:`random_causal_block_picks` as a bool ``[num_q_blocks,
+    num_k_blocks]`` layout on ``device`` (picks past the last key block dropped), checked
+    against the memory budget first."""
+    check_memory("blocks().random_causal()", f"a random-block layout of {num_q_blocks:,} x "
+                 f"{max(num_q_blocks, num_k_blocks):,} blocks", num_q_blocks * max(num_q_blocks, num_k_blocks))
+    layout = torch.zeros(num_q_blocks, max(num_q_blocks, num_k_blocks), dtype=torch.bool, device=device)
+    if num_q_blocks:
+        layout.scatter_(1, random_causal_block_picks(num_q_blocks, per_row, seed, device=device), True)
+    return layout[:, :num_k_blocks].contiguous()

@@ -10,7 +10,6 @@ from .flex import FlexPlan
 from .gather import GatherPlan
 from .lattice import LatticePlan
 from .sdpa import SdpaPlan
-from .tile_sdpa import TileSdpaPlan
 
 PLANS: tuple[Plan, ...] = (
     SdpaPlan(),
@@ -18,7 +17,6 @@ PLANS: tuple[Plan, ...] = (
     BandPlan(),
     DecodePlan(),
     FlexPlan(),
-    TileSdpaPlan(),
     GatherPlan(),
 )
 
