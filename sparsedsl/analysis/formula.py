@@ -39,6 +39,7 @@ from typing import Optional
 import sympy as sp
 
 from ..lang import nodes as n
+from ..lang.multiset import multiset_terms
 from ..lang.queries import head_group_count, mask_part
 from .headsplit import resolve_head
 
@@ -288,6 +289,8 @@ def _(node: n.Documents) -> Poly:
 
 @_poly_of.register(n.Heads)
 @_poly_of.register(n.Segments)
+@_poly_of.register(n.DilatedHeads)
+@_poly_of.register(n.LongNet)
 def _(node: n.Pattern) -> Poly:
     raise NoClosedFormError(f"formula(): {node} gives heads different patterns: each head "
                             f"has its own closed form (resolve the head first)")
@@ -304,8 +307,9 @@ def _(node: n.Blocks) -> Poly:
     return {BlockForm(node.size, diagonals, _frozen(within)): c for diagonals, c in rules.items()}
 
 
-@_poly_of.register
-def _(node: n.Union) -> Poly:
+@_poly_of.register(n.Sum)  # the indicator of where some part allows a pair
+@_poly_of.register(n.Union)
+def _(node: n.Pattern) -> Poly:
     out = _poly(node.parts[0])
     for part in node.parts[1:]:
         out = _or(out, _poly(part))
@@ -686,19 +690,23 @@ def _(rule: n.BlockRandomCausal, node: n.Blocks) -> Poly:
 def formula(pattern: n.Pattern) -> sp.Expr:
     """Allowed pairs of ``pattern`` with ``Q = K = N``, summed over ``H`` heads, ``H`` the
     pattern's head-group count (1 without ``heads``/``segments``), as a ``sympy`` expression
-    in ``N`` (:data:`N`). Raises :class:`NoClosedFormError` (a ``ValueError``) naming the
-    sub-pattern that has none. See the module docstring."""
+    in ``N`` (:data:`N`). For a multiset pattern (``a + b``, ``longnet``), the pairs counted
+    with multiplicity (``count(...).pairs_with_multiplicity``): the sum of the closed forms
+    of its terms (:func:`sparsedsl.lang.multiset.multiset_terms`). Raises
+    :class:`NoClosedFormError` (a ``ValueError``) naming the sub-pattern that has none. See
+    the module docstring."""
     if not isinstance(pattern, n.Pattern):
         raise TypeError(f"formula(): argument 'pattern' must be a pattern, got {pattern!r}")
     core = mask_part(pattern)
     heads = head_group_count(core)
     total = sp.Integer(0)
     cache: dict = {}
-    for h in range(heads):
-        resolved = resolve_head(core, h, heads)
-        if resolved not in cache:
-            cache[resolved] = _head_formula(resolved)
-        total += cache[resolved]
+    for term in multiset_terms(core):
+        for h in range(heads):
+            resolved = resolve_head(term, h, heads)
+            if resolved not in cache:
+                cache[resolved] = _head_formula(resolved)
+            total += cache[resolved]
     return tidy(total)
 
 

@@ -15,8 +15,9 @@ from ..lang.groups import head_groups
 
 
 def resolve_head(pattern: n.Pattern, head: int, num_heads: int) -> n.Pattern:
-    """The pattern head ``head`` (of ``num_heads``) runs, without ``heads``/``segments``
-    nodes and without score modifications."""
+    """The pattern head ``head`` (of ``num_heads``) runs, without ``heads``/``segments``/
+    ``dilated_heads``/``longnet`` nodes and without score modifications (a ``longnet``
+    becomes the sum of its branches' ``dilated`` parts for that head)."""
     if isinstance(pattern, n.Scored):
         return resolve_head(pattern.pattern, head, num_heads)
     if isinstance(pattern, n.Segments):
@@ -27,6 +28,12 @@ def resolve_head(pattern: n.Pattern, head: int, num_heads: int) -> n.Pattern:
             if head in group:
                 return resolve_head(part, head, num_heads)
         raise ValueError(f"head {head} is not one of {num_heads} heads")
+    if isinstance(pattern, n.LongNet):
+        return resolve_head(pattern.expand(), head, num_heads)
+    if isinstance(pattern, n.DilatedHeads):
+        return next(part for heads, part in pattern.groups(num_heads) if head in heads)
+    if isinstance(pattern, n.Sum):
+        return n.Sum(tuple(resolve_head(p, head, num_heads) for p in pattern.parts))
     if isinstance(pattern, n.Union):
         return n.Union(tuple(resolve_head(p, head, num_heads) for p in pattern.parts))
     if isinstance(pattern, n.Intersection):

@@ -92,6 +92,8 @@ def _(pattern: n.Prefix) -> Periodicity:
 @periodicity.register(n.Documents)
 @periodicity.register(n.Heads)
 @periodicity.register(n.Segments)
+@periodicity.register(n.DilatedHeads)
+@periodicity.register(n.LongNet)
 def _(pattern: n.Pattern) -> None:
     return None  # call-time tensors; head groups (resolve them per head first)
 
@@ -115,6 +117,7 @@ def _(pattern: n.Scored) -> Periodicity | None:
     return periodicity(pattern.pattern)
 
 
+@periodicity.register(n.Sum)
 @periodicity.register(n.Union)
 @periodicity.register(n.Intersection)
 @periodicity.register(n.Difference)
@@ -267,6 +270,8 @@ def _(node: n.Prefix, q0, k0, t, cols):
 @_signature.register(n.Documents)
 @_signature.register(n.Heads)
 @_signature.register(n.Segments)
+@_signature.register(n.DilatedHeads)
+@_signature.register(n.LongNet)
 def _(node: n.Pattern, q0, k0, t, cols):
     return False  # call-time tensors; head groups (resolve them per head first)
 
@@ -293,6 +298,7 @@ def _(node: n.Scored, q0, k0, t, cols):
     return _signature(node.pattern, q0, k0, t, cols)
 
 
+@_signature.register(n.Sum)
 @_signature.register(n.Union)
 @_signature.register(n.Intersection)
 @_signature.register(n.Difference)
@@ -412,7 +418,18 @@ def _(pattern: n.Scored) -> tuple[float, float]:
 
 
 @diagonal_support.register
-def _(pattern: n.Union) -> tuple[float, float]:
+def _(pattern: n.DilatedHeads) -> tuple[float, float]:
+    return (-(pattern.segment - 1), pattern.segment - 1)
+
+
+@diagonal_support.register
+def _(pattern: n.LongNet) -> tuple[float, float]:
+    return diagonal_support(pattern.expand())
+
+
+@diagonal_support.register(n.Sum)
+@diagonal_support.register(n.Union)
+def _(pattern: n.Pattern) -> tuple[float, float]:
     out = (1, 0)
     for part in pattern.parts:
         out = _hull(out, diagonal_support(part))

@@ -100,3 +100,19 @@ def _(node: n.Heads):
     return tuple(n.Heads(tuple(terms[i] if i < len(terms) else NOTHING for terms in per_part))
                  for i in range(width))
 
+
+# Ranges, offsets, positions inside documents and cyclic head groups count each pair once;
+# a multiset inside one of them is refused.
+def _set_of(node: n.Pattern) -> bool:
+    from .checks import PatternArgumentError
+
+    inner = [p for p in node.children() if is_multiset(p)]
+    if inner:
+        raise PatternArgumentError(
+            f"{node}: {inner[0]} counts some pairs more than once, which "
+            f"{type(node).__name__} does not take (apply it to each part, then add them with '+')")
+    return False
+
+
+for _set_node in (n.Queries, n.Keys, n.Shifted, n.DocumentWithin, n.CycleHeads):
+    is_multiset.register(_set_node, _set_of)

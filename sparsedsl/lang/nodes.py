@@ -52,7 +52,7 @@ class Pattern:
 
     # -- combinators -------------------------------------------------------------------
     def __or__(self, other: "Pattern") -> "Pattern":
-        return Union(_flattened("|", (self, other), Union))
+        return Union(_union_parts((self, other)))
 
     def __and__(self, other: "Pattern") -> "Pattern":
         return Intersection(_flattened("&", (self, other), Intersection))
@@ -65,13 +65,21 @@ class Pattern:
 
     # Reached with a non-pattern on the left (``None | p``): refused by the same checks.
     def __ror__(self, other) -> "Pattern":
-        return Union(_flattened("|", (other, self), Union))
+        return Union(_union_parts((other, self)))
 
     def __rand__(self, other) -> "Pattern":
         return Intersection(_flattened("&", (other, self), Intersection))
 
     def __rsub__(self, other) -> "Pattern":
         return Difference(*_operands("-", (other, self)))
+
+    def __add__(self, other: "Pattern") -> "Pattern":
+        """Multiset union: a pair allowed by both sides counts twice in the softmax
+        (see :class:`Sum`)."""
+        return Sum(_flattened("+", (self, other), Sum))
+
+    def __radd__(self, other) -> "Pattern":
+        return Sum(_flattened("+", (other, self), Sum))
 
     def score(self, *mods: "ScoreMod | Callable") -> "Scored":
         """Return this pattern with score modifications applied in order.
@@ -125,6 +133,21 @@ def _operands(op: str, operands: tuple) -> tuple:
                 f"and call .score(...) last"
             )
     return operands
+
+
+def _union_parts(operands: tuple) -> tuple:
+    """The parts of the union of ``operands``: at most one may be a multiset (a union takes
+    the larger count of each pair, which only a set against a multiset makes plain)."""
+    from .multiset import is_multiset
+
+    parts = _flattened("|", operands, Union)
+    multisets = [p for p in parts if is_multiset(p)]
+    if len(multisets) > 1:
+        raise PatternOperandError(
+            f"operator '|': {_wrap(multisets[0], _ATOM)} and {_wrap(multisets[1], _ATOM)} both count "
+            f"some pairs more than once; a union keeps the larger count of each pair, which is "
+            f"defined here between a multiset and sets only: add multisets with '+'")
+    return parts
 
 
 def _flattened(op: str, operands: tuple, kind: type) -> tuple:
@@ -410,6 +433,13 @@ class Blocks(Pattern):
             raise PatternArgumentError(
                 f"blocks().within(): argument 'rule' must be a pattern without score "
                 f"modifications, got {rule!r}"
+            )
+        from .multiset import is_multiset
+
+        if is_multiset(rule):
+            raise PatternArgumentError(
+                f"blocks().within(): argument 'rule' must allow each pair once, got the multiset "
+                f"{rule}; add the block patterns instead: blocks(...).within(a) + blocks(...).within(b)"
             )
         if rule.buffer_names():
             raise PatternArgumentError(
@@ -984,3 +1014,140 @@ def softcap(cap: float) -> ScoreMod:
 def bias(name: str) -> ScoreMod:
     """Add a tensor bound as ``name=`` at call time to the scores."""
     return Bias(check_name("bias()", "name", name))
+
+
+# ---------------------------------------------------------------------------------------
+# Multisets: a pair may count more than once in the softmax
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Sum(Pattern):
+    """Multiset union ``a + b``: the multiplicity of a pair is the sum of its parts'.
+
+    A pattern is a multiplicity ``m(b, h, q, k) >= 0`` (a set pattern's is 0 or 1), and
+    attention is ``out = sum_k m exp(s) v / sum_k m exp(s)`` over each query row, i.e.
+    ``log m`` added to the score ``s`` after every score modification; a row with no key
+    of positive multiplicity outputs 0. That is exactly merging the outputs of the parts
+    with weights ``softmax`` over their log-sum-exps (LongNet's merge of its branches).
+    The other operators extend to multisets as follows: ``a & b`` multiplies counts (a set
+    operand keeps a multiset's counts where it allows the pair: ``(a + b) & causal() ==
+    (a & causal()) + (b & causal())`` in meaning), ``a | s`` of a multiset and sets takes
+    the larger count (pairs only ``s`` allows count once; a union of two multisets is
+    refused), ``a - b`` keeps ``a``'s counts where ``b`` allows nothing, and ``~a`` is the
+    set of pairs ``a`` does not allow. ``.score(...)`` modifies the scores of every part
+    alike. A pattern is allowed where its multiplicity is positive: that is what the mask,
+    the tile classes and the distinct pair counts read."""
+
+    parts: tuple[Pattern, ...]
+    precedence = _DIFFERENCE  # Python's: ``+`` and ``-`` bind alike, left to right
+
+    def children(self) -> tuple[Pattern, ...]:
+        return self.parts
+
+    def __str__(self) -> str:
+        return " + ".join(_wrap(p, _DIFFERENCE + 1) for p in self.parts)
+
+
+@dataclass(frozen=True, repr=False)
+class DilatedHeads(Pattern):
+    """One branch of LongNet as its reference code runs it: the heads are split into
+    ``rate`` contiguous groups of ``ceil(H / rate)`` heads (the last non-empty group may be
+    smaller, and groups past the last head are empty); head ``h`` is in group ``j = h //
+    ceil(H / rate)`` and is allowed ``dilated(segment, rate, j)``: inside each
+    ``segment``-token segment, the positions ``p`` with ``(p % segment) % rate == j``
+    attend among themselves. Runs with any number of heads."""
+
+    segment: int
+    rate: int
+
+    def group_size(self, num_heads: int) -> int:
+        """Heads per group: ``ceil(num_heads / rate)``."""
+        return -(-num_heads // self.rate)
+
+    def groups(self, num_heads: int) -> list[tuple[range, Dilated]]:
+        """``(heads, dilated(segment, rate, j))`` for each non-empty head group ``j``."""
+        size = self.group_size(num_heads)
+        return [(range(j * size, min((j + 1) * size, num_heads)), Dilated(self.segment, self.rate, j))
+                for j in range(self.rate) if j * size < num_heads]
+
+    def __str__(self) -> str:
+        return f"dilated_heads({self.segment}, {self.rate})"
+
+
+@dataclass(frozen=True, repr=False)
+class LongNet(Pattern):
+    """LongNet's dilated attention as its reference code computes it (torchscale's
+    ``DilatedAttention``): every head runs every branch ``(segment_lengths[i],
+    dilation_rates[i])`` (:class:`DilatedHeads`), and the branch outputs of a row are
+    merged with weights ``softmax`` over their log-sum-exps, which is one softmax over the
+    multiset ``dilated_heads(w0, r0) + dilated_heads(w1, r1) + ...`` (:meth:`expand`): a
+    key that ``m`` branches allow counts ``m`` times."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+
+    def branches(self) -> tuple[DilatedHeads, ...]:
+        """The branches, in order: one :class:`DilatedHeads` per (segment, rate)."""
+        return tuple(DilatedHeads(w, r) for w, r in zip(self.segment_lengths, self.dilation_rates))
+
+    def expand(self) -> Pattern:
+        """The equivalent multiset: the :class:`Sum` of the branches (the branch itself
+        when there is one)."""
+        branches = self.branches()
+        return branches[0] if len(branches) == 1 else Sum(branches)
+
+    def __str__(self) -> str:
+        return f"longnet({_list(self.segment_lengths)}, {_list(self.dilation_rates)})"
+
+
+@dataclass(frozen=True)
+class LogMultiplicity(ScoreMod):
+    """``score + log m``: how a multiset pattern's multiplicity ``m`` enters the softmax,
+    after its written score modifications. Not written in pattern text: every multiset
+    pattern carries it (:func:`sparsedsl.lang.queries.score_mods` lists it last)."""
+
+    def __str__(self) -> str:
+        return "log_multiplicity()"
+
+
+def dilated_heads(segment: int, rate: int) -> Pattern:
+    """One LongNet branch over head groups of ``ceil(H / rate)`` heads; see
+    :class:`DilatedHeads`. Requires ``rate <= segment``."""
+    where = "dilated_heads()"
+    segment = check_int(where, "segment", segment, minimum=1)
+    rate = check_int(where, "rate", rate, minimum=1)
+    if rate > segment:
+        raise PatternArgumentError(f"{where}: argument 'rate' must be <= segment ({segment}), got {rate}")
+    return DilatedHeads(segment, rate)
+
+
+def longnet(segment_lengths, dilation_rates) -> Pattern:
+    """LongNet (Ding et al. 2023, arXiv:2307.02486) with its reference code's semantics.
+
+    Every head runs every branch ``i`` (segment length ``w = segment_lengths[i]``, rate
+    ``r = dilation_rates[i]``, ``r <= w``). In branch ``i`` the heads are split into ``r``
+    contiguous groups of ``ceil(H / r)`` heads (the last non-empty group may be smaller;
+    groups past the last head are empty), and the heads of group ``j`` attend inside each
+    ``w``-token segment among the positions ``p`` with ``(p % w) % r == j``. The branches'
+    outputs are merged by softmax over their log-sum-exps, so a key that ``m`` branches
+    allow for a query counts ``m`` times in one softmax (``log m`` added to its score); a
+    branch that does not cover a row adds nothing to it.
+
+    Any sequence length works: segments are cut from position 0, and the last one is
+    shorter when the length is not a multiple of ``w`` (only real positions attend; the
+    reference code pads with zero vectors). A segment longer than the sequence is the
+    whole sequence, which is the same pairs. ``longnet(...) & causal()`` makes every branch
+    causal. Runs with any number of heads."""
+    where = "longnet()"
+    lengths = check_int_list(where, "segment_lengths", segment_lengths, minimum=1)
+    rates = check_int_list(where, "dilation_rates", dilation_rates, minimum=1)
+    if len(lengths) != len(rates):
+        raise PatternArgumentError(
+            f"{where}: 'segment_lengths' and 'dilation_rates' must have the same length, got "
+            f"{len(lengths)} segment lengths {list(lengths)} and {len(rates)} dilation rates {list(rates)}")
+    for i, (length, rate) in enumerate(zip(lengths, rates)):
+        if rate > length:
+            raise PatternArgumentError(
+                f"{where}: dilation_rates[{i}] must be <= segment_lengths[{i}] ({length}), got {rate}")
+    return LongNet(lengths, rates)

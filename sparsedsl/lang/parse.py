@@ -6,12 +6,13 @@ accepted, and the pattern is built by calling the public constructors of
 :mod:`sparsedsl.lang.nodes` (``window``, ``blocks``, ``Pattern.__or__``, ...), so their
 argument validation applies exactly as in Python code.
 
-Grammar (precedence and associativity are Python's: ``|`` < ``&`` < ``-`` < ``~`` <
-call/method; binary operators group left to right)::
+Grammar (precedence and associativity are Python's: ``|`` < ``&`` < ``-`` and ``+`` <
+``~`` < call/method; binary operators group left to right)::
 
     pattern   ::= pattern "|" pattern                    union
                 | pattern "&" pattern                    intersection
                 | pattern "-" pattern                    difference
+                | pattern "+" pattern                    multiset union
                 | "~" pattern                            complement
                 | "(" pattern ")"
                 | PNAME "(" arguments ")"
@@ -22,6 +23,7 @@ call/method; binary operators group left to right)::
                 | ("queries" | "keys" | "cycle_heads") "(" arguments ")"
     PNAME     ::= "full" | "causal" | "window" | "dilated_window" | "chunks" | "strided"
                 | "dilated" | "global_tokens" | "prefix" | "documents" | "heads" | "segments"
+                | "dilated_heads" | "longnet"
     blockpat  ::= "blocks(" arguments ")" | "(" blockpat ")"
                 | blockpat "." BMETHOD "(" arguments ")"
     BMETHOD   ::= "local" | "dilated" | "global_" | "random" | "random_causal" | "layout"
@@ -77,7 +79,7 @@ from typing import Any, Callable
 
 from . import nodes
 from .checks import PatternArgumentError
-from .nodes import Blocks, Intersection, Pattern, ScoreMod, Union
+from .nodes import Blocks, Intersection, Pattern, ScoreMod, Sum, Union
 
 __all__ = ["MAX_DEPTH", "MAX_LENGTH", "PatternSyntaxError", "parse"]
 
@@ -95,7 +97,7 @@ _PATTERN_FUNCS: dict[str, Callable] = {
     for name in (
         "full", "causal", "window", "dilated_window", "chunks", "strided", "dilated",
         "global_tokens", "prefix", "documents", "blocks", "heads", "segments",
-        "queries", "keys", "cycle_heads",
+        "queries", "keys", "cycle_heads", "dilated_heads", "longnet",
     )
 }
 _MOD_FUNCS: dict[str, Callable] = {name: getattr(nodes, name) for name in ("alibi", "softcap", "bias")}
@@ -505,7 +507,7 @@ class _Builder:
 
     def _checked(self, p: Pattern, position: int, operands: tuple = ()) -> Pattern:
         """Record the depth of a newly built pattern; reject it when too deep."""
-        if operands and isinstance(p, (Union, Intersection)):
+        if operands and isinstance(p, (Union, Intersection, Sum)):
             # Flattening: operands of the same kind contribute their parts directly.
             depth = max(
                 self._depth(o) if isinstance(o, type(p)) else 1 + self._depth(o) for o in operands
@@ -558,9 +560,9 @@ class _Builder:
         for binop in reversed(spine):
             position = self._operator_position(binop)
             symbol = _BINOP_SYMBOLS.get(type(binop.op), "?")
-            if symbol not in ("|", "&", "-"):
+            if symbol not in ("|", "&", "-", "+"):
                 raise self._error(
-                    f"operator {symbol!r} not allowed (patterns combine with |, &, - and ~)", position
+                    f"operator {symbol!r} not allowed (patterns combine with |, &, -, + and ~)", position
                 )
             right = self.pattern(binop.right, depth + 1)
             left = value
@@ -568,6 +570,8 @@ class _Builder:
                 value = self._build(lambda: left | right, "operator '|'", position, (left, right))
             elif symbol == "&":
                 value = self._build(lambda: left & right, "operator '&'", position, (left, right))
+            elif symbol == "+":
+                value = self._build(lambda: left + right, "operator '+'", position, (left, right))
             else:
                 value = self._build(lambda: left - right, "operator '-'", position)
         return value
@@ -701,7 +705,7 @@ class _Builder:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return self._number(node)
         if isinstance(node, ast.BinOp) and (
-                _BINOP_SYMBOLS.get(type(node.op)) not in ("|", "&", "-")
+                _BINOP_SYMBOLS.get(type(node.op)) not in ("|", "&", "-", "+")
                 or _is_number_literal(node.left) or _is_number_literal(node.right)):
             symbol = _BINOP_SYMBOLS.get(type(node.op), "?")
             raise self._error(

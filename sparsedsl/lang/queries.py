@@ -13,6 +13,7 @@ import math
 from functools import singledispatch
 
 from . import nodes as n
+from .multiset import is_multiset
 
 
 def walk(pattern: n.Pattern):
@@ -28,13 +29,17 @@ def mask_part(pattern: n.Pattern) -> n.Pattern:
 
 
 def score_mods(pattern: n.Pattern) -> tuple[n.ScoreMod, ...]:
-    """The score modifications applied to ``pattern``, in order."""
-    return pattern.mods if isinstance(pattern, n.Scored) else ()
+    """The score modifications applied to ``pattern``, in order: those written with
+    ``.score(...)``, then, for a multiset, :class:`~sparsedsl.lang.nodes.LogMultiplicity`
+    (``log m`` added last). A kernel that takes only a mask computes a pattern exactly only
+    where this is empty."""
+    written = pattern.mods if isinstance(pattern, n.Scored) else ()
+    return written + (n.LogMultiplicity(),) if is_multiset(pattern) else written
 
 
 def restrict(pattern: n.Pattern, mask: n.Pattern) -> n.Pattern:
     """``pattern & mask``, with ``pattern``'s score modifications kept last."""
-    mods = score_mods(pattern)
+    mods = pattern.mods if isinstance(pattern, n.Scored) else ()
     core = mask_part(pattern) & mask
     return core.score(*mods) if mods else core
 
@@ -63,6 +68,13 @@ def _(node: n.Segments) -> int:
     return len(node.lengths)
 
 
+@_own_head_groups.register(n.DilatedHeads)
+@_own_head_groups.register(n.LongNet)
+def _(node: n.Pattern) -> int:
+    return 1  # head groups of ceil(H / rate) heads: any number of heads runs it
+
+
+@_own_head_groups.register(n.Sum)
 @_own_head_groups.register(n.Full)
 @_own_head_groups.register(n.Causal)
 @_own_head_groups.register(n.Window)
@@ -139,6 +151,17 @@ def _(pattern: n.Segments) -> int:
     return math.lcm(*pattern.lengths)
 
 
+@diagonal_period.register
+def _(pattern: n.DilatedHeads) -> int:
+    return pattern.segment
+
+
+@diagonal_period.register
+def _(pattern: n.LongNet) -> int:
+    return math.lcm(*pattern.segment_lengths)
+
+
+@diagonal_period.register(n.Sum)
 @diagonal_period.register(n.Heads)
 @diagonal_period.register(n.Union)
 @diagonal_period.register(n.Intersection)

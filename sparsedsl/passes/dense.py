@@ -15,6 +15,7 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
+from ..lang.multiset import is_multiset
 from ..lang.randomblocks import random_block_layout, random_causal_block_layout
 from ..budget import check_memory
 from ..lang.checks import INDEX_LIMIT, PatternArgumentError, check_int
@@ -26,7 +27,11 @@ def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int 
     """``allowed`` as a bool tensor: ``[heads, q_len, kv_len]``, or ``[batch, heads, q_len,
     kv_len]`` when a ``documents`` tensor has a batch dimension. Query row ``i`` is position
     ``q_offset + i`` (the rows ``q_offset ..`` of the ``(q_offset + q_len) x kv_len``
-    matrix; ``kv_len`` defaults to ``q_offset + q_len``)."""
+    matrix; ``kv_len`` defaults to ``q_offset + q_len``).
+
+    For a multiset pattern (``a + b``, ``longnet``; see
+    :func:`sparsedsl.lang.multiset.is_multiset`) the tensor is the int32 multiplicity
+    ``m`` of each pair instead (``m > 0`` where allowed)."""
     q_offset = check_int("dense()", "q_offset", q_offset, minimum=0)
     q_len = check_int("dense()", "q_len", q_len, minimum=1)
     if q_offset + q_len > INDEX_LIMIT:
@@ -37,11 +42,13 @@ def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int 
     ctx = Context.make(pattern, q_offset + q_len, kv_len, heads, buffers=buffers, where="dense()")
     batch = max((b.shape[0] for name, b in ctx.buffers.items() if b.dim() == 2 and name in _document_names(pattern)),
                 default=1)
+    counts = is_multiset(pattern)
     check_memory("dense()", f"a dense [{batch}, {ctx.heads}, {q_len:,}, {ctx.kv_len:,}] mask (and its int64 "
-                 f"position temporaries)", q_len * ctx.kv_len * (batch * ctx.heads + DENSE_TEMPORARY_BYTES))
+                 f"position temporaries)",
+                 q_len * ctx.kv_len * (batch * ctx.heads * (4 if counts else 1) + DENSE_TEMPORARY_BYTES))
     q = torch.arange(q_offset, ctx.q_len)[:, None]
     k = torch.arange(ctx.kv_len)[None, :]
-    allowed = _dense(pattern, ctx, q, k)  # [B or 1, H or 1, Q, K]
+    allowed = (_multiplicity if counts else _dense)(pattern, ctx, q, k)  # [B or 1, H or 1, Q, K]
     allowed = allowed.expand(allowed.shape[0], ctx.heads, q_len, ctx.kv_len)
     return allowed[0].clone() if allowed.shape[0] == 1 else allowed.clone()
 
@@ -253,6 +260,76 @@ def _(node: n.CycleHeads, ctx, q, k):
     batch = max(p.shape[0] for p in parts)
     full = [p.expand(batch, ctx.heads, q.shape[0], k.shape[1]) for p in parts]
     return torch.cat([full[h % len(parts)][:, h:h + 1] for h in range(ctx.heads)], dim=1)
+
+
+@_dense.register
+def _(node: n.DilatedHeads, ctx, q, k):
+    parts = [_dense(part, ctx, q, k).expand(1, len(heads), q.shape[0], k.shape[1])
+             for heads, part in node.groups(ctx.heads)]
+    return torch.cat(parts, dim=1)
+
+
+@_dense.register
+def _(node: n.LongNet, ctx, q, k):
+    return _dense(node.expand(), ctx, q, k)
+
+
+@_dense.register
+def _(node: n.Sum, ctx, q, k):  # allowed: some part allows the pair
+    return functools.reduce(operator.or_, (_dense(p, ctx, q, k) for p in node.parts))
+
+
+# ---------------------------------------------------------------------------------------
+# Multiplicities of multiset patterns
+# ---------------------------------------------------------------------------------------
+
+MULTIPLICITY = torch.int32
+
+
+@singledispatch
+def _multiplicity(node, ctx: Context, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``[B or 1, H or 1, Q, K]`` int32 multiplicities (see :class:`sparsedsl.lang.nodes.Sum`);
+    a set pattern's are its ``allowed`` as 0 or 1."""
+    return _dense(node, ctx, q, k).to(MULTIPLICITY)
+
+
+@_multiplicity.register
+def _(node: n.Sum, ctx, q, k):
+    return functools.reduce(operator.add, (_multiplicity(p, ctx, q, k) for p in node.parts))
+
+
+@_multiplicity.register
+def _(node: n.LongNet, ctx, q, k):
+    return _multiplicity(node.expand(), ctx, q, k)
+
+
+@_multiplicity.register
+def _(node: n.Union, ctx, q, k):
+    return functools.reduce(torch.maximum, (_multiplicity(p, ctx, q, k) for p in node.parts))
+
+
+@_multiplicity.register
+def _(node: n.Intersection, ctx, q, k):
+    return functools.reduce(operator.mul, (_multiplicity(p, ctx, q, k) for p in node.parts))
+
+
+@_multiplicity.register
+def _(node: n.Difference, ctx, q, k):
+    return _multiplicity(node.left, ctx, q, k) * ~_dense(node.right, ctx, q, k)
+
+
+@_multiplicity.register
+def _(node: n.Heads, ctx, q, k):
+    groups = head_groups(ctx.heads, len(node.parts))
+    parts = [_multiplicity(p, ctx, q, k) for p in node.parts]
+    batch = max(p.shape[0] for p in parts)
+    return torch.cat([p.expand(batch, ctx.heads, q.shape[0], k.shape[1])[:, g.start:g.stop]
+                      for p, g in zip(parts, groups)], dim=1)
+
+
+@_multiplicity.register
+def _(node: n.Scored, ctx, q, k):
+    return _multiplicity(node.pattern, ctx, q, k)
 
 
 def dense_attention_weights(pattern: n.Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,

@@ -20,6 +20,7 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
+from ..lang.queries import score_mods
 from ..lang.randomblocks import random_block_layout, random_causal_block_layout
 from .context import Context
 
@@ -245,6 +246,79 @@ def _(node: n.Scored, ctx):
     return _lower(node.pattern, ctx)
 
 
+@_lower.register
+def _(node: n.DilatedHeads, ctx):
+    segment, rate, size = node.segment, node.rate, node.group_size(ctx.heads)
+
+    def dilated_heads_mask(b, h, q, k):
+        group = h // size  # head h keeps the positions of its group's offset
+        return ((q // segment == k // segment)
+                & ((q % segment) % rate == group)
+                & ((k % segment) % rate == group))
+
+    return dilated_heads_mask
+
+
+@_lower.register
+def _(node: n.LongNet, ctx):
+    return _lower(node.expand(), ctx)
+
+
+@_lower.register
+def _(node: n.Sum, ctx):  # allowed: some part allows the pair
+    return _fold_parts(node.parts, ctx, operator.or_)
+
+
+# ---------------------------------------------------------------------------------------
+# Multiplicities of multiset patterns
+# ---------------------------------------------------------------------------------------
+
+
+def lower_multiplicity(pattern: n.Pattern, ctx: Context) -> MaskFn:
+    """``multiplicity(b, h, q, k) -> int32``: how many times the pair counts (see
+    :class:`sparsedsl.lang.nodes.Sum`; 0 or 1 for a set pattern), written with torch
+    operations as ``mask_mod`` is."""
+    return _multiplicity(pattern, ctx)
+
+
+@singledispatch
+def _multiplicity(node, ctx: Context) -> MaskFn:
+    mask = _lower(node, ctx)
+    return lambda b, h, q, k: mask(b, h, q, k).to(torch.int32)
+
+
+def _fold_multiplicities(parts, ctx, combine):
+    counts = [_multiplicity(p, ctx) for p in parts]
+    return lambda b, h, q, k: functools.reduce(combine, (count(b, h, q, k) for count in counts))
+
+
+_multiplicity.register(n.Sum, lambda node, ctx: _fold_multiplicities(node.parts, ctx, operator.add))
+_multiplicity.register(n.Union, lambda node, ctx: _fold_multiplicities(node.parts, ctx, torch.maximum))
+_multiplicity.register(n.Intersection, lambda node, ctx: _fold_multiplicities(node.parts, ctx, operator.mul))
+_multiplicity.register(n.LongNet, lambda node, ctx: _multiplicity(node.expand(), ctx))
+_multiplicity.register(n.Scored, lambda node, ctx: _multiplicity(node.pattern, ctx))
+
+
+@_multiplicity.register
+def _(node: n.Difference, ctx):
+    left, right = _multiplicity(node.left, ctx), _lower(node.right, ctx)
+    return lambda b, h, q, k: torch.where(right(b, h, q, k), 0, left(b, h, q, k))
+
+
+@_multiplicity.register
+def _(node: n.Heads, ctx):
+    starts = [g.start for g in head_groups(ctx.heads, len(node.parts))[1:]]
+    parts = [_multiplicity(p, ctx) for p in node.parts]
+
+    def heads_multiplicity(b, h, q, k):
+        result = parts[0](b, h, q, k)
+        for start, part in zip(starts, parts[1:]):
+            result = torch.where(h >= start, part(b, h, q, k), result)
+        return result
+
+    return heads_multiplicity
+
+
 # ---------------------------------------------------------------------------------------
 # score_mod
 # ---------------------------------------------------------------------------------------
@@ -266,10 +340,12 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 def lower_score(pattern: n.Pattern, ctx: Context) -> ScoreFn | None:
     """``score_mod(score, b, h, q, k)`` applying the pattern's modifications in order, or
-    None when it has none."""
-    if not isinstance(pattern, n.Scored):
+    None when it has none. A multiset pattern's last modification adds ``log m`` (its
+    multiplicity; pairs with ``m = 0`` are masked, so only ``m > 1`` changes a score)."""
+    mods = [_log_multiplicity(pattern, ctx) if isinstance(m, n.LogMultiplicity) else _lower_score_mod(m, ctx)
+            for m in score_mods(pattern)]
+    if not mods:
         return None
-    mods = [_lower_score_mod(m, ctx) for m in pattern.mods]
 
     def score_mod(score, b, h, q, k):
         for mod in mods:
@@ -277,6 +353,15 @@ def lower_score(pattern: n.Pattern, ctx: Context) -> ScoreFn | None:
         return score
 
     return score_mod
+
+
+def _log_multiplicity(pattern: n.Pattern, ctx: Context) -> ScoreFn:
+    count = lower_multiplicity(pattern, ctx)
+
+    def log_multiplicity(score, b, h, q, k):
+        return score + torch.log(count(b, h, q, k).clamp(min=1).to(score.dtype))
+
+    return log_multiplicity
 
 
 def _lower_score_mod(mod: n.ScoreMod, ctx: Context) -> ScoreFn:

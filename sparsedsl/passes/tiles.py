@@ -767,3 +767,31 @@ _undecided.register(n.DocumentWithin, lambda node, ctx, grid: _OPEN)
 def _(node: n.CycleHeads, ctx, grid):
     parts = [_undecided(p, ctx, grid) for p in node.parts]
     return _Undecided(any(p.partial for p in parts), any(p.unknown for p in parts))
+
+
+# ---------------------------------------------------------------------------------------
+# LongNet branches and multisets: tiles are classified by where a pair is allowed
+# (multiplicity > 0)
+# ---------------------------------------------------------------------------------------
+
+
+@_classify.register
+def _(node: n.DilatedHeads, ctx, span, grid):
+    rows, cols = span.ql.shape[0], span.kl.shape[1]
+    return torch.cat([_dilated_states(span, part.segment, part.rate, part.offset).expand(1, len(heads), rows, cols)
+                      for heads, part in node.groups(ctx.heads)], dim=1)
+
+
+@_classify.register
+def _(node: n.LongNet, ctx, span, grid):
+    return _classify(node.expand(), ctx, span, grid)
+
+
+@_classify.register
+def _(node: n.Sum, ctx, span, grid):
+    return functools.reduce(union, (_classify(p, ctx, span, grid) for p in node.parts))
+
+
+_undecided.register(n.DilatedHeads, lambda node, ctx, grid: _EXACT)
+_undecided.register(n.LongNet, lambda node, ctx, grid: _undecided(node.expand(), ctx, grid))
+_undecided.register(n.Sum, lambda node, ctx, grid: _combined(_undecided(p, ctx, grid) for p in node.parts))
