@@ -82,7 +82,7 @@ def explain_call(planner: Planner, pattern: n.Pattern, call: Call) -> Explanatio
     candidates = planner.candidates(pattern, call)
     plan = planner.choose(pattern, call, candidates)
     prepared = planner.prepared(plan, pattern, call)
-    lowered = call_lowering(pattern, call, plan.tiles(call), where="explain()")
+    lowered = call_lowering(pattern, call, plan.tiles(pattern, call), where="explain()")
     states, grid = lowered.states, lowered.grid
     per_grid = call.heads // states.shape[1]
     full, partial, empty = (int((states == state).sum()) * per_grid for state in (FULL, PARTIAL, EMPTY))

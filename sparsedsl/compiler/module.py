@@ -185,7 +185,7 @@ def compile(pattern: n.Pattern, *, block_size=128, kernel: str = "auto") -> Comp
     ``block_size``: the tile (an int, or ``(q_block, kv_block)``), one of ``BLOCK_SIZES``.
     ``kernel``: ``"auto"`` lets the planner pick the plan per call
     (:mod:`sparsedsl.compiler.planner`); a plan name (``"sdpa"``, ``"lattice"``,
-    ``"band"``, ``"decode"``, ``"flex"``, ``"gather"``) runs that plan, and a call it
-    cannot compute raises an error that lists why.
+    ``"band"``, ``"decode"``, ``"flex"``, ``"tile_sdpa"``, ``"gather"``) runs that plan, and
+    a call it cannot compute raises an error that lists why.
     """
     return CompiledPattern(pattern, block_size=block_size, kernel=kernel)

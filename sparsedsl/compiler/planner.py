@@ -55,6 +55,11 @@ class Planner:
         self.kernel = kernel
 
     @staticmethod
+    def kernels() -> list[str]:
+        """Every plan's name, in registry order."""
+        return [plan.name for plan in PLANS]
+
+    @staticmethod
     def for_parts() -> "Planner":
         """The planner of sub-problems: every plan is a candidate."""
         return _AUTO

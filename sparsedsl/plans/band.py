@@ -165,12 +165,12 @@ class BandPlan(Plan):
             reasons.append("needs self-attention (q_len == kv_len, q_offset 0)")
         if call.bound:
             reasons.append("bound tensors")
-        edge_tile = self.tiles(call)[0]
+        edge_tile = self.tiles(pattern, call)[0]
         if band[0] % edge_tile:
             reasons.append(f"the block size {band[0]} is not a multiple of the edge rows' tile {edge_tile}")
         return reasons
 
-    def tiles(self, call: Call) -> tuple[int, int]:
+    def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
         """The edge rows' tiles: FlexAttention's where flex runs them, else the module's."""
         if _flex_edges(call):
             return flex_tiles(call.q_block, call.kv_block, call.device)
@@ -178,7 +178,7 @@ class BandPlan(Plan):
 
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[Band, Tiled]:
         size, before, after = block_band(pattern)
-        return Band(size, before, after, call.q_len, call.batch * call.heads), tiled(pattern, call, self.tiles(call))
+        return Band(size, before, after, call.q_len, call.batch * call.heads), tiled(pattern, call, self.tiles(pattern, call))
 
     def efficiency(self, call: Call) -> float | None:
         """Measured for CUDA forward passes in half precision only: there

@@ -146,7 +146,7 @@ class Plan:
     def describe(self, prepared: Any, call: Call) -> str:
         raise NotImplementedError
 
-    def tiles(self, call: Call) -> tuple[int, int]:
+    def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
         """The tile grid the plan's kernel works on (for tile counts in ``explain``)."""
         return call.q_block, call.kv_block
 

@@ -171,13 +171,13 @@ class DecodePlan(Plan):
                     "tile states do not depend on the lengths)"]
         return []
 
-    def tiles(self, call: Call) -> tuple[int, int]:
+    def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
         if _flex_runs(call):
             return flex_tiles(call.q_block, call.kv_block, call.device)
         return call.q_block, call.kv_block
 
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[n.Pattern, DecodeRows]:
-        q_block, kv_block = self.tiles(call)
+        q_block, kv_block = self.tiles(pattern, call)
         device = call.work_device
         capacity = bucket_length(call.kv_len, kv_block)
         core = mask_part(pattern)

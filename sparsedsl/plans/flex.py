@@ -164,11 +164,11 @@ class FlexPlan(Plan):
             reasons.append("a decoding step: the decode plan runs the kernel from cached tile rows")
         return reasons
 
-    def tiles(self, call: Call) -> tuple[int, int]:
+    def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
         return flex_tiles(call.q_block, call.kv_block, call.device)
 
     def prepare(self, pattern: n.Pattern, call: Call) -> Tiled:
-        return tiled(pattern, call, self.tiles(call))
+        return tiled(pattern, call, self.tiles(pattern, call))
 
     def efficiency(self, call: Call) -> float | None:
         """1 on CUDA: the reference tile kernel. On the CPU not measured against the

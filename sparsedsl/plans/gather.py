@@ -113,7 +113,7 @@ class GatherPlan(Plan):
         return []
 
     def prepare(self, pattern: n.Pattern, call: Call) -> Tiled:
-        return tiled(pattern, call, self.tiles(call))
+        return tiled(pattern, call, self.tiles(pattern, call))
 
     def efficiency(self, call: Call) -> float | None:
         """1 on the CPU: the reference tile kernel there. On CUDA not measured against

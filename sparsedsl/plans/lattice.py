@@ -24,11 +24,12 @@ from .lattice_program import LatticeProgram
 from .lattice_views import chunk_folds, fold_chunks, group_inputs, put, take, write_folded
 
 #: The lattice plan's throughput per computed pair relative to the device's tile kernel.
-#: Where the tiles already fit the lattice (``.within`` rules whose segments are a tile
-#: long), the single fused tile kernel ran faster than the lattice's several SDPA calls and
-#: copies (measured on an H100, bf16, torch 2.11); the lattice pays where it computes at
-#: most 2/3 of the tile plan's pairs.
-EFFICIENCY = 1 / 1.5
+#: CUDA: where the tiles already fit the lattice (``.within`` rules whose segments are a
+#: tile long), the single fused FlexAttention kernel ran faster than the lattice's several
+#: SDPA calls and copies (H100, bf16, torch 2.11): the lattice pays where it computes at most
+#: 2/3 of flex's pairs. CPU: 129k pairs per CPU-ms against the gather plan's 22k
+#: (``benchmarks/plan_efficiency.py``, 2 cores, torch 2.13, fp32, 4,096 tokens).
+EFFICIENCY = {"cuda": 1 / 1.5, "cpu": 6.0}
 
 
 def chunks_only(plan: tuple[HeadGroupLattice, ...]) -> bool:
@@ -153,8 +154,8 @@ class LatticePlan(Plan):
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[HeadGroupLattice, ...]:
         return lattice_decomposition(pattern, call.q_len, call.kv_len, call.heads, call.work_device)
 
-    def efficiency(self, call: Call) -> float:
-        return EFFICIENCY
+    def efficiency(self, call: Call) -> float | None:
+        return EFFICIENCY.get(call.device.type)
 
     def computed_pairs(self, prepared, call: Call, planner) -> int:
         """Whole chunks for folded chunks, and each sub-problem's own plan otherwise."""

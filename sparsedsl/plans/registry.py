@@ -10,6 +10,7 @@ from .flex import FlexPlan
 from .gather import GatherPlan
 from .lattice import LatticePlan
 from .sdpa import SdpaPlan
+from .tile_sdpa import TileSdpaPlan
 
 PLANS: tuple[Plan, ...] = (
     SdpaPlan(),
@@ -17,6 +18,7 @@ PLANS: tuple[Plan, ...] = (
     BandPlan(),
     DecodePlan(),
     FlexPlan(),
+    TileSdpaPlan(),
     GatherPlan(),
 )
 

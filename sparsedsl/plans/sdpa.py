@@ -12,10 +12,10 @@ from ..lang.queries import mask_part, score_mods
 from .base import Call, Plan, Runner
 
 #: Throughput per computed pair relative to the device's tile kernel. CUDA: FlexAttention
-#: reaches about 0.8 of dense SDPA's throughput (H100, bf16). CPU: dense SDPA computed
-#: 146k pairs/ms against the gather plan's 8.3k (2 cores, torch 2.13, fp32, 8 heads, head
-#: dim 64, 4,096 tokens, ``causal() & window(256, 0)`` on 128-token tiles), about 17x.
-EFFICIENCY = {"cuda": 1.25, "cpu": 17.0}
+#: reaches about 0.8 of dense SDPA's throughput (H100, bf16). CPU: dense SDPA computed 303k
+#: pairs per CPU-ms against the gather plan's 22k (``benchmarks/plan_efficiency.py``, 2
+#: cores, torch 2.13, fp32, 8 heads, head dim 64, 4,096 tokens).
+EFFICIENCY = {"cuda": 1.25, "cpu": 14.0}
 
 
 def dense_sdpa_case(pattern: n.Pattern) -> str | None:
