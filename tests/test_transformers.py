@@ -242,7 +242,7 @@ def test_left_padding_counts_positions_from_the_first_real_token(pattern):
     ids[1, 9:] = ids[0, :21]
     torch.testing.assert_close(logits(model, name, ids, attention_mask=mask)[1, 9:],
                                logits(model, name, ids[:1, :21])[0], **TOLERANCE)
-    options = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     for cache_implementation in ("dynamic", "static"):
         padded = model.generate(ids, attention_mask=mask, cache_implementation=cache_implementation, **options)
         alone = model.generate(ids[:1, :21], cache_implementation=cache_implementation, **options)
@@ -385,9 +385,8 @@ def test_compiled_training_step_has_the_gradients_of_eager(dynamo):
         torch.testing.assert_close(gradients["compiled"][k], expected, rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_each_layer_compiles_with_fullgraph_and_generates_the_tokens_of_eager(family, dynamo):
-    model = build(FAMILIES[family]())
+def test_each_layer_compiles_with_fullgraph_and_generates_the_tokens_of_eager(dynamo):
+    model = build(FAMILIES["gemma3"]())  # a sliding and a full layer
     ids, mask = tokens(2, 12, left_padding=(0, 4))
     options = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     want = model.generate(ids, **options)

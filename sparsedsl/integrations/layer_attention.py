@@ -51,17 +51,16 @@ class ModelAttention:
     def __init__(self, name: str, patterns: LayerPatterns, *, block_size, kernel: str):
         self.name, self.patterns = name, patterns
         self.block_size, self.kernel = block_size, kernel
+        #: How errors name the implementation.
+        self.where = f"attention implementation {name!r} ({patterns})"
         self._layers: dict[str, LayerAttention] = {}
         self._by_pattern: dict[tuple, LayerAttention] = {}
         self._lock = threading.Lock()
 
-    def where(self) -> str:
-        return f"attention implementation {self.name!r} ({self.patterns})"
-
     def __call__(self, q, k, v, *, scale: float, q_offset=0, return_lse: bool = False,
                  context: str, slots: torch.Tensor | None = None) -> torch.Tensor:
         if return_lse:
-            raise ValueError(f"{self.where()}: return_lse is not supported, got return_lse=True")
+            raise ValueError(f"{self.where}: return_lse is not supported, got return_lse=True")
         return self.layer(context)(q, k, v, slots, scale)
 
     def layer(self, context: str) -> "LayerAttention":
@@ -71,11 +70,11 @@ class ModelAttention:
         if attention is not None:
             return attention
         layer = Layer.from_context(context)
-        pattern = self.patterns.pattern_for(layer, self.where())
+        pattern = self.patterns.pattern_for(layer, self.where)
         key = (pattern, layer.model_pattern())
         with self._lock:
             if key not in self._by_pattern:
-                self._by_pattern[key] = LayerAttention(layer, pattern, self.where(),
+                self._by_pattern[key] = LayerAttention(layer, pattern, self.where,
                                                        block_size=self.block_size, kernel=self.kernel)
             self._layers[context] = self._by_pattern[key]
             return self._by_pattern[key]

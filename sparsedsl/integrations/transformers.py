@@ -178,7 +178,7 @@ class PatternAttention:
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask, dropout: float = 0.0,
                  scaling: float | None = None, **kwargs):
-        where = self.runtime.where()
+        where = self.runtime.where
         if dropout:
             raise ValueError(
                 f"{where}: attention dropout is not supported (the kernels have none), got "
