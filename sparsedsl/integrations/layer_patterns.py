@@ -203,6 +203,8 @@ def _extent(pattern: n.Pattern) -> int:
 
 
 def _integers(node) -> list[int]:
+    if not dataclasses.is_dataclass(node):
+        return []
     values = []
     for field in dataclasses.fields(node):
         value = getattr(node, field.name)
