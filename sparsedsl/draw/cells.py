@@ -13,6 +13,11 @@ is evaluated once; see :mod:`sparsedsl.analysis.tilecount`). For patterns with t
 (``documents``, ``.layout``) or random blocks, undecided cells are counted exactly while
 that evaluates at most ``budget`` positions; beyond it, each undecided cell is estimated
 from ``SAMPLES`` positions drawn uniformly inside it (seeded), and the result says so.
+
+A multiset pattern (``a + b``, ``longnet``) counts each pair with its multiplicity: a
+cell's value is the sum of its terms' fractions (:func:`sparsedsl.lang.multiset.
+multiset_terms`), which exceeds 1 where pairs count more than once; with ``c = 1`` it is
+the multiplicity of the pair.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from ..analysis.headsplit import resolve_head
 from ..analysis.tilecount import _Batch, _Counter, supported
+from ..lang.multiset import multiset_terms
 from ..lang.queries import mask_part
 from ..passes.context import Context
 from ..passes.maskmod import lower_mask
@@ -37,7 +43,8 @@ SAMPLES = 1024
 
 @dataclass(frozen=True)
 class Cells:
-    """Fractions ``[rows, cols]`` (float64 in ``[0, 1]``) of ``cell x cell``-token cells;
+    """Fractions ``[rows, cols]`` (float64 in ``[0, 1]``; up to the largest multiplicity for a
+    multiset pattern) of ``cell x cell``-token cells;
     row ``r`` holds query positions ``q_first + r * cell ...`` (the last row or column may
     be cut short by the sequence end), column ``c`` key positions ``k_first + c * cell ...``.
     ``estimated`` is true when some cell was sampled rather than counted."""
@@ -76,16 +83,19 @@ def cell_fractions(pattern, ctx: Context, head: int, window: tuple[int, int, int
     heights = (ctx.q_len - i * cell).clamp(max=cell)
     widths = (ctx.kv_len - j * cell).clamp(max=cell)
     area = (heights * widths).to(torch.float64)
-    core = mask_part(pattern)
-    resolved = resolve_head(core, head, ctx.heads)
-    estimated = False
-    if not ctx.buffers and supported(resolved):
-        counter = _Counter(resolved, ctx.q_len, ctx.kv_len, cell)
-        _, counts = counter.evaluate(_Batch(i, j, torch.ones_like(i)))
-        counts = counts.to(torch.float64)
-    else:
-        counts, estimated = _counted_by_states(core, ctx, head, cell, rows, cols, i, j, area,
-                                               budget, seed)
+    counts, estimated = torch.zeros_like(area), False
+    for term in multiset_terms(mask_part(pattern)):  # a set pattern is its only term
+        resolved = resolve_head(term, head, ctx.heads)
+        if not ctx.buffers and supported(resolved):
+            counter = _Counter(resolved, ctx.q_len, ctx.kv_len, cell)
+            _, term_counts = counter.evaluate(_Batch(i, j, torch.ones_like(i)))
+            counts += term_counts.to(torch.float64)
+        else:
+            term_ctx = Context(ctx.q_len, ctx.kv_len, ctx.heads, ctx.device,
+                               {name: t for name, t in ctx.buffers.items() if name in term.buffer_names()})
+            term_counts, term_estimated = _counted_by_states(term, term_ctx, head, cell, rows, cols, i, j,
+                                                             area, budget, seed)
+            counts, estimated = counts + term_counts, estimated or term_estimated
     fractions = (counts / area).reshape(len(rows), len(cols))
     return Cells(fractions, cell, rows.start * cell, cols.start * cell, estimated)
 

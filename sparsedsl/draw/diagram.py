@@ -35,6 +35,8 @@ def _kind(node: n.Pattern) -> str:
         n.Union: "union  |", n.Intersection: "intersection  &", n.Difference: "difference  −",
         n.Complement: "complement  ~", n.Heads: "head groups", n.Segments: "LongNet head groups",
         n.Scored: "score modification", n.Blocks: "block pattern", n.Documents: "documents",
+        n.Sum: "multiset sum  +", n.LongNet: "LongNet (every head, every branch)",
+        n.DilatedHeads: "LongNet branch",
     }
     return kinds.get(type(node), "primitive")
 
@@ -79,6 +81,8 @@ def _count_text(node: n.Pattern, length: tuple[int, int], heads: int, tile: int,
         text = "pairs per head, " + "; ".join(shown) + ("; …" if len(runs) > 4 else "")
     if root and heads > 1:
         text += f"\n{c.pairs:,} pairs in all {heads} heads"
+    if c.per_head_with_multiplicity is not None:
+        text += f"\n{c.pairs_with_multiplicity:,} with multiplicity"
     return f"{text}\ndensity {percent(c.density)}", c.density
 
 

@@ -223,6 +223,8 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
     * ``size`` (inches, ``(width, height)``), ``dpi`` (PNG), ``cmap`` (a matplotlib colormap
       name for the token view, default ``"Blues"``), ``gamma`` (the token view's shading is
       ``fraction ** gamma``, so sparse cells stay visible; the colour bar reads fractions).
+      A multiset pattern's cells count pairs with their multiplicity (the scale then runs to
+      the largest multiplicity; at one token per cell a cell shows its pair's multiplicity).
     * ``compact``: one panel (the first chosen head), small type, no title.
 
     Tensors the pattern names are passed by keyword (``doc_ids=...``)."""
@@ -253,9 +255,10 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
                          "ytick.labelsize": fontsize - 1}):
         fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
         image = None
+        top = _largest_share(found) if view == "tokens" else 1.0
         for ax, panel in zip(axes.flat, found):
             if view == "tokens":
-                image = _draw_cells(ax, panel["cells"], colormap, gamma)
+                image = _draw_cells(ax, panel["cells"], colormap, gamma, top)
             else:
                 _draw_tiles(ax, panel["states"], panel["window"], tile)
             _axes(ax, panel["window"], compact)
@@ -265,7 +268,7 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
         for ax in list(axes.flat)[len(found):]:
             ax.set_axis_off()
         if view == "tokens":
-            _colorbar(fig, axes, image, found, compact)
+            _colorbar(fig, axes, image, found, compact, top)
         else:
             _tile_legend(axes, found, tile)
         if not compact:
@@ -302,10 +305,16 @@ def _colormap(plt, name):
             f"got {name!r}") from None
 
 
-def _draw_cells(ax, cells: Cells, colormap, gamma: float):
+def _largest_share(found: list[dict]) -> float:
+    """The top of the token view's scale: 1, or a multiset's largest cell value (pairs
+    counted with multiplicity per pair of the cell)."""
+    return max(1.0, *(float(panel["cells"].fractions.max()) for panel in found))
+
+
+def _draw_cells(ax, cells: Cells, colormap, gamma: float, top: float = 1.0):
     from matplotlib.colors import PowerNorm
 
-    return ax.imshow(cells.fractions.numpy(), cmap=colormap, norm=PowerNorm(gamma, 0.0, 1.0),
+    return ax.imshow(cells.fractions.numpy(), cmap=colormap, norm=PowerNorm(gamma, 0.0, top),
                      interpolation="nearest", extent=cells.extent, aspect="equal")
 
 
@@ -345,10 +354,14 @@ def _axes(ax, window, compact: bool) -> None:
     ax.set_ylabel("query position")
 
 
-def _colorbar(fig, axes, image, found: list[dict], compact: bool) -> None:
+def _colorbar(fig, axes, image, found: list[dict], compact: bool, top: float = 1.0) -> None:
     cells = [p["cells"] for p in found]
     largest = max(c.cell for c in cells)
-    if largest == 1:
+    if top > 1:  # a multiset: pairs count with their multiplicity
+        what = ("multiplicity of each pair" if largest == 1 else
+                f"mean multiplicity per pair of each {largest:,}×{largest:,}-token cell"
+                if not compact else f"multiplicity per pair, {largest:,}×{largest:,} cells")
+    elif largest == 1:
         what = "allowed (1) or not (0)"
     else:
         what = (f"allowed share of each {largest:,}×{largest:,}-token cell" if not compact
@@ -358,7 +371,8 @@ def _colorbar(fig, axes, image, found: list[dict], compact: bool) -> None:
     bar = fig.colorbar(image, ax=axes, shrink=0.8 if compact else 0.6, aspect=30,
                        pad=0.02, location="right")
     bar.set_label(what)
-    bar.set_ticks([0, 0.05, 0.25, 0.5, 1] if largest > 1 else [0, 1])
+    ticks = [0, 0.05, 0.25, 0.5, 1] if largest > 1 else [0, 1]
+    bar.set_ticks(ticks + list(range(2, int(top) + 1)))
 
 
 def _tile_legend(axes, found: list[dict], tile: int) -> None:
@@ -376,5 +390,7 @@ def _headline(pattern: n.Pattern, ctx: Context, tile: int, buffers: dict) -> str
     counts = count(pattern, ctx.q_len, ctx.kv_len, heads=ctx.heads, tile=tile, **buffers)
     shape = _tokens(ctx.q_len) if ctx.kv_len == ctx.q_len else f"{_tokens(ctx.q_len)} × {_tokens(ctx.kv_len)}"
     heads = f", {ctx.heads} heads" if ctx.heads > 1 else ""
-    return (f"{_short(str(pattern), 100)}\nN = {shape}{heads}: {counts.pairs:,} allowed pairs, "
+    multiplicity = (f" ({counts.pairs_with_multiplicity:,} with multiplicity)"
+                    if counts.per_head_with_multiplicity is not None else "")
+    return (f"{_short(str(pattern), 100)}\nN = {shape}{heads}: {counts.pairs:,} allowed pairs{multiplicity}, "
             f"density {percent(counts.density)}" + ("\n" if ctx.heads > 1 else ""))
