@@ -15,8 +15,10 @@ positions, and on a lattice it is dense or block-structured:
   of every block form one lattice, ``m`` positions per block; on it the pattern is
   ``blocks(m).<rules>`` (the block rules see the same block coordinates), a block pattern
   with no token masking.
-* ``segments(...)`` and ``heads(...)`` split the heads; each group is decomposed alone (a
-  part that is not a lattice runs as it is, on all positions, through its own plan).
+* ``segments(...)``, ``heads(...)`` and ``dilated_heads(segment, rate)`` (one LongNet
+  branch: head group ``j`` runs ``dilated(segment, rate, j)``) split the heads; each group
+  is decomposed alone (a part that is not a lattice runs as it is, on all positions,
+  through its own plan).
 
 Lattices of one head group are disjoint, and pairs are allowed only inside a lattice, so
 each query row belongs to at most one sub-problem and the outputs are scattered back
@@ -35,6 +37,7 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
+from ..lang.multiset import NOTHING
 from ..lang.queries import depends_on_heads, mask_part, score_mods
 
 @dataclass(frozen=True)
@@ -178,6 +181,11 @@ def _(pattern: n.Heads, heads: int):
 
 
 @_split_heads.register
+def _(pattern: n.DilatedHeads, heads: int):
+    return pattern.groups(heads)
+
+
+@_split_heads.register
 def _(pattern: n.Blocks, heads: int):
     if not isinstance(pattern.within_, (n.Segments, n.Heads)):
         return _split_heads.dispatch(object)(pattern, heads)
@@ -196,6 +204,19 @@ def lattice_reasons(pattern: n.Pattern, length: int, heads: int) -> list[str]:
     if not any(_is_lattice(part, length) for _, part in groups):
         return ["no token dilation or chunks to fold (a block rule's dilated segment must divide "
                 "the block, and the length be whole blocks)"]
+    return []
+
+
+def chunks_reasons(pattern: n.Pattern, heads: int) -> list[str]:
+    """Why the lattice decomposition of ``pattern`` (its mask) over ``heads`` heads is not
+    dense attention on folded chunks in every head group (empty when it is): each group's
+    part must be ``dilated(...)`` or ``chunks(...)``, or allow nothing; from structure alone."""
+    groups = _split_heads(mask_part(pattern), heads)
+    if groups is None:
+        return ["its head groups are not each head-independent"]
+    others = [part for _, part in groups if part != NOTHING and not isinstance(part, (n.Dilated, n.Chunks))]
+    if others:
+        return [f"{others[0]} is not dilated(...) or chunks(...) (dense attention on folded chunks)"]
     return []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .band import BandPlan
 from .base import Plan
+from .branches import BranchesPlan
 from .decode import DecodePlan
 from .flex import FlexPlan
 from .gather import GatherPlan
@@ -17,6 +18,7 @@ PLANS: tuple[Plan, ...] = (
     LatticePlan(),
     BandPlan(),
     DecodePlan(),
+    BranchesPlan(),
     FlexPlan(),
     TileSdpaPlan(),
     GatherPlan(),

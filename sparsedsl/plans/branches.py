@@ -1,0 +1,233 @@
+"""The *branches* plan: multiset patterns (``a + b``, ``longnet(...)``) as dense attention on
+the folded lattices of each term, merged by their log-sum-exps.
+
+A multiset's attention is one softmax over the keys of each row counted with multiplicity
+``m`` (``log m`` added to the score). Written as its terms, set patterns whose
+multiplicities add up to ``m`` (:func:`~sparsedsl.lang.multiset.multiset_terms`: the
+parts of a sum, LongNet's branches), that softmax's normaliser is the sum of the terms':
+``sum_k m exp(s_k) = sum_t sum_{k in t} exp(s_k)``. So each term runs alone, here as dense
+attention on strided views of its lattices (every head group of every term must be
+``dilated(...)`` or ``chunks(...)``; :func:`~sparsedsl.passes.lattice.chunks_reasons`),
+one fused kernel call with its log-sum-exp per chunk run, giving ``(O_t, lse_t)`` per row
+(``lse_t = -inf`` where the term leaves the row without keys). The terms are then merged
+in one pass:
+
+    L = logsumexp_t(lse_t),    O = sum_t exp(lse_t - L) O_t
+
+which is exactly the multiset's softmax. A row no term covers outputs 0 with ``L = -inf``.
+Log-sum-exps and the merge are computed in float32 (float64 for float64 inputs).
+
+Gradients are exact and need no second softmax: each chunk run's fused attention backward,
+given the *merged* statistics (``dO``, ``O`` and ``L`` on the run's rows), computes ``P =
+exp(s - L)`` on the run's pairs and ``D = rowsum(dO * O)``, which is exactly that run's
+share of the multiset softmax's gradient; the shares add up over runs and terms (keys of
+overlapping runs receive each run's share). The log-sum-exp carries no gradient. Kernels:
+PyTorch's fused CPU attention, the memory-efficient kernel on CUDA (both with their
+log-sum-exp and a backward that takes it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..lang import nodes as n
+from ..lang.multiset import NOTHING, is_multiset, multiset_terms
+from ..lang.queries import score_mods
+from ..passes.lattice import HeadGroupLattice, chunks_reasons, lattice_decomposition
+from .base import Call, Plan, Runner
+from .lattice import LatticePlan
+from .lattice_autograd import zeroed_output
+from .lattice_views import chunk_folds, fold, folded_view, write_folded
+
+#: One lattice plan per term, every part ``chunks``.
+Terms = tuple[tuple[HeadGroupLattice, ...], ...]
+
+#: Throughput per computed pair relative to the device's tile kernel. CPU: 122k pairs per
+#: CPU-ms against the gather plan's 21k (``benchmarks/plan_efficiency.py``, forward, fp32,
+#: 4,096 tokens, 8 heads, ``longnet([512, 1024, 2048], [1, 2, 4])``, 2 shared cores,
+#: torch 2.13). CUDA: not measured.
+EFFICIENCY = {"cpu": 5.5}
+
+_LATTICE = LatticePlan()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of ``[n, h, m, d]`` inputs by the device's fused kernel: ``(out,
+    lse [n, h, m])``, the log-sum-exp in float32 (float64 for float64 inputs)."""
+    if q.is_cuda:
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale)
+        return out, lse[:, :, :q.shape[2]]  # rows padded to a multiple of 32
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=None,
+                                                                     scale=scale)
+
+
+def attend_backward(grad_out, q, k, v, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv)`` of :func:`attend` from the statistics ``out`` and ``lse`` given."""
+    if q.is_cuda:
+        lse = F.pad(lse, (0, -lse.shape[-1] % 32)).contiguous()  # the kernel's padded rows
+        no_dropout = torch.zeros((), dtype=torch.long, device=q.device)  # seeds: unread without dropout
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, q, k, v, None, out, lse, no_dropout, no_dropout, 0.0, [True, True, True, False], False,
+            scale=scale)
+        return dq, dk, dv
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale)
+
+
+def _per_query_head(t: torch.Tensor, group: int) -> torch.Tensor:
+    """Key/value heads repeated for the ``group`` query heads that read each."""
+    return t if group == 1 else t.repeat_interleave(group, 1)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def branches_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the multiset whose terms' lattices are ``terms`` (see the module
+    docstring); ``lse`` in float32 (float64 for float64 inputs)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = _per_query_head(k, group), _per_query_head(v, group)
+    lses = torch.full((len(terms), *q.shape[:3]), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
+    outs = []
+    for lse, term in zip(lses, terms):
+        out = zeroed_output(q, v, term)
+        for rng, _, part, start, count, chunk, folded in chunk_folds(q, k, v, term):
+            run_out, run_lse = attend(*folded, scale)
+            write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, run_out)
+            write_folded(lse[:, rng.start:rng.stop], part, start, count, chunk, run_lse)
+        outs.append(out)
+    return merge(outs, lses)
+
+
+def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax from the softmaxes of terms: ``outs[t] [B, H, N, D]`` weighted by
+    ``exp(lses[t] - L)`` with ``L = logsumexp_t(lses[t])``; ``(out, L)``. Rows with ``L =
+    -inf`` (no term has a key there) output 0."""
+    total = torch.logsumexp(lses, 0)
+    weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))[..., None]
+    out = weights[0] * outs[0]
+    for weight, term_out in zip(weights[1:], outs[1:]):
+        out.addcmul_(weight, term_out)
+    return out.to(outs[0].dtype), total
+
+
+def branches_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv)`` of :func:`branches_forward` that gave ``out`` and ``lse``: each chunk
+    run's fused backward with the merged statistics, added up (in float32 for half
+    precision)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = _per_query_head(k, group), _per_query_head(v, group)
+    compute = _compute_dtype(q.dtype)
+    grads = tuple(torch.zeros(t.shape, dtype=compute, device=t.device) for t in (q, k, v))
+    lse = lse[..., None]  # [B, H, N, 1], as the lattice folds take rows
+    for term in terms:
+        for rng, _, part, start, count, chunk, folded in chunk_folds(q, k, v, term):
+            heads = slice(rng.start, rng.stop)
+            run_grad, run_out, run_lse = (fold(part, t[:, heads], start, count, chunk) for t in (grad_out, out, lse))
+            run_grads = attend_backward(run_grad, *folded, run_out, run_lse[..., 0], scale)
+            for total, run_total in zip(grads, run_grads):
+                add_folded(total[:, heads], part, start, count, chunk, run_total)
+    dq, dk, dv = grads
+    if group > 1:  # the query heads' shares of each key/value head
+        dk, dv = (t.unflatten(1, (-1, group)).sum(2) for t in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def add_folded(target: torch.Tensor, part, start: int, count: int, chunk: int, folded: torch.Tensor) -> None:
+    """Add ``folded`` (``[count, B * H, chunk, D]``, lattice positions ``start ..`` of
+    ``part`` as the lattice folds lay them out) into those positions of ``target [B, H, N,
+    D]``, in place."""
+    dest = folded_view(part, target, start, count, chunk)
+    if dest is not None:
+        dest.add_(folded)
+        return
+    batch, heads = target.shape[:2]
+    values = folded.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3).to(target.dtype)
+    stop = start + count * chunk
+    positions = (torch.arange(start, stop, device=target.device) if part.positions is None
+                 else part.positions[start:stop])
+    target.index_add_(2, positions, values)
+
+
+class BranchesAttention(torch.autograd.Function):
+    """:func:`branches_forward` with exact gradients (:func:`branches_backward`); the
+    log-sum-exp output carries none. Its backward is not itself differentiable: the planner
+    wraps the plan for second-order gradients (:mod:`sparsedsl.plans.double_backward`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, terms: Terms, scale: float):
+        out, lse = branches_forward(q, k, v, terms, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.terms, ctx.scale = terms, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*branches_backward(grad_out, q, k, v, out, lse, ctx.terms, ctx.scale), None, None)
+
+
+def _term_lattices(term: n.Pattern, call: Call) -> tuple[HeadGroupLattice, ...]:
+    """The lattices of one term, parts that allow nothing dropped (a term that allows
+    nothing has none)."""
+    plan = lattice_decomposition(term, call.q_len, call.kv_len, call.heads, call.work_device) or ()
+    return tuple(HeadGroupLattice(head_plan.heads, tuple(p for p in head_plan.parts if p.pattern != NOTHING))
+                 for head_plan in plan)
+
+
+class BranchesPlan(Plan):
+    """Multisets of dense lattice terms, merged by log-sum-exp (see the module docstring)."""
+
+    name = "branches"
+
+    def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
+        if not is_multiset(pattern):
+            return ["not a multiset pattern (a + b, longnet(...)): a set pattern runs one softmax of its own"]
+        reasons = []
+        if not call.self_attention:
+            reasons.append("needs self-attention (q_len == kv_len, q_offset 0)")
+        if [mod for mod in score_mods(pattern) if not isinstance(mod, n.LogMultiplicity)]:
+            reasons.append("score modifications read absolute positions")
+        if pattern.buffer_names():
+            reasons.append("bound tensors are indexed by absolute position")
+        if call.device.type == "cuda" and call.dtype == torch.float64:
+            reasons.append("float64 on CUDA: the fused kernel with a log-sum-exp takes 16- and 32-bit floats")
+        if call.device.type == "cuda" and call.head_dim % 8:
+            reasons.append(f"head_dim={call.head_dim} on CUDA: the fused kernel's views need a multiple of 8")
+        if not reasons:
+            for i, term in enumerate(multiset_terms(pattern)):
+                reasons += [f"term {i + 1} ({term}): {reason}" for reason in chunks_reasons(term, call.heads)]
+        return reasons
+
+    def prepare(self, pattern: n.Pattern, call: Call) -> Terms:
+        return tuple(_term_lattices(term, call) for term in multiset_terms(pattern))
+
+    def efficiency(self, call: Call) -> float | None:
+        return EFFICIENCY.get(call.device.type)
+
+    def computed_pairs(self, prepared: Terms, call: Call, planner) -> int:
+        """Whole chunks of every term: a pair counts once per term that holds it."""
+        return sum(_LATTICE.computed_pairs(term, call, planner) for term in prepared)
+
+    def build(self, prepared: Terms, call: Call, planner) -> Runner:
+        terms, scale, return_lse = prepared, call.scale, call.return_lse
+
+        def run(q, k, v, _q_offset):
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                out, lse = BranchesAttention.apply(q, k, v, terms, scale)
+            else:
+                out, lse = branches_forward(q, k, v, terms, scale)
+            return out, (lse if return_lse else None)
+
+        return run
+
+    def describe(self, prepared: Terms, call: Call) -> str:
+        return (f"multiset of {len(prepared)} terms: each as dense attention on its folded lattices, "
+                f"merged by log-sum-exp into one softmax")
