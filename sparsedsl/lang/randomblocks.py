@@ -37,10 +37,10 @@ def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return _mix(x ^ (kb.to(torch.int64) & _MASK31))
 
 
-#: Hashes computed at once by :func:`random_block_picks`: on the CPU few enough that the
-#: dozen passes of the hash over them stay in cache, on other devices enough to fill them.
-HASH_CHUNK = {"cpu": 1 << 16}
-HASH_CHUNK_DEFAULT = 1 << 22
+#: Hashes computed at once (bounds the int64 temporaries of :func:`random_block_picks`; on a
+#: 2-core CPU, chunks of 2**16 hashes took about 9 times the CPU time of chunks of 2**22 in the
+#: per-operation overhead of their two dozen operations).
+HASH_CHUNK = 1 << 22
 
 
 def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
@@ -49,8 +49,7 @@ def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed:
     row (unordered within a row), computed on ``device`` (default: the CPU) ``row_chunk``
     rows at a time (default: :data:`HASH_CHUNK` hashes at a time)."""
     keep = min(per_row, num_k_blocks)
-    hashes = HASH_CHUNK.get(torch.device(device or "cpu").type, HASH_CHUNK_DEFAULT)
-    row_chunk = row_chunk or max(1, hashes // max(1, num_k_blocks))
+    row_chunk = row_chunk or max(1, HASH_CHUNK // max(1, num_k_blocks))
     kb = torch.arange(num_k_blocks, dtype=torch.int64, device=device)
     rows = []
     for start in range(0, num_q_blocks, row_chunk):
@@ -94,8 +93,7 @@ def random_causal_block_picks(num_q_blocks: int, per_row: int, seed: int, device
     row with fewer than ``per_row`` such blocks repeats its own block ``qb`` (always
     chosen there) in the unused slots."""
     width = min(per_row, num_q_blocks)
-    hashes = HASH_CHUNK.get(torch.device(device or "cpu").type, HASH_CHUNK_DEFAULT)
-    row_chunk = max(1, hashes // max(1, num_q_blocks))
+    row_chunk = max(1, HASH_CHUNK // max(1, num_q_blocks))
     kb = torch.arange(num_q_blocks, dtype=torch.int64, device=device)
     rows = []
     for start in range(0, num_q_blocks, row_chunk):
