@@ -152,3 +152,12 @@ def test_a_gradient_penalty_equals_the_gather_plans():
         dq.square().sum().backward()
         grads[kernel] = k.grad
     assert (grads["lattice"] - grads["gather"]).abs().max().item() < 1e-10
+
+
+def test_an_offset_past_32_bit_indices_is_named_q_offset():
+    """The last query position must fit 32-bit kernel indices: the error names q_offset
+    (not the derived length), and a step just inside the limit still runs a plan."""
+    module = sd.compile(sd.causal() & sd.window(4))
+    assert module.explain(16, q_offset=2**31 - 20, head_dim=16, device="cpu").kind != "decode"
+    with pytest.raises(sd.PatternArgumentError, match="argument 'q_offset' is 2147483638"):
+        module.explain(16, q_offset=2**31 - 10, head_dim=16, device="cpu")

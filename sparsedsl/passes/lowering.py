@@ -11,6 +11,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..compiler.cache import BuildCache
 from ..lang import nodes as n
+from ..lang.checks import INDEX_LIMIT, PatternArgumentError
 from ..lang.queries import depends_on_heads, head_group_count, mask_part
 from .blockmask import block_mask_from_states, tile_states
 from .context import Context
@@ -73,6 +74,10 @@ def context(pattern: n.Pattern, q_len: int, kv_len: int, q_offset: int, heads: i
     """The context of a call whose ``q_len`` queries start at position ``q_offset``: the
     pattern is evaluated on the ``(q_offset + q_len) x kv_len`` matrix."""
     heads = head_group_count(pattern) if heads is None else heads
+    if q_offset and q_offset + q_len > INDEX_LIMIT:
+        raise PatternArgumentError(
+            f"{where}: argument 'q_offset' is {q_offset}, which puts the last of {q_len} queries at "
+            f"position {q_offset + q_len - 1}, past the 32-bit kernel index limit 2**31 - 1 = {INDEX_LIMIT}")
     return Context.make(pattern, q_offset + q_len, kv_len, heads, device, buffers, where=where)
 
 

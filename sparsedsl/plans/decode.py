@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..compiler.cache import BuildCache
 from ..lang import nodes as n
+from ..lang.checks import INDEX_LIMIT
 from ..lang.queries import depends_on_heads, mask_part, walk
 from ..passes.blockmask import ordered_indices, tile_states
 from ..passes.lowering import context
@@ -42,6 +43,8 @@ from .tiled import live_tile_pairs
 MAX_DECODE_ROWS = 64
 
 
+#: The largest tile an aligned decoding row may be cut to (``BLOCK_SIZES``' largest).
+LARGEST_TILE = 1024
 #: Cached aligned tile rows, per (pattern, heads, tiles, device, key capacity).
 _DECODE_ROWS = BuildCache(maxsize=64)
 
@@ -155,8 +158,10 @@ def _forward_block_mask(seq_lengths, kv_num, kv_idx, full_num, full_idx, block_s
 def is_decoding_step(decodes: bool, q_len: int, q_offset: int, q_block: int, needs_grad: bool) -> bool:
     """Whether a call runs as a decoding step: no gradients, a few query rows
     (``q_len <= min(MAX_DECODE_ROWS, q_block)``) past position 0, of a pattern whose states
-    do not depend on the lengths (``decodes``: :func:`decodes_by_rows`)."""
-    return decodes and not needs_grad and q_offset > 0 and q_len <= min(MAX_DECODE_ROWS, q_block)
+    do not depend on the lengths (``decodes``: :func:`decodes_by_rows`), whose aligned tile
+    rows (at most the largest tile past the last query) stay inside 32-bit indices."""
+    return decodes and not needs_grad and q_offset > 0 and q_len <= min(MAX_DECODE_ROWS, q_block) \
+        and q_offset + q_len + LARGEST_TILE <= INDEX_LIMIT
 
 
 class DecodePlan(Plan):
