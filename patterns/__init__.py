@@ -19,6 +19,7 @@ entry                           source
 ``sparse_transformer_strided``  Sparse Transformer, arXiv:1904.10509
 ``sparse_transformer_fixed``    Sparse Transformer, arXiv:1904.10509
 ``longnet``                     LongNet, arXiv:2307.02486
+``longnet_head_grouped``        ``dilated_attention_pytorch``'s ``DilatedAttention`` (LongNet)
 ``prefix_lm``                   T5, arXiv:1910.10683
 ``document_mask``               Llama 3, arXiv:2407.21783
 ``block_causal``                Block Diffusion, arXiv:2503.09573
@@ -36,7 +37,7 @@ from .bigbird import bigbird
 from .block_causal import block_causal
 from .document_mask import document_mask
 from .longformer import longformer
-from .longnet import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS, longnet
+from .longnet import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS, longnet, longnet_head_grouped
 from .neighbourhood import neighbourhood_1d
 from .prefix_lm import prefix_lm
 from .seed import block_sparse_dilated, dilated_sparse, global_local, local_window
@@ -49,7 +50,7 @@ CATALOG: dict[str, Callable[..., Pattern]] = {
     for f in (
         local_window, dilated_sparse, global_local, block_sparse_dilated, sliding_window,
         longformer, bigbird, sparse_transformer_strided, sparse_transformer_fixed, longnet,
-        prefix_lm, document_mask, block_causal, neighbourhood_1d,
+        longnet_head_grouped, prefix_lm, document_mask, block_causal, neighbourhood_1d,
     )
 }
 

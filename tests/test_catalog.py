@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "local_window", "dilated_sparse", "global_local", "block_sparse_dilated", "sliding_window",
     "longformer", "bigbird", "sparse_transformer_strided", "sparse_transformer_fixed", "longnet",
-    "prefix_lm", "document_mask", "block_causal", "neighbourhood_1d",
+    "longnet_head_grouped", "prefix_lm", "document_mask", "block_causal", "neighbourhood_1d",
 }
 
 
@@ -59,6 +59,7 @@ def test_counts_equal_the_dense_reference_at_a_small_size(name):
         "sparse_transformer_strided": {"stride": 17},
         "sparse_transformer_fixed": {"stride": 20, "c": 4},
         "longnet": {"segment_lengths": [32, 64, 128], "dilation_rates": [1, 2, 4], "causal": True},
+        "longnet_head_grouped": {"segment_lengths": [32, 64, 128], "dilation_rates": [1, 2, 4], "causal": True},
         "prefix_lm": {"prefix_length": 50},
         "block_causal": {"block_size": 24},
         "neighbourhood_1d": {"kernel_size": 9, "seq_len": 300},
@@ -66,9 +67,10 @@ def test_counts_equal_the_dense_reference_at_a_small_size(name):
     pattern = load(name, **small)
     heads = 4
     counts = sd.count(pattern, 300, heads=heads, tile=32)
-    dense = sd.dense(pattern, 300, heads=heads)
-    assert counts.pairs == int(dense.sum())
-    assert list(counts.per_head) == [int(x) for x in dense.sum((1, 2))]
+    dense = sd.dense(pattern, 300, heads=heads)  # multiplicities for longnet (a multiset)
+    assert counts.pairs == int((dense > 0).sum())
+    assert list(counts.per_head) == [int(x) for x in (dense > 0).sum((1, 2))]
+    assert counts.pairs_with_multiplicity == int(dense.sum())
     assert 0 < counts.density <= 1
 
 
@@ -80,8 +82,19 @@ def test_sliding_window_density_is_exact():
     assert load("sliding_window") == sd.window(4095, 0)
 
 
-def test_longnet_defaults_are_the_papers_and_per_head_counts_are_exact():
-    pattern = catalog.longnet()
+def test_longnet_defaults_are_the_papers_with_every_head_running_every_branch():
+    assert catalog.longnet() == sd.longnet([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
+    assert catalog.longnet(causal=True) == catalog.longnet() & sd.causal()
+    counts = sd.count(catalog.longnet(), 4096, heads=12, tile=256)
+    # At 4,096 tokens head h keeps, per branch (w, r), the positions j, j + r, ... of each
+    # segment (j = h // ceil(12 / r), segments cut to the sequence).
+    for h, pairs in enumerate(counts.per_head_with_multiplicity):
+        assert pairs == sum((-(-4096 // min(w, 4096))) * len(range(h // -(-12 // r), min(w, 4096), r)) ** 2
+                            for w, r in zip(catalog.PAPER_SEGMENT_LENGTHS, catalog.PAPER_DILATION_RATES))
+
+
+def test_longnet_head_grouped_defaults_are_the_papers_and_per_head_counts_are_exact():
+    pattern = catalog.longnet_head_grouped()
     assert pattern == sd.segments([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
     n = 65536
     counts = sd.count(pattern, n, heads=5, tile=256)
@@ -149,6 +162,8 @@ def test_entries_reject_bad_parameters():
 
 def test_catalog_calls_and_combinations_in_text():
     assert pattern_from_text("longnet(segment_lengths=[2048,4096], dilation_rates=[1,2])") == \
+        sd.longnet([2048, 4096], [1, 2])
+    assert pattern_from_text("longnet_head_grouped(segment_lengths=[2048,4096], dilation_rates=[1,2])") == \
         sd.segments([2048, 4096], [1, 2])
     assert pattern_from_text("bigbird(128, 2)") == catalog.bigbird(128, 2)
     assert pattern_from_text("  sliding_window(window=64) | global_tokens(4)") == \
@@ -182,9 +197,12 @@ def test_cli_counts_catalog_names(capsys):
     assert main(["count", "bigbird", "--seq-len", "4096"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert int(first) == sd.count(catalog.bigbird(), 4096).pairs
-    assert main(["count", "longnet(segment_lengths=[256, 512], dilation_rates=[1, 2]) & causal()",
+    assert main(["count", "longnet_head_grouped(segment_lengths=[256, 512], dilation_rates=[1, 2]) & causal()",
                  "--seq-len", "1024"]) == 0
     assert "heads=2" in capsys.readouterr().out
+    assert main(["count", "longnet(segment_lengths=[256, 512], dilation_rates=[1, 2]) & causal()",
+                 "--seq-len", "1024"]) == 0
+    assert "with multiplicity" in capsys.readouterr().out
     assert main(["show", "block_causal(block_size=256)", "--seq-len", "1024"]) == 0
     assert "█" in capsys.readouterr().out
     assert main(["count", "bigbrd"]) == 2

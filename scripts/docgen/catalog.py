@@ -25,12 +25,15 @@ CATALOG_CALLS: dict[str, list[dict]] = {
     "sparse_transformer_strided": [{}],
     "sparse_transformer_fixed": [{}],
     "longnet": [{}],
+    "longnet_head_grouped": [{}],
     "prefix_lm": [{}],
     "document_mask": [{}],
     "block_causal": [{}],
     "neighbourhood_1d": [{}],
 }
 CATALOG_N = 4096
+#: Drawing options per entry (the heads shown).
+CATALOG_RENDER: dict[str, dict] = {"longnet": {"heads": 12, "show_heads": [0, 5, 11]}}
 
 
 def _call_text(name: str, params: dict) -> str:
@@ -75,7 +78,7 @@ def _catalog_entry(name: str) -> tuple[str, str]:
         summary = summary or (p, c, call)
     last = sd.load(name, **calls[-1])
     path = picture(f"catalog_{name}.png", lambda out, last=last: render_png(
-        last, CATALOG_N, out, **_catalog_buffers(last)))
+        last, CATALOG_N, out, **CATALOG_RENDER.get(name, {}), **_catalog_buffers(last)))
     doc_note = (" (`doc_ids`: four documents of 1,000, 600, 1,500 and 996 tokens)"
                 if _catalog_buffers(last) else "")
     section = "\n\n".join([

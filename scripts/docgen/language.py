@@ -75,10 +75,16 @@ LANG: list[LangEntry] = [
               tiny=("sd.heads(sd.full(), sd.causal(), sd.window(0))", 3, None, 5,
                     "heads(full(), causal(), window(0)) with H = 5: groups of 2, 2, 1 heads")),
     LangEntry("segments", "sd.segments([64, 128, 256], [1, 2, 4])", heads=3),
+    LangEntry("longnet", "sd.longnet([64, 128, 256], [1, 2, 4])", heads=4,
+              tiny=("sd.longnet([4, 8], [1, 2])", 8, None, 2,
+                    "longnet([4, 8], [1, 2]) with H = 2: █ a pair counted once, 2 counted twice")),
     LangEntry("union", "sd.window(8) | sd.global_tokens(16)"),
     LangEntry("intersection", "sd.chunks(64) & sd.causal()"),
     LangEntry("difference", "sd.window(32) - sd.window(4)"),
     LangEntry("complement", "~sd.chunks(64)"),
+    LangEntry("multiset", "sd.window(16) + sd.chunks(64)",
+              tiny=("sd.window(1) + sd.chunks(4)", 8, None, 1,
+                    "window(1) + chunks(4) at N = 8: █ counted once, 2 counted twice")),
 ]
 
 
@@ -114,6 +120,10 @@ def lang_block(e: LangEntry) -> str:
                f"({pct(c.density)}); {e.tile}×{e.tile} tiles: {c.tiles}.")
     if len(set(c.per_head)) > 1:
         summary += " Per head: " + ", ".join(fmt(x) for x in c.per_head) + "."
+    if c.per_head_with_multiplicity is not None:
+        lines.insert(-1, f"assert c.pairs_with_multiplicity == {c.pairs_with_multiplicity}")
+        summary += (f" Counted with multiplicity (once per term that allows a pair): "
+                    f"**{fmt(c.pairs_with_multiplicity)}**.")
     parts = [code("python", "\n".join(lines)), summary]
     if e.tiny:
         expr, q, kv, h, note = e.tiny
@@ -167,7 +177,7 @@ def _lang_score() -> str:
 
 
 PARSE_TEXT = "(window(64) | global_tokens(8)) - heads(strided(7), causal())"
-BAD_TEXTS = ("window(3) | glob(2)", "window(3) + causal()", "__import__('os').system('ls')")
+BAD_TEXTS = ("window(3) | glob(2)", "window(3) * causal()", "__import__('os').system('ls')")
 
 
 @block("lang-parse", "docs/language.md")
@@ -204,3 +214,32 @@ def _lang_parse() -> str:
     ])
 
 
+
+
+PAPER = "sd.longnet([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])"
+
+
+def _draw_paper(path: Path, zoom) -> None:
+    render_png(eval(PAPER, {"sd": sd}), 32768, path, heads=12, show_heads=[0, 5, 11], zoom=zoom)  # noqa: S307
+
+
+@block("lang-longnet-paper", "docs/language.md")
+def _lang_longnet_paper() -> str:
+    p = eval(PAPER, {"sd": sd})  # noqa: S307
+    c = sd.count(p, 32768, heads=12, tile=512)
+    whole = picture("lang_longnet_paper.png", lambda out: _draw_paper(out, None))
+    corner = picture("lang_longnet_paper_zoom.png", lambda out: _draw_paper(out, (0, 36, 0, 36)))
+    lines = ["import sparsedsl as sd", "", f"p = {PAPER}",
+             "c = sd.count(p, 32768, heads=12, tile=512)",
+             f"assert c.pairs == {c.pairs} and c.pairs_with_multiplicity == {c.pairs_with_multiplicity}"]
+    return "\n\n".join([
+        code("python", "\n".join(lines)),
+        f"`{p}` at N = 32,768 with 12 heads: **{fmt(c.pairs)}** distinct pairs allowed "
+        f"({pct(c.density)}), **{fmt(c.pairs_with_multiplicity)}** counted once per branch that "
+        f"allows them ({c.pairs_with_multiplicity / c.pairs:.2f} per pair). Heads 0, 5 and 11 over "
+        f"the whole sequence (each cell: its pairs counted with multiplicity, per pair):",
+        f"![{p} at N = 32,768, heads 0, 5, 11]({whole})",
+        "The first 36 tokens, one pair per cell: the colour is the pair's multiplicity, up to "
+        "5 where every branch keeps both positions (head 0 keeps position 0 in every branch):",
+        f"![{p}: multiplicities of the first 36 x 36 pairs, heads 0, 5, 11]({corner})",
+    ])

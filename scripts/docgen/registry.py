@@ -124,7 +124,8 @@ def render_png(pattern, q_len: int, path: Path, **kwargs) -> None:
 
 
 def dense_text(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **buffers) -> str:
-    """A tiny dense mask as text, one row per query (``█`` allowed, ``·`` not)."""
+    """A tiny dense mask as text, one row per query (``█`` allowed, ``·`` not; a multiset's
+    pairs counted ``m > 1`` times show ``m``)."""
     allowed = sd.dense(pattern, q_len, kv_len, heads=heads, **buffers)
     kv = allowed.shape[-1]
     out = []
@@ -133,7 +134,7 @@ def dense_text(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, *
             out.append(f"head {h}:")
         out.append("       k=" + " ".join(str(j % 10) for j in range(kv)))
         for i in range(allowed.shape[1]):
-            out.append(f"  q={i:<3}  " + " ".join("█" if a else "·" for a in allowed[h, i].tolist()))
+            out.append(f"  q={i:<3}  " + " ".join("·" if not a else "█" if a == 1 else str(a) for a in allowed[h, i].tolist()))
     return "\n".join(out)
 
 

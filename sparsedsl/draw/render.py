@@ -359,8 +359,7 @@ def _colorbar(fig, axes, image, found: list[dict], compact: bool, top: float = 1
     largest = max(c.cell for c in cells)
     if top > 1:  # a multiset: pairs count with their multiplicity
         what = ("multiplicity of each pair" if largest == 1 else
-                f"mean multiplicity per pair of each {largest:,}×{largest:,}-token cell"
-                if not compact else f"multiplicity per pair, {largest:,}×{largest:,} cells")
+                f"multiplicity per pair, {largest:,}×{largest:,}-token cells")
     elif largest == 1:
         what = "allowed (1) or not (0)"
     else:
