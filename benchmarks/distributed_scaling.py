@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import sparsedsl as sd  # noqa: E402
 from sparsedsl.distributed import estimate  # noqa: E402
-from sparsedsl.patterns import bigbird, longnet  # noqa: E402
+from sparsedsl.patterns import bigbird, longnet_head_grouped  # noqa: E402
 
 #: LongNet with segments growing to the sequence length and w / r = 2048 kept tokens per
 #: segment in every head group (the geometric form of the paper's billion-token setting).
@@ -35,7 +35,7 @@ GROWING = sd.segments(GROWING_LENGTHS, [w // 2048 for w in GROWING_LENGTHS])
 CASES = {
     "window(2048)": (sd.window(2048), False),
     "BigBird (64-token blocks)": (bigbird(), False),
-    "LongNet, paper's 5 groups (segments <= 32K)": (longnet(), False),
+    "LongNet, paper's 5 groups (segments <= 32K)": (longnet_head_grouped(), False),
     "LongNet, segments to 512M, 2048 kept per segment": (GROWING, False),
     "causal (zigzag)": (sd.causal(), True),
 }

@@ -72,7 +72,7 @@ def test_dilated_attention_pattern_scale_and_offsets():
     module = DilatedAttention([2048, 4096], [1, 2])
     assert module.pattern == sd.segments([2048, 4096], [1, 2])
     assert module.pattern_for(True) == sd.segments([2048, 4096], [1, 2]) & sd.causal()
-    assert module.pattern == sd.patterns.longnet([2048, 4096], [1, 2])
+    assert module.pattern == sd.patterns.longnet_head_grouped([2048, 4096], [1, 2])
     q, k, v = _bnhd(1, 40, 2, 8)
     scaled = DilatedAttention([8, 16], [1, 2], softmax_scale=0.3)(q, k, v)
     expected = _longnet_by_hand(q, k, v, [8, 16], [1, 2], scale=0.3)
@@ -164,7 +164,7 @@ def _by_hand(module, pattern, x, **buffers):
 @pytest.mark.parametrize("pattern,expected", [
     ("sliding_window(window=8)", sd.window(7, 0)),
     ("window(3) | global_tokens(2)", sd.window(3) | sd.global_tokens(2)),
-    ("longnet(segment_lengths=[8, 16], dilation_rates=[1, 2])", sd.segments([8, 16], [1, 2])),
+    ("longnet_head_grouped(segment_lengths=[8, 16], dilation_rates=[1, 2])", sd.segments([8, 16], [1, 2])),
     (sd.blocks(8).local(1).global_(1), sd.blocks(8).local(1).global_(1)),
 ])
 def test_sparse_patterns_equal_hand_computation(pattern, expected):

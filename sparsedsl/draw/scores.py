@@ -57,7 +57,7 @@ def score_maps(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, hea
     q, k = _inputs(where, q, k, ctx, head_dim, seed)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     allowed = dense(mask_part(pattern), ctx.q_len, ctx.kv_len, heads=ctx.heads, **buffers)
-    allowed = (allowed if allowed.dim() == 3 else allowed[0])[head]
+    allowed = (allowed if allowed.dim() == 3 else allowed[0])[head] > 0  # a multiset's m > 0
     kv_head = head // (ctx.heads // k.shape[1])
     raw = (q[0, head] @ k[0, kv_head].T) * scale
     rows, cols = torch.arange(ctx.q_len)[:, None], torch.arange(ctx.kv_len)[None, :]
