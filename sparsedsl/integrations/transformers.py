@@ -276,11 +276,11 @@ def slot_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_off
     registered = _REGISTERED.get(getattr(config, "_attn_implementation", None))
     if kv_offset and registered is not None and not registered.patterns.shift_invariant:
         raise NotImplementedError(
-            f"attention implementation {registered.name!r} ({registered.patterns}): the model's "
-            f"cache holds keys from position {kv_offset} on (a sliding-window cache layer "
-            f"dropped the earlier ones), but a pattern that depends on absolute positions "
-            f"addresses keys from position 0; build the model with sliding_window=None (and "
-            f"use_sliding_window=False) and state the window in the pattern"
+            f"{registered.runtime.where}: the model's cache holds keys from position "
+            f"{kv_offset} on (a sliding-window cache layer dropped the earlier ones), but a "
+            f"pattern that depends on absolute positions addresses keys from position 0; build "
+            f"the model with sliding_window=None (and use_sliding_window=False) and state the "
+            f"window in the pattern"
         )
     return build_slots(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                        attention_mask, device)
