@@ -45,7 +45,7 @@ _EXPORTS = {
     **{name: ".lang.nodes" for name in (
         "Pattern", "alibi", "bias", "blocks", "causal", "chunks", "dilated", "dilated_window",
         "documents", "full", "global_tokens", "heads", "prefix", "segments", "softcap",
-        "strided", "window", "dilated_heads", "longnet")},
+        "strided", "window", "dilated_heads", "longnet", "queries", "keys", "cycle_heads")},
     "PatternSyntaxError": ".lang.parse",
     "parse": ".lang.parse",
     **{name: ".modules" for name in (

@@ -108,6 +108,17 @@ def _(node: n.CycleHeads) -> int:
     return len(node.parts)  # head h runs parts[h % n]: n heads show every part
 
 
+def counts_from_the_end(pattern: n.Pattern) -> bool:
+    """Whether ``allowed(q, k)`` of ``pattern`` depends on the sequence lengths through a
+    range counted from the end (``queries(-4)``, ``keys(0, -1)``), outside any
+    ``blocks(...).within`` rule (whose ranges count from the end of a block). Such a
+    pattern's tile states computed over longer sequences do not hold for shorter ones."""
+    if isinstance(pattern, (n.Queries, n.Keys)):
+        return pattern.from_end()
+    children = () if isinstance(pattern, n.Blocks) else pattern.children()
+    return any(counts_from_the_end(child) for child in children)
+
+
 def head_group_count(pattern: n.Pattern) -> int:
     """The fewest heads the pattern can run with (the largest head-group count in it)."""
     counts = (_own_head_groups(node) for node in walk(pattern))

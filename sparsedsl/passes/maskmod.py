@@ -421,15 +421,17 @@ def per_element(fn: Callable) -> ScoreFn:
     over the broadcast grid, as FlexAttention runs it; so a function that gathers a vector
     per position and reduces it (``torch.dot(table[q], table[k])``, ``.sum()``) means the
     same on every plan. Called with a 0-d score (inside FlexAttention's own ``vmap``), it
-    calls ``fn`` directly. Its result is checked (:func:`checked_score_function`); a
-    function that cannot run per element raises :class:`ScoreFunctionError` naming it."""
+    calls ``fn`` directly, its result tied to ``score`` (a NaN score stays NaN): compiled
+    FlexAttention keeps the unmodified score when a result folds to a constant. The result
+    is checked (:func:`checked_score_function`); a function that cannot run per element
+    raises :class:`ScoreFunctionError` naming it."""
     checked = checked_score_function(fn)
     name = _function_name(fn)
     each = torch.vmap(checked)
 
     def score_mod(score, b, h, q, k):
         if score.dim() == 0:
-            return checked(score, b, h, q, k)
+            return torch.where(torch.isnan(score), score, checked(score, b, h, q, k))
         grids = torch.broadcast_tensors(score, b, h, q, k)
         shape = grids[0].shape
         grids = [grid.reshape(-1) for grid in grids]
