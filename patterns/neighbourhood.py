@@ -1,21 +1,20 @@
-"""1-D neighbourhood attention (NATTEN): a centred window clamped at the sequence ends.
+"""Neighbourhood attention (NATTEN): a window of keys clamped at the sequence ends, in 1-D
+and on a 2-D grid of tokens.
 
 Source: Hassani, Walton, Li, Li and Shi 2023, "Neighborhood Attention Transformer",
-CVPR 2023, arXiv:2204.07143, §3.1: every query attends to exactly ``kernel_size``
-nearest keys; near an edge the window is shifted inwards instead of cut off.
+CVPR 2023, arXiv:2204.07143, §3.1: every query attends to exactly ``kernel_size`` nearest
+keys; near an edge the window is shifted inwards instead of cut off.
 
-The language has no position measured from the end of the sequence, so the right edge is
-written for one length: the pattern takes ``seq_len`` and is exact at that length only
-(at another length its right-edge rows are wrong). It is built from existing primitives,
-with ``w = kernel_size // 2`` and ``N = seq_len``::
+With ``w = kernel_size // 2``, the 1-D pattern is written with ranges counted from both
+ends, so it is exact at every length of at least ``kernel_size`` tokens::
 
-    window(w)                                             interior rows
-    | (global_tokens(w) - prefix(w)) & prefix(2w + 1)     rows q < w also see keys w..2w
-    | ~global_tokens(N - w)                               rows q >= N - w: keys >= N - w ...
-    | prefix(N - w) - chunks(N - w) - prefix(N - 1 - 2w)  ... and keys N-1-2w .. N-w-1
+    window(w)                                  interior rows
+    | queries(0, w) & keys(0, kernel_size)     the first w rows see the first keys
+    | queries(-w) & keys(-kernel_size)         the last w rows see the last keys
 
-(``prefix(a) - chunks(a)`` is "``q >= a`` and ``k < a``": with ``k < a`` the key is in the
-first ``a``-chunk, and the query is not.)
+On a ``height x width`` grid (tokens in row-major order) the same clamped window applies
+to the grid rows (blocks of ``width`` tokens) and, inside each grid row, to the columns
+(``blocks(width).within(...)``); a pair is allowed when both allow it.
 """
 
 from __future__ import annotations
@@ -24,30 +23,66 @@ from sparsedsl.lang import nodes as n
 from sparsedsl.lang.checks import PatternArgumentError, check_int
 
 
-def neighbourhood_1d(kernel_size: int = 7, seq_len: int = 4096) -> n.Pattern:
-    """Every query of a ``seq_len``-token sequence sees exactly ``kernel_size`` keys
-    (odd, default 7, NAT's kernel): ``[q - w, q + w]`` shifted to stay inside
-    ``[0, seq_len)``, ``w = kernel_size // 2``. Exact at ``seq_len`` (default 4096) only;
-    see the module docstring for the construction.
+def clamped_window(size: int, before: int, after: int, count: int | None = None) -> n.Pattern:
+    """Blocks of ``size`` tokens: block row ``qb`` sees the ``before + after + 1`` key blocks
+    ``[c - before, c + after]``, ``c`` the row clamped to ``[before, count - 1 - after]``:
+    the window shifted inwards at both ends of ``count`` blocks (``None``: every block to
+    the end of the sequence, whatever its length). ``after`` is ``before`` or ``before -
+    1`` (an even window reaches one block further back)."""
+    kernel = before + after + 1
+    if size == 1:
+        band = n.window(before, after)
+    elif before == after:
+        band = n.blocks(size).local(before)
+    else:  # after == before - 1: the band without the blocks ``before`` ahead
+        band = n.blocks(size).local(before) - (~n.blocks(size).local(before - 1) & ~n.blocks(size).causal())
+    parts = [band]
+    if before:
+        parts.append(n.queries(0, before * size) & n.keys(0, kernel * size))
+    if after:
+        if count is None:
+            parts.append(n.queries(-after * size) & n.keys(-kernel * size))
+        else:
+            parts.append(n.queries((count - after) * size, count * size) & n.keys((count - kernel) * size, count * size))
+    out = parts[0]
+    for part in parts[1:]:
+        out = out | part
+    return out
+
+
+def _odd_kernel(where: str, name: str, value) -> int:
+    value = check_int(where, name, value, minimum=1)
+    if value % 2 == 0:
+        raise PatternArgumentError(f"{where}: argument {name!r} must be odd, got {value}")
+    return value
+
+
+def neighbourhood_1d(kernel_size: int = 7) -> n.Pattern:
+    """Every query sees exactly ``kernel_size`` keys (odd, default 7, NAT's kernel): ``[q -
+    w, q + w]`` shifted to stay inside the sequence, ``w = kernel_size // 2``. Exact at
+    every length of at least ``kernel_size`` tokens (ranges counted from the end; see the
+    module docstring).
 
     Source: Hassani et al. 2023, "Neighborhood Attention Transformer", arXiv:2204.07143.
     """
-    where = "neighbourhood_1d()"
-    kernel_size = check_int(where, "kernel_size", kernel_size, minimum=1)
-    seq_len = check_int(where, "seq_len", seq_len, minimum=1)
-    if kernel_size % 2 == 0:
-        raise PatternArgumentError(f"{where}: argument 'kernel_size' must be odd, got {kernel_size}")
-    if seq_len < kernel_size:
-        raise PatternArgumentError(
-            f"{where}: argument 'seq_len' must be >= kernel_size ({kernel_size}), got {seq_len}")
-    w = kernel_size // 2
-    if w == 0:
-        return n.window(0)
-    if seq_len == kernel_size:
-        return n.full()
-    left = (n.global_tokens(w) - n.prefix(w)) & n.prefix(2 * w + 1)
-    a, b = seq_len - w, seq_len - 1 - 2 * w
-    right_near = n.prefix(a) - n.chunks(a)
-    if b > 0:
-        right_near = right_near - n.prefix(b)
-    return n.window(w) | left | ~n.global_tokens(a) | right_near
+    w = _odd_kernel("neighbourhood_1d()", "kernel_size", kernel_size) // 2
+    return clamped_window(1, w, w)
+
+
+def neighbourhood_2d(height: int = 16, width: int = 16, kernel_height: int = 7,
+                     kernel_width: int = 7) -> n.Pattern:
+    """Neighbourhood attention on a ``height x width`` grid of tokens in row-major order
+    (``height * width`` tokens): a query at ``(y, x)`` sees the ``kernel_height x
+    kernel_width`` keys around it, the window shifted inwards at the grid's edges on each
+    axis. Both kernels are odd and at most the grid's sides.
+
+    Source: Hassani et al. 2023, "Neighborhood Attention Transformer", arXiv:2204.07143.
+    """
+    where = "neighbourhood_2d()"
+    height, width = check_int(where, "height", height, minimum=1), check_int(where, "width", width, minimum=1)
+    kh, kw = _odd_kernel(where, "kernel_height", kernel_height), _odd_kernel(where, "kernel_width", kernel_width)
+    if kh > height or kw > width:
+        raise PatternArgumentError(f"{where}: the kernel ({kh} x {kw}) must fit the grid ({height} x {width})")
+    rows = clamped_window(width, kh // 2, kh // 2, height)
+    columns = clamped_window(1, kw // 2, kw // 2, width)
+    return rows & n.blocks(width).within(columns)
