@@ -1,0 +1,201 @@
+"""The branches plan (multisets of dense lattice terms merged by log-sum-exp) is exact:
+outputs, log-sum-exps and gradients against the dense multiset reference, on
+hypothesis-generated LongNet configurations and sums of lattice patterns."""
+
+from __future__ import annotations
+
+import functools
+import operator
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+import sparsedsl as sd
+from reference import reference_attention
+from test_planner import _plans_run
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def longnet_cases(draw):
+    """``(pattern, length, heads, kv_heads, batch)``: segments and rates at random (rates
+    that do not divide the segments or the heads), any length."""
+    count = draw(st.integers(1, 3))
+    segments = draw(st.lists(st.integers(1, 40), min_size=count, max_size=count))
+    rates = [draw(st.integers(1, min(segment, 6))) for segment in segments]
+    heads = draw(st.integers(1, 7))
+    return (sd.longnet(segments, rates), draw(st.integers(1, 130)), heads,
+            draw(st.sampled_from(_divisors(heads))), draw(st.integers(1, 2)))
+
+
+@st.composite
+def lattice_terms(draw):
+    kind = draw(st.sampled_from(("dilated", "chunks", "segments", "dilated_heads", "longnet")))
+    segment = draw(st.integers(1, 32))
+    rate = draw(st.integers(1, min(segment, 5)))
+    if kind == "dilated":
+        return sd.dilated(segment, rate, draw(st.integers(0, rate - 1)))
+    if kind == "chunks":
+        return sd.chunks(segment)
+    if kind == "dilated_heads":
+        return sd.dilated_heads(segment, rate)
+    if kind == "longnet":
+        return sd.longnet([segment, 2 * segment], [1, rate])
+    return sd.segments([segment, segment + 3], [1, rate])
+
+
+@st.composite
+def sum_cases(draw):
+    """Sums of two or three lattice patterns (some leaving rows without keys), sometimes a
+    head group of a sum beside a set pattern."""
+    pattern = functools.reduce(operator.add, draw(st.lists(lattice_terms(), min_size=2, max_size=3)))
+    if draw(st.booleans()):
+        pattern = sd.heads(pattern, sd.chunks(draw(st.integers(1, 16))))
+    heads = draw(st.integers(2, 6))
+    return (pattern, draw(st.integers(1, 100)), heads, draw(st.sampled_from(_divisors(heads))),
+            draw(st.integers(1, 2)))
+
+
+def _inputs(length, heads, kv_heads, batch, dtype, seed, device="cpu", dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    return tuple(t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    assert torch.isfinite(actual).all()
+    error = (actual.double().cpu() - expected).abs().max().item() if actual.numel() else 0.0
+    assert error < tolerance, error
+
+
+def _check_exact(pattern, length, heads, kv_heads, batch, dtype, seed=0):
+    """The module runs the branches plan, and its output, log-sum-exp and gradients equal
+    the dense reference's; it computes each pair once per term that allows it."""
+    module = sd.compile(pattern, block_size=16)
+    plan = module.explain(length, heads=heads, kv_heads=kv_heads, head_dim=8, batch=batch, device="cpu",
+                          dtype=dtype, requires_grad=True, return_lse=True)
+    assert plan.kind == "branches", str(plan)
+    assert plan.computed_pairs == sd.count(pattern, length, heads=heads).pairs_with_multiplicity
+    q, k, v = _inputs(length, heads, kv_heads, batch, dtype, seed=length * 31 + heads)
+    out, lse = module(q, k, v, return_lse=True)
+    expected, expected_lse = reference_attention(pattern, q, k, v)
+    tolerance = TOLERANCE[dtype]
+    _close(out, expected.detach(), tolerance)
+    assert lse.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(lse.isneginf(), expected_lse.isneginf())
+    covered = torch.isfinite(expected_lse)
+    _close(lse[covered], expected_lse[covered], tolerance)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad.double())
+    for actual, wanted in zip(grads, expected_grads):
+        _close(actual, wanted.double(), 5 * tolerance)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=longnet_cases(), dtype=st.sampled_from((torch.float32, torch.float64)))
+def test_longnet_is_exact(case, dtype):
+    _check_exact(*case, dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=sum_cases(), dtype=st.sampled_from((torch.float32, torch.float64)))
+def test_sums_of_lattice_patterns_are_exact(case, dtype):
+    _check_exact(*case, dtype)
+
+
+@pytest.mark.parametrize("pattern,length,heads,kv_heads,batch", [
+    (sd.longnet([8, 16, 32], [1, 2, 4]), 45, 6, 2, 2),    # GQA whose groups the branches split
+    (sd.longnet([12, 20], [1, 3]), 50, 4, 1, 3),          # multi-query, batch 3
+    (sd.chunks(8) + sd.dilated(16, 2, 1), 37, 3, 3, 2),
+])
+def test_grouped_query_attention_and_batches(pattern, length, heads, kv_heads, batch):
+    for dtype in (torch.float32, torch.float64):
+        _check_exact(pattern, length, heads, kv_heads, batch, dtype)
+
+
+def test_rows_no_term_covers_output_zero():
+    """Odd positions are in no term: output 0, log-sum-exp -inf, gradients 0 there, never
+    NaN; the even ones see every key twice or once as the reference does."""
+    pattern = sd.dilated(8, 2, 0) + sd.dilated(8, 4, 0)
+    q, k, v = _inputs(30, 2, 2, 1, torch.float64, seed=1)
+    out, lse = sd.compile(pattern)(q, k, v, return_lse=True)
+    assert torch.equal(out[:, :, 1::2], torch.zeros_like(out[:, :, 1::2]))
+    assert lse[:, :, 1::2].isneginf().all() and torch.isfinite(lse[:, :, ::2]).all()
+    out.sum().backward()
+    assert torch.equal(q.grad[:, :, 1::2], torch.zeros_like(q.grad[:, :, 1::2]))
+    _check_exact(pattern, 30, 2, 2, 1, torch.float64)
+
+
+def test_forward_runs_the_branches_plan():
+    pattern = sd.longnet([16, 32], [1, 2])
+    module = sd.compile(pattern)
+    assert module.explain(64, heads=3, head_dim=8, device="cpu").kind == "branches"
+    q, k, v = (t.detach() for t in _inputs(64, 3, 3, 1, torch.float32, seed=2))
+    assert _plans_run(lambda: module(q, k, v)) == ["branches"]
+    expected, _ = reference_attention(pattern, q, k, v)
+    _close(module(q, k, v), expected, 2e-4)
+
+
+def test_second_order_gradients_through_the_planner():
+    module = sd.compile(sd.longnet([4, 8], [1, 2]), kernel="branches")
+    q, k, v = _inputs(13, 3, 3, 1, torch.float64, seed=3, dim=2)
+    assert gradcheck(lambda q, k, v: module(q, k, v), (q, k, v), fast_mode=True)
+    assert gradgradcheck(lambda q, k, v: module(q, k, v), (q, k, v), fast_mode=True)
+
+
+def test_computed_pairs_are_the_pairs_with_multiplicity():
+    """The plan computes each pair once per branch that holds it (1.0x the count with
+    multiplicity), LongNet's paper configuration (scaled down 16 times) included."""
+    for pattern, length, heads in [(sd.longnet([128, 256, 512, 1024, 2048], [1, 2, 4, 6, 12]), 2048, 12),
+                                   (sd.longnet([100, 300], [3, 7]), 1000, 5)]:
+        plan = sd.compile(pattern).explain(length, heads=heads, head_dim=64, device="cpu")
+        counted = sd.count(pattern, length, heads=heads)
+        assert plan.kind == "branches"
+        assert plan.computed_pairs == counted.pairs_with_multiplicity < 1.3 * counted.pairs_with_multiplicity
+
+
+@pytest.mark.parametrize("pattern,call,reason", [
+    (sd.dilated(8, 2), {}, "not a multiset pattern"),
+    (sd.longnet([8, 16], [1, 2]) & sd.causal(), {}, "term 1 (dilated_heads(8, 1) & causal())"),
+    (sd.chunks(8) + sd.window(2), {}, "term 2 (window(2)): window(2) is not dilated(...) or chunks(...)"),
+    (sd.longnet([8], [2]).score(sd.alibi()), {}, "score modifications"),
+    (sd.longnet([8], [2]), {"kv_len": 80}, "needs self-attention"),
+    (sd.longnet([8], [2]), {"device": "cuda", "dtype": torch.float64}, "float64 on CUDA"),
+])
+def test_a_call_the_plan_cannot_run_raises_its_reason(pattern, call, reason):
+    sizes = {"heads": 2, "head_dim": 8, "device": "cpu", **call}
+    with pytest.raises(sd.PlanNotSupported, match=f"kernel='branches' cannot run .*{re.escape(reason)}"):
+        sd.compile(pattern, kernel="branches").explain(64, **sizes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+def test_gpu_longnet(dtype, tolerance):
+    """On CUDA (the memory-efficient kernel and its backward with the merged statistics):
+    outputs, log-sum-exps and gradients against the reference, GQA and batch 2 included."""
+    pattern, length, heads, kv_heads = sd.longnet([256, 512, 1024], [1, 2, 4]), 1500, 6, 2
+    module = sd.compile(pattern)
+    assert module.explain(length, heads=heads, kv_heads=kv_heads, head_dim=64, device="cuda", dtype=dtype,
+                          requires_grad=True).kind == "branches"
+    q, k, v = _inputs(length, heads, kv_heads, 2, dtype, seed=4, device="cuda", dim=64)
+    out, lse = module(q, k, v, return_lse=True)
+    cpu = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    expected, expected_lse = reference_attention(pattern, *cpu)
+    _close(out, expected.detach(), tolerance)
+    assert lse.dtype == torch.float32
+    _close(lse, expected_lse, tolerance)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad.to(device="cuda", dtype=dtype))
+    for actual, wanted in zip(grads, torch.autograd.grad(expected, cpu, grad)):
+        _close(actual, wanted, 4 * tolerance * max(1.0, wanted.abs().max().item()))
