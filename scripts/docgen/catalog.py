@@ -30,6 +30,19 @@ CATALOG_CALLS: dict[str, list[dict]] = {
     "document_mask": [{}],
     "block_causal": [{}],
     "neighbourhood_1d": [{}],
+    "neighbourhood_2d": [{"height": 64, "width": 64, "kernel_height": 13, "kernel_width": 13}],
+    "dilated_sliding_window": [{}],
+    "attention_sink": [{}],
+    "document_prefix_lm": [{"prefix_length": 256}],
+    "sliding_tile": [{"canvas": (64, 64), "kernel": (24, 24), "tile": (8, 8)}],
+    "svg_spatial": [{"prompt_length": 226, "tokens_per_frame": 387, "round_width": 64}],
+    "svg_temporal": [{"prompt_length": 226, "num_frames": 10, "tokens_per_frame": 387}],
+    "video_sparse_attention": [{}],
+    "deepspeed_fixed": [{"block": 64}, {"block": 64, "attention": "unidirectional"}],
+    "deepspeed_variable": [{"block": 64, "num_random_blocks": 2, "local_window_blocks": (4, 8),
+                            "global_block_indices": (0, 32)}],
+    "deepspeed_bslongformer": [{"block": 64}],
+    "deepspeed_bigbird": [{"block": 64}, {"block": 64, "attention": "unidirectional"}],
 }
 CATALOG_N = 4096
 #: Drawing options per entry (the heads shown).
@@ -41,8 +54,13 @@ def _call_text(name: str, params: dict) -> str:
     return f"sd.load({', '.join(args)})"
 
 
+CATALOG_TILES = ("torch.zeros(1, 1, 64, 64, dtype=torch.bool).scatter_(-1, torch.topk(torch.rand(1, 1, 64, 64, "
+                 "generator=torch.Generator().manual_seed(0)), 8).indices, True)")
+
+
 def _catalog_buffers(pattern) -> dict:
-    return {"doc_ids": eval(CATALOG_DOC_IDS, {"torch": torch})} if pattern.buffer_names() else {}  # noqa: S307
+    sources = {"doc_ids": CATALOG_DOC_IDS, "tiles": CATALOG_TILES}
+    return {name: eval(sources[name], {"torch": torch}) for name in pattern.buffer_names()}  # noqa: S307
 
 
 def _source(doc: str) -> str:
@@ -71,16 +89,18 @@ def _catalog_entry(name: str) -> tuple[str, str]:
         rows.append(f"| `{call}` | `{cell(str(p))}` | {c.heads} | {fmt(c.pairs)} | {pct(c.density)} | {c.tiles} | "
                     f"{c.computed_flops / c.useful_flops:.2f} |")
         if bufs and "import torch" not in lines:
-            lines = ["import torch"] + lines + ["", f"doc_ids = {CATALOG_DOC_IDS}"]
+            sources = {"doc_ids": CATALOG_DOC_IDS, "tiles": CATALOG_TILES}
+            lines = ["import torch"] + lines + [""] + [f"{name} = {sources[name]}" for name in bufs]
         lines += ["", f"p = {call}", f"assert str(p) == {str(p)!r}",
-                  f"c = sd.count(p, {CATALOG_N}" + (", doc_ids=doc_ids" if bufs else "") + ")",
+                  f"c = sd.count(p, {CATALOG_N}" + "".join(f", {name}={name}" for name in bufs) + ")",
                   f"assert c.pairs == {c.pairs} and str(c.tiles) == {str(c.tiles)!r}"]
         summary = summary or (p, c, call)
     last = sd.load(name, **calls[-1])
     path = picture(f"catalog_{name}.png", lambda out, last=last: render_png(
         last, CATALOG_N, out, **CATALOG_RENDER.get(name, {}), **_catalog_buffers(last)))
-    doc_note = (" (`doc_ids`: four documents of 1,000, 600, 1,500 and 996 tokens)"
-                if _catalog_buffers(last) else "")
+    notes = {"doc_ids": " (`doc_ids`: four documents of 1,000, 600, 1,500 and 996 tokens)",
+             "tiles": " (`tiles`: 8 random key tiles per query tile)"}
+    doc_note = "".join(notes[name] for name in _catalog_buffers(last))
     section = "\n\n".join([
         f"### `{name}`",
         f"**Source:** {_source(doc)}",

@@ -45,6 +45,9 @@ DOC_IDS = "torch.repeat_interleave(torch.arange(4), torch.tensor([40, 100, 60, 5
 LAYOUT = ("torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1]], "
           "dtype=torch.bool)")
 
+LAYOUT_BATCH = ("torch.stack([torch.eye(4, dtype=torch.bool), torch.ones(4, 4, dtype=torch.bool).tril()])"
+                "[:, None]")
+
 LANG: list[LangEntry] = [
     LangEntry("full", "sd.full()"),
     LangEntry("causal", "sd.causal()"),
@@ -82,6 +85,19 @@ LANG: list[LangEntry] = [
     LangEntry("intersection", "sd.chunks(64) & sd.causal()"),
     LangEntry("difference", "sd.window(32) - sd.window(4)"),
     LangEntry("complement", "~sd.chunks(64)"),
+    LangEntry("ranges", "sd.queries(0, 16) | sd.keys(-32) | sd.window(4)",
+              tiny=("sd.queries(-2) | sd.keys(1, 3)", 6, None, 1,
+                    "queries(-2) | keys(1, 3) at N = 6: the last 2 rows, key columns 1 and 2")),
+    LangEntry("starting_at", "sd.chunks(64).starting_at(48)",
+              tiny=("sd.chunks(2).starting_at(3)", 8, None, 1,
+                    "chunks(2).starting_at(3) at N = 8: chunks cut from position 3, nothing before it")),
+    LangEntry("documents_within", 'sd.documents("doc").within(sd.causal() | sd.prefix(16))',
+              buffers={"doc": DOC_IDS}),
+    LangEntry("random_causal", "sd.blocks(32).local(0).random_causal(2, seed=0)"),
+    LangEntry("layout_batch", 'sd.blocks(64).layout("lay")', buffers={"lay": LAYOUT_BATCH}),
+    LangEntry("cycle_heads", "sd.cycle_heads(sd.window(8), sd.strided(32) & sd.causal())", heads=4,
+              tiny=("sd.cycle_heads(sd.causal(), sd.window(0))", 3, None, 3,
+                    "cycle_heads(causal(), window(0)) with H = 3: heads 0 and 2 causal, head 1 the diagonal")),
     LangEntry("multiset", "sd.window(16) + sd.chunks(64)",
               tiny=("sd.window(1) + sd.chunks(4)", 8, None, 1,
                     "window(1) + chunks(4) at N = 8: █ counted once, 2 counted twice")),
@@ -113,9 +129,9 @@ def lang_block(e: LangEntry) -> str:
     if len(set(c.per_head)) > 1:
         lines.append(f"assert c.per_head == {c.per_head}")
     lines.append(f"assert str(c.tiles) == {str(c.tiles)!r}")
-    total = c.heads * c.q_len * c.kv_len
+    total = c.batch * c.heads * c.q_len * c.kv_len
     shape = f"N = {c.q_len}" if c.kv_len == c.q_len else f"Q = {c.q_len}, K = {c.kv_len}"
-    heads = f", {c.heads} heads" if c.heads > 1 else ""
+    heads = (f", {c.heads} heads" if c.heads > 1 else "") + (f", {c.batch} batch entries" if c.batch > 1 else "")
     summary = (f"`{p}` at {shape}{heads}: **{fmt(c.pairs)}** of {fmt(total)} pairs allowed "
                f"({pct(c.density)}); {e.tile}×{e.tile} tiles: {c.tiles}.")
     if len(set(c.per_head)) > 1:
