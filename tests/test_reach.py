@@ -66,6 +66,13 @@ def reference(pattern: n.Pattern, q_len: int, kv_len: int, heads: int, buffers: 
                             for h in range(heads)], dim=1)
     if isinstance(pattern, n.Blocks) and any(isinstance(r, n.BlockRandomCausal) for r in pattern.rules):
         return _random_causal_reference(pattern, q_len, kv_len, heads)
+    if isinstance(pattern, n.Blocks) and pattern.rules == (n.BlockLayout("lay"),):
+        lay = buffers["lay"]  # [B, H or 1, nqb', nkb']: blocks outside it are not allowed
+        q = torch.arange(q_len)[:, None] // pattern.size
+        k = torch.arange(kv_len)[None, :] // pattern.size
+        inside = (q < lay.shape[2]) & (k < lay.shape[3])
+        allowed = lay[:, :, q.clamp(max=lay.shape[2] - 1), k.clamp(max=lay.shape[3] - 1)] & inside
+        return allowed.expand(-1, heads, -1, -1)
     if isinstance(pattern, (n.Union, n.Intersection)):
         parts = [reference(p, q_len, kv_len, heads, buffers) for p in pattern.parts]
         out = parts[0]
@@ -142,10 +149,12 @@ def random_causal_blocks(draw):
 def constructs(draw, depth: int = 2, from_end: bool = True, documents: bool = True):
     """One of the constructs of this file, its parts drawn from the whole vocabulary (inside
     ``starting_at`` and ``documents().within``, no call-time tensors)."""
-    kinds = ("range", "starting_at", "cycle", "random_causal") + (("documents",) if documents else ())
+    kinds = ("range", "starting_at", "cycle", "random_causal") + (("documents", "layout") if documents else ())
     kind = draw(st.sampled_from(kinds if depth > 0 else ("range", "random_causal")))
     if kind == "range":
         return draw(ranges(from_end))
+    if kind == "layout":  # bound with a batch axis
+        return sd.blocks(draw(st.sampled_from((1, 4, 5, 16)))).layout("lay")
     if kind == "random_causal":
         return draw(random_causal_blocks())
     inner = st.one_of(_leaf(from_end and kind != "documents"),
@@ -180,7 +189,18 @@ def cases(draw, max_len: int = 90, from_end: bool = True):
             return torch.tensor(row)
 
         buffers["doc"] = torch.stack([ids(), ids()]) if rng.random() < 0.3 else ids()
+    if "lay" in pattern.buffer_names():
+        size = next(node.size for node in _nodes(pattern) if isinstance(node, n.Blocks) and node.rules)
+        extent = (-(-q_len // size) + draw(st.integers(-1, 1)), -(-kv_len // size) + draw(st.integers(-1, 1)))
+        shape = (draw(st.integers(1, 3)), draw(st.sampled_from((1, heads))), max(1, extent[0]), max(1, extent[1]))
+        buffers["lay"] = torch.rand(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) < 0.4
     return pattern, q_len, kv_len, heads, buffers
+
+
+def _nodes(pattern):
+    yield pattern
+    for child in pattern.children():
+        yield from _nodes(child)
 
 
 # ---------------------------------------------------------------------------------------
