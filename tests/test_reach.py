@@ -549,7 +549,7 @@ def test_a_score_function_with_the_wrong_signature_is_refused_at_score():
 def test_a_function_whose_name_is_not_an_identifier_prints_text_parse_refuses_by_name():
     pattern = sd.causal().score(lambda score, b, h, q, k: score)
     assert str(pattern) == "causal().score('<lambda>')"
-    with pytest.raises(sd.PatternSyntaxError, match="'<lambda>' names a plain Python score function"):
+    with pytest.raises(sd.PatternSyntaxError, match="'<lambda>' names a plain Python function"):
         sd.parse(str(pattern))
 
 

@@ -759,8 +759,8 @@ class _Builder:
             )
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             raise self._error(
-                f"{node.value!r} names a plain Python score function: pattern text cannot hold "
-                f"Python code (use {mods}, or build the pattern in Python)", self._start(node),
+                f"{node.value!r} names a plain Python function: plain Python functions cannot be "
+                f"written in pattern text (use {mods}, or build the pattern in Python)", self._start(node),
             )
         if isinstance(node, ast.Constant):
             raise self._error(
