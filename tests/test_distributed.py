@@ -39,7 +39,7 @@ def _cases() -> dict:
     return {
         "window": (sd.window(20), False, 2, 2, 256, {}),
         "window|global (GQA)": (sd.window(12) | sd.global_tokens(8), False, 4, 2, 256, {}),
-        "longnet": (sd.segments([64, 256], [1, 2]), False, 4, 4, 256, {}),
+        "longnet head-grouped": (sd.segments([64, 256], [1, 2]), False, 4, 4, 256, {}),
         "causal": (sd.causal(), False, 2, 1, 256, {}),
         "causal zigzag": (sd.causal(), True, 2, 1, 256, {}),
         "window zigzag": (sd.window(20), True, 2, 2, 256, {}),
@@ -50,6 +50,14 @@ def _cases() -> dict:
         "dilated far apart": (sd.segments([256, 32], [48, 1], [5, 0]), False, 2, 2, 256, {}),
         "prefix|causal zigzag": (sd.prefix(40) | sd.causal(), True, 2, 2, 256, {}),
         "alibi window": (sd.window(30).score(sd.alibi()), False, 2, 2, 240, {}),
+        # LongNet (a multiset: one softmax, log m on keys several branches allow): rates
+        # that do not divide the heads, lengths that are not multiples of the segments,
+        # segments spanning ranks; each key/value head receives its own lattice only
+        "longnet": (sd.longnet([64, 160], [1, 3]), False, 4, 4, 240, {}),
+        "longnet causal (GQA)": (sd.longnet([32, 100, 240], [1, 2, 5]) & sd.causal(), False, 6, 3, 240, {}),
+        "longnet zigzag": (sd.longnet([48, 256], [2, 3]), True, 5, 5, 256, {}),
+        "longnet within shards": (sd.longnet([16, 32], [1, 2]), False, 3, 3, 128, {}),
+        "window + causal": ((sd.window(12) + sd.causal()).score(sd.softcap(5.0)), False, 2, 2, 240, {}),
     }
 
 
@@ -345,7 +353,7 @@ def test_the_plan_follows_the_pattern():
 def test_nccl_on_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2 or not dist.is_nccl_available():
         pytest.skip("needs 2 CUDA devices and NCCL")
-    names = ["window", "longnet", "causal zigzag", "bigbird (far tiles)", "prefix|causal zigzag"]
+    names = ["window", "longnet head-grouped", "longnet", "causal zigzag", "bigbird (far tiles)", "prefix|causal zigzag"]
     for rank, report in enumerate(_spawn(2, "nccl", names, tmp_path)):
         for name in names:
             errors = {key: report[name][key] for key in ("out", "grad q", "grad k", "grad v")}

@@ -21,8 +21,10 @@ class ExchangeStats:
     collective sent and received.
 
     ``received_positions``: key/value positions this rank received from other ranks;
-    ``held_kv_positions``: the positions of its compact key/value buffer (its own needed
-    positions and the received ones: what it allocated, besides its own shard);
+    ``held_kv_positions``: the positions of its compact key/value buffers (its own needed
+    positions and the received ones: what it allocated, besides its own shard). Both are
+    averaged over the key/value heads, which need different positions under
+    ``dilated_heads`` branches (``longnet``): a float where that average is not whole;
     ``received_bytes`` / ``sent_bytes``: bytes of keys and values it received / sent
     (the backward pass moves as many gradient bytes the other way);
     ``all_gather_bytes``: what it would receive by all-gathering the keys and values of
@@ -31,8 +33,8 @@ class ExchangeStats:
 
     rank: int
     world_size: int
-    received_positions: int
-    held_kv_positions: int
+    received_positions: float | int
+    held_kv_positions: float | int
     received_bytes: int
     sent_bytes: int
     all_gather_bytes: int
@@ -80,7 +82,7 @@ def sequence_parallel_attention(compiled: CompiledPattern, q: torch.Tensor, k: t
     agree_across_ranks(signature, problem, group, q.device)
 
     seq_len = q.shape[2] * world_size
-    plan = exchange_plan(compiled, seq_len, world_size, zigzag=zigzag, heads=q.shape[1],
+    plan = exchange_plan(compiled, seq_len, world_size, zigzag=zigzag, heads=q.shape[1], kv_heads=k.shape[1],
                          device=q.device, **buffers)
     out, stats = attend_with_plan(compiled, q, k, v, plan, rank, group, scale, buffers)
     return (out, stats) if return_stats else out
@@ -93,20 +95,24 @@ def attend_with_plan(compiled: CompiledPattern, q: torch.Tensor, k: torch.Tensor
     Inputs are not checked (:func:`sequence_parallel_attention` checks them; a benchmark
     passes :meth:`ExchangePlan.all_gather` here to compare with moving every key and
     value through the same code)."""
-    transfers = plan.rank_transfers(rank, q.device)
-    assembled = assemble_key_values(k, v, transfers, group, plan.moves_anything)
-    held = plan.needed_spans(rank)
+    if plan.splits_heads and plan.kv_heads != k.shape[1]:
+        raise ValueError(f"{WHERE}: the plan is for {plan.kv_heads} key/value heads, but k has {k.shape[1]}")
+    kv_classes = tuple(c.kv_heads for c in plan.classes)
+    assembled = assemble_key_values(k, v, plan.rank_transfers(rank, q.device), kv_classes, group,
+                                    plan.moves_anything)
+    held = tuple(needed.group(rank) for needed in plan.class_needed)
     outputs, start = [], 0
     for rows, needed in zip(plan.ranges(rank), plan.piece_needed(rank)):
-        outputs.append(attend_piece(compiled, q.narrow(2, start, len(rows)), assembled.k, assembled.v,
-                                    held, rows, needed, plan.seq_len, scale, buffers))
+        outputs.append(attend_piece(compiled, q.narrow(2, start, len(rows)), assembled.k, assembled.v, held,
+                                    kv_classes, rows, needed, plan.seq_len, scale, buffers))
         start += len(rows)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     position_bytes = k.shape[0] * k.shape[1] * (k.shape[3] + v.shape[3]) * k.element_size()
+    received = assembled.received_entries / k.shape[1]
     stats = ExchangeStats(
         rank=rank, world_size=plan.world_size,
-        received_positions=assembled.received_positions,
-        held_kv_positions=transfers.held,
+        received_positions=int(received) if received.is_integer() else received,
+        held_kv_positions=plan.held_positions(rank),
         received_bytes=assembled.received_bytes,
         sent_bytes=assembled.sent_bytes,
         all_gather_bytes=plan.all_gather_positions() * position_bytes,

@@ -47,10 +47,12 @@ for _node, _period in ((n.Full, 1), (n.Causal, 1), (n.Window, 1), (n.DilatedWind
 translation_period.register(n.Chunks, lambda node: node.size)
 translation_period.register(n.Dilated, lambda node: node.segment)
 translation_period.register(n.Segments, lambda node: _lcm(node.lengths))
+translation_period.register(n.DilatedHeads, lambda node: node.segment)
+translation_period.register(n.LongNet, lambda node: _lcm(node.segment_lengths))
 translation_period.register(n.Complement, lambda node: translation_period(node.inner))
 translation_period.register(n.Difference, lambda node: _lcm([translation_period(node.left),
                                                              translation_period(node.right)]))
-for _node in (n.Heads, n.Union, n.Intersection):
+for _node in (n.Heads, n.Union, n.Intersection, n.Sum):
     translation_period.register(_node, lambda node: _lcm([translation_period(p) for p in node.parts]))
 
 
@@ -78,55 +80,98 @@ def _lcm(periods) -> int | None:
     return int(result)
 
 
-def attend_piece(compiled: CompiledPattern, q: torch.Tensor, held_k: torch.Tensor, held_v: torch.Tensor,
-                 held: Spans, piece: range, piece_needed: Spans, seq_len: int, scale: float | None,
-                 buffers: dict) -> torch.Tensor:
-    """Output rows of the piece ``piece`` (``q [B, H, len(piece), D]``) attending over the
-    compact buffer ``held_k``/``held_v`` (``[B, Hkv, M, D]``, positions ``held``, a one-set
-    :class:`~.spans.Spans` of ``M`` positions); ``piece_needed``: the positions the piece's
-    rows need (a subset of ``held``)."""
-    interval = piece_needed.contiguous()
+def attend_piece(compiled: CompiledPattern, q: torch.Tensor, held_k: tuple, held_v: tuple, held: tuple,
+                 kv_classes: tuple, piece: range, piece_needed: tuple, seq_len: int,
+                 scale: float | None, buffers: dict) -> torch.Tensor:
+    """Output rows of the piece ``piece`` (``q [B, H, len(piece), D]``).
+
+    Per class ``c`` of key/value heads (``kv_classes[c]``: their indices, None for all):
+    the compact buffer ``held_k[c]``/``held_v[c]`` (``[B, heads of c, M, D]``, positions
+    ``held[c]``, a one-set :class:`~.spans.Spans` of ``M`` positions) and the positions
+    the piece's rows need there, ``piece_needed[c]`` (a subset of ``held[c]``)."""
+    shifted = _shifted_source(compiled, held_k, held_v, held, kv_classes, piece, piece_needed, buffers)
+    if shifted is not None:
+        start, k, v = shifted
+        return compiled(q, k, v, q_offset=piece.start - start, scale=scale)
+    heads = q.shape[1]
+    per_kv = heads // sum(k.shape[1] for k in held_k)
+    outputs, order = [], []
+    for k, v, positions, kv_heads in zip(held_k, held_v, held, kv_classes):
+        q_heads = torch.arange(heads, device=q.device) if kv_heads is None else \
+            (torch.tensor(kv_heads, device=q.device)[:, None] * per_kv + torch.arange(per_kv, device=q.device)).flatten()
+        part = q if kv_heads is None else q.index_select(1, q_heads)
+        outputs.append(_mapped(compiled, part, k, v, positions, q_heads, heads, piece, seq_len, scale, buffers))
+        order.append(q_heads)
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat(outputs, dim=1).index_select(1, torch.argsort(torch.cat(order)))
+
+
+def _shifted_source(compiled, held_k, held_v, held, kv_classes, piece, piece_needed, buffers):
+    """``(start, k, v)`` when the piece runs shifted (see the module docstring): the keys
+    and values of every key/value head at the positions ``[start, stop)`` the piece needs
+    in some head, taken from the compact buffers (a view when one class of every head
+    holds them all; else each class's held positions placed at theirs, the positions a
+    class does not hold left zero: the pattern masks them for its heads); None when it
+    does not run shifted."""
     period = translation_period(compiled.pattern)
-    if interval is not None and not buffers and period is not None:
-        start, stop = interval
-        if start <= piece.start and start % period == 0:
-            first = int(held.covered_below(np.array([start]))[0])
-            return compiled(q, held_k.narrow(2, first, stop - start), held_v.narrow(2, first, stop - start),
-                            q_offset=piece.start - start, scale=scale)
-    return _mapped(compiled, q, held_k, held_v, held, piece, seq_len, scale, buffers)
+    needed = piece_needed[0] if len(piece_needed) == 1 else Spans.of(
+        1, *(np.concatenate([getattr(p, a) for p in piece_needed]) for a in ("ids", "starts", "stops")))
+    interval = needed.contiguous()
+    if interval is None or buffers or period is None:
+        return None
+    start, stop = interval
+    if start > piece.start or start % period:
+        return None
+    if kv_classes == (None,):
+        first = int(held[0].covered_below(np.array([start]))[0])
+        return start, held_k[0].narrow(2, first, stop - start), held_v[0].narrow(2, first, stop - start)
+    window = Spans.of(1, 0, start, stop)
+    ks, vs = [], []
+    for k, v, positions in zip(held_k, held_v, held):
+        inside = positions.intersect(window).positions()
+        index = torch.from_numpy(positions.covered_below(inside)).to(k.device)
+        places = torch.from_numpy(inside - start).to(k.device)
+        ks.append(k.new_zeros(*k.shape[:2], stop - start, k.shape[3]).index_copy(2, places, k.index_select(2, index)))
+        vs.append(v.new_zeros(*v.shape[:2], stop - start, v.shape[3]).index_copy(2, places, v.index_select(2, index)))
+    order = torch.argsort(torch.tensor([h for heads in kv_classes for h in heads], device=held_k[0].device))
+    return start, torch.cat(ks, dim=1).index_select(1, order), torch.cat(vs, dim=1).index_select(1, order)
 
 
-def _mapped(compiled: CompiledPattern, q, k, v, held: Spans, piece: range, seq_len: int,
-            scale: float | None, buffers: dict) -> torch.Tensor:
-    """The mapped path (see the module docstring)."""
-    batch, heads, rows, head_dim = q.shape
+def _mapped(compiled: CompiledPattern, q, k, v, held: Spans, q_heads: torch.Tensor, heads: int, piece: range,
+            seq_len: int, scale: float | None, buffers: dict) -> torch.Tensor:
+    """The mapped path (see the module docstring) for the query heads ``q_heads`` of
+    ``heads`` (``q [B, len(q_heads), rows, D]``) over one class's compact buffer."""
+    batch, _, rows, head_dim = q.shape
     device = q.device
     lowering = compiled.lowering(rows, seq_len, heads=heads, device=device, q_offset=piece.start,
                                  where="sequence_parallel_attention()", **buffers)
     q_block, kv_block = lowering.grid.q_block, lowering.grid.kv_block
-    tiles = torch.from_numpy(np.unique(held.positions() // kv_block)).to(device) if k.shape[2] else \
-        torch.zeros(0, dtype=torch.int64, device=device)
-    live = lowering.states.index_select(-1, tiles) != EMPTY  # [Bs, Hs, nq, held tiles]
-    positions = torch.from_numpy(held.positions()).to(device)
+    positions = held.positions()
+    tiles, tile_of_entry = np.unique(positions // kv_block, return_inverse=True)  # the held tiles
+    states = lowering.states if lowering.states.shape[1] == 1 else lowering.states.index_select(1, q_heads)
+    live = states.index_select(-1, torch.from_numpy(tiles).to(device)) != EMPTY  # [Bs, Hs, nq, held tiles]
+    tile_of_entry = torch.from_numpy(tile_of_entry.reshape(-1)).to(device)
+    positions = torch.from_numpy(positions).to(device)
     score_mod = compiled.score_mod(rows, seq_len, heads=heads, device=device, q_offset=piece.start, **buffers)
     scale = head_dim ** -0.5 if scale is None else scale
     widest = max(1, int(live.sum(-1).max())) if live.numel() else 1
-    per_chunk = max(1, SCORE_BUDGET // (batch * heads * q_block * kv_block * widest))
+    per_chunk = max(1, SCORE_BUDGET // (batch * len(q_heads) * q_block * kv_block * widest))
     outputs = []
     for first in range(0, live.shape[2], per_chunk):
         last = min(first + per_chunk, live.shape[2])
-        columns = live[:, :, first:last].any(2).any(1).any(0).nonzero().flatten()
-        keys = (columns[:, None] * kv_block + torch.arange(kv_block, device=device)).flatten()
-        keys = keys[keys < k.shape[2]]
-        outputs.append(_masked_rows(q[:, :, first * q_block:last * q_block], k, v, keys, positions,
+        columns = live[:, :, first:last].any(2).any(1).any(0)
+        keys = columns[tile_of_entry].nonzero().flatten()  # entries of the chunk's live tiles
+        outputs.append(_masked_rows(q[:, :, first * q_block:last * q_block], k, v, keys, positions, q_heads,
                                     lowering.position_mask, score_mod, piece.start, first * q_block, scale))
     return torch.cat(outputs, dim=2)
 
 
-def _masked_rows(q, k, v, keys, positions, position_mask, score_mod, q_start: int, row: int,
+def _masked_rows(q, k, v, keys, positions, q_heads, position_mask, score_mod, q_start: int, row: int,
                  scale: float) -> torch.Tensor:
-    """Rows ``q`` (row ``row`` of the piece first) over the buffer entries ``keys``: one
-    softmax per row over its allowed keys; 0 for a row with none."""
+    """Rows ``q`` (row ``row`` of the piece first, heads ``q_heads``) over the buffer
+    entries ``keys``: one softmax per row over its allowed keys, scores modified by
+    ``score_mod`` (which adds ``log m`` for a multiset); 0 for a row with none."""
     batch, heads = q.shape[:2]
     if not len(keys):  # no row of the chunk sees any key: zeros (still a function of q)
         return (q.sum(-1, keepdim=True) * 0).expand(*q.shape[:-1], v.shape[-1])
@@ -137,7 +182,7 @@ def _masked_rows(q, k, v, keys, positions, position_mask, score_mod, q_start: in
     scores = (q.to(compute) @ kk.transpose(-1, -2)) * scale
     device = q.device
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    h = q_heads.view(1, -1, 1, 1)
     q_row = torch.arange(row, row + q.shape[2], device=device).view(1, 1, -1, 1)
     k_pos = positions[keys].view(1, 1, 1, -1)
     allowed = position_mask(b, h, q_row + q_start, k_pos)

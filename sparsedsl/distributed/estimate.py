@@ -24,9 +24,10 @@ from ..compiler.module import CompiledPattern
 from ..lang.checks import check_int
 from ..lang.queries import head_group_count
 from .pairs import pairs
-from .plan import held_by_owner, needed_tiles, rank_rows
 from ..lang import nodes as n
-from .reach import Draws, ReachContext, dilated_tile_counts, head_parts, reach
+from .heads import head_slices
+from .plan import build_plan, held_by_owner, rank_rows
+from .reach import Draws, ReachContext, dilated_tile_counts, reach
 from .sharding import check_divisible, check_zigzag, chunk_owners
 from .spans import Spans
 
@@ -125,16 +126,17 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
     position_bytes = batch * kv_heads * 2 * head_dim * item
 
     ctx = ReachContext(seq_len, heads, unit=compiled.kv_block, expect_random=True, where=WHERE)
-    by_piece, found = needed_tiles(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, ctx)
+    plan, draws = build_plan(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, heads, kv_heads, ctx)
     owners, lo, hi = rank_rows(seq_len, world_size, zigzag)
-    needed = Spans.of(world_size, owners[by_piece.ids], by_piece.starts, by_piece.stops)
-    by_owner = np.stack([held_by_owner(needed.group(r), seq_len, world_size, zigzag).astype(np.float64)
-                         for r in range(world_size)])  # [dest, owner]
-    if found.draws:
-        by_owner += _expected_by_owner(found.draws, needed, owners, seq_len, world_size, zigzag, compiled.kv_block)
+    # (key/value head, position) rows of each rank's compact buffers, by the rank holding them
+    by_owner = np.stack([plan.entries_by_owner(r).astype(np.float64) for r in range(world_size)])  # [dest, owner]
+    if draws:  # one class of every head: positions count for every key/value head
+        by_owner += kv_heads * _expected_by_owner(draws, plan.needed, owners, seq_len, world_size, zigzag,
+                                                  compiled.kv_block)
     held = by_owner.sum(1)
     own = np.diagonal(by_owner).copy()
     sent = by_owner.sum(0) - own
+    entry_bytes = batch * 2 * head_dim * item
 
     useful = np.zeros(world_size)
     for rank, a, b in zip(owners.tolist(), lo.tolist(), hi.tolist()):
@@ -145,18 +147,18 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
     tensors = batch * rows * (2 * heads + 2 * kv_heads) * head_dim * item  # q, out; own k and v
     ranks = tuple(
         RankEstimate(
-            rank=r, rows=rows, held_kv_positions=_number(held[r]),
-            received_positions=_number(held[r] - own[r]), sent_positions=_number(sent[r]),
-            received_bytes=_number((held[r] - own[r]) * position_bytes),
-            sent_bytes=_number(sent[r] * position_bytes),
+            rank=r, rows=rows, held_kv_positions=_number(held[r] / kv_heads),
+            received_positions=_number((held[r] - own[r]) / kv_heads), sent_positions=_number(sent[r] / kv_heads),
+            received_bytes=_number((held[r] - own[r]) * entry_bytes),
+            sent_bytes=_number(sent[r] * entry_bytes),
             useful_pairs=_number(useful[r] * batch), computed_pairs=_number(computed[r] * batch),
             computed_flops=_number(4 * head_dim * computed[r] * batch),
-            memory_bytes=_number(tensors + held[r] * position_bytes),
+            memory_bytes=_number(tensors + held[r] * entry_bytes),
         )
         for r in range(world_size)
     )
     return Estimate(str(compiled.pattern), seq_len, world_size, zigzag, heads, kv_heads, head_dim, batch,
-                    dtype, compiled.kv_block, compiled.q_block, position_bytes, not found.draws, ranks)
+                    dtype, compiled.kv_block, compiled.q_block, position_bytes, not draws, ranks)
 
 
 def _number(x) -> float | int:
@@ -176,7 +178,8 @@ def _computed_pairs(compiled: CompiledPattern, seq_len: int, world_size: int, zi
     tile_hi = np.minimum(tile_lo + q_block, np.repeat(hi, per_piece))
     tile_rank = np.repeat(owners, per_piece)
     computed = np.zeros(world_size)
-    for part, part_heads in head_parts(compiled.pattern, heads):
+    for part_heads, part in head_slices(compiled.pattern, heads):
+        part_heads = len(part_heads)
         for start in range(0, len(tile_lo), TILE_ROWS_PER_PASS):
             stop = start + TILE_ROWS_PER_PASS
             tiles = _live_tiles(part, tile_lo[start:stop], tile_hi[start:stop], seq_len, kv_block, ctx)

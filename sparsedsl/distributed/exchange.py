@@ -1,7 +1,7 @@
 """Moving key/value rows between the ranks of a group, with autograd.
 
 One ``all_to_all_single`` with per-rank split sizes moves every row a rank sends and
-receives. Uneven splits, zeros included, work on NCCL and on gloo (checked in torch 2.13,
+receives (the rows of every class of key/value heads, flattened into one buffer per rank). Uneven splits, zeros included, work on NCCL and on gloo (checked in torch 2.13,
 where gloo's list form ``all_to_all`` takes only equal sizes). Its backward is the same
 collective with the splits swapped: each row's gradient goes back to the rank that sent
 the row, where the backward of the ``index_select`` that packed it adds it into the
@@ -46,41 +46,63 @@ class AllToAllRows(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class AssembledKeyValues:
-    """The rank's compact keys and values ``[B, Hkv, held, D]`` (the positions of the key
-    tiles its rows need, ascending: its own and the received ones, nothing else) and the
-    bytes that moved to build them (counted on the tensors the collective sent and
-    received)."""
+    """The rank's compact keys and values, one pair per class of key/value heads:
+    ``k[c]``/``v[c]`` ``[B, heads of class c, held, D]`` (the positions class ``c`` needs,
+    ascending: its own and the received ones, nothing else), and the bytes that moved to
+    build them (counted on the tensors the collective sent and received)."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
     sent_bytes: int
     received_bytes: int
-    received_positions: int
+    received_entries: int
 
 
-def assemble_key_values(k: torch.Tensor, v: torch.Tensor, transfers: RankTransfers,
-                        group, communicate: bool) -> AssembledKeyValues:
-    """Compact keys and values for this rank: its own needed rows and the rows
-    ``transfers`` receives, each at its place in the compact buffer.
+def assemble_key_values(k: torch.Tensor, v: torch.Tensor, transfers: tuple[RankTransfers, ...],
+                        kv_heads: tuple, group, communicate: bool) -> AssembledKeyValues:
+    """Compact keys and values for this rank, per class: its own needed rows and the rows
+    ``transfers[c]`` receives, each at its place in the class's compact buffer.
 
     ``k`` and ``v`` (this rank's shards, ``[B, Hkv, L, Dk]`` and ``[B, Hkv, L, Dv]``) travel
-    as one tensor, so a call runs one collective forward and one backward; with
-    ``communicate=False`` (no rank of the group receives anything) none runs. Nothing of
-    the sequence's length is allocated: the buffer has ``transfers.held`` positions.
+    as one tensor, and every class's rows in one flat buffer per destination, so a call
+    runs one collective forward and one backward; with ``communicate=False`` (no rank of
+    the group receives anything) none runs. ``kv_heads[c]``: the key/value heads of class
+    ``c`` (None: all). Nothing of the sequence's length is allocated.
     """
     key_dim = k.shape[-1]
     rows = torch.cat([k, v], dim=-1)
-    parts, places = [rows.index_select(2, transfers.own_index)], [transfers.own_place]
-    sent_bytes = received_bytes = received_positions = 0
+    per_class = [rows if heads is None else rows.index_select(1, torch.tensor(heads, device=rows.device))
+                 for heads in kv_heads]
+    received = [None] * len(per_class)
+    sent_bytes = received_bytes = received_entries = 0
     if communicate:
-        send = rows.index_select(2, transfers.send_index).permute(2, 0, 1, 3)
-        received = AllToAllRows.apply(send, transfers.send_counts, transfers.recv_counts, group)
-        parts.append(received.permute(1, 2, 0, 3))
-        places.append(transfers.recv_index)
+        sends = [r.index_select(2, t.send_index).permute(2, 0, 1, 3) for r, t in zip(per_class, transfers)]
+        row_sizes = [r.shape[0] * r.shape[1] * r.shape[3] for r in per_class]  # elements of one position
+        # destination-major, class-minor pieces of one flat buffer
+        pieces = [s.reshape(-1).split([n * size for n in t.send_counts])
+                  for s, t, size in zip(sends, transfers, row_sizes)]
+        send = torch.cat([pieces[c][d] for d in range(len(transfers[0].send_counts)) for c in range(len(sends))])
+        send_counts = [sum(t.send_counts[d] * size for t, size in zip(transfers, row_sizes))
+                       for d in range(len(transfers[0].send_counts))]
+        recv_counts = [sum(t.recv_counts[s] * size for t, size in zip(transfers, row_sizes))
+                       for s in range(len(transfers[0].recv_counts))]
+        flat = AllToAllRows.apply(send, send_counts, recv_counts, group)
+        sizes = [t.recv_counts[s] * size for s in range(len(transfers[0].recv_counts))
+                 for t, size in zip(transfers, row_sizes)]
+        chunks = flat.split(sizes)
+        for c, r in enumerate(per_class):
+            mine = torch.cat(chunks[c::len(per_class)])
+            received[c] = mine.view(-1, r.shape[0], r.shape[1], r.shape[3]).permute(1, 2, 0, 3)
         sent_bytes = send.numel() * send.element_size()
-        received_bytes = received.numel() * received.element_size()
-        received_positions = received.shape[0]
-    order = torch.argsort(torch.cat(places))
-    held = torch.cat(parts, dim=2).index_select(2, order)
-    return AssembledKeyValues(held[..., :key_dim], held[..., key_dim:], sent_bytes, received_bytes,
-                              received_positions)
+        received_bytes = flat.numel() * flat.element_size()
+        received_entries = sum(int(t.recv_index.numel()) * r.shape[1] for r, t in zip(per_class, transfers))
+    held_k, held_v = [], []
+    for r, t, got in zip(per_class, transfers, received):
+        parts, places = [r.index_select(2, t.own_index)], [t.own_place]
+        if got is not None:
+            parts.append(got)
+            places.append(t.recv_index)
+        held = torch.cat(parts, dim=2).index_select(2, torch.argsort(torch.cat(places)))
+        held_k.append(held[..., :key_dim])
+        held_v.append(held[..., key_dim:])
+    return AssembledKeyValues(tuple(held_k), tuple(held_v), sent_bytes, received_bytes, received_entries)

@@ -17,7 +17,9 @@ import numpy as np
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
+from ..lang.multiset import multiset_terms
 from ..lang.queries import walk
+from .heads import head_slices
 from .reach import Reach, ReachContext, block_rule_reach, dilated_kept, reach, union_reach
 from .spans import Spans
 
@@ -27,8 +29,12 @@ ROW_BUDGET = 1 << 22
 
 def pairs(pattern: n.Pattern, lo: int, hi: int, seq_len: int, heads: int, ctx: ReachContext) -> float:
     """Allowed pairs of rows ``[lo, hi)`` over keys ``[0, seq_len)``, summed over ``heads``
-    heads (an int, or a float when random draws count by expectation)."""
-    return _pairs(pattern, lo, hi, seq_len, heads, ctx)
+    heads (an int, or a float when random draws count by expectation). A multiset's pairs
+    count once per term that allows them (its multiplicity): its terms
+    (:func:`~sparsedsl.lang.multiset.multiset_terms`) are counted one by one, each over its
+    head slices (:func:`~.heads.head_slices`)."""
+    return sum(_pairs(part, lo, hi, seq_len, len(rows), ctx)
+               for term in multiset_terms(pattern) for rows, part in head_slices(term, heads))
 
 
 def _sum_min(lo: int, hi: int, shift: int, cap: int) -> int:
@@ -204,7 +210,7 @@ def _expected_blocks(draws, exact: Spans, rows: int) -> np.ndarray:
 def _no_head_groups_inside(parts, node, ctx) -> None:
     """Head groups count closed-form at the top of a pattern only (nested ones see
     absolute head indices)."""
-    if any(isinstance(m, (n.Heads, n.Segments)) for p in parts for m in walk(p)):
+    if any(isinstance(m, (n.Heads, n.Segments, n.DilatedHeads, n.LongNet)) for p in parts for m in walk(p)):
         raise ValueError(f"{ctx.where}: no pair count for head groups inside {node}; "
                          f"put heads(...) or segments(...) at the top of the pattern")
 

@@ -12,7 +12,7 @@ needed positions it holds itself they make its compact key/value buffer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -22,7 +22,8 @@ from ..compiler.cache import BuildCache
 from ..compiler.module import CompiledPattern
 from ..lang.checks import check_int
 from ..lang.queries import head_group_count
-from .reach import Reach, ReachContext, reach
+from .heads import head_slices, splits_heads
+from .reach import ReachContext, reach
 from .sharding import check_divisible, check_zigzag, chunk_owners, owned_ranges, pieces_per_rank
 from .spans import Spans
 
@@ -32,11 +33,12 @@ _PLANS = BuildCache(maxsize=32)
 
 @dataclass(frozen=True)
 class RankTransfers:
-    """One rank's part of an exchange, as index tensors on one device.
+    """One rank's part of an exchange for one :class:`HeadClass`, as index tensors on one
+    device.
 
     ``send_index``: local positions (indices into the rank's shard) to send, grouped by
     destination rank in rank order; ``send_counts[d]`` of them go to rank ``d``.
-    ``recv_index``: where each received row goes in the rank's compact key/value buffer,
+    ``recv_index``: where each received row goes in the class's compact key/value buffer,
     grouped by source rank; ``recv_counts[s]`` of them come from rank ``s``.
     ``own_index`` / ``own_place``: the local positions of the rank's own needed rows and
     their places in the compact buffer. ``held``: the compact buffer's length.
@@ -52,21 +54,37 @@ class RankTransfers:
 
 
 @dataclass(frozen=True, eq=False)
+class HeadClass:
+    """Key/value heads that need the same key positions: ``kv_heads`` (indices; None for
+    every key/value head) and ``by_piece``, the positions each piece of the sequence's
+    rows needs in those heads (a :class:`~.spans.Spans`, one set per piece in sequence
+    order)."""
+
+    kv_heads: tuple[int, ...] | None
+    by_piece: Spans
+
+
+@dataclass(frozen=True, eq=False)
 class ExchangePlan:
     """The key/value traffic of sequence-parallel attention for one pattern and layout.
 
-    ``by_piece``: a :class:`~.spans.Spans` with one set per piece of the sequence (the
-    ``world_size`` pieces, ``2 * world_size`` with zigzag, in sequence order): the
-    positions of the key tiles that piece's rows need (whole ``kv_block`` tiles, cut at
-    ``seq_len``), as sorted intervals. ``needed`` unites them per rank: a rank's compact
-    key/value buffer holds exactly those positions.
+    ``classes``: :class:`HeadClass` es, each a set of key/value heads and the positions
+    every piece of rows needs in them. A pattern whose heads all reach the same keys has
+    one class of every head, holding whole ``kv_block`` tiles (cut at ``seq_len``); a
+    pattern with ``dilated_heads`` branches (``longnet(...)``) has one class per distinct
+    set of needs, holding exact positions (``unit`` 1): each head group reads its own
+    lattice of keys, and a tile would hold every group's keys. ``kv_heads``: the
+    key/value heads the plan is for. Positions (``held_positions`` and the like) are
+    averaged over the key/value heads: whole numbers when one class serves every head.
     """
 
     seq_len: int
     world_size: int
     zigzag: bool
     kv_block: int
-    by_piece: Spans
+    classes: tuple[HeadClass, ...]
+    kv_heads: int = 1
+    unit: int | None = None
     #: Built :class:`RankTransfers` by (rank, device).
     _transfers: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -75,32 +93,101 @@ class ExchangePlan:
         """The plan in which every rank needs every key tile: the traffic of all-gathering
         the keys and values (a baseline to compare a pattern's plan with)."""
         pieces = world_size * pieces_per_rank(zigzag)
-        return cls(seq_len, world_size, zigzag, kv_block, Spans.whole(pieces, seq_len))
+        return cls(seq_len, world_size, zigzag, kv_block, (HeadClass(None, Spans.whole(pieces, seq_len)),),
+                   unit=kv_block)
+
+    @property
+    def splits_heads(self) -> bool:
+        """Whether some class serves only some key/value heads."""
+        return any(c.kv_heads is not None for c in self.classes)
+
+    @cached_property
+    def by_piece(self) -> Spans:
+        """Set ``c``: the positions piece ``c`` needs in some head (union of the classes)."""
+        return _union([c.by_piece for c in self.classes])
 
     @cached_property
     def needed(self) -> Spans:
-        """Set ``r``: the positions rank ``r`` needs (the union of its pieces' sets)."""
-        owners = np.asarray(chunk_owners(self.world_size, self.zigzag))
-        p = self.by_piece
-        return Spans.of(self.world_size, owners[p.ids], p.starts, p.stops)
+        """Set ``r``: the positions rank ``r`` needs in some head."""
+        return _per_rank(self.by_piece, self.world_size, self.zigzag)
 
-    def piece_needed(self, rank: int) -> tuple[Spans, ...]:
-        """The positions each piece of rank ``rank``'s rows needs, in shard order."""
+    def piece_needed(self, rank: int) -> tuple[tuple[Spans, ...], ...]:
+        """Per piece of rank ``rank``'s rows (in shard order), the positions it needs in
+        each class."""
         owners = chunk_owners(self.world_size, self.zigzag)
-        return tuple(self.by_piece.group(c) for c, owner in enumerate(owners) if owner == rank)
+        return tuple(tuple(c.by_piece.group(p) for c in self.classes)
+                     for p, owner in enumerate(owners) if owner == rank)
 
     def ranges(self, rank: int) -> tuple[range, ...]:
         """The absolute positions rank ``rank`` holds, in the order of its shard."""
         return owned_ranges(self.seq_len, rank, self.world_size, self.zigzag)
 
-    def needed_spans(self, rank: int) -> Spans:
-        """The positions rank ``rank`` needs, as a one-set :class:`~.spans.Spans`."""
-        return self.needed.group(rank)
+    @cached_property
+    def class_needed(self) -> tuple[Spans, ...]:
+        """Per class, set ``r``: the positions rank ``r`` needs in the class's heads."""
+        return tuple(_per_rank(c.by_piece, self.world_size, self.zigzag) for c in self.classes)
 
-    def held_positions(self, rank: int) -> int:
-        """Key/value positions of rank ``rank``'s compact buffer (its own needed ones and
-        the received ones)."""
-        return int(self.needed_spans(rank).sizes()[0])
+    def class_of(self, kv_head: int) -> int:
+        """The index of the class serving key/value head ``kv_head``."""
+        return next(i for i, c in enumerate(self.classes) if c.kv_heads is None or kv_head in c.kv_heads)
+
+    def needed_spans(self, rank: int, kv_head: int | None = None) -> Spans:
+        """The positions rank ``rank`` needs (in key/value head ``kv_head``; default: in
+        some head), as a one-set :class:`~.spans.Spans`."""
+        spans = self.needed if kv_head is None else self.class_needed[self.class_of(kv_head)]
+        return spans.group(rank)
+
+    def _heads_of(self, c: HeadClass) -> int:
+        return self.kv_heads if c.kv_heads is None else len(c.kv_heads)
+
+    def entries_by_owner(self, rank: int) -> np.ndarray:
+        """int64 ``[world_size]``: ``(key/value head, position)`` rows of rank ``rank``'s
+        compact buffers that each rank holds (its own among them)."""
+        return sum(held_by_owner(needed.group(rank), self.seq_len, self.world_size, self.zigzag)
+                   * self._heads_of(c) for c, needed in zip(self.classes, self.class_needed))
+
+    def _positions(self, entries) -> float | int:
+        value = entries / self.kv_heads
+        return int(value) if float(value).is_integer() else float(value)
+
+    def held_positions(self, rank: int) -> float | int:
+        """Key/value positions of rank ``rank``'s compact buffers (its own needed ones and
+        the received ones), averaged over the key/value heads."""
+        return self._positions(int(self.entries_by_owner(rank).sum()))
+
+    @cached_property
+    def entries_moved(self) -> torch.Tensor:
+        """int64 ``[world_size, world_size]``: ``(key/value head, position)`` rows rank
+        ``s`` sends rank ``d`` at ``[s, d]`` (zero on the diagonal)."""
+        moved = torch.stack([torch.from_numpy(self.entries_by_owner(d)) for d in range(self.world_size)], dim=1)
+        return moved.fill_diagonal_(0)
+
+    @property
+    def positions_moved(self) -> torch.Tensor:
+        """float64 ``[world_size, world_size]``: positions rank ``s`` sends rank ``d`` at
+        ``[s, d]``, averaged over the key/value heads. For inspection: ``world_size ** 2``
+        entries."""
+        return self.entries_moved.double() / self.kv_heads
+
+    @property
+    def moves_anything(self) -> bool:
+        """Whether any rank receives any position (when not, no collective runs)."""
+        return bool(self.entries_moved.any())
+
+    def received_positions(self, rank: int) -> float | int:
+        """Key/value positions rank ``rank`` receives from the other ranks (averaged over
+        the key/value heads)."""
+        by_owner = self.entries_by_owner(rank)
+        return self._positions(int(by_owner.sum() - by_owner[rank]))
+
+    def sent_positions(self, rank: int) -> float | int:
+        """Key/value positions rank ``rank`` sends to the other ranks (averaged over the
+        key/value heads)."""
+        return self._positions(int(self.entries_moved[rank, :].sum()))
+
+    def all_gather_positions(self) -> int:
+        """Positions each rank would receive by all-gathering the keys and values."""
+        return self.seq_len - self.seq_len // self.world_size
 
     @cached_property
     def _owned(self) -> Spans:
@@ -110,59 +197,34 @@ class ExchangePlan:
         starts = np.arange(len(owners)) * chunk
         return Spans.of(self.world_size, owners, starts, starts + chunk)
 
-    def held_by_owner(self, rank: int) -> np.ndarray:
-        """int64 ``[world_size]``: how many of rank ``rank``'s needed positions each rank
-        holds (its own among them)."""
-        return held_by_owner(self.needed_spans(rank), self.seq_len, self.world_size, self.zigzag)
+    def transfer(self, source: int, dest: int, kv_head: int = 0) -> torch.Tensor:
+        """Absolute positions (ascending, int64) that rank ``source`` sends rank ``dest`` in
+        key/value head ``kv_head``: those ``source`` holds that ``dest`` needs there; empty
+        when ``source == dest``."""
+        return torch.from_numpy(self._transfer(self.class_of(kv_head), source, dest))
 
-    @cached_property
-    def positions_moved(self) -> torch.Tensor:
-        """int64 ``[world_size, world_size]``: positions rank ``s`` sends rank ``d`` at
-        ``[s, d]`` (zero on the diagonal). For inspection: ``world_size ** 2`` entries."""
-        moved = torch.stack([torch.from_numpy(self.held_by_owner(d)) for d in range(self.world_size)], dim=1)
-        return moved.fill_diagonal_(0)
-
-    @property
-    def moves_anything(self) -> bool:
-        """Whether any rank receives any position (when not, no collective runs)."""
-        return bool(self.positions_moved.any())
-
-    def received_positions(self, rank: int) -> int:
-        """Key/value positions rank ``rank`` receives from the other ranks."""
-        by_owner = self.held_by_owner(rank)
-        return int(by_owner.sum() - by_owner[rank])
-
-    def sent_positions(self, rank: int) -> int:
-        """Key/value positions rank ``rank`` sends to the other ranks."""
-        return int(self.positions_moved[rank, :].sum())
-
-    def all_gather_positions(self) -> int:
-        """Positions each rank would receive by all-gathering the keys and values."""
-        return self.seq_len - self.seq_len // self.world_size
-
-    def transfer(self, source: int, dest: int) -> torch.Tensor:
-        """Absolute positions (ascending, int64) that rank ``source`` sends rank ``dest``:
-        those ``source`` holds in tiles ``dest`` needs; empty when ``source == dest``."""
+    def _transfer(self, c: int, source: int, dest: int) -> np.ndarray:
         if source == dest:
-            return torch.empty(0, dtype=torch.int64)
-        return torch.from_numpy(self.needed_spans(dest).intersect(self._owned.group(source)).positions())
+            return np.zeros(0, dtype=np.int64)
+        return self.class_needed[c].group(dest).intersect(self._owned.group(source)).positions()
 
     def local_index(self, rank: int, positions: np.ndarray) -> np.ndarray:
         """Indices into rank ``rank``'s shard of absolute ``positions`` it holds."""
         return self._owned.group(rank).covered_below(positions)
 
-    def rank_transfers(self, rank: int, device) -> RankTransfers:
-        """Rank ``rank``'s send, receive and placement indices, on ``device`` (built once
-        per rank and device)."""
+    def rank_transfers(self, rank: int, device) -> tuple[RankTransfers, ...]:
+        """Rank ``rank``'s send, receive and placement indices of each class, on ``device``
+        (built once per rank and device)."""
         key = (rank, str(torch.device(device)))
         if key not in self._transfers:
-            self._transfers[key] = self._build_rank_transfers(rank, device)
+            self._transfers[key] = tuple(self._build_rank_transfers(c, rank, device)
+                                         for c in range(len(self.classes)))
         return self._transfers[key]
 
-    def _build_rank_transfers(self, rank: int, device) -> RankTransfers:
-        mine = self.needed_spans(rank)
-        sends = [self.transfer(rank, dest).numpy() for dest in range(self.world_size)]
-        recvs = [self.transfer(source, rank).numpy() for source in range(self.world_size)]
+    def _build_rank_transfers(self, c: int, rank: int, device) -> RankTransfers:
+        mine = self.class_needed[c].group(rank)
+        sends = [self._transfer(c, rank, dest) for dest in range(self.world_size)]
+        recvs = [self._transfer(c, source, rank) for source in range(self.world_size)]
         own = mine.intersect(self._owned.group(rank)).positions()
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)  # noqa: E731
         return RankTransfers(
@@ -174,6 +236,16 @@ class ExchangePlan:
             own_place=as_tensor(mine.covered_below(own)),
             held=int(mine.sizes()[0]),
         )
+
+
+def _per_rank(by_piece: Spans, world_size: int, zigzag: bool) -> Spans:
+    owners = np.asarray(chunk_owners(world_size, zigzag))
+    return Spans.of(world_size, owners[by_piece.ids], by_piece.starts, by_piece.stops)
+
+
+def _union(parts: list[Spans]) -> Spans:
+    return Spans.of(parts[0].groups, *(np.concatenate([getattr(p, a) for p in parts])
+                                       for a in ("ids", "starts", "stops")))
 
 
 def held_by_owner(needed: Spans, seq_len: int, world_size: int, zigzag: bool) -> np.ndarray:
@@ -196,22 +268,48 @@ def rank_rows(seq_len: int, world_size: int, zigzag: bool) -> tuple[np.ndarray, 
     return np.asarray(chunk_owners(world_size, zigzag), dtype=np.int64), lo, lo + chunk
 
 
-def needed_tiles(pattern, seq_len: int, world_size: int, zigzag: bool, kv_block: int,
-                 ctx: ReachContext) -> tuple[Spans, Reach]:
-    """``(by_piece, reach)``: the key tiles each piece of rows reaches, as positions of
-    whole tiles (one set per piece, in sequence order), and the raw
-    :class:`~.reach.Reach` of the pieces."""
+def build_plan(pattern, seq_len: int, world_size: int, zigzag: bool, kv_block: int, heads: int,
+               kv_heads: int, ctx: ReachContext) -> tuple[ExchangePlan, tuple]:
+    """``(plan, draws)``: the :class:`ExchangePlan` of ``pattern`` and the random draws of
+    its reach left uncounted (see :class:`~.reach.Draws`; only with ``ctx.expect_random``).
+
+    A pattern whose heads share their keys gets one class: whole ``kv_block`` tiles of
+    what the pieces' rows reach. A pattern with ``dilated_heads`` branches gets, per
+    key/value head, the exact positions its query heads reach (:func:`~.heads.head_slices`),
+    and heads with the same needs share a class."""
     _, lo, hi = rank_rows(seq_len, world_size, zigzag)
-    found = reach(pattern, lo, hi, ctx)
-    return found.spans.coarsened(kv_block, seq_len), found
+    if not splits_heads(pattern):
+        found = reach(pattern, lo, hi, ctx)
+        classes = (HeadClass(None, found.spans.coarsened(kv_block, seq_len)),)
+        return ExchangePlan(seq_len, world_size, zigzag, kv_block, classes, kv_heads, kv_block), found.draws
+    exact = replace(ctx, unit=1)
+    slices = []
+    for rows, part in head_slices(pattern, heads):
+        found = reach(part, lo, hi, exact)
+        if found.draws:
+            raise ValueError(f"{ctx.where}: random blocks in {pattern} are only counted exactly; this size "
+                             f"needs more than {ctx.hash_budget} hashes")
+        slices.append((rows, found.spans))
+    group = heads // kv_heads
+    by_needs: dict = {}
+    for kv_head in range(kv_heads):
+        mine = range(kv_head * group, (kv_head + 1) * group)
+        needs = _union([spans for rows, spans in slices if rows.start < mine.stop and mine.start < rows.stop])
+        key = tuple(a.tobytes() for a in (needs.ids, needs.starts, needs.stops))
+        by_needs.setdefault(key, (needs, []))[1].append(kv_head)
+    classes = tuple(HeadClass(None if len(members) == kv_heads else tuple(members), needs)
+                    for needs, members in by_needs.values())
+    return ExchangePlan(seq_len, world_size, zigzag, kv_block, classes, kv_heads, 1), ()
 
 
 def exchange_plan(compiled: CompiledPattern, seq_len: int, world_size: int, *, zigzag: bool = False,
-                  heads: int | None = None, device=None, **buffers) -> ExchangePlan:
+                  heads: int | None = None, kv_heads: int | None = None, device=None,
+                  **buffers) -> ExchangePlan:
     """The :class:`ExchangePlan` of ``compiled`` for a sequence of ``seq_len`` positions
     sharded over ``world_size`` ranks (see :mod:`sparsedsl.distributed.sharding`).
 
-    ``heads``: the query heads (needed when the pattern has head groups); ``buffers``: the
+    ``heads``: the query heads (needed when the pattern has head groups); ``kv_heads``: the
+    key/value heads (default ``heads``; they must divide ``heads``); ``buffers``: the
     pattern's call-time tensors, over the whole sequence. ``device`` is accepted for
     compatibility and unused: the plan is host arithmetic on intervals. Plans of patterns
     without call-time tensors are cached. Needs no process group: any process can inspect
@@ -226,13 +324,16 @@ def exchange_plan(compiled: CompiledPattern, seq_len: int, world_size: int, *, z
     check_zigzag("exchange_plan()", zigzag)
     seq_len = check_divisible("exchange_plan()", seq_len, world_size, zigzag)
     heads = head_group_count(compiled.pattern) if heads is None else heads
+    kv_heads = heads if kv_heads is None else check_int("exchange_plan()", "kv_heads", kv_heads, minimum=1)
+    if heads % kv_heads:
+        raise ValueError(f"exchange_plan(): argument 'kv_heads' must divide heads={heads}, got {kv_heads}")
 
     def build() -> ExchangePlan:
         ctx = ReachContext(seq_len, heads, unit=compiled.kv_block, buffers=buffers)
-        by_piece, _ = needed_tiles(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, ctx)
-        return ExchangePlan(seq_len, world_size, zigzag, compiled.kv_block, by_piece)
+        return build_plan(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, heads, kv_heads,
+                          ctx)[0]
 
     if buffers:
         return build()
-    key = (compiled.pattern, compiled.kv_block, seq_len, world_size, zigzag, heads)
+    key = (compiled.pattern, compiled.kv_block, seq_len, world_size, zigzag, heads, kv_heads)
     return _PLANS.get(key, build)

@@ -386,6 +386,23 @@ def _(node: n.Segments, lo, hi, ctx):
 
 
 @_reach.register
+def _(node: n.Sum, lo, hi, ctx):  # a multiset reaches what some part reaches
+    return union_reach([_reach(p, lo, hi, ctx) for p in node.parts])
+
+
+@_reach.register
+def _(node: n.LongNet, lo, hi, ctx):
+    return _reach(node.expand(), lo, hi, ctx)
+
+
+@_reach.register
+def _(node: n.DilatedHeads, lo, hi, ctx):
+    # Group j's heads reach the lattice (p % w) % r == j of the segments holding their
+    # rows; the node, over every head, reaches the union of its groups' lattices.
+    return union_reach([_reach(part, lo, hi, ctx) for _, part in node.groups(ctx.heads)])
+
+
+@_reach.register
 def _(node: n.Intersection, lo, hi, ctx):
     parts = [_reach(p, lo, hi, ctx) for p in node.parts]
     _no_draws(parts, "an intersection", ctx)
@@ -416,16 +433,3 @@ def _(node: n.Complement, lo, hi, ctx):
 @_reach.register
 def _(node: n.Scored, lo, hi, ctx):
     return _reach(node.pattern, lo, hi, ctx)
-
-
-def head_parts(pattern: n.Pattern, heads: int) -> list[tuple[n.Pattern, int]]:
-    """``(part, heads of the part)`` for the head groups at the top of ``pattern``
-    (``heads(...)``, ``segments(...)``, under score modifications), else the whole
-    pattern on every head."""
-    core = pattern.pattern if isinstance(pattern, n.Scored) else pattern
-    if isinstance(core, n.Segments):
-        core = core.expand()
-    if isinstance(core, n.Heads):
-        return [(part, len(group)) for part, group in zip(core.parts, head_groups(heads, len(core.parts)))]
-    return [(core, heads)]
-
