@@ -44,11 +44,13 @@ from .lattice_views import chunk_folds, fold, folded_view, write_folded
 #: One lattice plan per term, every part ``chunks``.
 Terms = tuple[tuple[HeadGroupLattice, ...], ...]
 
-#: Throughput per computed pair relative to the device's tile kernel. CPU: 122k pairs per
-#: CPU-ms against the gather plan's 21k (``benchmarks/plan_efficiency.py``, forward, fp32,
-#: 4,096 tokens, 8 heads, ``longnet([512, 1024, 2048], [1, 2, 4])``, 2 shared cores,
-#: torch 2.13). CUDA: not measured.
-EFFICIENCY = {"cpu": 5.5}
+#: Throughput per computed pair relative to the device's tile kernel. CPU: 96k-136k pairs per
+#: CPU-ms on ``longnet([512, 1024, 2048], [1, 2, 4])`` in two runs, 0.7 of the lattice plan's
+#: rate on ``segments`` of the same lengths in the same run, so 0.7 of its 6; the gather plan
+#: ran 12k-13k on this multiset and 21k on set patterns (``benchmarks/plan_efficiency.py``,
+#: 2026-12-05, forward, fp32, 4,096 tokens, 8 heads, head dim 64, 2 shared cores, torch
+#: 2.13, CPU time). CUDA: not measured.
+EFFICIENCY = {"cpu": 4.5}
 
 _LATTICE = LatticePlan()
 
