@@ -84,12 +84,13 @@ def test_rows_without_keys_output_zero_with_finite_gradients(dtype):
 
 
 @pytest.mark.parametrize("pattern,kernel,q_len,kv_len,q_offset,plan", [
-    (sd.blocks(4).local(1).within(sd.segments([2, 4], [1, 2])) | sd.global_tokens(2), "auto", 11, 13, 0, "gather"),
+    (sd.blocks(4).local(1).within(sd.segments([2, 4], [1, 2])) | sd.global_tokens(2), "auto", 11, 13, 0, "tile_sdpa"),
+    ((sd.window(3) | sd.global_tokens(2)).score(sd.alibi()), "auto", 11, 13, 0, "gather"),
     (sd.segments([4, 8], [1, 2]), "auto", 16, 16, 0, "lattice"),
     (sd.dilated(6, 2, 1), "lattice", 13, 13, 0, "lattice"),
     (sd.causal(), "auto", 5, 12, "end", "sdpa"),
     (sd.full(), "auto", 7, 9, 0, "sdpa"),
-    (sd.causal() & sd.window(5, 0), "auto", 3, 20, "end", "gather"),  # queries at the end
+    (sd.causal() & sd.window(5, 0), "auto", 3, 20, "end", "tile_sdpa"),  # queries at the end
 ])
 def test_gradcheck_float64_through_every_plan(pattern, kernel, q_len, kv_len, q_offset, plan):
     module = sd.compile(pattern, block_size=16, kernel=kernel)
@@ -120,7 +121,7 @@ def test_plain_function_score_mod():
 
 
 @pytest.mark.parametrize("pattern,kind", [
-    (sd.full(), "sdpa"), (sd.causal(), "sdpa"), (sd.window(8), "gather"),
+    (sd.full(), "sdpa"), (sd.causal(), "sdpa"), (sd.window(8), "tile_sdpa"),
     (sd.causal().score(sd.alibi()), "gather"),
 ])
 def test_explain_names_the_plan_and_counts(pattern, kind):

@@ -101,7 +101,7 @@ def test_causal_end_aligned_runs_dense_sdpa_with_a_lower_right_bias(q_len, kv_le
     # A causal pattern with its queries elsewhere is not dense SDPA's case: a few rows
     # without gradients are a decoding step, and with gradients the tile plan runs.
     assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu").kind == "decode"
-    assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu", requires_grad=True).kind == "gather"
+    assert module.explain(q_len, kv_len + 7, q_offset=3, device="cpu", requires_grad=True).kind == "tile_sdpa"
 
 
 def test_offset_patterns_with_tensors_see_absolute_positions():

@@ -75,3 +75,27 @@ def _runs() -> str:
         out.append(f"| `{name}` | {cell(r['what'])} | {r['date']} | {r['commit']} | {r['device']}, "
                    f"{r['software']} | `{cell(r['command'])}` |")
     return "\n".join(out)
+
+
+def newest_cpu_run() -> str:
+    """The newest results file of ``benchmarks/cpu.py``."""
+    return max(name for name in runs() if name.startswith("cpu-"))
+
+
+@block("performance-cpu", "docs/performance.md")
+def _cpu() -> str:
+    name = newest_cpu_run()
+    run = rows(name)
+    out = ["| case | pattern | tokens | plan (no grad / grad) | density | forward ms: sparsedsl / dense / flex | "
+           "speedup × density | flex ÷ sparsedsl | flex first call s | forward+backward ms: sparsedsl / dense | "
+           "speedup × density |", "|---|---|---:|---|---:|---|---:|---:|---:|---|---:|"]
+    for r in run["rows"]:
+        flex = (f"{_ms(r['flex_fwd_ms'])}", f"{r['vs_flex']:.2f}×", f"{r['flex_compile_s']:.1f}") \
+            if "flex_fwd_ms" in r else ("–", "–", "–")
+        out.append(
+            f"| {r['case']} | `{cell(r['pattern'])}` | {r['tokens']:,} | {r['plan']} / {r['plan_grad']} | "
+            f"{r['density']:.3f} | {_ms(r['fwd_ms'])} / {_ms(r['dense_fwd_ms'])} / {flex[0]} | "
+            f"{r['fwd_speedup_x_density']:.2f} | {flex[1]} | {flex[2]} | "
+            f"{_ms(r['fwd_bwd_ms'])} / {_ms(r['dense_fwd_bwd_ms'])} | {r['fwd_bwd_speedup_x_density']:.2f} |")
+    out += ["", f"Run: {provenance(name)} ({run['threads']} threads, {run['clock']} time)"]
+    return "\n".join(out)

@@ -79,6 +79,9 @@ class Planner:
             if reasons:
                 table[plan.name] = Candidate(None, tuple(reasons))
                 continue
+            if plan.efficiency(call) is None:  # not costed: nothing to prepare
+                table[plan.name] = Candidate(None, (UNCOSTED,))
+                continue
             cost = plan.cost(self.prepared(plan, pattern, call), call, self)
             table[plan.name] = Candidate(cost, () if cost is not None else (UNCOSTED,))
         return table

@@ -27,9 +27,13 @@ from .lattice_views import chunk_folds, fold_chunks, group_inputs, put, take, wr
 #: CUDA: where the tiles already fit the lattice (``.within`` rules whose segments are a
 #: tile long), the single fused FlexAttention kernel ran faster than the lattice's several
 #: SDPA calls and copies (H100, bf16, torch 2.11): the lattice pays where it computes at most
-#: 2/3 of flex's pairs. CPU: 129k pairs per CPU-ms against the gather plan's 22k
-#: (``benchmarks/plan_efficiency.py``, 2 cores, torch 2.13, fp32, 4,096 tokens).
+#: 2/3 of flex's pairs. CPU (``benchmarks/plan_efficiency.py``, 2 cores, torch 2.13, fp32,
+#: 4,096 tokens, CPU time): lattices of ``chunks`` only (LongNet's ``segments``) computed 129k
+#: pairs per CPU-ms against the gather plan's 22k; lattices with block sub-problems
+#: (``blocks(256).local(1).within(segments([128, 128], [1, 2]))``) 37k, their parts
+#: gathered and run as plans of their own.
 EFFICIENCY = {"cuda": 1 / 1.5, "cpu": 6.0}
+EFFICIENCY_WITH_SUB_PROBLEMS = {"cuda": 1 / 1.5, "cpu": 1.7}
 
 
 def chunks_only(plan: tuple[HeadGroupLattice, ...]) -> bool:
@@ -155,7 +159,13 @@ class LatticePlan(Plan):
         return lattice_decomposition(pattern, call.q_len, call.kv_len, call.heads, call.work_device)
 
     def efficiency(self, call: Call) -> float | None:
+        """:data:`EFFICIENCY` for lattices of chunks (see :meth:`cost` for the others)."""
         return EFFICIENCY.get(call.device.type)
+
+    def cost(self, prepared, call: Call, planner) -> float | None:
+        table = EFFICIENCY if chunks_only(prepared) else EFFICIENCY_WITH_SUB_PROBLEMS
+        efficiency = table.get(call.device.type)
+        return None if efficiency is None else self.computed_pairs(prepared, call, planner) / efficiency
 
     def computed_pairs(self, prepared, call: Call, planner) -> int:
         """Whole chunks for folded chunks, and each sub-problem's own plan otherwise."""

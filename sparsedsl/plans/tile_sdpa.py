@@ -48,19 +48,17 @@ class TileGroup:
     tiles ``tiles[b, h, i]`` (``tiles [Bg, Hg, n, width]``, per batch entry and head of the
     states; a head with fewer live tiles is padded with a masked-out tile).
 
-    ``mask``: the group's SDPA mask ``[n, Bg * Hg, height * q_block, width * kv_block]``
-    (None: every tile full). ``keep``: ``[n, Bg * Hg, height * q_block, 1]`` float, 0 on rows
-    that see no key (None: every row sees one). ``runs``: ``(q_first, q_stride, k_first,
-    k_stride)`` in tokens when span ``i`` starts at ``q_first + i * q_stride`` and its keys
-    are the contiguous ``width * kv_block`` from ``k_first + i * k_stride``, all inside the
-    sequences and the same for every batch entry and head: then the slabs are views of the
-    inputs; else None (gathered)."""
+    ``states``: the states of those tiles, ``[Bg, Hg, n, height, width]`` (``EMPTY`` where
+    padded), from which :func:`group_mask` builds the group's mask. ``runs``: ``(q_first,
+    q_stride, k_first, k_stride)`` in tokens when span ``i`` starts at ``q_first + i *
+    q_stride`` and its keys are the contiguous ``width * kv_block`` from ``k_first + i *
+    k_stride``, all inside the sequences and the same for every batch entry and head: then
+    the slabs are views of the inputs; else None (gathered)."""
 
     rows: torch.Tensor
     height: int
     tiles: torch.Tensor
-    mask: torch.Tensor | None
-    keep: torch.Tensor | None
+    states: torch.Tensor
     runs: tuple[int, int, int, int] | None
 
     @property
@@ -69,9 +67,8 @@ class TileGroup:
         return (self.rows[:, None] + torch.arange(self.height, device=self.rows.device)).flatten()
 
 
-def tile_groups(states: torch.Tensor, grid: TileGrid, mask_mod) -> list[TileGroup]:
-    """The groups of ``states`` (``[Bg, Hg, nq, nk]``) on ``grid``; ``mask_mod`` takes row
-    indices (query tile ``i`` starts at row ``i * q_block``)."""
+def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
+    """The groups of ``states`` (``[Bg, Hg, nq, nk]``) on ``grid``."""
     live = states != EMPTY
     # Spans: runs of consecutive query tiles with the same live key tiles in every (batch, head).
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
@@ -87,18 +84,20 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, mask_mod) -> list[TileGrou
         chosen = ((widths == width) & (heights == height)).nonzero().flatten()
         rows, tiles = first[chosen], order[:, :, chosen, :width]                  # [n], [Bg, Hg, n, W]
         span_states = torch.stack([states[:, :, rows + j].gather(-1, tiles) for j in range(height)], 3)
-        groups.append(_group(rows, height, tiles, span_states, grid, mask_mod))
+        groups.append(TileGroup(rows, height, tiles, span_states, _runs(rows, height, tiles, grid)))
     return groups
 
 
-def _group(rows, height: int, tiles, span_states, grid: TileGrid, mask_mod) -> TileGroup:
-    """A :class:`TileGroup`; ``span_states [Bg, Hg, n, height, W]`` are its tiles' states
-    (``EMPTY`` where padded). The mask is evaluated on the partial tiles only."""
+def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
+    """``(mask, keep)`` of a group: its SDPA mask ``[n, Bg * Hg, height * q_block, width *
+    kv_block]`` (None: every tile full), evaluated by ``mask_mod`` (on row indices) on the
+    partial tiles only, and ``keep`` ``[n, Bg * Hg, height * q_block, 1]`` float, 0 on rows
+    that see no key (None: every row sees one)."""
+    rows, height, tiles, span_states = group.rows, group.height, group.tiles, group.states
     bg, hg, count, width = tiles.shape
     bq, bk = grid.q_block, grid.kv_block
-    runs = _runs(rows, height, tiles, grid)
     if bool((span_states == FULL).all()):
-        return TileGroup(rows, height, tiles, None, None, runs)
+        return None, None
     check_memory("the tile_sdpa plan", "a group's mask", bg * hg * count * height * width * bq * bk)
     mask = (span_states == FULL)[..., None, None].expand(-1, -1, -1, -1, -1, bq, bk).clone()
     partial = (span_states == PARTIAL).nonzero()                                  # [P, 5]: b, h, i, j, w
@@ -119,7 +118,7 @@ def _group(rows, height: int, tiles, span_states, grid: TileGrid, mask_mod) -> T
     if bool(empty.any()):
         mask[..., :1] |= empty  # one masked-in key; the row's output is then multiplied by 0
         keep = (~empty).to(torch.float32)
-    return TileGroup(rows, height, tiles, mask, keep, runs)
+    return mask, keep
 
 
 def _runs(rows: torch.Tensor, height: int, tiles: torch.Tensor, grid: TileGrid):
@@ -231,18 +230,20 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     return out.view(batch, heads, nq * bq, dv)[:, :, :q_len]
 
 
-def additive_masks(groups: list[TileGroup], batch: int, heads: int, dtype: torch.dtype):
-    """Per group, ``(mask, keep)`` for a call of ``batch`` x ``heads`` in ``dtype``: the
-    boolean mask as SDPA's additive float mask (0 allowed, -inf masked: SDPA then adds it
-    without converting a boolean one each call), and ``keep`` in ``dtype``; None where the
-    group has none."""
+def additive_masks(groups: list[TileGroup], grid: TileGrid, mask_mod, batch: int, heads: int,
+                   dtype: torch.dtype):
+    """Per group, ``(mask, keep)`` (:func:`group_mask`) for a call of ``batch`` x ``heads``
+    in ``dtype``: the boolean mask as SDPA's additive float mask (0 allowed, -inf masked:
+    SDPA then adds it without converting a boolean one each call), and ``keep`` in
+    ``dtype``; None where the group has none."""
     masks = []
     for group in groups:
         dims = group.tiles.shape[:2]
-        mask = _per_call(group.mask, dims, batch, heads)
+        mask, keep = group_mask(group, grid, mask_mod)
+        mask = _per_call(mask, dims, batch, heads)
         if mask is not None:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        keep = _per_call(group.keep, dims, batch, heads)
+        keep = _per_call(keep, dims, batch, heads)
         masks.append((mask, None if keep is None else keep.to(dtype)))
     return masks
 
@@ -284,7 +285,7 @@ class TileSdpaPlan(Plan):
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[Tiled, list[TileGroup]]:
         prepared = tiled(pattern, call, self.tiles(pattern, call))
         lowered = prepared.lowering
-        return prepared, tile_groups(lowered.states, lowered.grid, lowered.mask_mod)
+        return prepared, tile_groups(lowered.states, lowered.grid)
 
     def efficiency(self, call: Call) -> float | None:
         """:data:`CPU_EFFICIENCY` on the CPU; not measured on CUDA, where FlexAttention's
@@ -302,13 +303,13 @@ class TileSdpaPlan(Plan):
         tiled_, groups = prepared
         check_batch(call, tiled_.lowering.states)
         grid, scale = tiled_.lowering.grid, call.scale
-        masks = additive_masks(groups, call.batch, call.heads, call.dtype)
+        lowered = tiled_.lowering
+        masks = additive_masks(groups, lowered.grid, lowered.mask_mod, call.batch, call.heads, call.dtype)
         return lambda q, k, v, _: (tile_sdpa_attention(q, k, v, groups=groups, masks=masks, grid=grid,
                                                        scale=scale), None)
 
     def describe(self, prepared, call: Call) -> str:
         groups = prepared[1]
-        masked = sum(g.mask is not None for g in groups)
         viewed = sum(g.runs is not None for g in groups)
         return (f"fused SDPA on key tiles: {len(groups)} groups of query tiles by live-tile count ({viewed} "
-                f"as views, {masked} masked on their partial tiles)")
+                f"as views), masked on partial tiles only")
