@@ -206,7 +206,7 @@ def test_catalog_calls_and_combinations_in_text():
     ("longformer() | bigbird & windw(2)", 26, "unknown name 'windw'"),
     ("bigbird | window(-1)", 11, "window()"),
     ("window(2) | bigbrd", 13, "catalog pattern bigbird"),
-    ("é_x | bigbird", 1, "unknown name"),
+    ("é_x | bigbird", 1, "non-ASCII character"),
     ("bigbird(", 8, ""),
 ])
 def test_errors_quote_the_text_and_point_at_the_column(text, column, message):

@@ -52,7 +52,10 @@ class Pattern:
 
     # -- combinators -------------------------------------------------------------------
     def __or__(self, other: "Pattern") -> "Pattern":
-        return Union(_union_parts((self, other)))
+        parts, multiset = _union_parts((self, other))
+        union = Union(parts)
+        object.__setattr__(union, "_multiset", multiset)  # so that a chain of '|' stays linear
+        return union
 
     def __and__(self, other: "Pattern") -> "Pattern":
         return Intersection(_flattened("&", (self, other), Intersection))
@@ -65,7 +68,7 @@ class Pattern:
 
     # Reached with a non-pattern on the left (``None | p``): refused by the same checks.
     def __ror__(self, other) -> "Pattern":
-        return Union(_union_parts((other, self)))
+        return Union(_union_parts((other, self))[0])
 
     def __rand__(self, other) -> "Pattern":
         return Intersection(_flattened("&", (other, self), Intersection))
@@ -135,19 +138,27 @@ def _operands(op: str, operands: tuple) -> tuple:
     return operands
 
 
-def _union_parts(operands: tuple) -> tuple:
-    """The parts of the union of ``operands``: at most one may be a multiset (a union takes
-    the larger count of each pair, which only a set against a multiset makes plain)."""
-    from .multiset import is_multiset
-
+def _union_parts(operands: tuple) -> tuple[tuple, bool]:
+    """The parts of the union of ``operands`` and whether it is a multiset: at most one
+    operand may be (a union takes the larger count of each pair, which only a set against a
+    multiset makes plain). Whether an operand is a multiset is computed once per node."""
     parts = _flattened("|", operands, Union)
-    multisets = [p for p in parts if is_multiset(p)]
+    multisets = [side for side in operands if _is_multiset(side)]
     if len(multisets) > 1:
         raise PatternOperandError(
             f"operator '|': {_wrap(multisets[0], _ATOM)} and {_wrap(multisets[1], _ATOM)} both count "
             f"some pairs more than once; a union keeps the larger count of each pair, which is "
             f"defined here between a multiset and sets only: add multisets with '+'")
-    return parts
+    return parts, bool(multisets)
+
+
+def _is_multiset(node: "Pattern") -> bool:
+    """:func:`~sparsedsl.lang.multiset.is_multiset` of ``node``, kept on the node."""
+    from .multiset import is_multiset
+
+    if "_multiset" not in node.__dict__:
+        object.__setattr__(node, "_multiset", is_multiset(node))
+    return node.__dict__["_multiset"]
 
 
 def _flattened(op: str, operands: tuple, kind: type) -> tuple:

@@ -28,7 +28,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..compiler.cache import BuildCache
 from ..lang import nodes as n
 from ..lang.checks import INDEX_LIMIT
-from ..lang.queries import depends_on_heads, mask_part, walk
+from ..lang.queries import counts_from_the_end, depends_on_heads, mask_part, walk
 from ..passes.blockmask import ordered_indices, tile_states
 from ..passes.lowering import context
 from ..passes.maskmod import lower_mask, lower_score, rows_from, score_rows_from
@@ -58,6 +58,8 @@ def decodes_by_rows(pattern: n.Pattern) -> bool:
     """Whether ``allowed(q, k)`` of ``pattern`` is the same for every sequence length (so
     states computed over a larger key capacity stay exact for shorter caches)."""
     length_bound = (n.Documents, n.BlockRandom, n.BlockLayout)
+    if counts_from_the_end(mask_part(pattern)):  # a range counted from the end moves with the length
+        return False
     return not pattern.buffer_names() and not any(
         isinstance(node, length_bound) or (isinstance(node, n.Blocks) and any(
             isinstance(rule, length_bound) for rule in node.rules))
