@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = commands.add_parser("catalog", help="list the catalog's named patterns and their papers",
                                   description="List the catalog's named patterns: name, what it is, source.")
     catalog.add_argument("--json", action="store_true", help="print a JSON list instead")
+    from .distributed.cli import add_estimate_command  # argparse only: no torch import
+
+    add_estimate_command(commands)
     return parser
 
 
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"sparsedsl {args.command}"
     try:
+        if getattr(args, "run", None) is not None:  # a command that brings its own runner
+            return args.run(args)
         from . import commands
 
         return commands.run(args)
