@@ -160,3 +160,22 @@ def test_an_offset_past_32_bit_indices_is_named_q_offset():
     assert module.explain(16, q_offset=2**31 - 20, head_dim=16, device="cpu").kind != "decode"
     with pytest.raises(sd.PatternArgumentError, match="argument 'q_offset' is 2147483638"):
         module.explain(16, q_offset=2**31 - 10, head_dim=16, device="cpu")
+
+
+def test_flex_on_the_cpu_gives_zero_rows_and_refuses_float64():
+    """kernel="flex" on the CPU (Inductor's C++ kernel): a row whose score function masks
+    every key outputs 0, as on every plan; float64 is refused with the plan's reason."""
+    def hide_first_rows(score, b, h, q, k):
+        return torch.where(q < 5, torch.full_like(score, float("-inf")), score)
+
+    pattern = (sd.window(40) | sd.global_tokens(2)).score(hide_first_rows)
+    module = sd.compile(pattern, block_size=16, kernel="flex")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        out = module(q, k, v)
+    expected, _ = reference_attention(pattern, q, k, v)
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    with pytest.raises(sd.PlanNotSupported, match="float64"):
+        module(*(t.double() for t in (q, k, v)))
