@@ -82,7 +82,8 @@ def _run_case(name, rank, world_size, device, dtype) -> dict:
     (out * shard(weight, rank, world_size, zigzag)).sum().backward()
     gathered = [torch.empty_like(out) for _ in range(world_size)]
     dist.all_gather(gathered, out.detach().contiguous())
-    plan = exchange_plan(compiled, seq_len, world_size, zigzag=zigzag, heads=heads, **buffers)
+    plan = exchange_plan(compiled, seq_len, world_size, zigzag=zigzag, heads=heads, kv_heads=kv_heads,
+                         **buffers)
     position_bytes = k.shape[0] * kv_heads * (k.shape[3] + v.shape[3]) * k.element_size()
     planned = None
     if not buffers:
@@ -252,6 +253,35 @@ def test_a_window_moves_far_less_than_an_all_gather(gloo_reports):
         assert stats["received_bytes"] <= stats["all_gather_bytes"] / 2
 
 
+def _needed_by_kv_head(pattern, seq_len, heads, kv_heads, rows) -> list[set[int]]:
+    """Per key/value head: the key positions some of its query heads may attend to from
+    ``rows`` (a multiplicity above 0 in the dense reference)."""
+    allowed = sd.dense(pattern, seq_len, seq_len, heads=heads).expand(heads, seq_len, seq_len)[:, rows] > 0
+    per_kv = heads // kv_heads
+    return [set(allowed[g * per_kv:(g + 1) * per_kv].any(0).any(0).nonzero().flatten().tolist())
+            for g in range(kv_heads)]
+
+
+@pytest.mark.parametrize("case", ["longnet", "longnet zigzag", "longnet causal (GQA)"])
+def test_longnet_moves_only_the_dilated_keys_of_each_head(gloo_reports, case):
+    """Each key/value head receives the positions of the other ranks that its query heads'
+    branches reach from the rank's rows (the dilated lattice of each head group, in the
+    segments the rows lie in), computed here from the dense reference: exactly those, and
+    for ``& causal()`` (whose reach is the intersection of the parts') at least those."""
+    world_size, reports = gloo_reports
+    pattern, zigzag, heads, kv_heads, seq_len, _ = _cases()[case]
+    row_bytes = 2 * (8 + 8) * 8  # batch x (k and v head_dim) x float64, per key/value head
+    for rank, report in enumerate(reports):
+        ranges = owned_ranges(seq_len, rank, world_size, zigzag)
+        rows = [p for r in ranges for p in r]
+        owned = set(rows)
+        needed = _needed_by_kv_head(pattern, seq_len, heads, kv_heads, rows)
+        least = sum(len(keys - owned) for keys in needed) * row_bytes
+        got = report[case]["received_bytes"]
+        assert got == least if "causal" not in case else got >= least, (case, rank, got, least)
+        assert got < kv_heads * (seq_len - len(rows)) * row_bytes  # less than every other position
+
+
 # -- errors ----------------------------------------------------------------------------
 
 def test_every_rank_raises_together_on_bad_inputs(gloo_reports):
@@ -345,6 +375,29 @@ def test_the_plan_follows_the_pattern():
     short = exchange_plan(sd.compile(sd.segments([512, 1024], [1, 2]), block_size=64),
                           seq_len, world_size, heads=2)
     assert not short.moves_anything
+
+
+def test_longnet_plans_move_each_head_groups_lattice():
+    """LongNet's distributed algorithm: a segment that spans ranks costs each head the
+    kept keys of its own group, ``w / r`` of the segment, whatever the tile size."""
+    seq_len, world_size = 4096, 4
+    plan = exchange_plan(sd.compile(sd.longnet([4096], [4]), block_size=64), seq_len, world_size, heads=8)
+    assert [c.kv_heads for c in plan.classes] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    # each head needs the 1024 positions of its residue, 768 of them held by other ranks
+    assert [plan.received_positions(r) for r in range(world_size)] == [768] * 4
+    assert [plan.held_positions(r) for r in range(world_size)] == [1024] * 4
+    assert plan.transfer(1, 0, kv_head=2).tolist() == list(range(1025, 2048, 4))
+    assert int(plan.entries_moved.sum()) == 4 * 8 * 768
+    # the same segment, head-grouped (segments): whole tiles, every position to every head
+    grouped = exchange_plan(sd.compile(sd.segments([4096, 4096], [4, 4], [0, 1]), block_size=64),
+                            seq_len, world_size, heads=8)
+    assert [grouped.received_positions(r) for r in range(world_size)] == [3072] * 4
+    # segments within a shard: nothing moves, the shard runs as self-attention
+    local = exchange_plan(sd.compile(sd.longnet([256, 1024], [2, 4]), block_size=64), seq_len, world_size,
+                          heads=6, kv_heads=3)
+    assert not local.moves_anything
+    with pytest.raises(ValueError, match="argument 'kv_heads' must divide heads=6, got 4"):
+        exchange_plan(sd.compile(sd.longnet([256], [2])), seq_len, world_size, heads=6, kv_heads=4)
 
 
 # -- NCCL ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import sparsedsl as sd
 from sparsedsl.distributed import estimate
 from sparsedsl.distributed.cli import add_estimate_command
+from sparsedsl.distributed.heads import head_slices
 from sparsedsl.distributed.pairs import pairs
 from sparsedsl.distributed.reach import ReachContext, reach
 from sparsedsl.passes.tiles import EMPTY
@@ -68,8 +69,45 @@ FAMILIES = [
     sd.dilated_window(20, 5, 3), sd.strided(9), sd.prefix(33) | sd.causal(),
     sd.blocks(16).local(1).global_(2).random(3, 0), sd.blocks(32).dilated([2, 3], window=5),
     sd.blocks(64).local(1).within(sd.segments([32, 32], [1, 2])), sd.blocks(16).local(2).causal(),
+    # multisets: pairs count with multiplicity, LongNet's head groups each their lattice
+    sd.longnet([64, 100], [1, 3]), sd.longnet([32, 256], [2, 5]) & sd.causal(), sd.window(10) + sd.causal(),
     sd.causal() & sd.window(30), sd.full() - sd.window(100),
 ]
+
+
+@st.composite
+def longnet_cases(draw):
+    branches = draw(st.integers(1, 3))
+    lengths = [draw(st.integers(1, 90)) for _ in range(branches)]
+    rates = [draw(st.integers(1, min(w, 7))) for w in lengths]
+    pattern = sd.longnet(lengths, rates)
+    if draw(st.booleans()):
+        pattern = pattern & sd.causal()
+    seq_len = draw(st.integers(1, 120))
+    lo = draw(st.integers(0, seq_len - 1))
+    return pattern, draw(st.integers(1, 7)), seq_len, lo, draw(st.integers(lo + 1, seq_len))
+
+
+@settings(max_examples=80, deadline=None)
+@given(longnet_cases())
+def test_each_head_slice_reaches_exactly_its_lattice(case):
+    """Per head slice of LongNet, the positions reached at position granularity (what the
+    exchange moves for it) hold every key the slice's heads may attend to from the rows,
+    and nothing else where the reach is exact (always, without ``& causal()``)."""
+    pattern, heads, seq_len, lo, hi = case
+    allowed = sd.dense(pattern, seq_len, seq_len, heads=heads).expand(heads, seq_len, seq_len)[:, lo:hi] > 0
+    slices = head_slices(pattern, heads)
+    assert [h for rows, _ in slices for h in rows] == list(range(heads))
+    for rows, part in slices:
+        want = allowed[rows.start:rows.stop].any(0).any(0).numpy()
+        found = reach(part, [lo], [hi], ReachContext(seq_len, heads, unit=1))
+        got = np.zeros(seq_len, dtype=bool)
+        for a, b in zip(found.spans.starts.tolist(), found.spans.stops.tolist()):
+            got[a:b] = True
+        assert not (want & ~got).any(), f"{pattern}, heads {rows}, rows [{lo}, {hi}): a key is missing"
+        if found.exact:
+            assert (want == got).all(), f"{pattern}, heads {rows}, rows [{lo}, {hi}): exact reach differs"
+        assert found.exact or "causal" in str(part)
 
 
 @pytest.mark.parametrize("pattern", FAMILIES, ids=str)
