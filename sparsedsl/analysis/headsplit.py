@@ -1,7 +1,7 @@
 """Splitting a pattern by head: the head-free pattern each head runs, and the distinct ones.
 
 ``heads(p0, p1, ...)`` and ``segments(...)`` give different heads different patterns
-(DESIGN.md §2). For one head ``h`` of ``H`` every head-group node can be replaced by the
+(docs/language.md). For one head ``h`` of ``H`` every head-group node can be replaced by the
 part that ``h`` falls in, recursively (nested groups split the same ``H`` heads), which
 leaves a pattern without head groups whose ``allowed(q, k)`` is what head ``h`` allows.
 Heads whose resolved patterns are equal (``==``) allow the same pairs, so counting and

@@ -1,7 +1,7 @@
 """The pattern language: immutable, hashable expression nodes and their text form.
 
 A pattern is a boolean relation ``allowed(b, h, q, k)`` over batch, head, query position and
-key position (DESIGN.md §1). Nodes only *describe* a pattern; the passes in
+key position (docs/language.md). Nodes only *describe* a pattern; the passes in
 :mod:`sparsedsl.passes` give them meaning (dense reference, ``mask_mod``, tile classes,
 counts). Every node is a frozen dataclass, so ``==`` and ``hash`` are structural, and
 ``str(p)`` is source text that :func:`sparsedsl.parse` turns back into an equal pattern.
