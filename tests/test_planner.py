@@ -179,3 +179,23 @@ def test_flex_on_the_cpu_gives_zero_rows_and_refuses_float64():
     assert (out.double() - expected).abs().max().item() < 1e-5
     with pytest.raises(sd.PlanNotSupported, match="float64"):
         module(*(t.double() for t in (q, k, v)))
+
+
+@pytest.mark.parametrize("pattern", [sd.segments([4, 8], [1, 2]), sd.longnet([4, 8], [1, 2])])
+def test_a_log_sum_exp_with_gradients_is_differentiable(pattern):
+    """A loss through the returned log-sum-exp gets its gradient: plans that compute it
+    without autograd refuse such calls, and the plan that runs gives the reference's."""
+    module = sd.compile(pattern, block_size=16)
+    plan = module.explain(32, heads=2, head_dim=8, device="cpu", dtype=torch.float64, requires_grad=True,
+                          return_lse=True)
+    assert any("no gradient" in r for r in plan.candidates["lattice"].reasons)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = module(q, k, v, return_lse=True)
+    expected, expected_lse = reference_attention(pattern, q, k, v)
+    finite = torch.isfinite(expected_lse)
+    loss = lambda o, l: (o * o).sum() + l[finite].sum()  # noqa: E731
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(expected, expected_lse), (q, k, v))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-9

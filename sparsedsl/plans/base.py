@@ -37,6 +37,10 @@ from ..lang import nodes as n
 if TYPE_CHECKING:  # the planner hands itself to plans that solve sub-problems
     from ..compiler.planner import Planner
 
+#: Why a plan whose log-sum-exp is computed without autograd refuses a call that returns
+#: it with gradients (a loss through it would silently miss its part of the gradient).
+NO_LSE_GRADIENT = "its log-sum-exp has no gradient (return_lse with gradients)"
+
 #: ``runner(q, k, v, q_offset) -> (out, lse or None)``.
 Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple]
 
@@ -88,6 +92,11 @@ class Call:
     @property
     def half_precision(self) -> bool:
         return self.dtype in (torch.float16, torch.bfloat16)
+
+    @property
+    def lse_gradient(self) -> bool:
+        """Whether autograd may flow through the log-sum-exp the call returns."""
+        return self.needs_grad and self.return_lse
 
     @property
     def group(self) -> int:
