@@ -18,9 +18,9 @@ import importlib
 _EXPORTS = {
     "ExchangeStats": ".attention",
     "sequence_parallel_attention": ".attention",
-    "Estimate": ".estimate",
-    "RankEstimate": ".estimate",
-    "estimate": ".estimate",
+    "Estimate": ".costs",
+    "RankEstimate": ".costs",
+    "estimate": ".costs",
     "ExchangePlan": ".plan",
     "exchange_plan": ".plan",
     "owned_ranges": ".sharding",

@@ -1,5 +1,5 @@
 """``sparsedsl estimate PATTERN --seq-len N --world-size P``: the per-rank cost of
-sequence-parallel attention, printed as a table (see :func:`~.estimate.estimate`).
+sequence-parallel attention, printed as a table (see :func:`~.costs.estimate`).
 
 :func:`add_estimate_command` registers the subcommand on an ``argparse`` subparsers
 object; the parsed arguments carry :func:`run_estimate` as ``args.run``, which prints the
@@ -47,7 +47,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
     from ..catalog import pattern_from_text
     from ..compiler.module import compile as compile_pattern
-    from .estimate import estimate, table
+    from .costs import estimate, table
 
     try:
         if args.dtype not in DTYPES:

@@ -1,20 +1,25 @@
 """Attention of one rank's rows over its compact key/value buffer.
 
-A rank holds keys and values only for the positions of the tiles its rows need (see
-:mod:`.plan`): ``held`` sorted intervals of absolute positions, stored one after the other.
-A piece of rows ``[o, o + L)`` is attended over that buffer in one of two exact ways:
+A rank holds keys and values only for the positions its rows need (see :mod:`.plan`), one
+buffer per class of key/value heads that need the same positions (one class of every
+head, holding whole tiles, unless the pattern has ``dilated_heads`` branches): ``held``
+sorted intervals of absolute positions, stored one after the other. A piece of rows
+``[o, o + L)`` is attended over those buffers in one of two exact ways:
 
-* **shifted**: when the piece's needed positions are one interval ``[a, b)`` with
-  ``a <= o``, and the pattern is the same when every position moves by ``a``
-  (:func:`translation_period` divides ``a``), the piece is ``compiled(q, k[a:b], v[a:b],
-  q_offset=o - a)``: the compiled module runs on the slice as if it started the sequence,
-  with whatever plan it picks there (the lattice plan for a LongNet shard of whole
-  segments, bands for windows, ...);
-* **mapped**: otherwise, key ``j`` of the buffer stands for absolute position
+* **shifted**: when the piece's needed positions (in any head) are one interval
+  ``[a, b)`` with ``a <= o``, and the pattern is the same when every position moves by
+  ``a`` (:func:`translation_period` divides ``a``), the piece is ``compiled(q, k[a:b],
+  v[a:b], q_offset=o - a)``: the compiled module runs on the slice as if it started the
+  sequence, with whatever plan it picks there (the lattice plan for a LongNet shard of
+  whole segments, the branches plan for ``longnet(...)``, bands for windows, ...), a
+  multiset's ``log m`` included;
+* **mapped**: otherwise, per class, key ``j`` of the buffer stands for absolute position
   ``positions[j]``. The piece's tile states (``compiled.lowering(...)`` over the whole key
-  axis) are kept for the held tiles only, and each chunk of query tiles attends to the
-  held tiles it does not leave empty, masked by the pattern evaluated on absolute
-  positions. Differentiable, on any device and dtype.
+  axis) are kept for the class's heads and held tiles only, and each chunk of query tiles
+  attends to the held positions of the tiles it does not leave empty, masked by the
+  pattern evaluated on absolute positions and heads, with the compiled ``score_mod``
+  (which adds ``log m`` for a multiset: one softmax over the multiset). Differentiable,
+  on any device and dtype.
 """
 
 from __future__ import annotations

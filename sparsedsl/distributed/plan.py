@@ -3,11 +3,14 @@ worked out from the pattern's structure alone (no communication, the same on eve
 
 Rank ``r`` needs key tile ``j`` (tiles of ``compiled.kv_block`` positions from 0) when
 some row it holds may attend to a key of that tile in some head and batch entry, as
-:func:`~.reach.reach` states it from the pattern's parameters. The plan holds, per rank,
-those tiles as sorted intervals of positions (:class:`~.spans.Spans`): its size grows with
-the ranks and the intervals they need, never with the sequence length. The positions of
-the needed tiles that another rank holds are what ``r`` receives; together with the
-needed positions it holds itself they make its compact key/value buffer.
+:func:`~.reach.reach` states it from the pattern's parameters. Patterns with
+``dilated_heads`` branches (``longnet(...)``) are the exception: each key/value head needs
+the exact positions of its own query heads' lattices (:mod:`.heads`), so the plan holds
+one class of heads per distinct set of needs, at position granularity. The plan holds,
+per class and rank, those positions as sorted intervals (:class:`~.spans.Spans`): its size
+grows with the ranks and the intervals they need, never with the sequence length. The
+needed positions that another rank holds are what ``r`` receives; together with the
+needed positions it holds itself they make its compact key/value buffers.
 """
 
 from __future__ import annotations

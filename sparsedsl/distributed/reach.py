@@ -15,7 +15,7 @@ the key set of one row is combined set by set.
 Random key blocks (``blocks(s).random(k, seed)``) are chosen by a seeded hash over every
 key block of a row: exact, at a cost of (block rows) x (key blocks) hashes. Past
 ``ctx.hash_budget`` hashes, and when ``ctx.expect_random`` allows it, the picks are left
-as :class:`Draws` (so many uniform picks per row), which :mod:`.estimate` counts by their
+as :class:`Draws` (so many uniform picks per row), which :mod:`.costs` counts by their
 expected value.
 """
 
@@ -143,8 +143,9 @@ def _progressions(groups: int, ids, first, last, step: int, ctx, what: str) -> S
     if total > POINT_BUDGET:
         raise ValueError(
             f"{ctx.where}: {what} reaches {total} separate positions from these rows (more "
-            f"than {POINT_BUDGET} to list); use tiles of at least {step} positions, or a "
-            f"shorter seq_len"
+            f"than {POINT_BUDGET} to list); "
+            + (f"use tiles of at least {step} positions, or a shorter seq_len" if ctx.unit > 1
+               else "give a shorter seq_len or more ranks")
         )
     keys = np.repeat(first, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)) * step
     return Spans.of(groups, np.repeat(ids, counts), keys, keys + 1)
