@@ -28,7 +28,7 @@ from ..lang import nodes as n
 from .heads import head_slices
 from .plan import build_plan, held_by_owner, rank_rows
 from .reach import Draws, ReachContext, dilated_tile_counts, reach
-from .sharding import check_divisible, check_zigzag, chunk_owners
+from .sharding import check_divisible, check_zigzag
 from .spans import Spans
 
 WHERE = "estimate()"
