@@ -40,15 +40,16 @@ def test_explain_names_the_plan_forward_runs(case, dtype, grad, lse, offset, hea
         offset = "zero"
     q_offset = {"zero": 0, "end": "end", "some": 3}[offset]
     module = sd.compile(pattern, block_size=block)
-    plan = module.explain(q_len, kv_len, heads=heads, head_dim=head_dim, device="cpu", dtype=dtype,
+    plan = module.explain(q_len, kv_len, heads=heads, head_dim=head_dim, batch=2, device="cpu", dtype=dtype,
                           requires_grad=grad, return_lse=lse, q_offset=q_offset, **buffers)
     assert set(plan.candidates) == set(PLAN_NAMES)
     assert plan.candidates[plan.kind].reasons in ((), (planner_module.UNCOSTED,))
     for name, candidate in plan.candidates.items():
         assert (candidate.cost is None) == bool(candidate.reasons), name
     gen = torch.Generator().manual_seed(q_len * 7 + kv_len)
-    q = torch.randn(1, heads, q_len, head_dim, generator=gen, dtype=dtype, requires_grad=grad)
-    k, v = (torch.randn(1, heads, kv_len, head_dim, generator=gen, dtype=dtype, requires_grad=grad)
+    # batch 2: bound document ids are drawn with a batch of 1 or 2
+    q = torch.randn(2, heads, q_len, head_dim, generator=gen, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(2, heads, kv_len, head_dim, generator=gen, dtype=dtype, requires_grad=grad)
             for _ in range(2))
     ran = _plans_run(lambda: module(q, k, v, return_lse=lse, q_offset=q_offset, **buffers))
     assert ran and ran[0] == plan.kind, (str(plan), ran)
