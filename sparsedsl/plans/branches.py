@@ -205,6 +205,9 @@ class BranchesPlan(Plan):
             reasons.append("float64 on CUDA: the fused kernel with a log-sum-exp takes 16- and 32-bit floats")
         if call.device.type == "cuda" and call.head_dim % 8:
             reasons.append(f"head_dim={call.head_dim} on CUDA: the fused kernel's views need a multiple of 8")
+        if call.device.type == "cuda" and call.half_precision and call.needs_grad:
+            reasons.append("half-precision gradients on CUDA: the merged backward gave non-finite values "
+                           "(H100, bf16, torch 2.11); float32 is exact")
         if not reasons:
             for i, term in enumerate(multiset_terms(pattern)):
                 reasons += [f"term {i + 1} ({term}): {reason}" for reason in chunks_reasons(term, call.heads)]
