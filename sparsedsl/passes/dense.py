@@ -1,6 +1,6 @@
 """The dense reference: a pattern materialised as a boolean tensor.
 
-Written directly from the semantics table of DESIGN.md §2 and independent of every fast path
+Written directly from the semantics table of the language (docs/language.md) and independent of every fast path
 (``mask_mod`` lowering, tile classification), so that those can be tested against it. Memory
 is ``O(heads * Q * K)``: small sizes only.
 """
