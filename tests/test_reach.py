@@ -488,14 +488,8 @@ def rope_pointwise(score, b, h, q, k):
     return score + _TABLE[q, 0].to(score.dtype) * _TABLE[k, 1].to(score.dtype)
 
 
-_REDUCTION_IN_FLEX = pytest.mark.xfail(
-    strict=True, raises=Exception,
-    reason="compiled FlexAttention cannot lower a reduction inside a score_mod (an InductorError, "
-           "not naming the function): the flex plan should refuse such functions by name")
-
 _SCORE_CASES = [(fn, kernel) for fn in (rope_dot, rope_sum, rope_pointwise, constant) for kernel in ("auto", "gather")]
 _SCORE_CASES += [(rope_pointwise, "flex"), (constant, "flex")]
-_SCORE_CASES += [pytest.param(fn, "flex", marks=_REDUCTION_IN_FLEX) for fn in (rope_dot, rope_sum)]
 
 
 @pytest.mark.parametrize("fn,kernel", _SCORE_CASES, ids=lambda v: getattr(v, "__name__", v))
@@ -614,3 +608,13 @@ def test_ranges_inside_blocks_count_from_the_block_end():
             expected[q, k] = q % 8 == 0 and k % 8 >= 6
     assert torch.equal(allowed, expected)
     assert not counts_from_the_end(pattern) and counts_from_the_end(sd.keys(0, -1) | sd.causal())
+
+
+@pytest.mark.parametrize("fn", [rope_dot, rope_sum], ids=lambda f: f.__name__)
+def test_flex_refuses_a_score_function_it_cannot_lower_by_name(fn):
+    """Compiled FlexAttention cannot lower a reduction over gathered values inside a
+    score_mod: the error names the function and the plans that run it."""
+    pattern = sd.causal().score(fn)
+    q, k, v = _inputs(1, 2, 37, 37, 8, torch.float32, dim=16)
+    with torch.no_grad(), pytest.raises(sd.ScoreFunctionError, match=f"score function {fn.__name__}.*kernel='gather'"):
+        sd.compile(pattern, block_size=16, kernel="flex")(q, k, v)

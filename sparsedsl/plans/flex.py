@@ -26,6 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..lang import nodes as n
 from ..lang.queries import is_diagonal_band, score_mods
 from ..passes.blockmask import block_mask_from_states
+from ..passes.maskmod import ScoreFunctionError
 from ..passes.tiles import EMPTY, TileGrid
 from .base import Call, Plan, Runner
 from .tiled import Tiled, call_score_mod, check_batch, tiled
@@ -137,6 +138,25 @@ def flex_plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     return out[:, :, :q_len], (lse[:, :, :q_len] if lse is not None else None)
 
 
+def _naming_score_functions(run, functions):
+    """``run`` whose kernel compile failures name the plain score functions: Inductor
+    cannot lower every function FlexAttention's eager semantics allow (a reduction over a
+    gathered vector, for one), and its own error names neither the function nor a way out."""
+    names = ", ".join(getattr(fn, "__qualname__", None) or repr(fn) for fn in functions)
+
+    def checked(q, k, v, q_offset):
+        try:
+            return run(q, k, v, q_offset)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
+            raise ScoreFunctionError(
+                f"score function {names}: compiled FlexAttention cannot lower it (a reduction over "
+                f"gathered values, for one, has no per-element kernel); compile with kernel='gather' or "
+                f"kernel='auto' on the CPU, or write it with elementwise operations ({type(err).__name__})"
+            ) from err
+
+    return checked
+
+
 def flex_reasons(call: Call) -> list[str]:
     """Why FlexAttention's kernels cannot run ``call`` (empty when they can)."""
     reasons = []
@@ -188,9 +208,13 @@ class FlexPlan(Plan):
         score_mod = call_score_mod(prepared.pattern, call)
         options = flex_kernel_options(prepared.pattern, call.head_dim, call.device, call.dtype)
         return_lse = call.return_lse
-        return lambda q, k, v, _: flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=score_mod,
-                                                      scale=call.scale, return_lse=return_lse,
-                                                      kernel_options=options)
+
+        def run(q, k, v, _):
+            return flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=call.scale,
+                                       return_lse=return_lse, kernel_options=options)
+
+        functions = [mod.fn for mod in score_mods(prepared.pattern) if isinstance(mod, n.FunctionMod)]
+        return _naming_score_functions(run, functions) if functions else run
 
     def describe(self, prepared: Tiled, call: Call) -> str:
         return "block-sparse FlexAttention with the structural block mask"
