@@ -182,21 +182,32 @@ def test_flex_on_the_cpu_gives_zero_rows_and_refuses_float64():
         module(*(t.double() for t in (q, k, v)))
 
 
-@pytest.mark.parametrize("pattern", [sd.segments([4, 8], [1, 2]), sd.longnet([4, 8], [1, 2])])
-def test_a_log_sum_exp_with_gradients_is_differentiable(pattern):
-    """A loss through the returned log-sum-exp gets its gradient: plans that compute it
-    without autograd refuse such calls, and the plan that runs gives the reference's."""
-    module = sd.compile(pattern, block_size=16)
-    plan = module.explain(32, heads=2, head_dim=8, device="cpu", dtype=torch.float64, requires_grad=True,
-                          return_lse=True)
-    assert any("no gradient" in r for r in plan.candidates["lattice"].reasons)
+@pytest.mark.parametrize("pattern,kernel", [(sd.segments([4, 8], [1, 2]), "lattice"),
+                                            (sd.longnet([4, 8], [1, 2]), "branches"),
+                                            (sd.blocks(16).local(1), "band")])
+def test_a_loss_through_a_log_sum_exp_without_gradient_raises(pattern, kernel):
+    """Plans whose log-sum-exp is computed outside autograd still return it with gradients
+    through the output; a loss that reads it raises an error naming the plan (it would
+    otherwise miss its share of the gradient), and the gather plan gives the reference's."""
     gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, 32, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out, lse = module(q, k, v, return_lse=True)
+    inputs = [torch.randn(1, 2, 32, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    out, lse = sd.compile(pattern, block_size=16, kernel=kernel)(q, k, v, return_lse=True)
     expected, expected_lse = reference_attention(pattern, q, k, v)
     finite = torch.isfinite(expected_lse)
-    loss = lambda o, l: (o * o).sum() + l[finite].sum()  # noqa: E731
-    got = torch.autograd.grad(loss(out, lse), (q, k, v))
-    want = torch.autograd.grad(loss(expected, expected_lse), (q, k, v))
+    assert (lse[finite] - expected_lse[finite]).abs().max().item() < 1e-9
+    got = torch.autograd.grad((out * out).sum(), (q, k, v), retain_graph=True)
+    want = torch.autograd.grad((expected * expected).sum(), (q, k, v), retain_graph=True)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-9
+    with pytest.raises(RuntimeError, match=f"log-sum-exp returned by the {kernel} plan has no gradient"):
+        lse[finite].sum().backward()
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    out, lse = sd.compile(pattern, block_size=16, kernel="gather")(q, k, v, return_lse=True)
+    multiplicity = sd.dense(pattern, 32, heads=2).double()
+    # masked pairs at weight 1e-200: no -inf, so rows that see no key give no NaN gradient
+    direct = torch.logsumexp((q @ k.transpose(-1, -2)) * 8 ** -0.5 + multiplicity.clamp(min=1e-200).log(), -1)
+    got = torch.autograd.grad(lse[finite].sum(), (q, k))
+    want = torch.autograd.grad(direct[finite].sum(), (q, k))
     for g, w in zip(got, want):
         assert (g - w).abs().max().item() < 1e-9

@@ -31,7 +31,7 @@ import torch
 from ..lang import nodes as n
 from ..lang.queries import block_band
 from ..passes.tiles import EMPTY
-from .base import NO_LSE_GRADIENT, Call, Plan, Runner
+from .base import Call, Plan, Runner
 from .flex import bucket_length, flex_plan_attention, flex_reasons, flex_tiles, padded_block_mask
 from .gather import gather_attention
 from .kernels import merges_batch_and_heads, sdpa_with_lse
@@ -165,8 +165,6 @@ class BandPlan(Plan):
             reasons.append("needs self-attention (q_len == kv_len, q_offset 0)")
         if call.bound:
             reasons.append("bound tensors")
-        if call.lse_gradient:
-            reasons.append(NO_LSE_GRADIENT)
         edge_tile = self.tiles(pattern, call)[0]
         if band[0] % edge_tile:
             reasons.append(f"the block size {band[0]} is not a multiple of the edge rows' tile {edge_tile}")

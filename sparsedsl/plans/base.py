@@ -37,10 +37,6 @@ from ..lang import nodes as n
 if TYPE_CHECKING:  # the planner hands itself to plans that solve sub-problems
     from ..compiler.planner import Planner
 
-#: Why a plan whose log-sum-exp is computed without autograd refuses a call that returns
-#: it with gradients (a loss through it would silently miss its part of the gradient).
-NO_LSE_GRADIENT = "its log-sum-exp has no gradient (return_lse with gradients)"
-
 #: ``runner(q, k, v, q_offset) -> (out, lse or None)``.
 Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple]
 
@@ -94,7 +90,7 @@ class Call:
         return self.dtype in (torch.float16, torch.bfloat16)
 
     @property
-    def lse_gradient(self) -> bool:
+    def differentiates_lse(self) -> bool:
         """Whether autograd may flow through the log-sum-exp the call returns."""
         return self.needs_grad and self.return_lse
 
@@ -127,6 +123,9 @@ class Plan:
     #: Whether the runner's backward is itself differentiable (second-order gradients);
     #: where not, the planner wraps it (:mod:`sparsedsl.plans.double_backward`).
     double_backward: bool = False
+    #: Whether the log-sum-exp it returns carries a gradient; where not, the planner makes a
+    #: loss through it raise an error (:mod:`sparsedsl.plans.lse_gradient`).
+    lse_gradient: bool = False
 
     def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
         raise NotImplementedError

@@ -36,7 +36,7 @@ from ..lang import nodes as n
 from ..lang.multiset import NOTHING, is_multiset, multiset_terms
 from ..lang.queries import score_mods
 from ..passes.lattice import HeadGroupLattice, chunks_reasons, lattice_decomposition
-from .base import NO_LSE_GRADIENT, Call, Plan, Runner
+from .base import Call, Plan, Runner
 from .lattice import LatticePlan
 from .lattice_autograd import zeroed_output
 from .lattice_views import chunk_folds, fold, folded_view, write_folded
@@ -199,8 +199,6 @@ class BranchesPlan(Plan):
             reasons.append("score modifications read absolute positions")
         if pattern.buffer_names():
             reasons.append("bound tensors are indexed by absolute position")
-        if call.lse_gradient:
-            reasons.append(NO_LSE_GRADIENT)
         if call.device.type == "cuda" and call.dtype == torch.float64:
             reasons.append("float64 on CUDA: the fused kernel with a log-sum-exp takes 16- and 32-bit floats")
         if call.device.type == "cuda" and call.head_dim % 8:

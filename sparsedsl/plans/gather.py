@@ -106,6 +106,7 @@ class GatherPlan(Plan):
 
     name = "gather"
     double_backward = True
+    lse_gradient = True
 
     def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:
         if call.decoding:

@@ -17,7 +17,7 @@ import torch
 from ..lang import nodes as n
 from ..lang.queries import score_mods
 from ..passes.lattice import HeadGroupLattice, lattice_decomposition, lattice_reasons
-from .base import NO_LSE_GRADIENT, Call, Plan, Runner
+from .base import Call, Plan, Runner
 from .kernels import sdpa_with_lse
 from .lattice_autograd import ChunkLattice, zeroed_output
 from .lattice_program import LatticeProgram
@@ -151,8 +151,6 @@ class LatticePlan(Plan):
             reasons.append("score modifications read absolute positions")
         if pattern.buffer_names():
             reasons.append("bound tensors are indexed by absolute position")
-        if call.lse_gradient:
-            reasons.append(NO_LSE_GRADIENT)
         if not reasons:
             reasons += lattice_reasons(pattern, call.q_len, call.heads)
         return reasons
