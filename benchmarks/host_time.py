@@ -24,11 +24,11 @@ import torch.nn.functional as F
 import sparsedsl as sd
 
 CASES = [
-    # (name, pattern, q_len, kv_len, q_offset)
-    ("sdpa causal", sd.causal(), 256, 256, 0),
-    ("gather window|global", sd.window(16) | sd.global_tokens(4), 256, 256, 0),
-    ("lattice segments", sd.segments([64, 128], [1, 2]), 256, 256, 0),
-    ("decode step", sd.causal() & sd.window(64, 0), 1, 300, 299),
+    # (name, pattern, q_len, kv_len, q_offset, kernel)
+    ("sdpa causal", sd.causal(), 256, 256, 0, "auto"),
+    ("gather window|global", sd.window(16) | sd.global_tokens(4), 256, 256, 0, "gather"),
+    ("lattice segments", sd.segments([64, 128], [1, 2]), 256, 256, 0, "auto"),
+    ("decode step", sd.causal() & sd.window(64, 0), 1, 300, 299, "auto"),
 ]
 
 
@@ -51,8 +51,8 @@ def stub_kernels() -> None:
                     setattr(module, kernel, _stub_tile_kernel)
 
 
-def time_case(pattern, q_len: int, kv_len: int, q_offset: int, calls: int, repeats: int) -> float:
-    module = sd.compile(pattern, block_size=32)
+def time_case(pattern, q_len: int, kv_len: int, q_offset: int, kernel: str, calls: int, repeats: int) -> float:
+    module = sd.compile(pattern, block_size=32, kernel=kernel)
     q = torch.randn(1, 2, q_len, 32)
     k = v = torch.randn(1, 2, kv_len, 32)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def main() -> None:
         __import__(name)
     stub_kernels()
     torch.set_num_threads(1)
-    results = {name: time_case(p, q, k, o, args.calls, args.repeats) for name, p, q, k, o in CASES}
+    results = {name: time_case(p, q, k, o, kernel, args.calls, args.repeats) for name, p, q, k, o, kernel in CASES}
     for name, us in results.items():
         print(f"{name:<24} {us:8.1f} us/call")
     if args.json:

@@ -150,21 +150,24 @@ class CompiledPattern(nn.Module):
             k, v = k[:, :, q_offset:q_offset + q.shape[2]], v[:, :, q_offset:q_offset + q.shape[2]]
             q_offset = 0
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        decoding = not buffers and self._decoding(q.shape[2], q_offset, needs_grad)
-
-        def call():
-            return make_call(q.shape[2], k.shape[2], q_offset, q.shape[1], k.shape[1], q.shape[3], q.shape[0],
-                             q.dtype, q.device, scale, (self.q_block, self.kv_block), needs_grad, return_lse,
-                             decoding, buffers)
-
+        # Checked in the order that costs least when the answer is no (offset 0 is the common case).
+        decoding = q_offset > 0 and self._decodes and not buffers and self._decoding(q.shape[2], q_offset, needs_grad)
         if buffers:
-            runner = self.planner.runner(self.pattern, call())
+            runner = self.planner.runner(self.pattern, self._call(q, k, scale, q_offset, needs_grad, return_lse,
+                                                                  decoding, buffers))
         else:  # the handle stands for (pattern, tiles, kernel): an int, hashed at no cost
             key = (self._handle, q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad, return_lse, scale,
                    "rows" if decoding else q_offset)
-            runner = CALL_RUNNERS.get(key, lambda: self.planner.runner(self.pattern, call()))
+            runner = CALL_RUNNERS.get(key, lambda: self.planner.runner(self.pattern, self._call(
+                q, k, scale, q_offset, needs_grad, return_lse, decoding, buffers)))
         out, lse = runner(q, k, v, q_offset)
         return (to_layout(out, layout), lse) if return_lse else to_layout(out, layout)
+
+    def _call(self, q, k, scale: float, q_offset: int, needs_grad: bool, return_lse: bool, decoding: bool,
+              buffers: dict):
+        return make_call(q.shape[2], k.shape[2], q_offset, q.shape[1], k.shape[1], q.shape[3], q.shape[0],
+                         q.dtype, q.device, scale, (self.q_block, self.kv_block), needs_grad, return_lse,
+                         decoding, buffers)
 
     def _decoding(self, q_len: int, q_offset: int, needs_grad: bool) -> bool:
         return is_decoding_step(self._decodes, q_len, q_offset, self.q_block, needs_grad)
