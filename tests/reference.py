@@ -68,3 +68,15 @@ def reference_attention(pattern: n.Pattern, q, k, v, scale=None, q_offset=0, **b
     weights = torch.softmax(scores, -1).nan_to_num(0.0)
     return weights @ v, lse
 
+
+def block_sets(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``BlockMask``'s partial and full tiles as dense bool ``[B, H, nq, nk]`` sets."""
+    def scatter(num, idx):
+        num, idx = num.cpu().long(), idx.cpu().long()
+        out = torch.zeros(idx.shape, dtype=torch.bool)
+        live = torch.arange(idx.shape[-1]) < num[..., None]
+        rows = live.nonzero(as_tuple=True)
+        out[rows[:-1] + (idx[live],)] = True
+        return out
+    return (scatter(block_mask.kv_num_blocks, block_mask.kv_indices),
+            scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))

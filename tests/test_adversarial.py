@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 import sparsedsl as sd
-from reference import reference_attention
+from reference import block_sets, reference_attention
 from sparsedsl.lang import parse as parse_module
 from strategies import min_heads, primitives
 
@@ -28,18 +28,6 @@ from strategies import min_heads, primitives
 # Helpers
 # ---------------------------------------------------------------------------------------
 
-
-def _block_sets(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense bool ``[B, H, nq, nk]`` sets of the partial and of the full tiles."""
-    def scatter(num, idx):
-        num, idx = num.long(), idx.long()
-        out = torch.zeros(idx.shape, dtype=torch.bool)
-        live = torch.arange(idx.shape[-1]) < num[..., None]
-        rows = live.nonzero(as_tuple=True)
-        out[rows[:-1] + (idx[live],)] = True
-        return out
-    return (scatter(block_mask.kv_num_blocks, block_mask.kv_indices),
-            scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
 
 
 def _dense_tiles(allowed: torch.Tensor, tile: int) -> tuple[int, int, int]:
@@ -67,7 +55,7 @@ def _check_against_dense(pattern, q_len, kv_len, heads, tile, block):
     ours = module.block_mask(q_len, kv_len, heads=heads)
     theirs = create_block_mask(module.mask_mod(q_len, kv_len, heads=heads), 1, heads, q_len,
                                kv_len, device="cpu", BLOCK_SIZE=block)
-    for a, b in zip(_block_sets(ours), _block_sets(theirs)):
+    for a, b in zip(block_sets(ours), block_sets(theirs)):
         assert torch.equal(a.expand(1, heads, -1, -1), b.expand(1, heads, -1, -1)), str(pattern)
     return module
 

@@ -21,27 +21,12 @@ from sparsedsl.passes.blockmask import ordered_indices
 from sparsedsl.passes.context import Context
 from sparsedsl.passes.tiles import (EMPTY, FULL, PARTIAL, UNKNOWN, TileGrid, _undecided, classify,
                                     complement, intersection, leaves_unknown, union)
+from reference import block_sets
 from strategies import pattern_cases
 
 
-def _block_sets(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense bool ``[B, H, nq, nk]`` sets of partial and of full tiles of a BlockMask."""
-    partial = _scatter(block_mask.kv_num_blocks, block_mask.kv_indices)
-    full = _scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    return partial, full
-
-
-def _scatter(num, idx):
-    num, idx = num.cpu().long(), idx.cpu().long()
-    out = torch.zeros(idx.shape, dtype=torch.bool)
-    live = torch.arange(idx.shape[-1]) < num[..., None]
-    rows = live.nonzero(as_tuple=True)
-    out[rows[:-1] + (idx[live],)] = True
-    return out
-
-
 def _assert_same_blocks(ours, theirs, batch, heads):
-    for a, b in zip(_block_sets(ours), _block_sets(theirs)):
+    for a, b in zip(block_sets(ours), block_sets(theirs)):
         a = a.expand(batch, heads, -1, -1)
         b = b.expand(batch, heads, -1, -1)
         assert torch.equal(a, b)
@@ -94,7 +79,7 @@ def test_patterns_with_tensors_are_not_cached_by_identity():
     first = module.block_mask(64, doc=ids)
     ids[32:] = 1  # same tensor object, new contents: the mask must follow
     second = module.block_mask(64, doc=ids)
-    assert not torch.equal(_block_sets(first)[1], _block_sets(second)[1])
+    assert not torch.equal(block_sets(first)[1], block_sets(second)[1])
 
 
 def test_concurrent_builds_equal_serial_builds():
@@ -105,14 +90,14 @@ def test_concurrent_builds_equal_serial_builds():
     for p in patterns:
         for n in lengths:
             bm = sd.compile(p, block_size=32).block_mask(n, heads=2)
-            serial[(p, n)] = _block_sets(bm)
+            serial[(p, n)] = block_sets(bm)
     from sparsedsl.passes.lowering import _LOWERINGS
     _LOWERINGS.clear()
     results, errors = {}, []
 
     def work(p, n):
         try:
-            results.setdefault((p, n), []).append(_block_sets(sd.compile(p, block_size=32).block_mask(n, heads=2)))
+            results.setdefault((p, n), []).append(block_sets(sd.compile(p, block_size=32).block_mask(n, heads=2)))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 import sparsedsl as sd
-from reference import reference_attention
+from reference import block_sets, reference_attention
 from sparsedsl.analysis.formula import N as N_SYMBOL
 from sparsedsl.compiler.planner import PlanNotSupported
 from sparsedsl.lang import nodes as n
@@ -246,17 +246,6 @@ def _tile_counts(allowed: torch.Tensor, tile: int) -> tuple[int, int, int]:
     return full, per_tile.numel() - full - empty, empty
 
 
-def _block_sets(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    def scatter(num, idx):
-        num, idx = num.long(), idx.long()
-        out = torch.zeros(idx.shape, dtype=torch.bool)
-        live = torch.arange(idx.shape[-1]) < num[..., None]
-        rows = live.nonzero(as_tuple=True)
-        out[rows[:-1] + (idx[live],)] = True
-        return out
-    return (scatter(block_mask.kv_num_blocks, block_mask.kv_indices),
-            scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
-
 
 @settings(max_examples=80)
 @given(cases(), st.sampled_from((3, 4, 7, 16)), st.sampled_from((16, 32)))
@@ -273,7 +262,7 @@ def test_counts_tiles_and_block_masks_equal_the_dense_reference(case, tile, bloc
     ours = module.block_mask(q_len, kv_len, heads=heads, **buffers)
     theirs = create_block_mask(module.mask_mod(q_len, kv_len, heads=heads, **buffers), batch, heads,
                                q_len, kv_len, device="cpu", BLOCK_SIZE=block)
-    for a, b in zip(_block_sets(ours), _block_sets(theirs)):
+    for a, b in zip(block_sets(ours), block_sets(theirs)):
         assert torch.equal(a.expand(batch, heads, -1, -1), b.expand(batch, heads, -1, -1)), str(pattern)
 
 
