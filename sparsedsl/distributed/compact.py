@@ -8,7 +8,7 @@ sorted intervals of absolute positions, stored one after the other. A piece of r
 
 * **shifted**: when the piece's needed positions (in any head) are one interval
   ``[a, b)`` with ``a <= o``, and the pattern is the same when every position moves by
-  ``a`` (:func:`translation_period` divides ``a``), the piece is ``compiled(q, k[a:b],
+  ``a`` (:func:`~sparsedsl.lang.queries.translation_period` divides ``a``), the piece is ``compiled(q, k[a:b],
   v[a:b], q_offset=o - a)``: the compiled module runs on the slice as if it started the
   sequence, with whatever plan it picks there (the lattice plan for a LongNet shard of
   whole segments, the branches plan for ``longnet(...)``, bands for windows, ...), a
@@ -24,65 +24,16 @@ sorted intervals of absolute positions, stored one after the other. A piece of r
 
 from __future__ import annotations
 
-from functools import singledispatch
-
 import numpy as np
 import torch
 
 from ..compiler.module import CompiledPattern
-from ..lang import nodes as n
+from ..lang.queries import translation_period
 from ..passes.tiles import EMPTY
 from .spans import Spans
 
 #: Score elements held at once by the mapped path.
 SCORE_BUDGET = 1 << 24
-
-
-@singledispatch
-def translation_period(node) -> int | None:
-    """``T`` such that ``allowed(q + m T, k + m T) == allowed(q, k)`` for every ``m`` and
-    every pair of positions (the same for score modifications), or None when no such
-    period is known (absolute positions matter: global tokens, prefixes, random or bound
-    layouts, bound tensors)."""
-    return None
-
-
-for _node, _period in ((n.Full, 1), (n.Causal, 1), (n.Window, 1), (n.DilatedWindow, 1), (n.Strided, 1)):
-    translation_period.register(_node, lambda node, _p=_period: _p)
-translation_period.register(n.Chunks, lambda node: node.size)
-translation_period.register(n.Dilated, lambda node: node.segment)
-translation_period.register(n.Segments, lambda node: _lcm(node.lengths))
-translation_period.register(n.DilatedHeads, lambda node: node.segment)
-translation_period.register(n.LongNet, lambda node: _lcm(node.segment_lengths))
-translation_period.register(n.Complement, lambda node: translation_period(node.inner))
-translation_period.register(n.Difference, lambda node: _lcm([translation_period(node.left),
-                                                             translation_period(node.right)]))
-for _node in (n.Heads, n.Union, n.Intersection, n.Sum):
-    translation_period.register(_node, lambda node: _lcm([translation_period(p) for p in node.parts]))
-
-
-@translation_period.register
-def _(node: n.Blocks):
-    if not all(isinstance(rule, (n.BlockLocal, n.BlockDilated)) for rule in node.rules):
-        return None  # global, random and bound layouts name absolute blocks
-    return node.size  # .within() reads positions relative to blocks of this size
-
-
-@translation_period.register
-def _(node: n.Scored):
-    if not all(isinstance(mod, (n.Alibi, n.Softcap)) for mod in node.mods):
-        return None  # a bound bias or a function may read absolute positions
-    return translation_period(node.pattern)
-
-
-def _lcm(periods) -> int | None:
-    periods = list(periods)
-    if None in periods:
-        return None
-    result = 1
-    for p in periods:
-        result = result * p // np.gcd(result, p)
-    return int(result)
 
 
 def attend_piece(compiled: CompiledPattern, q: torch.Tensor, held_k: tuple, held_v: tuple, held: tuple,

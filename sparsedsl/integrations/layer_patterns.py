@@ -23,11 +23,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from functools import singledispatch
 
 from ..analysis.count import count
 from ..lang import nodes as n
-from ..lang.queries import mask_part, score_mods, walk
+from ..lang.queries import mask_part, score_mods, translation_period, walk
 
 #: Layer types of models that name none (transformers' names).
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -214,32 +213,7 @@ def _integers(node) -> list[int]:
     return values
 
 
-@singledispatch
-def shift_invariant(node) -> bool:
+def shift_invariant(pattern) -> bool:
     """Whether ``allowed(q, k)`` (and the scores) depend on ``q - k`` only, so that moving
-    every position by the same amount changes nothing (a pattern with a node not listed
-    here is taken to depend on absolute positions)."""
-    return False
-
-
-@shift_invariant.register(n.Full)
-@shift_invariant.register(n.Causal)
-@shift_invariant.register(n.Window)
-@shift_invariant.register(n.DilatedWindow)
-@shift_invariant.register(n.Strided)
-def _(node) -> bool:
-    return True
-
-
-@shift_invariant.register(n.Union)
-@shift_invariant.register(n.Intersection)
-@shift_invariant.register(n.Difference)
-@shift_invariant.register(n.Complement)
-@shift_invariant.register(n.Heads)
-def _(node) -> bool:
-    return all(shift_invariant(part) for part in node.children())
-
-
-@shift_invariant.register(n.Scored)
-def _(node: n.Scored) -> bool:
-    return shift_invariant(node.pattern) and all(isinstance(mod, (n.Alibi, n.Softcap)) for mod in node.mods)
+    every position by the same amount changes nothing (a translation period of 1)."""
+    return translation_period(pattern) == 1

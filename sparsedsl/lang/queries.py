@@ -240,3 +240,45 @@ def _(pattern: n.Intersection) -> bool:
 @_is_band.register
 def _(pattern: n.Blocks) -> bool:
     return block_band(pattern) is not None
+
+
+@singledispatch
+def translation_period(node) -> int | None:
+    """``T`` such that ``allowed(q + m T, k + m T) == allowed(q, k)`` for every ``m`` and
+    every pair of positions (the same for score modifications), or None when no such
+    period is known (absolute positions matter: global tokens, prefixes, random or bound
+    layouts, bound tensors, ranges). A period of 1: the pattern depends on ``q - k`` only."""
+    return None
+
+
+for _node in (n.Full, n.Causal, n.Window, n.DilatedWindow, n.Strided):
+    translation_period.register(_node, lambda node: 1)
+translation_period.register(n.Chunks, lambda node: node.size)
+translation_period.register(n.Dilated, lambda node: node.segment)
+translation_period.register(n.Segments, lambda node: _lcm(node.lengths))
+translation_period.register(n.DilatedHeads, lambda node: node.segment)
+translation_period.register(n.LongNet, lambda node: _lcm(node.segment_lengths))
+translation_period.register(n.Complement, lambda node: translation_period(node.inner))
+translation_period.register(n.Difference, lambda node: _lcm([translation_period(node.left),
+                                                             translation_period(node.right)]))
+for _node in (n.Heads, n.Union, n.Intersection, n.Sum):
+    translation_period.register(_node, lambda node: _lcm([translation_period(p) for p in node.parts]))
+
+
+@translation_period.register
+def _(node: n.Blocks):
+    if not all(isinstance(rule, (n.BlockLocal, n.BlockDilated)) for rule in node.rules):
+        return None  # global, random and bound layouts name absolute blocks
+    return node.size  # .within() reads positions relative to blocks of this size
+
+
+@translation_period.register
+def _(node: n.Scored):
+    if not all(isinstance(mod, (n.Alibi, n.Softcap)) for mod in node.mods):
+        return None  # a bound bias or a function may read absolute positions
+    return translation_period(node.pattern)
+
+
+def _lcm(periods) -> int | None:
+    periods = list(periods)
+    return None if None in periods else math.lcm(*periods)
