@@ -22,8 +22,8 @@ given the *merged* statistics (``dO``, ``O`` and ``L`` on the run's rows), compu
 exp(s - L)`` on the run's pairs and ``D = rowsum(dO * O)``, which is exactly that run's
 share of the multiset softmax's gradient; the shares add up over runs and terms (keys of
 overlapping runs receive each run's share). The log-sum-exp carries no gradient. Kernels:
-PyTorch's fused CPU attention, the memory-efficient kernel on CUDA (both with their
-log-sum-exp and a backward that takes it).
+PyTorch's fused CPU attention; on CUDA the flash kernel in half precision and the
+memory-efficient kernel in float32 (each with its log-sum-exp and a backward that takes it).
 """
 
 from __future__ import annotations
@@ -55,9 +55,18 @@ EFFICIENCY = {"cpu": 4.5}
 _LATTICE = LatticePlan()
 
 
+def _flash(q: torch.Tensor) -> bool:
+    """Whether CUDA's flash kernel runs ``q``: half precision, head dim a multiple of 8 up
+    to 256."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of ``[n, h, m, d]`` inputs by the device's fused kernel: ``(out,
     lse [n, h, m])``, the log-sum-exp in float32 (float64 for float64 inputs)."""
+    if _flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        return out, lse
     if q.is_cuda:
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, False, scale=scale)
@@ -68,6 +77,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 def attend_backward(grad_out, q, k, v, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv)`` of :func:`attend` from the statistics ``out`` and ``lse`` given."""
+    if _flash(q):  # the kernel reads the statistics as contiguous tensors
+        no_dropout = torch.zeros(2, dtype=torch.uint64, device=q.device)  # seeds: unread without dropout
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), None, None, q.shape[2], k.shape[2],
+            0.0, False, no_dropout, no_dropout[0], scale=scale)
     if q.is_cuda:
         lse = F.pad(lse, (0, -lse.shape[-1] % 32)).contiguous()  # the kernel's padded rows
         no_dropout = torch.zeros((), dtype=torch.long, device=q.device)  # seeds: unread without dropout
@@ -203,9 +217,6 @@ class BranchesPlan(Plan):
             reasons.append("float64 on CUDA: the fused kernel with a log-sum-exp takes 16- and 32-bit floats")
         if call.device.type == "cuda" and call.head_dim % 8:
             reasons.append(f"head_dim={call.head_dim} on CUDA: the fused kernel's views need a multiple of 8")
-        if call.device.type == "cuda" and call.half_precision and call.needs_grad:
-            reasons.append("half-precision gradients on CUDA: the merged backward gave non-finite values "
-                           "(H100, bf16, torch 2.11); float32 is exact")
         if not reasons:
             for i, term in enumerate(multiset_terms(pattern)):
                 reasons += [f"term {i + 1} ({term}): {reason}" for reason in chunks_reasons(term, call.heads)]
