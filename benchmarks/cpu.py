@@ -14,7 +14,7 @@ dense SDPA's throughput per useful pair (1: a sparse pair costs what a dense pai
 ``vs flex`` is ``flex time / sparsedsl time`` (above 1: sparsedsl is faster). Times are the
 median of ``--repeats`` calls after one warm-up call.
 
-    PYTHONPATH=. python benchmarks/cpu.py [--lengths 4096] [--json FILE]
+    PYTHONPATH=. python benchmarks/cpu.py [--lengths 4096] [--threads 1 --clock cpu] [--json FILE]
 """
 
 from __future__ import annotations
@@ -107,10 +107,15 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or the process's CPU time (all threads; for a machine shared "
                              "with other work)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for every method (default: torch's; one thread with "
+                             "--clock cpu measures without other work's contention or idle spinning)")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args()
     global clock
     clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for length in args.lengths:
         for name, text in CASES:

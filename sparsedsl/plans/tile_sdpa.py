@@ -67,17 +67,31 @@ class TileGroup:
         return (self.rows[:, None] + torch.arange(self.height, device=self.rows.device)).flatten()
 
 
+#: The most a band group (:func:`band_group`) may compute, relative to the live tiles of
+#: the spans it holds: the tiles its key runs take past a sequence's ends, or over empty
+#: tiles inside them.
+BAND_SLACK = 1.25
+
+
 def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
-    """The groups of ``states`` (``[Bg, Hg, nq, nk]``) on ``grid``."""
+    """The groups of ``states`` (``[Bg, Hg, nq, nk]``) on ``grid``: for each span height, a
+    band group (:func:`band_group`) where one fits, and the other spans grouped by their
+    number of live tiles."""
     live = states != EMPTY
     # Spans: runs of consecutive query tiles with the same live key tiles in every (batch, head).
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
     first = torch.cat([torch.ones(1, dtype=torch.bool, device=states.device), ~same]).nonzero().flatten()
     heights = torch.diff(first, append=torch.tensor([states.shape[-2]], device=states.device))
     widths = live[:, :, first].sum(-1).amax((0, 1))                               # a span's widest (b, h)
+    groups = []
+    if states.shape[:2] == (1, 1):
+        for height in heights.unique().tolist():
+            band = band_group(states, grid, first, heights == height, height)
+            if band is not None:
+                groups.append(band)
+                widths[torch.isin(first, band.rows)] = 0  # held by the band
     # Live tiles first, in ascending order (a stable sort of "not live").
     order = torch.sort((~live[:, :, first]).to(torch.int8), dim=-1, stable=True).indices
-    groups = []
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
         if width == 0:
             continue
@@ -86,6 +100,42 @@ def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
         span_states = torch.stack([states[:, :, rows + j].gather(-1, tiles) for j in range(height)], 3)
         groups.append(TileGroup(rows, height, tiles, span_states, _runs(rows, height, tiles, grid)))
     return groups
+
+
+def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
+               height: int) -> TileGroup | None:
+    """One group for the spans ``first[chosen]`` (all ``height`` query tiles high; states
+    of one batch entry and head) whose live key tiles are one contiguous run, when those
+    spans are evenly spaced and their runs fit in a window of ``W`` tiles that moves by
+    the same number of tokens as the spans: span ``i`` sees tiles ``k0 + i * step ... +
+    W - 1``, where tiles before the first or past the last are empty. The group's slabs are
+    then views of the inputs (padded with masked-out keys at the ends), whatever the
+    spans' widths, and it is made only when it computes at most :data:`BAND_SLACK` times
+    their live tiles. None where no such group fits (or it would hold one span)."""
+    live = states[0, 0, first] != EMPTY                                              # [spans, nk]
+    num_kv = live.shape[-1]
+    counts = live.sum(-1)
+    lo = live.to(torch.int8).argmax(-1)
+    hi = num_kv - live.flip(-1).to(torch.int8).argmax(-1)
+    chosen = chosen & (counts > 0) & (counts == hi - lo)
+    rows, lo, hi, counts = first[chosen], lo[chosen], hi[chosen], counts[chosen]
+    if rows.numel() < 2:
+        return None
+    q_step = int(rows[1] - rows[0])
+    index = torch.arange(rows.numel(), device=rows.device)
+    if q_step < 1 or not bool((rows == rows[0] + q_step * index).all()) or (q_step * grid.q_block) % grid.kv_block:
+        return None
+    k_step = q_step * grid.q_block // grid.kv_block
+    k_first = int((lo - index * k_step).min())
+    width = int((hi - index * k_step).max()) - k_first
+    if rows.numel() * width > BAND_SLACK * int(counts.sum()):
+        return None
+    tiles = (k_first + index * k_step)[:, None] + torch.arange(width, device=rows.device)     # [n, W]
+    inside = (tiles >= 0) & (tiles < num_kv)
+    span_states = torch.stack([states[0, 0, rows + j].gather(-1, tiles.clamp(0, num_kv - 1)) for j in range(height)], 1)
+    span_states = span_states.masked_fill(~inside[:, None], EMPTY)
+    runs = (int(rows[0]) * grid.q_block, q_step * grid.q_block, k_first * grid.kv_block, k_step * grid.kv_block)
+    return TileGroup(rows, height, tiles[None, None], span_states[None, None], runs)
 
 
 def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
@@ -132,8 +182,7 @@ def _runs(rows: torch.Tensor, height: int, tiles: torch.Tensor, grid: TileGrid):
     k_step = int(starts[1] - starts[0]) if count > 1 else 1
     steps = torch.arange(count, device=rows.device)
     arithmetic = bool((rows == rows[0] + q_step * steps).all()) and bool((starts == starts[0] + k_step * steps).all())
-    if not arithmetic or q_step < 1 or k_step < 1 or (int(rows[-1]) + height) * grid.q_block > grid.rows \
-            or (int(starts[-1]) + width) * grid.kv_block > grid.kv_len:
+    if not arithmetic or q_step < 1 or k_step < 1:
         return None
     return (int(rows[0]) * grid.q_block, q_step * grid.q_block, int(starts[0]) * grid.kv_block,
             k_step * grid.kv_block)
@@ -145,6 +194,17 @@ def _slabs(t: torch.Tensor, first: int, count: int, chunk: int, stride: int) -> 
     backward sums overlapping slabs' gradients) where batch and heads merge."""
     span = t[:, :, first:first + (count - 1) * stride + chunk]
     return span.unfold(2, chunk, stride).transpose(-1, -2).movedim(2, 0).flatten(1, 2)
+
+
+def _padded(t: torch.Tensor, before: int, past: int, pads: dict) -> torch.Tensor:
+    """``t [B, H, N, D]`` with ``before`` and ``past`` zero positions added at the ends,
+    made once per ``(t, before, past)`` in ``pads``."""
+    if not before and not past:
+        return t
+    key = (id(t), before, past)
+    if key not in pads:
+        pads[key] = F.pad(t, (0, 0, before, past))
+    return pads[key]
 
 
 def _gathered(t: torch.Tensor, tiles: torch.Tensor, block: int, heads: int) -> tuple[torch.Tensor, bool]:
@@ -186,22 +246,77 @@ def _block_sizes(node: n.Pattern) -> set[int] | None:
     return None if None in sizes else set().union(*sizes)
 
 
+#: Tile sizes tried on patterns not made of whole blocks, with the plan's throughput per
+#: computed pair on them relative to 128-token tiles, forward only and with gradients
+#: (``TILE_THROUGHPUT[needs_grad][tile]``). Smaller tiles fit a diagonal band closer (a
+#: window of ``w`` keys computes ``w + tile`` per row) at the same forward cost per pair;
+#: with gradients each key slab's gradient is summed over the ``(w + tile) / tile`` query
+#: tiles that read it, which small tiles pay for. Measured on ``window(128)``, 4,096
+#: tokens, 8 heads, head dim 64, fp32, one thread (CPU time, 2026-12-05): forward 39.7 /
+#: 42.9 / 54.0 ms for 1.18 / 1.31 / 1.57 M computed pairs a head on 32 / 64 / 128-token
+#: tiles; forward+backward 267 / 221 / 203 ms.
+TILE_THROUGHPUT = {False: {32: 1.0, 64: 1.0, 128: 1.0}, True: {32: 0.57, 64: 0.77, 128: 1.0}}
+
+#: The largest tile grid :func:`finer_tile` classifies to compare a size (2,048 tiles a
+#: side: 32-token tiles up to 65,536 tokens).
+MAX_CHOICE_TILES = 1 << 22
+
+
+def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
+    """The tile size of :data:`TILE_THROUGHPUT` up to ``largest`` (or ``largest`` itself)
+    whose groups cost least for ``call``: their computed pairs over the size's throughput,
+    the larger size on ties. A size smaller than ``largest`` is tried only where its grid
+    has at most :data:`MAX_CHOICE_TILES` tiles, and taken only where every group runs on
+    views of the inputs (a gathered group copies the keys of every query tile: copies that
+    grow as the tiles shrink)."""
+    throughput = TILE_THROUGHPUT[call.needs_grad]
+    sizes = [t for t in throughput if t < largest and -(-call.q_len // t) * -(-call.kv_len // t) <= MAX_CHOICE_TILES]
+
+    def cost(tile: int) -> float:
+        lowered = tiled(pattern, call, (tile, tile)).lowering
+        groups = tile_groups(lowered.states, lowered.grid)
+        if tile < largest and any(group.runs is None for group in groups):
+            return math.inf
+        computed = sum(g.rows.numel() * g.height * g.tiles.shape[-1] for g in groups) * tile * tile
+        return computed / throughput.get(tile, 1.0)
+
+    return min([largest, *sorted(sizes, reverse=True)], key=cost)
+
+
+def output_order(groups: list[TileGroup], num_q_tiles: int) -> torch.Tensor | None:
+    """For each query tile, its place among the groups' output tiles laid end to end and
+    followed by one zero tile (the place of query tiles no group holds): int64
+    ``[num_q_tiles]``, or None where that is every tile in order."""
+    rows = torch.cat([g.tile_rows.cpu() for g in groups]) if groups else torch.empty(0, dtype=torch.int64)
+    order = torch.full((num_q_tiles,), rows.numel(), dtype=torch.int64)
+    order[rows] = torch.arange(rows.numel())
+    if rows.numel() == num_q_tiles and torch.equal(order, torch.arange(num_q_tiles)):
+        return None
+    return order.to(groups[0].rows.device) if groups else order
+
+
 def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: list[TileGroup],
-                        masks: list, grid: TileGrid, scale: float) -> torch.Tensor:
+                        masks: list, order: torch.Tensor | None, grid: TileGrid, scale: float) -> torch.Tensor:
     """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]`` by
     the tile ``groups``, with ``masks`` (:func:`additive_masks`: each group's mask as an
-    additive float mask for SDPA, per call's batch and heads); returns ``out [B, H, Q, Dv]``."""
+    additive float mask for SDPA, per call's batch and heads) and ``order``
+    (:func:`output_order`); returns ``out [B, H, Q, Dv]``."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
     padded = None  # (q, k, v) padded to whole tiles: made for the first gathered group
-    spans = {}  # first query tile of a span -> its output [B*H, height*bq, Dv]
+    pads = {}  # (input, before, past) -> the input padded so: made once per call
+    outs = []  # each group's output, tile-major: [n * height, B*H, bq, Dv]
     for group, (mask, keep) in zip(groups, masks):
         count, chunk = group.rows.numel(), group.height * bq
         if group.runs is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
             q_first, q_stride, k_first, k_stride = group.runs
-            qg = _slabs(q, q_first, count, chunk, q_stride)
-            keys, values = (_slabs(t, k_first, count, group.tiles.shape[-1] * bk, k_stride) for t in (k, v))
+            span = group.tiles.shape[-1] * bk
+            q_past = max(0, q_first + (count - 1) * q_stride + chunk - q_len)
+            k_before, k_past = max(0, -k_first), max(0, k_first + (count - 1) * k_stride + span - kv_len)
+            qg = _slabs(_padded(q, 0, q_past, pads), q_first, count, chunk, q_stride)
+            keys, values = (_slabs(_padded(t, k_before, k_past, pads), k_first + k_before, count, span, k_stride)
+                            for t in (k, v))
             gqa = kv_heads != heads
         else:
             padded = padded or (F.pad(q, (0, 0, 0, nq * bq - q_len)), F.pad(k, (0, 0, 0, nk * bk - kv_len)),
@@ -214,20 +329,15 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         if keep is not None:
             out = out * keep
-        spans.update(zip(group.rows.tolist(), out.unbind(0)))
-    # The output in query order: each span's rows, and zeros for query tiles that see no key tile.
-    pieces, row = [], 0
-    for first in sorted(spans):
-        if first > row:
-            pieces.append(q.new_zeros(batch * heads, (first - row) * bq, dv))
-        pieces.append(spans[first])
-        row = first + spans[first].shape[1] // bq
-    if row < nq or not pieces:
-        pieces.append(q.new_zeros(batch * heads, (nq - row) * bq, dv))
-    out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
-    if not spans and torch.is_grad_enabled():  # no pair at all: zeros that still reach the inputs
+        outs.append(out.unflatten(2, (group.height, bq)).transpose(1, 2).flatten(0, 1))
+    if order is not None:  # query tiles out of the groups' order, or held by none
+        outs.append(q.new_zeros(1, batch * heads, bq, dv))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if order is not None:
+        out = out.index_select(0, order)
+    if not groups and torch.is_grad_enabled():  # no pair at all: zeros that still reach the inputs
         out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out.view(batch, heads, nq * bq, dv)[:, :, :q_len]
+    return out.movedim(0, 1).reshape(batch, heads, nq * bq, dv)[:, :, :q_len]
 
 
 def additive_masks(groups: list[TileGroup], grid: TileGrid, mask_mod, batch: int, heads: int,
@@ -274,13 +384,16 @@ class TileSdpaPlan(Plan):
         return reasons
 
     def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
-        """The module's tiles, made as small as the pattern's blocks when it is made of
-        whole blocks smaller than them (tiles that cross no block boundary compute no pair
-        outside the live blocks); see :func:`block_tile`."""
+        """Square tiles of the call's size or smaller: as small as the pattern's blocks when
+        it is made of whole blocks smaller than them (tiles that cross no block boundary
+        compute no pair outside the live blocks; see :func:`block_tile`), else the size of
+        :data:`FINER_TILES` at most the call's whose live tiles cost least (see
+        :func:`finer_tile`)."""
+        call_tile = min(call.q_block, call.kv_block)
         tile = block_tile(pattern)
-        if tile is None or tile >= min(call.q_block, call.kv_block):
-            return call.q_block, call.kv_block
-        return tile, tile
+        if tile is None:
+            tile = finer_tile(pattern, call, call_tile)
+        return (tile, tile) if tile < call_tile else (call.q_block, call.kv_block)
 
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[Tiled, list[TileGroup]]:
         prepared = tiled(pattern, call, self.tiles(pattern, call))
@@ -305,11 +418,12 @@ class TileSdpaPlan(Plan):
         grid, scale = tiled_.lowering.grid, call.scale
         lowered = tiled_.lowering
         masks = additive_masks(groups, lowered.grid, lowered.mask_mod, call.batch, call.heads, call.dtype)
-        return lambda q, k, v, _: (tile_sdpa_attention(q, k, v, groups=groups, masks=masks, grid=grid,
-                                                       scale=scale), None)
+        order = output_order(groups, grid.num_q_tiles)
+        return lambda q, k, v, _: (tile_sdpa_attention(q, k, v, groups=groups, masks=masks, order=order,
+                                                       grid=grid, scale=scale), None)
 
     def describe(self, prepared, call: Call) -> str:
         groups = prepared[1]
         viewed = sum(g.runs is not None for g in groups)
-        return (f"fused SDPA on key tiles: {len(groups)} groups of query tiles by live-tile count ({viewed} "
-                f"as views), masked on partial tiles only")
+        return (f"fused SDPA on key tiles: {len(groups)} groups of query tiles by key run or live-tile count "
+                f"({viewed} as views), masked on partial tiles only")

@@ -1,0 +1,116 @@
+"""The tile_sdpa plan (fused SDPA on key-tile slabs) against the dense reference: outputs and
+gradients on hypothesis-generated patterns at lengths that are not multiples of the tiles,
+query offsets, grouped-query attention and batches; its band groups and tile choice."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsedsl as sd
+from reference import reference_attention
+from sparsedsl.passes.lowering import lowering
+from sparsedsl.passes.tiles import EMPTY
+from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT, band_group, tile_groups
+from strategies import pattern_cases
+
+
+def _inputs(batch, heads, kv_heads, q_len, kv_len, dim, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple((torch.randn(batch, h, n, dim, generator=gen, dtype=dtype) * 1.5).requires_grad_()
+                 for h, n in ((heads, q_len), (kv_heads, kv_len), (kv_heads, kv_len)))
+
+
+def _batch(buffers, rng):
+    for t in buffers.values():
+        if t.dim() == 2 and t.dtype == torch.int64:  # batched document ids
+            return t.shape[0]
+    return rng.choice((1, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=pattern_cases(max_len=200), block=st.sampled_from((16, 32, 64, 128)),
+       offset=st.sampled_from((0, 0, 5, 37)), gqa=st.booleans(), seed=st.integers(0, 2**16))
+def test_outputs_and_gradients_equal_dense_reference(case, block, offset, gqa, seed):
+    pattern, q_len, kv_len, heads, buffers = case
+    kv_len = max(kv_len, q_len + offset)  # queries at positions offset ... offset + q_len - 1
+    rng = random.Random(seed)
+    batch = _batch(buffers, rng)
+    if buffers:
+        # Bound tensors are sized for the drawn lengths: keep those.
+        offset, kv_len = 0, case[2]
+    q, k, v = _inputs(batch, heads, 1 if gqa else heads, q_len, kv_len, 8, seed)
+    module = sd.compile(pattern, block_size=block, kernel="tile_sdpa")
+    out = module(q, k, v, q_offset=offset, **buffers)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset, **buffers)
+    assert (out - expected).abs().max().item() < 1e-9
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert (g - w).abs().max().item() < 1e-9
+
+
+def _groups(pattern, length, tile, q_offset=0):
+    lowered = lowering(pattern, length, length + q_offset, q_offset, (tile, tile), heads=1,
+                       device=torch.device("cpu"), buffers={}, where="test")
+    return tile_groups(lowered.states, lowered.grid), lowered
+
+
+@pytest.mark.parametrize("pattern, length, width", [
+    (sd.window(128), 4096, 9),                 # 4 tiles each side of the diagonal tile
+    (sd.causal() & sd.window(256, 0), 4096, 9),
+    (sd.window(100), 1000, 9),                 # not a multiple of the tile
+    (sd.blocks(64).local(1), 999, 6),
+])
+def test_a_band_is_one_group_of_views_past_the_sequence_ends(pattern, length, width):
+    groups, lowered = _groups(pattern, length, 32)
+    assert len(groups) == 1
+    band = groups[0]
+    assert band.runs is not None and band.tiles.shape[-1] == width
+    assert torch.equal(band.tile_rows, torch.arange(lowered.grid.num_q_tiles))
+    # Tiles before the first and past the last are empty; every live tile is held.
+    tiles, states = band.tiles[0, 0], band.states[0, 0]                     # [n, W], [n, height, W]
+    outside = (tiles < 0) | (tiles >= lowered.grid.num_kv_tiles)
+    assert (states[outside[:, None].expand_as(states)] == EMPTY).all()
+    assert int((states != EMPTY).sum()) == int((lowered.states != EMPTY).sum())
+
+
+def test_no_band_where_it_would_compute_more_than_its_slack():
+    # Causal rows are contiguous runs from key 0, but a window holding all of them is the
+    # whole row: about twice the live tiles.
+    groups, lowered = _groups(sd.causal(), 640, 32)
+    first = torch.arange(lowered.grid.num_q_tiles)
+    assert band_group(lowered.states, lowered.grid, first, torch.ones_like(first, dtype=torch.bool), 1) is None
+    live = int((lowered.states != EMPTY).sum())
+    assert sum(g.rows.numel() * g.height * g.tiles.shape[-1] for g in groups) == live
+    # Random blocks are no band either: every group computes exactly its live tiles.
+    groups, lowered = _groups(sd.blocks(32).random(3, seed=1) | sd.window(8), 1000, 32)
+    live = int((lowered.states != EMPTY).sum())
+    assert sum(g.rows.numel() * g.height * g.tiles.shape[-1] for g in groups) == live
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(requires_grad):
+    window = sd.compile(sd.window(128)).explain(4096, heads=8, device="cpu", requires_grad=requires_grad)
+    assert window.kind == "tile_sdpa"
+    # 32-token tiles compute 1.14x the useful pairs, 128-token ones 1.52x: the forward takes
+    # the former; with gradients, their throughputs (TILE_THROUGHPUT) make the latter cheaper.
+    throughput = TILE_THROUGHPUT[requires_grad]
+    wanted = min((128, 64, 32), key=lambda t: (256 + t) / throughput[t])  # keys computed a row
+    assert window.q_block == window.kv_block == wanted
+    if not requires_grad:
+        assert window.computed_flops <= 1.15 * window.useful_flops
+    # Global columns make gathered groups: no finer tiles there.
+    mixed = sd.compile(sd.window(128) | sd.global_tokens(16)).explain(4096, heads=8, device="cpu",
+                                                                       requires_grad=requires_grad)
+    assert mixed.q_block == 128
+    blocks = sd.compile(sd.blocks(128).local(1)).explain(4096, heads=8, device="cpu", requires_grad=requires_grad)
+    # One band of views, three tiles a row: the first and last rows' third lies past an end.
+    assert blocks.kind == "tile_sdpa" and blocks.computed_pairs == 3 * 32 * 128 * 128 * 8
+    assert blocks.pairs == (3 * 32 - 2) * 128 * 128 * 8
