@@ -9,6 +9,7 @@ from .results import newest_cases, provenance, rows, runs
 ATTENTION_CASES = ("longnet-64k", "longnet-paper-32k", "window-64k", "blockwindow-64k", "window-16k",
                    "window+global-16k", "blockwindow-16k", "seed-block-dilated-16k", "bigbird-16k",
                    "seed-guide-shape")
+GPU_TARGETS = "h200-attention-2026-12-05.json"
 DECODE = "h100-decode-2026-11-25.json"
 MASK_BUILD = "h100-blockmask-build-2026-11-25.json"
 
@@ -39,6 +40,39 @@ def _attention() -> str:
             f"{r['speedup_x_density_fwdbwd']:.2f} | {r['vs_flex_fwdbwd']:.2f}× | {r['first_call_s']:.1f} |")
     files = sorted({name for _, name in cases.values()})
     out += ["", "Runs:", ""] + [f"* {provenance(name)}" for name in files]
+    return "\n".join(out)
+
+
+#: (what, case, the row's field, target, at least (True) or at most (False)): the GPU work's
+#: targets, each read from one case of :data:`GPU_TARGETS`.
+TARGETS = (
+    ("training step, block windows 16K", "blockwindow-16k", "speedup_x_density_fwdbwd", 0.75, True),
+    ("training step, block windows 64K", "blockwindow-64k", "speedup_x_density_fwdbwd", 0.75, True),
+    ("training step, the seed guide's shape", "seed-guide-shape", "speedup_x_density_fwdbwd", 0.75, True),
+    ("training step, LongNet segments 64K", "longnet-64k", "speedup_x_density_fwdbwd", 0.75, True),
+    ("training step, LongNet paper segments 32K", "longnet-paper-32k", "speedup_x_density_fwdbwd", 0.75, True),
+    ("training step never slower than flex, block windows 16K", "blockwindow-16k", "vs_flex_fwdbwd", 1.0, True),
+    ("training step never slower than flex, block windows 64K", "blockwindow-64k", "vs_flex_fwdbwd", 1.0, True),
+    ("training step never slower than flex, the seed guide's shape", "seed-guide-shape", "vs_flex_fwdbwd", 1.0, True),
+    ("BigBird, 64-token blocks: computed / useful pairs", "bigbird-16k", "computed_over_useful", 1.3, False),
+    ("LongNet as in the paper (`longnet`), 64K: forward TFLOP/s / dense SDPA's", "longnet-paper-64k",
+     "tflops_vs_dense_fwd", 0.75, True),
+    ("mask build (cold), block windows 64K, ms", "blockwindow-64k", "build_ours_ms", 1.0, False),
+    ("mask build (cold), LongNet segments 64K, ms", "longnet-64k", "build_ours_ms", 1.0, False),
+)
+
+
+@block("performance-targets", "docs/performance.md")
+def _targets() -> str:
+    found = {r["case"]: r for r in rows(GPU_TARGETS) if "error" not in r}
+    out = ["| target | case | plan | measured | wanted | met |", "|---|---|---|---:|---:|---|"]
+    for what, case, field, wanted, at_least in TARGETS:
+        r = found[case]
+        value = r[field]
+        met = value >= wanted if at_least else value <= wanted
+        out.append(f"| {what} | `{case}` | {r['plan']} | {value:.2f} | {'≥' if at_least else '≤'} {wanted:g} | "
+                   f"{'met' if met else 'not met'} |")
+    out += ["", f"Run: {provenance(GPU_TARGETS)}"]
     return "\n".join(out)
 
 
@@ -97,5 +131,5 @@ def _cpu() -> str:
             f"{r['density']:.3f} | {_ms(r['fwd_ms'])} / {_ms(r['dense_fwd_ms'])} / {flex[0]} | "
             f"{r['fwd_speedup_x_density']:.2f} | {flex[1]} | {flex[2]} | "
             f"{_ms(r['fwd_bwd_ms'])} / {_ms(r['dense_fwd_bwd_ms'])} | {r['fwd_bwd_speedup_x_density']:.2f} |")
-    out += ["", f"Run: {provenance(name)} ({run['threads']} threads, {run['clock']} time)"]
+    out += ["", f"Run: {provenance(name)} ({run['threads']} thread{'s' if run['threads'] != 1 else ''}, {run['clock']} time)"]
     return "\n".join(out)
