@@ -15,6 +15,7 @@ import sparsedsl as sd
 from reference import reference_attention
 from sparsedsl.passes.lowering import lowering
 from sparsedsl.passes.tiles import EMPTY
+from sparsedsl.plans import tile_sdpa_autograd
 from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT, band_group, tile_groups
 from strategies import pattern_cases
 
@@ -114,3 +115,26 @@ def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(require
     # One band of views, three tiles a row: the first and last rows' third lies past an end.
     assert blocks.kind == "tile_sdpa" and blocks.computed_pairs == 3 * 32 * 128 * 128 * 8
     assert blocks.pairs == (3 * 32 - 2) * 128 * 128 * 8
+
+
+@pytest.mark.parametrize("pattern", [sd.window(37), sd.causal() & sd.window(50, 0), sd.blocks(32).local(1),
+                                     sd.blocks(64).local(1) & ~sd.window(2)])
+@pytest.mark.parametrize("q_len, kv_len, offset", [(300, 300, 0), (277, 290, 13), (64, 64, 0)])
+def test_view_groups_gradients_by_the_fused_backward(pattern, q_len, kv_len, offset, monkeypatch):
+    """Windows and block windows: every group is views, so gradients come from the fused
+    backward on the slabs (ViewGroupsAttention), summed into one gradient per input."""
+    calls = []
+    apply = tile_sdpa_autograd.ViewGroupsAttention.apply
+    monkeypatch.setattr(tile_sdpa_autograd.ViewGroupsAttention, "apply",
+                        lambda *args: calls.append(1) or apply(*args))
+    q, k, v = _inputs(2, 3, 3, q_len, kv_len, 8, seed=q_len + offset)
+    module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
+    out = module(q, k, v, q_offset=offset)
+    assert calls
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
+    assert (out - expected).abs().max().item() < 1e-9
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-9

@@ -33,6 +33,8 @@ from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .tiled import Tiled, check_batch, tiled
+from .tile_sdpa_autograd import ViewGroupsAttention
+from .tile_slabs import SlabRuns, assemble, tile_major
 
 #: Throughput per computed pair relative to the gather plan on the CPU: 136k-196k pairs per
 #: CPU-ms on windows and block windows against the gather plan's 22k
@@ -188,25 +190,6 @@ def _runs(rows: torch.Tensor, height: int, tiles: torch.Tensor, grid: TileGrid):
             k_step * grid.kv_block)
 
 
-def _slabs(t: torch.Tensor, first: int, count: int, chunk: int, stride: int) -> torch.Tensor:
-    """``count`` slabs of ``chunk`` positions of ``t [B, H, N, D]``, slab ``i`` from
-    ``first + i * stride``, as ``[count, B * H, chunk, D]``: views (``unfold``, whose
-    backward sums overlapping slabs' gradients) where batch and heads merge."""
-    span = t[:, :, first:first + (count - 1) * stride + chunk]
-    return span.unfold(2, chunk, stride).transpose(-1, -2).movedim(2, 0).flatten(1, 2)
-
-
-def _padded(t: torch.Tensor, before: int, past: int, pads: dict) -> torch.Tensor:
-    """``t [B, H, N, D]`` with ``before`` and ``past`` zero positions added at the ends,
-    made once per ``(t, before, past)`` in ``pads``."""
-    if not before and not past:
-        return t
-    key = (id(t), before, past)
-    if key not in pads:
-        pads[key] = F.pad(t, (0, 0, before, past))
-    return pads[key]
-
-
 def _gathered(t: torch.Tensor, tiles: torch.Tensor, block: int, heads: int) -> tuple[torch.Tensor, bool]:
     """Tiles ``tiles [Bg, Hg, n, W]`` of ``block`` positions of ``t [B, Hk, N, D]`` (``N`` a
     multiple of ``block``) as ``[n, B * Hk', W * block, D]`` and whether ``Hk'`` is still the
@@ -300,23 +283,25 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]`` by
     the tile ``groups``, with ``masks`` (:func:`additive_masks`: each group's mask as an
     additive float mask for SDPA, per call's batch and heads) and ``order``
-    (:func:`output_order`); returns ``out [B, H, Q, Dv]``."""
+    (:func:`output_order`); returns ``out [B, H, Q, Dv]``. With gradients, on the CPU,
+    where every group is views and each query head has its own key/value head, it runs as
+    :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroupsAttention`; else by autograd
+    through SDPA."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
+    runs = [None if g.runs is None else SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk,
+                                                     q_len, kv_len) for g in groups]
+    if groups and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
+            and q.device.type == "cpu" and kv_heads == heads and None not in runs:
+        return ViewGroupsAttention.apply(q, k, v, runs, [g.height for g in groups], masks, (order, bq, nq), scale)
     padded = None  # (q, k, v) padded to whole tiles: made for the first gathered group
     pads = {}  # (input, before, past) -> the input padded so: made once per call
     outs = []  # each group's output, tile-major: [n * height, B*H, bq, Dv]
-    for group, (mask, keep) in zip(groups, masks):
+    for group, slab_runs, (mask, keep) in zip(groups, runs, masks):
         count, chunk = group.rows.numel(), group.height * bq
-        if group.runs is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
-            q_first, q_stride, k_first, k_stride = group.runs
-            span = group.tiles.shape[-1] * bk
-            q_past = max(0, q_first + (count - 1) * q_stride + chunk - q_len)
-            k_before, k_past = max(0, -k_first), max(0, k_first + (count - 1) * k_stride + span - kv_len)
-            qg = _slabs(_padded(q, 0, q_past, pads), q_first, count, chunk, q_stride)
-            keys, values = (_slabs(_padded(t, k_before, k_past, pads), k_first + k_before, count, span, k_stride)
-                            for t in (k, v))
+        if slab_runs is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
+            qg, keys, values = slab_runs.queries(q, pads), slab_runs.keys(k, pads), slab_runs.keys(v, pads)
             gqa = kv_heads != heads
         else:
             padded = padded or (F.pad(q, (0, 0, 0, nq * bq - q_len)), F.pad(k, (0, 0, 0, nk * bk - kv_len)),
@@ -329,15 +314,12 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         if keep is not None:
             out = out * keep
-        outs.append(out.unflatten(2, (group.height, bq)).transpose(1, 2).flatten(0, 1))
-    if order is not None:  # query tiles out of the groups' order, or held by none
-        outs.append(q.new_zeros(1, batch * heads, bq, dv))
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    if order is not None:
-        out = out.index_select(0, order)
-    if not groups and torch.is_grad_enabled():  # no pair at all: zeros that still reach the inputs
-        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out.movedim(0, 1).reshape(batch, heads, nq * bq, dv)[:, :, :q_len]
+        outs.append(tile_major(out, group.height, bq))
+    if not groups:
+        out = assemble([], order, q, q_len, bq, nq, dv)
+        # No pair at all: zeros that still reach the inputs.
+        return out + 0.0 * (q.sum() + k.sum() + v.sum()) if torch.is_grad_enabled() else out
+    return assemble(outs, order, q, q_len, bq, nq, dv)
 
 
 def additive_masks(groups: list[TileGroup], grid: TileGrid, mask_mod, batch: int, heads: int,

@@ -1,0 +1,120 @@
+"""Slabs of the tile_sdpa plan's view groups: where each span's queries and keys lie in the
+inputs, as strided views, the adding of slab gradients back into the inputs', and the
+laying out of the groups' outputs in query order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SlabRuns:
+    """A view group's slabs in tokens: span ``i`` holds the ``chunk`` queries from
+    ``q_first + i * q_stride`` and the ``span`` keys from ``k_first + i * k_stride``
+    (``count`` spans). Runs may pass the sequences' ends: the inputs are then padded with
+    ``q_past`` query rows after the last, ``k_before`` keys before the first and ``k_past``
+    after the last."""
+
+    q_first: int
+    q_stride: int
+    k_first: int
+    k_stride: int
+    count: int
+    chunk: int
+    span: int
+    q_past: int
+    k_before: int
+    k_past: int
+
+    @classmethod
+    def of(cls, runs: tuple[int, int, int, int], count: int, chunk: int, span: int, q_len: int,
+           kv_len: int) -> "SlabRuns":
+        q_first, q_stride, k_first, k_stride = runs
+        return cls(q_first, q_stride, k_first, k_stride, count, chunk, span,
+                   q_past=max(0, q_first + (count - 1) * q_stride + chunk - q_len),
+                   k_before=max(0, -k_first),
+                   k_past=max(0, k_first + (count - 1) * k_stride + span - kv_len))
+
+    def queries(self, t: torch.Tensor, pads: dict) -> torch.Tensor:
+        """The query slabs of ``t [B, H, Q, D]`` (queries or their gradients): ``[count, B *
+        H, chunk, D]``."""
+        return slabs(padded(t, 0, self.q_past, pads), self.q_first, self.count, self.chunk, self.q_stride)
+
+    def keys(self, t: torch.Tensor, pads: dict) -> torch.Tensor:
+        """The key slabs of ``t [B, H, K, D]`` (keys or values): ``[count, B * H, span, D]``."""
+        return slabs(padded(t, self.k_before, self.k_past, pads), self.k_first + self.k_before, self.count,
+                     self.span, self.k_stride)
+
+    def add_queries(self, total: torch.Tensor, grads: torch.Tensor) -> None:
+        """Add query-slab gradients ``grads [count, B * H, chunk, D]`` into ``total [B, H, Q,
+        D]`` (spans never overlap), in place."""
+        rows = total.shape[2]
+        if self.q_past:
+            tail = grads[-1].narrow(1, 0, self.chunk - self.q_past)  # the last span's rows inside
+            grads = grads[:-1]
+            last = self.q_first + (self.count - 1) * self.q_stride
+            total[:, :, last:rows].add_(tail.view(total.shape[0], total.shape[1], -1, total.shape[3]))
+        if grads.shape[0]:
+            slabs(total, self.q_first, grads.shape[0], self.chunk, self.q_stride).add_(grads)
+
+    def add_keys(self, total: torch.Tensor, grads: torch.Tensor) -> None:
+        """Add key-slab gradients ``grads [count, B * H, span, D]`` into ``total [B, H, K +
+        k_before + k_past, D]`` (the padded keys' positions), in place. Overlapping slabs
+        are summed by ``span / k_stride`` adds of non-overlapping views where the stride
+        divides the span, else by ``index_add_``."""
+        batch, heads, length, dim = total.shape
+        first = self.k_first + self.k_before
+        if self.span % self.k_stride == 0:
+            pieces = self.span // self.k_stride
+            blocks = total.narrow(2, first, (self.count - 1 + pieces) * self.k_stride) \
+                .view(batch * heads, self.count - 1 + pieces, self.k_stride, dim)
+            parts = grads.view(self.count, batch * heads, pieces, self.k_stride, dim)
+            for piece in range(pieces):
+                blocks[:, piece:piece + self.count].add_(parts[:, :, piece].transpose(0, 1))
+            return
+        positions = (first + self.k_stride * torch.arange(self.count, device=total.device)[:, None]
+                     + torch.arange(self.span, device=total.device)).flatten()
+        total.view(batch * heads, length, dim).index_add_(1, positions, grads.transpose(0, 1).flatten(1, 2))
+
+
+def slabs(t: torch.Tensor, first: int, count: int, chunk: int, stride: int) -> torch.Tensor:
+    """``count`` slabs of ``chunk`` positions of ``t [B, H, N, D]``, slab ``i`` from
+    ``first + i * stride``, as ``[count, B * H, chunk, D]``: views (``unfold``, whose
+    backward sums overlapping slabs' gradients) where batch and heads merge."""
+    span = t[:, :, first:first + (count - 1) * stride + chunk]
+    return span.unfold(2, chunk, stride).transpose(-1, -2).movedim(2, 0).flatten(1, 2)
+
+
+def padded(t: torch.Tensor, before: int, past: int, pads: dict) -> torch.Tensor:
+    """``t [B, H, N, D]`` with ``before`` and ``past`` zero positions added at the ends,
+    made once per ``(t, before, past)`` in ``pads``."""
+    if not before and not past:
+        return t
+    key = (id(t), before, past)
+    if key not in pads:
+        pads[key] = F.pad(t, (0, 0, before, past))
+    return pads[key]
+
+
+def assemble(outs: list[torch.Tensor], order: torch.Tensor | None, like: torch.Tensor, q_len: int,
+             q_block: int, num_q_tiles: int, dv: int) -> torch.Tensor:
+    """The output ``[B, H, q_len, dv]`` from the groups' outputs ``outs`` (each tile-major,
+    ``[tiles, B * H, q_block, dv]``) laid end to end and then ``order`` (see
+    :func:`~sparsedsl.plans.tile_sdpa.output_order`: one zero tile follows them where
+    it is not None); ``like`` is the queries ``[B, H, Q, D]``."""
+    batch, heads = like.shape[:2]
+    if order is not None:  # query tiles out of the groups' order, or held by none
+        outs = [*outs, like.new_zeros(1, batch * heads, q_block, dv)]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if order is not None:
+        out = out.index_select(0, order)
+    return out.movedim(0, 1).reshape(batch, heads, num_q_tiles * q_block, dv)[:, :, :q_len]
+
+
+def tile_major(out: torch.Tensor, height: int, q_block: int) -> torch.Tensor:
+    """A group's output ``[count, B * H, height * q_block, dv]`` as ``[count * height, B *
+    H, q_block, dv]``."""
+    return out.unflatten(2, (height, q_block)).transpose(1, 2).flatten(0, 1)
