@@ -107,10 +107,16 @@ def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(require
     assert window.q_block == window.kv_block == wanted
     if not requires_grad:
         assert window.computed_flops <= 1.15 * window.useful_flops
-    # Global columns make gathered groups: no finer tiles there.
+    # Global columns: a band with columns, all views, so finer tiles where cheaper.
     mixed = sd.compile(sd.window(128) | sd.global_tokens(16)).explain(4096, heads=8, device="cpu",
                                                                        requires_grad=requires_grad)
-    assert mixed.q_block == 128
+    assert "1 with columns" in mixed.reason
+    if not requires_grad:
+        assert mixed.computed_flops <= 1.3 * mixed.useful_flops
+    # Random blocks are gathered: no finer tiles there.
+    gathered = sd.compile(sd.window(128) | sd.blocks(128).random(2, seed=3)).explain(
+        4096, heads=8, device="cpu", requires_grad=requires_grad)
+    assert gathered.q_block == 128
     blocks = sd.compile(sd.blocks(128).local(1)).explain(4096, heads=8, device="cpu", requires_grad=requires_grad)
     # One band of views, three tiles a row: the first and last rows' third lies past an end.
     assert blocks.kind == "tile_sdpa" and blocks.computed_pairs == 3 * 32 * 128 * 128 * 8
@@ -138,3 +144,28 @@ def test_view_groups_gradients_by_the_fused_backward(pattern, q_len, kv_len, off
     want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
     for g, w in zip(got, want):
         assert (g - w).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("pattern", [sd.window(20) | sd.global_tokens(5), (sd.causal() & sd.window(40, 0)) | sd.global_tokens(40),
+                                     (sd.window(9) | sd.global_tokens(3)) & ~sd.prefix(1)])
+@pytest.mark.parametrize("q_len, kv_len, offset, kv_heads", [(300, 300, 0, 3), (277, 290, 13, 1), (450, 450, 0, 1)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_global_columns_merged_by_log_sum_exp(pattern, q_len, kv_len, offset, kv_heads, grad):
+    """Bands with global columns: the run and the columns as two fused calls merged by
+    their log-sum-exps, forward and (through the fused backward) gradients exact."""
+    module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
+    reason = module.explain(q_len, kv_len, q_offset=offset, heads=3, kv_heads=kv_heads, device="cpu",
+                            requires_grad=grad).reason
+    if offset == 0:  # (queries from an offset may have their runs meet the columns: then no band)
+        assert "1 with columns" in reason
+    q, k, v = _inputs(2, 3, kv_heads, q_len, kv_len, 8, seed=q_len + offset)
+    with torch.set_grad_enabled(grad):
+        out = module(q, k, v, q_offset=offset)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
+    assert (out - expected).abs().max().item() < 1e-9
+    if grad:
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+        for g, w in zip(got, want):
+            assert (g - w).abs().max().item() < 1e-9

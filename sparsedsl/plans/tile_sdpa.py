@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .tiled import Tiled, check_batch, tiled
-from .tile_sdpa_autograd import ViewGroupsAttention
+from .tile_sdpa_autograd import ViewGroup, ViewGroupsAttention, view_group_forward
 from .tile_slabs import SlabRuns, assemble, tile_major
 
 #: Throughput per computed pair relative to the gather plan on the CPU: 136k-196k pairs per
@@ -62,6 +63,10 @@ class TileGroup:
     tiles: torch.Tensor
     states: torch.Tensor
     runs: tuple[int, int, int, int] | None
+    #: Key tiles every span also sees besides its run (a band group's global columns), as a
+    #: group of the same spans (``runs`` None, one tile set): merged with this one by
+    #: log-sum-exp (:mod:`~sparsedsl.plans.tile_sdpa_autograd`); None without.
+    columns: "TileGroup | None" = None
 
     @property
     def tile_rows(self) -> torch.Tensor:
@@ -75,10 +80,11 @@ class TileGroup:
 BAND_SLACK = 1.25
 
 
-def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
+def tile_groups(states: torch.Tensor, grid: TileGrid, columns: bool = False) -> list[TileGroup]:
     """The groups of ``states`` (``[Bg, Hg, nq, nk]``) on ``grid``: for each span height, a
-    band group (:func:`band_group`) where one fits, and the other spans grouped by their
-    number of live tiles."""
+    band group (:func:`band_group`) where one fits, with ``columns`` also one of the
+    remaining spans' runs besides the key tiles they all see (:func:`column_band`), and
+    the other spans grouped by their number of live tiles."""
     live = states != EMPTY
     # Spans: runs of consecutive query tiles with the same live key tiles in every (batch, head).
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
@@ -88,10 +94,14 @@ def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
     groups = []
     if states.shape[:2] == (1, 1):
         for height in heights.unique().tolist():
-            band = band_group(states, grid, first, heights == height, height)
-            if band is not None:
-                groups.append(band)
-                widths[torch.isin(first, band.rows)] = 0  # held by the band
+            bands = [band_group(states, grid, first, heights == height, height)]
+            if columns:
+                bands.append(column_band(states, grid, first, (heights == height) & (widths > 0)
+                                         & ~torch.isin(first, bands[0].rows if bands[0] else first[:0]), height))
+            for band in bands:
+                if band is not None:
+                    groups.append(band)
+                    widths[torch.isin(first, band.rows)] = 0  # held by the band
     # Live tiles first, in ascending order (a stable sort of "not live").
     order = torch.sort((~live[:, :, first]).to(torch.int8), dim=-1, stable=True).indices
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
@@ -102,6 +112,38 @@ def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
         span_states = torch.stack([states[:, :, rows + j].gather(-1, tiles) for j in range(height)], 3)
         groups.append(TileGroup(rows, height, tiles, span_states, _runs(rows, height, tiles, grid)))
     return groups
+
+
+def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
+                height: int) -> TileGroup | None:
+    """A band group (:func:`band_group`) of the spans ``first[chosen]`` whose live tiles
+    are the key tiles every typical span sees (*columns*: live in all spans of at most
+    twice the median width) and a run besides them, its ``columns`` the group of those
+    tiles for the same spans; None where no band fits the runs."""
+    spans = chosen.nonzero().flatten()
+    if spans.numel() < 2:
+        return None
+    live = states[0, 0, first[spans]] != EMPTY                                       # [spans, nk]
+    counts = live.sum(-1)
+    typical = counts <= 2 * counts.median()
+    common = live[typical].all(0)
+    if not bool(common.any()):
+        return None
+    band = band_group(states.masked_fill(common, EMPTY), grid, first, _subset(chosen, spans[typical]), height)
+    if band is None:
+        return None
+    tiles = common.nonzero().flatten()
+    count = band.rows.numel()
+    span_states = torch.stack([states[0, 0, band.rows + j][:, tiles] for j in range(height)], 1)
+    part = TileGroup(band.rows, height, tiles.expand(1, 1, count, -1), span_states[None, None], None)
+    return TileGroup(band.rows, height, band.tiles, band.states, band.runs, part)
+
+
+def _subset(chosen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``chosen`` (bool over spans) true only at the span indices ``keep``."""
+    subset = torch.zeros_like(chosen)
+    subset[keep] = True
+    return subset
 
 
 def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
@@ -141,15 +183,28 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
 
 
 def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
-    """``(mask, keep)`` of a group: its SDPA mask ``[n, Bg * Hg, height * q_block, width *
-    kv_block]`` (None: every tile full), evaluated by ``mask_mod`` (on row indices) on the
-    partial tiles only, and ``keep`` ``[n, Bg * Hg, height * q_block, 1]`` float, 0 on rows
-    that see no key (None: every row sees one)."""
+    """``(mask, keep)`` of a group: its boolean mask (:func:`tile_mask`) with one masked-in
+    key on rows that see none, and ``keep`` ``[n, Bg * Hg, height * q_block, 1]`` float, 0
+    on those rows (None: every row sees a key)."""
+    mask = tile_mask(group, grid, mask_mod)
+    if mask is None:
+        return None, None
+    empty = ~mask.any(-1, keepdim=True)                                            # rows that see no key
+    keep = None
+    if bool(empty.any()):
+        mask[..., :1] |= empty  # one masked-in key; the row's output is then multiplied by 0
+        keep = (~empty).to(torch.float32)
+    return mask, keep
+
+
+def tile_mask(group: TileGroup, grid: TileGrid, mask_mod) -> torch.Tensor | None:
+    """A group's SDPA mask ``[n, Bg * Hg, height * q_block, width * kv_block]`` (None:
+    every tile full), evaluated by ``mask_mod`` (on row indices) on the partial tiles only."""
     rows, height, tiles, span_states = group.rows, group.height, group.tiles, group.states
     bg, hg, count, width = tiles.shape
     bq, bk = grid.q_block, grid.kv_block
     if bool((span_states == FULL).all()):
-        return None, None
+        return None
     check_memory("the tile_sdpa plan", "a group's mask", bg * hg * count * height * width * bq * bk)
     mask = (span_states == FULL)[..., None, None].expand(-1, -1, -1, -1, -1, bq, bk).clone()
     partial = (span_states == PARTIAL).nonzero()                                  # [P, 5]: b, h, i, j, w
@@ -164,13 +219,7 @@ def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
         allowed = mask_mod(b[:, None, None], h[:, None, None], q.clamp(max=grid.rows - 1), k.clamp(max=grid.kv_len - 1))
         mask[b, h, i, j, w] = allowed & inside
     # [Bg, Hg, n, height, W, bq, bk] -> [n, Bg * Hg, height * bq, W * bk]
-    mask = mask.permute(2, 0, 1, 3, 5, 4, 6).reshape(count, bg * hg, height * bq, width * bk)
-    empty = ~mask.any(-1, keepdim=True)                                            # rows that see no key
-    keep = None
-    if bool(empty.any()):
-        mask[..., :1] |= empty  # one masked-in key; the row's output is then multiplied by 0
-        keep = (~empty).to(torch.float32)
-    return mask, keep
+    return mask.permute(2, 0, 1, 3, 5, 4, 6).reshape(count, bg * hg, height * bq, width * bk)
 
 
 def _runs(rows: torch.Tensor, height: int, tiles: torch.Tensor, grid: TileGrid):
@@ -257,13 +306,25 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
 
     def cost(tile: int) -> float:
         lowered = tiled(pattern, call, (tile, tile)).lowering
-        groups = tile_groups(lowered.states, lowered.grid)
+        groups = tile_groups(lowered.states, lowered.grid, columns=_columns(call))
         if tile < largest and any(group.runs is None for group in groups):
             return math.inf
-        computed = sum(g.rows.numel() * g.height * g.tiles.shape[-1] for g in groups) * tile * tile
-        return computed / throughput.get(tile, 1.0)
+        return computed_tiles(groups) * tile * tile / throughput.get(tile, 1.0)
 
     return min([largest, *sorted(sizes, reverse=True)], key=cost)
+
+
+def computed_tiles(groups: list[TileGroup]) -> int:
+    """The tiles the groups' kernels compute, columns included (per batch entry and head
+    of the states)."""
+    return sum(g.rows.numel() * g.height * (g.tiles.shape[-1] + (0 if g.columns is None else g.columns.tiles.shape[-1]))
+               for g in groups)
+
+
+def _columns(call: Call) -> bool:
+    """Whether band groups take columns for ``call``: on the CPU (their kernels are the
+    fused CPU attention's, with log-sum-exps)."""
+    return call.device.type == "cpu"
 
 
 def output_order(groups: list[TileGroup], num_q_tiles: int) -> torch.Tensor | None:
@@ -279,29 +340,38 @@ def output_order(groups: list[TileGroup], num_q_tiles: int) -> torch.Tensor | No
 
 
 def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: list[TileGroup],
-                        masks: list, order: torch.Tensor | None, grid: TileGrid, scale: float) -> torch.Tensor:
+                        masks: list[GroupMasks], order: torch.Tensor | None, grid: TileGrid,
+                        scale: float) -> torch.Tensor:
     """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]`` by
-    the tile ``groups``, with ``masks`` (:func:`additive_masks`: each group's mask as an
-    additive float mask for SDPA, per call's batch and heads) and ``order``
-    (:func:`output_order`); returns ``out [B, H, Q, Dv]``. With gradients, on the CPU,
-    where every group is views and each query head has its own key/value head, it runs as
-    :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroupsAttention`; else by autograd
-    through SDPA."""
+    the tile ``groups``, with ``masks`` (:func:`additive_masks`) and ``order``
+    (:func:`output_order`); returns ``out [B, H, Q, Dv]``. On the CPU, where every group is
+    views, with gradients or with columns, it runs as
+    :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroupsAttention` (key/value heads
+    repeated for grouped queries); else by SDPA (through autograd), a group with columns
+    by :func:`~sparsedsl.plans.tile_sdpa_autograd.view_group_forward`."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
-    runs = [None if g.runs is None else SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk,
-                                                     q_len, kv_len) for g in groups]
-    if groups and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
-            and q.device.type == "cpu" and kv_heads == heads and None not in runs:
-        return ViewGroupsAttention.apply(q, k, v, runs, [g.height for g in groups], masks, (order, bq, nq), scale)
+    views = [None if g.runs is None else ViewGroup(
+        SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk, q_len, kv_len), g.height,
+        m.mask, m.keep, None if g.columns is None else g.columns.tiles[0, 0, 0], m.columns_mask, m.dead,
+        m.columns_dead) for g, m in zip(groups, masks)]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    columns = any(g.columns is not None for g in groups)
+    if groups and q.device.type == "cpu" and None not in views and (grad or columns):
+        keys, values = (k, v) if kv_heads == heads else (_per_query_head(t, heads) for t in (k, v))
+        return ViewGroupsAttention.apply(q, keys, values, views, (order, bq, bk, nq), scale)
     padded = None  # (q, k, v) padded to whole tiles: made for the first gathered group
     pads = {}  # (input, before, past) -> the input padded so: made once per call
     outs = []  # each group's output, tile-major: [n * height, B*H, bq, Dv]
-    for group, slab_runs, (mask, keep) in zip(groups, runs, masks):
+    for group, view, (mask, keep, *_) in zip(groups, views, masks):
         count, chunk = group.rows.numel(), group.height * bq
-        if slab_runs is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
-            qg, keys, values = slab_runs.queries(q, pads), slab_runs.keys(k, pads), slab_runs.keys(v, pads)
+        if view is not None and view.columns is not None:  # fused kernels with log-sum-exps, merged
+            keys, values = (k, v) if kv_heads == heads else (_per_query_head(t, heads) for t in (k, v))
+            outs.append(tile_major(view_group_forward(q, keys, values, view, bk, scale, pads)[2], group.height, bq))
+            continue
+        if view is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
+            qg, keys, values = view.runs.queries(q, pads), view.runs.keys(k, pads), view.runs.keys(v, pads)
             gqa = kv_heads != heads
         else:
             padded = padded or (F.pad(q, (0, 0, 0, nq * bq - q_len)), F.pad(k, (0, 0, 0, nk * bk - kv_len)),
@@ -322,22 +392,50 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     return assemble(outs, order, q, q_len, bq, nq, dv)
 
 
+def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads ``t [B, Hkv, K, D]`` repeated for the ``heads`` query heads that
+    read them."""
+    return t.repeat_interleave(heads // t.shape[1], 1)
+
+
+class GroupMasks(NamedTuple):
+    """A group's masks for a call: the additive ``mask`` of its tiles (0 allowed, -inf
+    masked; None: every tile full) and ``keep`` (:func:`group_mask`); for a group with
+    columns, ``keep`` is None and the columns' additive mask and the rows each part leaves
+    without keys are given (:class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroup`)."""
+
+    mask: torch.Tensor | None
+    keep: torch.Tensor | None
+    columns_mask: torch.Tensor | None = None
+    dead: torch.Tensor | None = None
+    columns_dead: torch.Tensor | None = None
+
+
 def additive_masks(groups: list[TileGroup], grid: TileGrid, mask_mod, batch: int, heads: int,
-                   dtype: torch.dtype):
-    """Per group, ``(mask, keep)`` (:func:`group_mask`) for a call of ``batch`` x ``heads``
-    in ``dtype``: the boolean mask as SDPA's additive float mask (0 allowed, -inf masked:
-    SDPA then adds it without converting a boolean one each call), and ``keep`` in
-    ``dtype``; None where the group has none."""
+                   dtype: torch.dtype) -> list[GroupMasks]:
+    """Per group, its :class:`GroupMasks` for a call of ``batch`` x ``heads`` in
+    ``dtype``: boolean masks as SDPA's additive float masks (SDPA then adds them without
+    converting a boolean one each call)."""
     masks = []
     for group in groups:
         dims = group.tiles.shape[:2]
-        mask, keep = group_mask(group, grid, mask_mod)
-        mask = _per_call(mask, dims, batch, heads)
-        if mask is not None:
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        keep = _per_call(keep, dims, batch, heads)
-        masks.append((mask, None if keep is None else keep.to(dtype)))
+        if group.columns is None:
+            mask, keep = group_mask(group, grid, mask_mod)
+            keep = _per_call(keep, dims, batch, heads)
+            masks.append(GroupMasks(_additive(_per_call(mask, dims, batch, heads), dtype),
+                                    None if keep is None else keep.to(dtype)))
+            continue
+        parts = [tile_mask(part, grid, mask_mod) for part in (group, group.columns)]
+        dead = [None if mask is None else ~mask.any(-1) for mask in parts]
+        masks.append(GroupMasks(_additive(parts[0], dtype), None, _additive(parts[1], dtype), *dead))
     return masks
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as an additive one in ``dtype`` (0 allowed, -inf masked)."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _per_call(t: torch.Tensor | None, state_dims, batch: int, heads: int) -> torch.Tensor | None:
@@ -380,7 +478,7 @@ class TileSdpaPlan(Plan):
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[Tiled, list[TileGroup]]:
         prepared = tiled(pattern, call, self.tiles(pattern, call))
         lowered = prepared.lowering
-        return prepared, tile_groups(lowered.states, lowered.grid)
+        return prepared, tile_groups(lowered.states, lowered.grid, columns=_columns(call))
 
     def efficiency(self, call: Call) -> float | None:
         """:data:`CPU_EFFICIENCY` on the CPU; not measured on CUDA, where FlexAttention's
@@ -391,8 +489,7 @@ class TileSdpaPlan(Plan):
         tiled_, groups = prepared
         grid = tiled_.lowering.grid
         batch = tiled_.lowering.states.shape[0]
-        return sum(g.rows.numel() * g.height * g.tiles.shape[-1] for g in groups) * grid.q_block \
-            * grid.kv_block * call.heads * batch
+        return computed_tiles(groups) * grid.q_block * grid.kv_block * call.heads * batch
 
     def build(self, prepared, call: Call, planner) -> Runner:
         tiled_, groups = prepared
@@ -407,5 +504,6 @@ class TileSdpaPlan(Plan):
     def describe(self, prepared, call: Call) -> str:
         groups = prepared[1]
         viewed = sum(g.runs is not None for g in groups)
+        columns = sum(g.columns is not None for g in groups)
         return (f"fused SDPA on key tiles: {len(groups)} groups of query tiles by key run or live-tile count "
-                f"({viewed} as views), masked on partial tiles only")
+                f"({viewed} as views, {columns} with columns merged by log-sum-exp), masked on partial tiles only")

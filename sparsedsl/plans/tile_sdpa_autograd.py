@@ -1,20 +1,51 @@
-"""The tile_sdpa plan's attention with gradients when every group is views of the inputs
-(on the CPU, one key/value head per query head): one autograd function whose forward runs
-PyTorch's fused CPU attention with its log-sum-exp on each group's slabs, and whose
-backward runs that kernel's backward on the same slabs, adding the slabs' gradients
-straight into one gradient of each input (:class:`~sparsedsl.plans.tile_slabs.SlabRuns`),
-where autograd through the views would zero and add a whole gradient per group and sum
-overlapping key slabs through ``unfold``'s backward. Rows that see no key (given one
-masked-in key by the plan) have their output and its gradient multiplied by 0. The
-backward is not itself differentiable (the planner wraps the plan for second-order
-gradients)."""
+"""The tile_sdpa plan's attention on the CPU where every group is views of the inputs: one
+autograd function whose forward runs PyTorch's fused CPU attention with its log-sum-exp on
+each group's slabs, and whose backward runs that kernel's backward on the same slabs,
+adding the slabs' gradients straight into one gradient of each input
+(:class:`~sparsedsl.plans.tile_slabs.SlabRuns`), where autograd through the views would
+zero and add a whole gradient per group and sum overlapping key slabs through ``unfold``'s
+backward.
+
+A group may also hold *columns*: key tiles every span of the group sees besides its run
+(global tokens). They run as a second kernel call on the same query slabs against those
+tiles' keys, gathered once for all spans, and the two parts are merged by their
+log-sum-exps into one softmax: ``L = logaddexp(lse_run, lse_columns)``, ``out = sum_p
+exp(lse_p - L) out_p``. Each part's backward, given the merged ``out`` and ``L``, computes
+exactly its share of the softmax's gradient. A part whose mask leaves a row without keys
+counts ``lse = -inf`` there; a row without keys in any part outputs 0.
+
+In a group without columns, rows that see no key (given one masked-in key by the plan)
+have their output and its gradient multiplied by 0. The backward is not itself
+differentiable (the planner wraps the plan for second-order gradients)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .tile_slabs import SlabRuns, assemble, tile_major
+from .tile_slabs import SlabRuns, assemble, padded, tile_major
+
+
+@dataclass(frozen=True)
+class ViewGroup:
+    """One group for :class:`ViewGroupsAttention`: its slabs ``runs``, ``height`` query
+    tiles a span, the additive ``mask`` of its runs (None: every tile full) and ``keep``
+    (0 on rows without keys, the plan's masked-in key there; None: every row has one).
+    With ``columns`` (int64 key-tile indices every span sees), also their additive
+    ``columns_mask`` and the rows each part leaves without keys, ``dead`` and
+    ``columns_dead`` (bool, broadcastable to ``[count, B * H, chunk]``; ``keep`` is then
+    None)."""
+
+    runs: SlabRuns
+    height: int
+    mask: torch.Tensor | None
+    keep: torch.Tensor | None
+    columns: torch.Tensor | None = None
+    columns_mask: torch.Tensor | None = None
+    dead: torch.Tensor | None = None
+    columns_dead: torch.Tensor | None = None
 
 
 def _attend(q, k, v, mask, scale):
@@ -22,42 +53,102 @@ def _attend(q, k, v, mask, scale):
                                                                      scale=scale)
 
 
+def _attend_backward(grad, q, k, v, out, lse, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def _column_keys(t: torch.Tensor, columns: torch.Tensor, block: int, count: int, pads: dict) -> torch.Tensor:
+    """The keys (or values) of tiles ``columns`` of ``t [B, H, K, D]``, gathered once and
+    repeated for ``count`` spans by a stride-0 view: ``[count, B * H, len(columns) * block, D]``."""
+    batch, heads, length, dim = t.shape
+    whole = padded(t, 0, -length % block, pads)
+    taken = whole.view(batch * heads, -1, block, dim).index_select(1, columns)
+    return taken.view(1, batch * heads, -1, dim).expand(count, -1, -1, -1)
+
+
+def _merge(parts, dead):
+    """``(out, lse)`` of parts ``[(out_p, lse_p), ...]`` merged by log-sum-exp, with
+    ``lse_p = -inf`` on the rows ``dead[p]`` leaves without keys (None: none); rows no part covers
+    output 0 with ``lse = -inf``."""
+    lses = torch.stack([lse if rows is None else lse.masked_fill(rows, float("-inf"))
+                        for (_, lse), rows in zip(parts, dead)])
+    total = torch.logsumexp(lses, 0)
+    weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))[..., None]
+    out = weights[0] * parts[0][0]
+    for weight, (part_out, _) in zip(weights[1:], parts[1:]):
+        out = out + weight * part_out
+    return out.to(parts[0][0].dtype), total
+
+
+def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, pads: dict):
+    """``(out, lse, shown)`` of one group: the kernel's (or the merged) output and
+    log-sum-exp on its query slabs ``[count, B * H, chunk, ...]``, and the output shown
+    (rows without keys zeroed)."""
+    queries = group.runs.queries(q, pads)
+    run = _attend(queries, group.runs.keys(k, pads), group.runs.keys(v, pads), group.mask, scale)
+    if group.columns is None:
+        out, lse = run
+        return out, lse, (out if group.keep is None else out * group.keep)
+    count = group.runs.count
+    columns = _attend(queries, _column_keys(k, group.columns, kv_block, count, pads),
+                      _column_keys(v, group.columns, kv_block, count, pads), group.columns_mask, scale)
+    out, lse = _merge([run, columns], [group.dead, group.columns_dead])
+    return out, lse, out
+
+
 class ViewGroupsAttention(torch.autograd.Function):
-    """``apply(q, k, v, runs, heights, masks, layout, scale)``: the attention of view groups
-    ``runs`` (:class:`SlabRuns`, each ``heights[i]`` query tiles a span) with ``masks``
-    (``(additive mask or None, keep or None)`` each); ``layout`` is ``(order, q_block,
-    num_q_tiles)`` for :func:`~sparsedsl.plans.tile_slabs.assemble`."""
+    """``apply(q, k, v, groups, layout, scale)``: the attention of :class:`ViewGroup`
+    ``groups``; ``layout`` is ``(order, q_block, kv_block, num_q_tiles)``, ``order`` as for
+    :func:`~sparsedsl.plans.tile_slabs.assemble`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, runs: list[SlabRuns], heights: list[int], masks: list, layout, scale: float):
-        order, q_block, num_q_tiles = layout
+    def forward(ctx, q, k, v, groups: list[ViewGroup], layout, scale: float):
+        order, q_block, kv_block, num_q_tiles = layout
         pads, outs, stats = {}, [], []
-        for group, (mask, keep) in zip(runs, masks):
-            out, lse = _attend(group.queries(q, pads), group.keys(k, pads), group.keys(v, pads), mask, scale)
+        for group in groups:
+            out, lse, shown = view_group_forward(q, k, v, group, kv_block, scale, pads)
             stats += [out, lse]
-            outs.append(out if keep is None else out * keep)
+            outs.append(tile_major(shown, group.height, q_block))
         ctx.save_for_backward(q, k, v, *stats)
-        ctx.runs, ctx.masks, ctx.scale = runs, masks, scale
-        tiles = [tile_major(out, height, q_block) for out, height in zip(outs, heights)]
-        return assemble(tiles, order, q, q.shape[2], q_block, num_q_tiles, v.shape[-1])
+        ctx.groups, ctx.scale, ctx.kv_block = groups, scale, kv_block
+        return assemble(outs, order, q, q.shape[2], q_block, num_q_tiles, v.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, *stats = ctx.saved_tensors
-        runs, kv_len = ctx.runs, k.shape[2]
-        before, past = max(g.k_before for g in runs), max(g.k_past for g in runs)
+        groups, scale, block, kv_len = ctx.groups, ctx.scale, ctx.kv_block, k.shape[2]
+        before = max(g.runs.k_before for g in groups)
+        length = before + max(max(kv_len + g.runs.k_past for g in groups), -(-kv_len // block) * block)
         dq = torch.zeros_like(q)
-        dk, dv = (t.new_zeros(*t.shape[:2], before + kv_len + past, t.shape[3]) for t in (k, v))
+        dk, dv = (t.new_zeros(*t.shape[:2], length, t.shape[3]) for t in (k, v))
         pads = {}
-        for i, (group, (mask, keep)) in enumerate(zip(runs, ctx.masks)):
-            grad = group.queries(grad_out, pads)
-            grad = grad.contiguous() if keep is None else grad * keep
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad, group.queries(q, pads), group.keys(k, pads), group.keys(v, pads), stats[2 * i],
-                stats[2 * i + 1], 0.0, False, attn_mask=mask, scale=ctx.scale)
-            group.add_queries(dq, grads[0])
-            window = (before - group.k_before, group.k_before + kv_len + group.k_past)
-            group.add_keys(dk.narrow(2, *window), grads[1])
-            group.add_keys(dv.narrow(2, *window), grads[2])
-        return dq, dk.narrow(2, before, kv_len), dv.narrow(2, before, kv_len), None, None, None, None, None
+        for i, group in enumerate(groups):
+            out, lse = stats[2 * i], stats[2 * i + 1]
+            runs = group.runs
+            grad = runs.queries(grad_out, pads)
+            queries = runs.queries(q, pads)
+            if group.columns is None:
+                grad = grad.contiguous() if group.keep is None else grad * group.keep
+            else:  # rows no part covers: no gradient, and a finite lse for the kernel
+                none = lse == float("-inf")
+                grad, lse = grad.masked_fill(none[..., None], 0.0), lse.masked_fill(none, 0.0)
+            grads = _attend_backward(grad, queries, runs.keys(k, pads), runs.keys(v, pads), out, lse, group.mask,
+                                     scale)
+            runs.add_queries(dq, grads[0])
+            window = (before - runs.k_before, runs.k_before + kv_len + runs.k_past)
+            runs.add_keys(dk.narrow(2, *window), grads[1])
+            runs.add_keys(dv.narrow(2, *window), grads[2])
+            if group.columns is not None:
+                count = runs.count
+                grads = _attend_backward(grad, queries, _column_keys(k, group.columns, block, count, pads),
+                                         _column_keys(v, group.columns, block, count, pads), out, lse,
+                                         group.columns_mask, scale)
+                runs.add_queries(dq, grads[0])
+                positions = (before + group.columns[:, None] * block + torch.arange(block, device=q.device)).flatten()
+                for total, part in zip((dk, dv), grads[1:]):
+                    batch, heads = total.shape[:2]
+                    summed = part.sum(0).view(batch, heads, -1, part.shape[-1])
+                    total.index_add_(2, positions, summed)
+        return dq, dk.narrow(2, before, kv_len), dv.narrow(2, before, kv_len), None, None, None
