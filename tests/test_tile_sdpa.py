@@ -16,7 +16,7 @@ from reference import reference_attention
 from sparsedsl.passes.lowering import lowering
 from sparsedsl.passes.tiles import EMPTY
 from sparsedsl.plans import tile_sdpa_autograd
-from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT, band_group, tile_groups
+from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT, SpanExtents, band_group, tile_groups
 from strategies import pattern_cases
 
 
@@ -87,7 +87,8 @@ def test_no_band_where_it_would_compute_more_than_its_slack():
     # whole row: about twice the live tiles.
     groups, lowered = _groups(sd.causal(), 640, 32)
     first = torch.arange(lowered.grid.num_q_tiles)
-    assert band_group(lowered.states, lowered.grid, first, torch.ones_like(first, dtype=torch.bool), 1) is None
+    extents = SpanExtents.of(lowered.states[0, 0] != EMPTY)
+    assert band_group(lowered.states, lowered.grid, first, torch.ones_like(first, dtype=torch.bool), 1, extents) is None
     live = int((lowered.states != EMPTY).sum())
     assert sum(g.rows.numel() * g.height * g.tiles.shape[-1] for g in groups) == live
     # Random blocks are no band either: every group computes exactly its live tiles.

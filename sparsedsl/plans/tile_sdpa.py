@@ -90,20 +90,23 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, columns: bool = False) -> 
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
     first = torch.cat([torch.ones(1, dtype=torch.bool, device=states.device), ~same]).nonzero().flatten()
     heights = torch.diff(first, append=torch.tensor([states.shape[-2]], device=states.device))
-    widths = live[:, :, first].sum(-1).amax((0, 1))                               # a span's widest (b, h)
+    span_live = live[:, :, first]                                                  # [Bg, Hg, S, nk]
+    widths = span_live.sum(-1, dtype=torch.int32).amax((0, 1))                     # a span's widest (b, h)
     groups = []
     if states.shape[:2] == (1, 1):
+        extents = SpanExtents.of(span_live[0, 0])
         for height in heights.unique().tolist():
-            bands = [band_group(states, grid, first, heights == height, height)]
+            chosen = (heights == height) & (widths > 0)
+            bands = [band_group(states, grid, first, chosen, height, extents)]
             if columns:
-                bands.append(column_band(states, grid, first, (heights == height) & (widths > 0)
-                                         & ~torch.isin(first, bands[0].rows if bands[0] else first[:0]), height))
+                rest = chosen if bands[0] is None else chosen & ~torch.isin(first, bands[0].rows)
+                bands.append(column_band(states, grid, first, rest, height, span_live[0, 0]))
             for band in bands:
                 if band is not None:
                     groups.append(band)
                     widths[torch.isin(first, band.rows)] = 0  # held by the band
     # Live tiles first, in ascending order (a stable sort of "not live").
-    order = torch.sort((~live[:, :, first]).to(torch.int8), dim=-1, stable=True).indices
+    order = torch.sort((~span_live).to(torch.int8), dim=-1, stable=True).indices
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
         if width == 0:
             continue
@@ -114,53 +117,36 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, columns: bool = False) -> 
     return groups
 
 
-def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
-                height: int) -> TileGroup | None:
-    """A band group (:func:`band_group`) of the spans ``first[chosen]`` whose live tiles
-    are the key tiles every typical span sees (*columns*: live in all spans of at most
-    twice the median width) and a run besides them, its ``columns`` the group of those
-    tiles for the same spans; None where no band fits the runs."""
-    spans = chosen.nonzero().flatten()
-    if spans.numel() < 2:
-        return None
-    live = states[0, 0, first[spans]] != EMPTY                                       # [spans, nk]
-    counts = live.sum(-1)
-    typical = counts <= 2 * counts.median()
-    common = live[typical].all(0)
-    if not bool(common.any()):
-        return None
-    band = band_group(states.masked_fill(common, EMPTY), grid, first, _subset(chosen, spans[typical]), height)
-    if band is None:
-        return None
-    tiles = common.nonzero().flatten()
-    count = band.rows.numel()
-    span_states = torch.stack([states[0, 0, band.rows + j][:, tiles] for j in range(height)], 1)
-    part = TileGroup(band.rows, height, tiles.expand(1, 1, count, -1), span_states[None, None], None)
-    return TileGroup(band.rows, height, band.tiles, band.states, band.runs, part)
+@dataclass(frozen=True)
+class SpanExtents:
+    """Of each span's live key tiles (bool ``[S, nk]``): how many (``counts``), the first
+    (``lo``) and one past the last (``hi``); a span whose count is ``hi - lo`` has one
+    contiguous run."""
 
+    counts: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
 
-def _subset(chosen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``chosen`` (bool over spans) true only at the span indices ``keep``."""
-    subset = torch.zeros_like(chosen)
-    subset[keep] = True
-    return subset
+    @classmethod
+    def of(cls, live: torch.Tensor) -> "SpanExtents":
+        as_bytes = live.view(torch.uint8)
+        return cls(live.sum(-1, dtype=torch.int32), as_bytes.argmax(-1),
+                   live.shape[-1] - as_bytes.flip(-1).argmax(-1))
 
 
 def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
-               height: int) -> TileGroup | None:
+               height: int, extents: SpanExtents, dropped: torch.Tensor | None = None) -> TileGroup | None:
     """One group for the spans ``first[chosen]`` (all ``height`` query tiles high; states
-    of one batch entry and head) whose live key tiles are one contiguous run, when those
-    spans are evenly spaced and their runs fit in a window of ``W`` tiles that moves by
-    the same number of tokens as the spans: span ``i`` sees tiles ``k0 + i * step ... +
-    W - 1``, where tiles before the first or past the last are empty. The group's slabs are
-    then views of the inputs (padded with masked-out keys at the ends), whatever the
-    spans' widths, and it is made only when it computes at most :data:`BAND_SLACK` times
-    their live tiles. None where no such group fits (or it would hold one span)."""
-    live = states[0, 0, first] != EMPTY                                              # [spans, nk]
-    num_kv = live.shape[-1]
-    counts = live.sum(-1)
-    lo = live.to(torch.int8).argmax(-1)
-    hi = num_kv - live.flip(-1).to(torch.int8).argmax(-1)
+    of one batch entry and head; ``extents`` of every span's live tiles, ``dropped`` key
+    tiles left out of them) whose live key tiles are one contiguous run, when those spans
+    are evenly spaced and their runs fit in a window of ``W`` tiles that moves by the same
+    number of tokens as the spans: span ``i`` sees tiles ``k0 + i * step ... + W - 1``,
+    where tiles before the first or past the last are empty. The group's slabs are then
+    views of the inputs (padded with masked-out keys at the ends), whatever the spans'
+    widths, and it is made only when it computes at most :data:`BAND_SLACK` times their
+    live tiles. None where no such group fits (or it would hold one span)."""
+    num_kv = states.shape[-1]
+    counts, lo, hi = extents.counts, extents.lo, extents.hi
     chosen = chosen & (counts > 0) & (counts == hi - lo)
     rows, lo, hi, counts = first[chosen], lo[chosen], hi[chosen], counts[chosen]
     if rows.numel() < 2:
@@ -175,11 +161,51 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
     if rows.numel() * width > BAND_SLACK * int(counts.sum()):
         return None
     tiles = (k_first + index * k_step)[:, None] + torch.arange(width, device=rows.device)     # [n, W]
-    inside = (tiles >= 0) & (tiles < num_kv)
-    span_states = torch.stack([states[0, 0, rows + j].gather(-1, tiles.clamp(0, num_kv - 1)) for j in range(height)], 1)
-    span_states = span_states.masked_fill(~inside[:, None], EMPTY)
+    outside = (tiles < 0) | (tiles >= num_kv)
+    clamped = tiles.clamp(0, num_kv - 1)
+    if dropped is not None:
+        outside |= dropped[clamped]
+    span_states = torch.stack([states[0, 0, rows + j].gather(-1, clamped) for j in range(height)], 1)
+    span_states = span_states.masked_fill(outside[:, None], EMPTY)
     runs = (int(rows[0]) * grid.q_block, q_step * grid.q_block, k_first * grid.kv_block, k_step * grid.kv_block)
     return TileGroup(rows, height, tiles[None, None], span_states[None, None], runs)
+
+
+def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
+                height: int, span_live: torch.Tensor) -> TileGroup | None:
+    """A band group (:func:`band_group`) of the spans ``first[chosen]`` (``span_live``: the
+    live tiles of every span) whose live tiles are the key tiles every typical span sees
+    (*columns*: live in all spans of at most twice the median width) and a run besides
+    them, its ``columns`` the group of those tiles for the same spans; None where no band
+    fits the runs."""
+    spans = chosen.nonzero().flatten()
+    if spans.numel() < 2:
+        return None
+    live = span_live[spans]                                                          # [spans, nk]
+    counts = live.sum(-1, dtype=torch.int32)
+    typical = counts <= 2 * counts.median()
+    common = live[typical].all(0)
+    if not bool(common.any()):
+        return None
+    # Extents of the runs besides the columns, for the chosen spans only.
+    extents = SpanExtents.of(live & ~common)
+    every = lambda t: torch.zeros(first.shape, dtype=t.dtype, device=t.device).index_copy_(0, spans, t)
+    band = band_group(states, grid, first, _subset(chosen, spans[typical]), height,
+                      SpanExtents(every(extents.counts), every(extents.lo), every(extents.hi)), dropped=common)
+    if band is None:
+        return None
+    tiles = common.nonzero().flatten()
+    count = band.rows.numel()
+    span_states = torch.stack([states[0, 0, band.rows + j][:, tiles] for j in range(height)], 1)
+    part = TileGroup(band.rows, height, tiles.expand(1, 1, count, -1), span_states[None, None], None)
+    return TileGroup(band.rows, height, band.tiles, band.states, band.runs, part)
+
+
+def _subset(chosen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``chosen`` (bool over spans) true only at the span indices ``keep``."""
+    subset = torch.zeros_like(chosen)
+    subset[keep] = True
+    return subset
 
 
 def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
@@ -303,6 +329,8 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
     grow as the tiles shrink)."""
     throughput = TILE_THROUGHPUT[call.needs_grad]
     sizes = [t for t in throughput if t < largest and -(-call.q_len // t) * -(-call.kv_len // t) <= MAX_CHOICE_TILES]
+    if not sizes:
+        return largest
 
     def cost(tile: int) -> float:
         lowered = tiled(pattern, call, (tile, tile)).lowering
