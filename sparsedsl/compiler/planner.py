@@ -113,6 +113,11 @@ class Planner:
         raise PlanNotSupported(f"no plan can run {pattern} for {call}: " + "; ".join(
             f"{name}: {'; '.join(c.reasons)}" for name, c in candidates.items()))
 
+    def cost(self, pattern: n.Pattern, call: Call) -> float | None:
+        """The chosen plan's cost for ``call`` (None where it is not costed)."""
+        plan = self.choose(pattern, call)
+        return plan.cost(self.prepared(plan, pattern, call), call, self)
+
     def computed_pairs(self, pattern: n.Pattern, call: Call) -> int:
         """Pairs the chosen plan's kernels compute for ``call``."""
         plan = self.choose(pattern, call)

@@ -23,17 +23,22 @@ from .lattice_autograd import ChunkLattice, zeroed_output
 from .lattice_program import LatticeProgram
 from .lattice_views import chunk_folds, fold_chunks, group_inputs, put, take, write_folded
 
-#: The lattice plan's throughput per computed pair relative to the device's tile kernel.
-#: CUDA: where the tiles already fit the lattice (``.within`` rules whose segments are a
-#: tile long), the single fused FlexAttention kernel ran faster than the lattice's several
-#: SDPA calls and copies (H100, bf16, torch 2.11): the lattice pays where it computes at most
-#: 2/3 of flex's pairs. CPU (``benchmarks/plan_efficiency.py``, 2 cores, torch 2.13, fp32,
-#: 4,096 tokens, CPU time): lattices of ``chunks`` only (LongNet's ``segments``) computed 129k
-#: pairs per CPU-ms against the gather plan's 22k; lattices with block sub-problems
-#: (``blocks(256).local(1).within(segments([128, 128], [1, 2]))``) 37k, their parts
-#: gathered and run as plans of their own.
+#: The lattice plan's throughput per computed pair of its folded chunks relative to the
+#: device's tile kernel. CUDA: where the tiles already fit the lattice (``.within`` rules
+#: whose segments are a tile long), the single fused FlexAttention kernel ran faster than
+#: the lattice's several SDPA calls and copies (H100, bf16, torch 2.11): the lattice pays
+#: where it computes at most 2/3 of flex's pairs. CPU (``benchmarks/plan_efficiency.py``, 2
+#: cores, torch 2.13, fp32, 4,096 tokens, CPU time): lattices of ``chunks`` only (LongNet's
+#: ``segments``) computed 129k pairs per CPU-ms against the gather plan's 22k.
 EFFICIENCY = {"cuda": 1 / 1.5, "cpu": 6.0}
-EFFICIENCY_WITH_SUB_PROBLEMS = {"cuda": 1 / 1.5, "cpu": 1.7}
+
+#: What a sub-problem costs the lattice relative to the cost the planner gives its call
+#: alone (gathering its positions and writing its output back). CUDA: 1.5, as the chunks
+#: (the flex kernel runs the parts). CPU: ``blocks(256).local(1).within(segments([128,
+#: 128], [1, 2]))`` at 4,096 tokens, 8 heads, head dim 64 ran in 45 ms on the lattice
+#: (its four block sub-problems on tile_sdpa, costing 1.12M) against 72 ms for tile_sdpa
+#: alone (cost 1.72M): 1.0 (``benchmarks/cpu.py --threads 1 --clock cpu``, 2026-12-05).
+SUB_PROBLEM_OVERHEAD = {"cuda": 1.5, "cpu": 1.0}
 
 
 def chunks_only(plan: tuple[HeadGroupLattice, ...]) -> bool:
@@ -125,6 +130,18 @@ def _part_call(call: Call, part, heads: range, kv_heads: int) -> Call:
                 call.device, call.scale, call.q_block, call.kv_block, call.needs_grad, call.return_lse)
 
 
+def _chunk_pairs(plan: tuple[HeadGroupLattice, ...], call: Call) -> int:
+    """The pairs of the folded chunks: whole chunks, the last one cut short."""
+    total = 0
+    for head_plan in plan:
+        for part in head_plan.parts:
+            if isinstance(part.pattern, n.Chunks):
+                length = call.q_len if part.length is None else part.length
+                whole, rest = divmod(length, part.pattern.size)
+                total += (whole * part.pattern.size ** 2 + rest * rest) * len(head_plan.heads)
+    return total
+
+
 def _sub_problems(plan: tuple[HeadGroupLattice, ...], call: Call):
     """Every part that is not ``chunks`` and occurs at this length, with its call."""
     for head_plan in plan:
@@ -163,19 +180,21 @@ class LatticePlan(Plan):
         return EFFICIENCY.get(call.device.type)
 
     def cost(self, prepared, call: Call, planner) -> float | None:
-        table = EFFICIENCY if chunks_only(prepared) else EFFICIENCY_WITH_SUB_PROBLEMS
-        efficiency = table.get(call.device.type)
-        return None if efficiency is None else self.computed_pairs(prepared, call, planner) / efficiency
+        """The folded chunks' pairs over :data:`EFFICIENCY`, and each sub-problem's cost as
+        the planner gives its call, times :data:`SUB_PROBLEM_OVERHEAD` (None where either
+        is not costed)."""
+        efficiency = EFFICIENCY.get(call.device.type)
+        if efficiency is None:
+            return None
+        parts = planner.for_parts()
+        sub_costs = [parts.cost(part.pattern, sub_call) for part, sub_call in _sub_problems(prepared, call)]
+        if None in sub_costs:
+            return None
+        return _chunk_pairs(prepared, call) / efficiency + SUB_PROBLEM_OVERHEAD[call.device.type] * sum(sub_costs)
 
     def computed_pairs(self, prepared, call: Call, planner) -> int:
         """Whole chunks for folded chunks, and each sub-problem's own plan otherwise."""
-        total = 0
-        for head_plan in prepared:
-            for part in head_plan.parts:
-                if isinstance(part.pattern, n.Chunks):
-                    length = call.q_len if part.length is None else part.length
-                    whole, rest = divmod(length, part.pattern.size)
-                    total += (whole * part.pattern.size ** 2 + rest * rest) * len(head_plan.heads)
+        total = _chunk_pairs(prepared, call)
         parts = planner.for_parts()
         for part, sub_call in _sub_problems(prepared, call):
             total += parts.computed_pairs(part.pattern, sub_call)
