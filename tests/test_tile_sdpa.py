@@ -111,10 +111,10 @@ def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(require
     # Global columns: a band with columns, all views, so finer tiles where cheaper.
     mixed = sd.compile(sd.window(128) | sd.global_tokens(16)).explain(4096, heads=8, device="cpu",
                                                                        requires_grad=requires_grad)
-    assert "1 with columns" in mixed.reason
+    assert "1 with other tiles" in mixed.reason
     if not requires_grad:
         assert mixed.computed_flops <= 1.3 * mixed.useful_flops
-    # Random blocks are gathered: no finer tiles there.
+    # Random blocks are gathered for every query tile: no finer tiles there.
     gathered = sd.compile(sd.window(128) | sd.blocks(128).random(2, seed=3)).explain(
         4096, heads=8, device="cpu", requires_grad=requires_grad)
     assert gathered.q_block == 128
@@ -158,8 +158,31 @@ def test_global_columns_merged_by_log_sum_exp(pattern, q_len, kv_len, offset, kv
     reason = module.explain(q_len, kv_len, q_offset=offset, heads=3, kv_heads=kv_heads, device="cpu",
                             requires_grad=grad).reason
     if offset == 0:  # (queries from an offset may have their runs meet the columns: then no band)
-        assert "1 with columns" in reason
+        assert "1 with other tiles" in reason
     q, k, v = _inputs(2, 3, kv_heads, q_len, kv_len, 8, seed=q_len + offset)
+    with torch.set_grad_enabled(grad):
+        out = module(q, k, v, q_offset=offset)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
+    assert (out - expected).abs().max().item() < 1e-9
+    if grad:
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+        for g, w in zip(got, want):
+            assert (g - w).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("pattern", [sd.blocks(32).local(1).global_(1).random(2, seed=1),
+                                     sd.window(40) | sd.blocks(32).random(1, seed=4),
+                                     (sd.blocks(32).local(1).random(2, seed=2) | sd.global_tokens(7)) & ~sd.window(1)])
+@pytest.mark.parametrize("q_len, kv_len, offset", [(640, 640, 0), (613, 640, 0)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_random_blocks_as_a_gathered_part_of_a_band(pattern, q_len, kv_len, offset, grad):
+    """BigBird-like rows: the band on views, global columns once, and each span's random
+    tiles gathered, merged by log-sum-exp; outputs and float64 gradients exact."""
+    module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
+    assert "1 with other tiles" in module.explain(q_len, kv_len, heads=2, device="cpu", requires_grad=grad).reason
+    q, k, v = _inputs(1, 2, 2, q_len, kv_len, 8, seed=q_len)
     with torch.set_grad_enabled(grad):
         out = module(q, k, v, q_offset=offset)
     expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)

@@ -34,7 +34,7 @@ from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
 from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .tiled import Tiled, check_batch, tiled
-from .tile_sdpa_autograd import ViewGroup, ViewGroupsAttention, view_group_forward
+from .tile_sdpa_autograd import KeyPart, ViewGroup, ViewGroupsAttention, view_group_forward
 from .tile_slabs import SlabRuns, assemble, tile_major
 
 #: Throughput per computed pair relative to the gather plan on the CPU: 136k-196k pairs per
@@ -63,10 +63,10 @@ class TileGroup:
     tiles: torch.Tensor
     states: torch.Tensor
     runs: tuple[int, int, int, int] | None
-    #: Key tiles every span also sees besides its run (a band group's global columns), as a
-    #: group of the same spans (``runs`` None, one tile set): merged with this one by
-    #: log-sum-exp (:mod:`~sparsedsl.plans.tile_sdpa_autograd`); None without.
-    columns: "TileGroup | None" = None
+    #: Key tiles the spans also see besides their run (a band group's global columns, its
+    #: spans' other tiles), each as a group of the same spans (``runs`` None, one tile
+    #: set): merged with this one by log-sum-exp (:mod:`~sparsedsl.plans.tile_sdpa_autograd`).
+    others: tuple["TileGroup", ...] = ()
 
     @property
     def tile_rows(self) -> torch.Tensor:
@@ -80,11 +80,11 @@ class TileGroup:
 BAND_SLACK = 1.25
 
 
-def tile_groups(states: torch.Tensor, grid: TileGrid, columns: bool = False) -> list[TileGroup]:
+def tile_groups(states: torch.Tensor, grid: TileGrid, merged: bool = False) -> list[TileGroup]:
     """The groups of ``states`` (``[Bg, Hg, nq, nk]``) on ``grid``: for each span height, a
-    band group (:func:`band_group`) where one fits, with ``columns`` also one of the
-    remaining spans' runs besides the key tiles they all see (:func:`column_band`), and
-    the other spans grouped by their number of live tiles."""
+    band group (:func:`band_group`) where one fits, with ``merged`` also one of the
+    remaining spans' longest runs besides the key tiles they all see and their other tiles
+    (:func:`column_band`), and the other spans grouped by their number of live tiles."""
     live = states != EMPTY
     # Spans: runs of consecutive query tiles with the same live key tiles in every (batch, head).
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
@@ -98,7 +98,7 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, columns: bool = False) -> 
         for height in heights.unique().tolist():
             chosen = (heights == height) & (widths > 0)
             bands = [band_group(states, grid, first, chosen, height, extents)]
-            if columns:
+            if merged:
                 rest = chosen if bands[0] is None else chosen & ~torch.isin(first, bands[0].rows)
                 bands.append(column_band(states, grid, first, rest, height, span_live[0, 0]))
             for band in bands:
@@ -135,7 +135,8 @@ class SpanExtents:
 
 
 def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
-               height: int, extents: SpanExtents, dropped: torch.Tensor | None = None) -> TileGroup | None:
+               height: int, extents: SpanExtents, dropped: torch.Tensor | None = None,
+               typical: bool = False) -> TileGroup | None:
     """One group for the spans ``first[chosen]`` (all ``height`` query tiles high; states
     of one batch entry and head; ``extents`` of every span's live tiles, ``dropped`` key
     tiles left out of them) whose live key tiles are one contiguous run, when those spans
@@ -144,7 +145,9 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
     where tiles before the first or past the last are empty. The group's slabs are then
     views of the inputs (padded with masked-out keys at the ends), whatever the spans'
     widths, and it is made only when it computes at most :data:`BAND_SLACK` times their
-    live tiles. None where no such group fits (or it would hold one span)."""
+    live tiles. With ``typical``, the window is the spans' median run instead, unchecked
+    (runs past it are left to the caller). None where no such group fits (or it would
+    hold one span)."""
     num_kv = states.shape[-1]
     counts, lo, hi = extents.counts, extents.lo, extents.hi
     chosen = chosen & (counts > 0) & (counts == hi - lo)
@@ -156,10 +159,14 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
     if q_step < 1 or not bool((rows == rows[0] + q_step * index).all()) or (q_step * grid.q_block) % grid.kv_block:
         return None
     k_step = q_step * grid.q_block // grid.kv_block
-    k_first = int((lo - index * k_step).min())
-    width = int((hi - index * k_step).max()) - k_first
-    if rows.numel() * width > BAND_SLACK * int(counts.sum()):
-        return None
+    if typical:
+        k_first = int((lo - index * k_step).median())
+        width = max(1, int((hi - lo).median()))
+    else:
+        k_first = int((lo - index * k_step).min())
+        width = int((hi - index * k_step).max()) - k_first
+        if rows.numel() * width > BAND_SLACK * int(counts.sum()):
+            return None
     tiles = (k_first + index * k_step)[:, None] + torch.arange(width, device=rows.device)     # [n, W]
     outside = (tiles < 0) | (tiles >= num_kv)
     clamped = tiles.clamp(0, num_kv - 1)
@@ -173,11 +180,13 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
 
 def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
                 height: int, span_live: torch.Tensor) -> TileGroup | None:
-    """A band group (:func:`band_group`) of the spans ``first[chosen]`` (``span_live``: the
-    live tiles of every span) whose live tiles are the key tiles every typical span sees
-    (*columns*: live in all spans of at most twice the median width) and a run besides
-    them, its ``columns`` the group of those tiles for the same spans; None where no band
-    fits the runs."""
+    """A band group (:func:`band_group`) in the window of the median longest run of live
+    tiles of the typical spans of ``first[chosen]`` (``span_live``: the live tiles of every
+    span; typical: at most twice the median width) besides the key tiles every typical span
+    sees (*columns*), with as ``others`` the group of those columns and the group of each
+    span's live tiles outside the band window (random blocks; padded with empty tiles to the
+    most any span has); None where no band fits the runs or the group would compute more
+    than :data:`BAND_SLACK` times the spans' live tiles."""
     spans = chosen.nonzero().flatten()
     if spans.numel() < 2:
         return None
@@ -185,20 +194,51 @@ def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chose
     counts = live.sum(-1, dtype=torch.int32)
     typical = counts <= 2 * counts.median()
     common = live[typical].all(0)
-    if not bool(common.any()):
-        return None
-    # Extents of the runs besides the columns, for the chosen spans only.
-    extents = SpanExtents.of(live & ~common)
+    rest = live & ~common
+    lo, hi = _longest_runs(rest)
     every = lambda t: torch.zeros(first.shape, dtype=t.dtype, device=t.device).index_copy_(0, spans, t)
     band = band_group(states, grid, first, _subset(chosen, spans[typical]), height,
-                      SpanExtents(every(extents.counts), every(extents.lo), every(extents.hi)), dropped=common)
+                      SpanExtents(every(hi - lo), every(lo), every(hi)), dropped=common, typical=True)
     if band is None:
         return None
-    tiles = common.nonzero().flatten()
+    others = []
     count = band.rows.numel()
-    span_states = torch.stack([states[0, 0, band.rows + j][:, tiles] for j in range(height)], 1)
-    part = TileGroup(band.rows, height, tiles.expand(1, 1, count, -1), span_states[None, None], None)
-    return TileGroup(band.rows, height, band.tiles, band.states, band.runs, part)
+    if bool(common.any()):
+        tiles = common.nonzero().flatten().expand(1, 1, count, -1)
+        others.append(TileGroup(band.rows, height, tiles, _states_at(states, band.rows, height, tiles), None))
+    window = torch.zeros(count, live.shape[-1] + 2, dtype=torch.bool, device=live.device)  # tiles -1 .. nk
+    window.scatter_(1, band.tiles[0, 0].clamp(-1, live.shape[-1]) + 1, True)
+    held = rest[torch.searchsorted(first[spans], band.rows)] & ~window[:, 1:-1]
+    width = int(held.sum(-1).max())
+    if width:
+        order = torch.sort((~held).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # held tiles first
+        tiles = order.expand(1, 1, count, width)
+        part_states = _states_at(states, band.rows, height, tiles)
+        part_states = part_states.masked_fill(~held.gather(-1, order)[None, None, :, None], EMPTY)
+        others.append(TileGroup(band.rows, height, tiles, part_states, None))
+    group = TileGroup(band.rows, height, band.tiles, band.states, band.runs, tuple(others))
+    held_live = int(live[torch.searchsorted(first[spans], band.rows)].sum())
+    return group if computed_tiles([group]) <= BAND_SLACK * height * held_live else None
+
+
+def _longest_runs(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` of each row's longest run of live tiles (``live`` bool ``[S, nk]``; the
+    first of equal runs; ``lo == hi == 0`` on a row without one)."""
+    rows, width = live.shape
+    starts = live & ~F.pad(live[:, :-1], (1, 0))
+    run = starts.cumsum(-1, dtype=torch.int64) * live                         # run number, 0 off runs
+    lengths = torch.zeros(rows, width + 1, dtype=torch.int64, device=live.device)
+    lengths.scatter_add_(1, run, live.to(torch.int64))
+    lengths[:, 0] = 0
+    best = lengths.argmax(-1)
+    lo = (starts & (run == best[:, None])).to(torch.uint8).argmax(-1)
+    return lo, lo + lengths.gather(1, best[:, None])[:, 0]
+
+
+def _states_at(states: torch.Tensor, rows: torch.Tensor, height: int, tiles: torch.Tensor) -> torch.Tensor:
+    """The states of key tiles ``tiles [1, 1, n, T]`` for spans ``rows`` (``height`` query
+    tiles each): ``[1, 1, n, height, T]``."""
+    return torch.stack([states[0, 0, rows + j].gather(-1, tiles[0, 0]) for j in range(height)], 1)[None, None]
 
 
 def _subset(chosen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -325,8 +365,9 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
     whose groups cost least for ``call``: their computed pairs over the size's throughput,
     the larger size on ties. A size smaller than ``largest`` is tried only where its grid
     has at most :data:`MAX_CHOICE_TILES` tiles, and taken only where every group runs on
-    views of the inputs (a gathered group copies the keys of every query tile: copies that
-    grow as the tiles shrink)."""
+    views of the inputs and gathers no keys per span (a gathered group, or a band's tiles
+    besides its run and columns, copies the keys of every query tile: copies that grow as
+    the tiles shrink)."""
     throughput = TILE_THROUGHPUT[call.needs_grad]
     sizes = [t for t in throughput if t < largest and -(-call.q_len // t) * -(-call.kv_len // t) <= MAX_CHOICE_TILES]
     if not sizes:
@@ -334,8 +375,9 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
 
     def cost(tile: int) -> float:
         lowered = tiled(pattern, call, (tile, tile)).lowering
-        groups = tile_groups(lowered.states, lowered.grid, columns=_columns(call))
-        if tile < largest and any(group.runs is None for group in groups):
+        groups = tile_groups(lowered.states, lowered.grid, merged=_merges(call))
+        if tile < largest and any(group.runs is None or any(_part_tiles(o).shape[0] > 1 for o in group.others)
+                                  for group in groups):
             return math.inf
         return computed_tiles(groups) * tile * tile / throughput.get(tile, 1.0)
 
@@ -343,15 +385,15 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
 
 
 def computed_tiles(groups: list[TileGroup]) -> int:
-    """The tiles the groups' kernels compute, columns included (per batch entry and head
-    of the states)."""
-    return sum(g.rows.numel() * g.height * (g.tiles.shape[-1] + (0 if g.columns is None else g.columns.tiles.shape[-1]))
+    """The tiles the groups' kernels compute, other parts included (per batch entry and
+    head of the states)."""
+    return sum(g.rows.numel() * g.height * (g.tiles.shape[-1] + sum(o.tiles.shape[-1] for o in g.others))
                for g in groups)
 
 
-def _columns(call: Call) -> bool:
-    """Whether band groups take columns for ``call``: on the CPU (their kernels are the
-    fused CPU attention's, with log-sum-exps)."""
+def _merges(call: Call) -> bool:
+    """Whether band groups take other parts for ``call``: on the CPU (their kernels are
+    the fused CPU attention's, with log-sum-exps)."""
     return call.device.type == "cpu"
 
 
@@ -373,20 +415,20 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]`` by
     the tile ``groups``, with ``masks`` (:func:`additive_masks`) and ``order``
     (:func:`output_order`); returns ``out [B, H, Q, Dv]``. On the CPU, where every group is
-    views, with gradients or with columns, it runs as
+    views, with gradients or with other parts, it runs as
     :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroupsAttention` (key/value heads
-    repeated for grouped queries); else by SDPA (through autograd), a group with columns
-    by :func:`~sparsedsl.plans.tile_sdpa_autograd.view_group_forward`."""
+    repeated for grouped queries); else by SDPA (through autograd), a group with other
+    parts by :func:`~sparsedsl.plans.tile_sdpa_autograd.view_group_forward`."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
     views = [None if g.runs is None else ViewGroup(
         SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk, q_len, kv_len), g.height,
-        m.mask, m.keep, None if g.columns is None else g.columns.tiles[0, 0, 0], m.columns_mask, m.dead,
-        m.columns_dead) for g, m in zip(groups, masks)]
+        m.mask, m.keep, tuple(KeyPart(_part_tiles(o), *pm) for o, pm in zip(g.others, m.parts)), m.dead)
+        for g, m in zip(groups, masks)]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    columns = any(g.columns is not None for g in groups)
-    if groups and q.device.type == "cpu" and None not in views and (grad or columns):
+    merged = any(g.others for g in groups)
+    if groups and q.device.type == "cpu" and None not in views and (grad or merged):
         keys, values = (k, v) if kv_heads == heads else (_per_query_head(t, heads) for t in (k, v))
         return ViewGroupsAttention.apply(q, keys, values, views, (order, bq, bk, nq), scale)
     padded = None  # (q, k, v) padded to whole tiles: made for the first gathered group
@@ -394,7 +436,7 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     outs = []  # each group's output, tile-major: [n * height, B*H, bq, Dv]
     for group, view, (mask, keep, *_) in zip(groups, views, masks):
         count, chunk = group.rows.numel(), group.height * bq
-        if view is not None and view.columns is not None:  # fused kernels with log-sum-exps, merged
+        if view is not None and view.parts:  # fused kernels with log-sum-exps, merged
             keys, values = (k, v) if kv_heads == heads else (_per_query_head(t, heads) for t in (k, v))
             outs.append(tile_major(view_group_forward(q, keys, values, view, bk, scale, pads)[2], group.height, bq))
             continue
@@ -420,6 +462,13 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     return assemble(outs, order, q, q_len, bq, nq, dv)
 
 
+def _part_tiles(part: TileGroup) -> torch.Tensor:
+    """A part's key tiles as :class:`~sparsedsl.plans.tile_sdpa_autograd.KeyPart` takes
+    them: ``[1, T]`` where every span sees the same, else ``[n, T]``."""
+    tiles = part.tiles[0, 0]
+    return tiles[:1] if bool((tiles == tiles[:1]).all()) else tiles
+
+
 def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
     """Key/value heads ``t [B, Hkv, K, D]`` repeated for the ``heads`` query heads that
     read them."""
@@ -429,14 +478,14 @@ def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
 class GroupMasks(NamedTuple):
     """A group's masks for a call: the additive ``mask`` of its tiles (0 allowed, -inf
     masked; None: every tile full) and ``keep`` (:func:`group_mask`); for a group with
-    columns, ``keep`` is None and the columns' additive mask and the rows each part leaves
-    without keys are given (:class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroup`)."""
+    other parts, ``keep`` is None, and ``parts`` gives each part's additive mask and the
+    rows it leaves without keys, and ``dead`` the rows the group's own tiles leave
+    (:class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroup`)."""
 
     mask: torch.Tensor | None
     keep: torch.Tensor | None
-    columns_mask: torch.Tensor | None = None
+    parts: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...] = ()
     dead: torch.Tensor | None = None
-    columns_dead: torch.Tensor | None = None
 
 
 def additive_masks(groups: list[TileGroup], grid: TileGrid, mask_mod, batch: int, heads: int,
@@ -447,16 +496,21 @@ def additive_masks(groups: list[TileGroup], grid: TileGrid, mask_mod, batch: int
     masks = []
     for group in groups:
         dims = group.tiles.shape[:2]
-        if group.columns is None:
+        if not group.others:
             mask, keep = group_mask(group, grid, mask_mod)
             keep = _per_call(keep, dims, batch, heads)
             masks.append(GroupMasks(_additive(_per_call(mask, dims, batch, heads), dtype),
                                     None if keep is None else keep.to(dtype)))
             continue
-        parts = [tile_mask(part, grid, mask_mod) for part in (group, group.columns)]
-        dead = [None if mask is None else ~mask.any(-1) for mask in parts]
-        masks.append(GroupMasks(_additive(parts[0], dtype), None, _additive(parts[1], dtype), *dead))
+        own, *parts = [tile_mask(part, grid, mask_mod) for part in (group, *group.others)]
+        masks.append(GroupMasks(_additive(own, dtype), None, tuple((_additive(m, dtype), _dead(m)) for m in parts),
+                                _dead(own)))
     return masks
+
+
+def _dead(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows a boolean mask leaves without keys (None: a mask of full tiles)."""
+    return None if mask is None else ~mask.any(-1)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -506,7 +560,7 @@ class TileSdpaPlan(Plan):
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[Tiled, list[TileGroup]]:
         prepared = tiled(pattern, call, self.tiles(pattern, call))
         lowered = prepared.lowering
-        return prepared, tile_groups(lowered.states, lowered.grid, columns=_columns(call))
+        return prepared, tile_groups(lowered.states, lowered.grid, merged=_merges(call))
 
     def efficiency(self, call: Call) -> float | None:
         """:data:`CPU_EFFICIENCY` on the CPU; not measured on CUDA, where FlexAttention's
@@ -532,6 +586,6 @@ class TileSdpaPlan(Plan):
     def describe(self, prepared, call: Call) -> str:
         groups = prepared[1]
         viewed = sum(g.runs is not None for g in groups)
-        columns = sum(g.columns is not None for g in groups)
+        merged = sum(bool(g.others) for g in groups)
         return (f"fused SDPA on key tiles: {len(groups)} groups of query tiles by key run or live-tile count "
-                f"({viewed} as views, {columns} with columns merged by log-sum-exp), masked on partial tiles only")
+                f"({viewed} as views, {merged} with other tiles merged by log-sum-exp), masked on partial tiles only")

@@ -6,15 +6,16 @@ adding the slabs' gradients straight into one gradient of each input
 zero and add a whole gradient per group and sum overlapping key slabs through ``unfold``'s
 backward.
 
-A group may also hold *columns*: key tiles every span of the group sees besides its run
-(global tokens). They run as a second kernel call on the same query slabs against those
-tiles' keys, gathered once for all spans, and the two parts are merged by their
-log-sum-exps into one softmax: ``L = logaddexp(lse_run, lse_columns)``, ``out = sum_p
-exp(lse_p - L) out_p``. Each part's backward, given the merged ``out`` and ``L``, computes
-exactly its share of the softmax's gradient. A part whose mask leaves a row without keys
-counts ``lse = -inf`` there; a row without keys in any part outputs 0.
+A group may also hold *other parts*: key tiles its spans see besides their run, each part
+a second fused call on the same query slabs against those tiles' keys, gathered (once for
+all spans where every span sees the same tiles: global columns; per span otherwise: random
+blocks). The parts are merged by their log-sum-exps into one softmax: ``L =
+logsumexp_p(lse_p)``, ``out = sum_p exp(lse_p - L) out_p``. Each part's backward, given the
+merged ``out`` and ``L``, computes exactly its share of the softmax's gradient. A part
+whose mask leaves a row without keys counts ``lse = -inf`` there; a row without keys in
+any part outputs 0.
 
-In a group without columns, rows that see no key (given one masked-in key by the plan)
+In a group of its run alone, rows that see no key (given one masked-in key by the plan)
 have their output and its gradient multiplied by 0. The backward is not itself
 differentiable (the planner wraps the plan for second-order gradients)."""
 
@@ -29,23 +30,31 @@ from .tile_slabs import SlabRuns, assemble, padded, tile_major
 
 
 @dataclass(frozen=True)
+class KeyPart:
+    """Key tiles a group's spans see besides their run: ``tiles`` int64 ``[1 or count, T]``
+    (one row: every span sees the same), their additive ``mask`` (None: all full) and the
+    rows it leaves without keys, ``dead`` (bool, broadcastable to ``[count, B * H, chunk]``;
+    None: none)."""
+
+    tiles: torch.Tensor
+    mask: torch.Tensor | None
+    dead: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class ViewGroup:
     """One group for :class:`ViewGroupsAttention`: its slabs ``runs``, ``height`` query
     tiles a span, the additive ``mask`` of its runs (None: every tile full) and ``keep``
     (0 on rows without keys, the plan's masked-in key there; None: every row has one).
-    With ``columns`` (int64 key-tile indices every span sees), also their additive
-    ``columns_mask`` and the rows each part leaves without keys, ``dead`` and
-    ``columns_dead`` (bool, broadcastable to ``[count, B * H, chunk]``; ``keep`` is then
-    None)."""
+    With other ``parts``, also the rows the run leaves without keys, ``dead`` (``keep`` is
+    then None)."""
 
     runs: SlabRuns
     height: int
     mask: torch.Tensor | None
     keep: torch.Tensor | None
-    columns: torch.Tensor | None = None
-    columns_mask: torch.Tensor | None = None
+    parts: tuple[KeyPart, ...] = ()
     dead: torch.Tensor | None = None
-    columns_dead: torch.Tensor | None = None
 
 
 def _attend(q, k, v, mask, scale):
@@ -58,13 +67,25 @@ def _attend_backward(grad, q, k, v, out, lse, mask, scale):
         grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _column_keys(t: torch.Tensor, columns: torch.Tensor, block: int, count: int, pads: dict) -> torch.Tensor:
-    """The keys (or values) of tiles ``columns`` of ``t [B, H, K, D]``, gathered once and
-    repeated for ``count`` spans by a stride-0 view: ``[count, B * H, len(columns) * block, D]``."""
+def _part_keys(t: torch.Tensor, tiles: torch.Tensor, block: int, count: int, pads: dict) -> torch.Tensor:
+    """The keys (or values) of ``tiles`` (``[1 or count, T]``) of ``t [B, H, K, D]`` as
+    ``[count, B * H, T * block, D]``: gathered once and repeated by a stride-0 view where
+    every span sees the same tiles."""
     batch, heads, length, dim = t.shape
-    whole = padded(t, 0, -length % block, pads)
-    taken = whole.view(batch * heads, -1, block, dim).index_select(1, columns)
-    return taken.view(1, batch * heads, -1, dim).expand(count, -1, -1, -1)
+    whole = padded(t, 0, -length % block, pads).view(batch * heads, -1, block, dim)
+    taken = whole.index_select(1, tiles.flatten()).view(batch * heads, tiles.shape[0], -1, dim).movedim(1, 0)
+    return taken.expand(count, -1, -1, -1)
+
+
+def _add_part_keys(total: torch.Tensor, tiles: torch.Tensor, grads: torch.Tensor, before: int, block: int) -> None:
+    """Add key-part gradients ``grads [count, B * H, T * block, D]`` into ``total [B, H, L,
+    D]`` (key position ``p`` at ``before + p``) at the positions of ``tiles`` ``[1 or
+    count, T]``, in place."""
+    if tiles.shape[0] == 1:
+        grads = grads.sum(0, keepdim=True)
+    positions = (before + tiles.flatten()[:, None] * block + torch.arange(block, device=tiles.device)).flatten()
+    batch, heads = total.shape[:2]
+    total.index_add_(2, positions, grads.movedim(0, 1).reshape(batch, heads, -1, grads.shape[-1]))
 
 
 def _merge(parts, dead):
@@ -87,13 +108,13 @@ def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, p
     (rows without keys zeroed)."""
     queries = group.runs.queries(q, pads)
     run = _attend(queries, group.runs.keys(k, pads), group.runs.keys(v, pads), group.mask, scale)
-    if group.columns is None:
+    if not group.parts:
         out, lse = run
         return out, lse, (out if group.keep is None else out * group.keep)
     count = group.runs.count
-    columns = _attend(queries, _column_keys(k, group.columns, kv_block, count, pads),
-                      _column_keys(v, group.columns, kv_block, count, pads), group.columns_mask, scale)
-    out, lse = _merge([run, columns], [group.dead, group.columns_dead])
+    parts = [_attend(queries, _part_keys(k, part.tiles, kv_block, count, pads),
+                     _part_keys(v, part.tiles, kv_block, count, pads), part.mask, scale) for part in group.parts]
+    out, lse = _merge([run, *parts], [group.dead, *(part.dead for part in group.parts)])
     return out, lse, out
 
 
@@ -129,7 +150,7 @@ class ViewGroupsAttention(torch.autograd.Function):
             runs = group.runs
             grad = runs.queries(grad_out, pads)
             queries = runs.queries(q, pads)
-            if group.columns is None:
+            if not group.parts:
                 grad = grad.contiguous() if group.keep is None else grad * group.keep
             else:  # rows no part covers: no gradient, and a finite lse for the kernel
                 none = lse == float("-inf")
@@ -140,15 +161,11 @@ class ViewGroupsAttention(torch.autograd.Function):
             window = (before - runs.k_before, runs.k_before + kv_len + runs.k_past)
             runs.add_keys(dk.narrow(2, *window), grads[1])
             runs.add_keys(dv.narrow(2, *window), grads[2])
-            if group.columns is not None:
+            for part in group.parts:
                 count = runs.count
-                grads = _attend_backward(grad, queries, _column_keys(k, group.columns, block, count, pads),
-                                         _column_keys(v, group.columns, block, count, pads), out, lse,
-                                         group.columns_mask, scale)
+                grads = _attend_backward(grad, queries, _part_keys(k, part.tiles, block, count, pads),
+                                         _part_keys(v, part.tiles, block, count, pads), out, lse, part.mask, scale)
                 runs.add_queries(dq, grads[0])
-                positions = (before + group.columns[:, None] * block + torch.arange(block, device=q.device)).flatten()
-                for total, part in zip((dk, dv), grads[1:]):
-                    batch, heads = total.shape[:2]
-                    summed = part.sum(0).view(batch, heads, -1, part.shape[-1])
-                    total.index_add_(2, positions, summed)
+                _add_part_keys(dk, part.tiles, grads[1], before, block)
+                _add_part_keys(dv, part.tiles, grads[2], before, block)
         return dq, dk.narrow(2, before, kv_len), dv.narrow(2, before, kv_len), None, None, None
