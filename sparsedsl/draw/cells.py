@@ -7,12 +7,13 @@ dilation stays visible as a half-tone at a million tokens, where a pixel covers 
 of pairs.
 
 No ``Q x K`` matrix is built. Cells the structural tile classifier decides (full or empty)
-cost nothing more. For a head-free pattern without tensors, the others are counted exactly
-by tile signature (cells of equal signature hold equal contents, so each distinct content
-is evaluated once; see :mod:`sparsedsl.analysis.tilecount`). For patterns with tensors
-(``documents``, ``.layout``) or random blocks, undecided cells are counted exactly while
-that evaluates at most ``budget`` positions; beyond it, each undecided cell is estimated
-from ``SAMPLES`` positions drawn uniformly inside it (seeded), and the result says so.
+cost nothing more. For a head-free pattern without tensors whose cells hold at most
+``budget`` pairs, the others are counted exactly by tile signature (cells of equal
+signature hold equal contents, so each distinct content is evaluated once; see
+:mod:`sparsedsl.analysis.tilecount`). Otherwise (tensors: ``documents``, ``.layout``;
+random blocks; larger cells), undecided cells are counted exactly while that evaluates at
+most ``budget`` positions; beyond it, each undecided cell is estimated from ``SAMPLES``
+positions drawn uniformly inside it (seeded), and the result says so.
 
 A multiset pattern (``a + b``, ``longnet``) counts each pair with its multiplicity: a
 cell's value is the sum of its terms' fractions (:func:`sparsedsl.lang.multiset.
@@ -86,7 +87,7 @@ def cell_fractions(pattern, ctx: Context, head: int, window: tuple[int, int, int
     counts, estimated = torch.zeros_like(area), False
     for term in multiset_terms(mask_part(pattern)):  # a set pattern is its only term
         resolved = resolve_head(term, head, ctx.heads)
-        if not ctx.buffers and supported(resolved):
+        if not ctx.buffers and supported(resolved) and cell * cell <= budget:
             counter = _Counter(resolved, ctx.q_len, ctx.kv_len, cell)
             _, term_counts = counter.evaluate(_Batch(i, j, torch.ones_like(i)))
             counts += term_counts.to(torch.float64)

@@ -27,23 +27,28 @@ def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
     ``square`` is a side on which the pattern is constant over aligned squares
     (:func:`~sparsedsl.passes.squares.uniform_square`; 1 always is): the tiles are cut into
     squares of ``gcd(square, q_block, kv_block, q_start)`` positions, and ``mask_mod`` is
-    evaluated once per square, weighted by the square's positions inside the sequences."""
+    evaluated once per square, weighted by the square's positions inside the sequences.
+    At most about ``budget`` positions are evaluated at once (a tile larger than that a
+    band of query rows at a time)."""
     device = tiles.device
     side = math.gcd(square, grid.q_block, grid.kv_block, grid.q_start)
     counts = torch.zeros(tiles.shape[0], dtype=torch.int64, device=device)
     q_off = torch.arange(0, grid.q_block, side, device=device)[None, :, None]
     k_off = torch.arange(0, grid.kv_block, side, device=device)[None, None, :]
-    step = max(1, budget // (q_off.shape[1] * k_off.shape[2]))
+    # Tiles larger than the budget are evaluated a band of query rows at a time.
+    rows_at_once = max(1, min(q_off.shape[1], budget // k_off.shape[2]))
+    step = max(1, budget // (rows_at_once * k_off.shape[2]))
     for start in range(0, tiles.shape[0], step):
         chunk = tiles[start:start + step]
         b = chunk[:, 0, None, None]
         h = chunk[:, 1, None, None]
-        q = grid.q_start + chunk[:, 2, None, None] * grid.q_block + q_off
         k = chunk[:, 3, None, None] * grid.kv_block + k_off
-        # positions of each square inside the sequences: side, fewer at an end, or none
-        weight = (grid.q_len - q).clamp(0, side) * (grid.kv_len - k).clamp(0, side)
-        allowed = mask_mod(b, h, q.clamp(max=grid.q_len - 1), k.clamp(max=grid.kv_len - 1))
-        counts[start:start + step] = (weight * allowed).sum((1, 2))
+        for row in range(0, q_off.shape[1], rows_at_once):
+            q = grid.q_start + chunk[:, 2, None, None] * grid.q_block + q_off[:, row:row + rows_at_once]
+            # positions of each square inside the sequences: side, fewer at an end, or none
+            weight = (grid.q_len - q).clamp(0, side) * (grid.kv_len - k).clamp(0, side)
+            allowed = mask_mod(b, h, q.clamp(max=grid.q_len - 1), k.clamp(max=grid.kv_len - 1))
+            counts[start:start + step] += (weight * allowed).sum((1, 2))
     return counts
 
 

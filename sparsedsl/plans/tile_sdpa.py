@@ -226,7 +226,7 @@ def _longest_runs(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first of equal runs; ``lo == hi == 0`` on a row without one)."""
     rows, width = live.shape
     starts = live & ~F.pad(live[:, :-1], (1, 0))
-    run = starts.cumsum(-1, dtype=torch.int64) * live                         # run number, 0 off runs
+    run = starts.cumsum(-1, dtype=torch.int32).to(torch.int64) * live         # run number, 0 off runs
     lengths = torch.zeros(rows, width + 1, dtype=torch.int64, device=live.device)
     lengths.scatter_add_(1, run, live.to(torch.int64))
     lengths[:, 0] = 0
@@ -375,7 +375,7 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
 
     def cost(tile: int) -> float:
         lowered = tiled(pattern, call, (tile, tile)).lowering
-        groups = tile_groups(lowered.states, lowered.grid, merged=_merges(call))
+        groups = tile_groups(lowered.states, lowered.grid, merged=_merges(call, (tile, tile)))
         if tile < largest and any(group.runs is None or any(_part_tiles(o).shape[0] > 1 for o in group.others)
                                   for group in groups):
             return math.inf
@@ -391,10 +391,11 @@ def computed_tiles(groups: list[TileGroup]) -> int:
                for g in groups)
 
 
-def _merges(call: Call) -> bool:
-    """Whether band groups take other parts for ``call``: on the CPU (their kernels are
-    the fused CPU attention's, with log-sum-exps)."""
-    return call.device.type == "cpu"
+def _merges(call: Call, tiles: tuple[int, int]) -> bool:
+    """Whether band groups take other parts for ``call`` on ``tiles``: on the CPU (their
+    kernels are the fused CPU attention's, with log-sum-exps), on grids of at most
+    :data:`MAX_CHOICE_TILES` tiles (finding them reads every span's tiles a few times)."""
+    return call.device.type == "cpu" and -(-call.q_len // tiles[0]) * -(-call.kv_len // tiles[1]) <= MAX_CHOICE_TILES
 
 
 def output_order(groups: list[TileGroup], num_q_tiles: int) -> torch.Tensor | None:
@@ -560,7 +561,8 @@ class TileSdpaPlan(Plan):
     def prepare(self, pattern: n.Pattern, call: Call) -> tuple[Tiled, list[TileGroup]]:
         prepared = tiled(pattern, call, self.tiles(pattern, call))
         lowered = prepared.lowering
-        return prepared, tile_groups(lowered.states, lowered.grid, merged=_merges(call))
+        grid = lowered.grid
+        return prepared, tile_groups(lowered.states, grid, merged=_merges(call, (grid.q_block, grid.kv_block)))
 
     def efficiency(self, call: Call) -> float | None:
         """:data:`CPU_EFFICIENCY` on the CPU; not measured on CUDA, where FlexAttention's
