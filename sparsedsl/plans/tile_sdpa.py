@@ -29,7 +29,7 @@ from ..budget import check_memory
 from ..lang import nodes as n
 from ..lang.queries import mask_part, score_mods
 from ..passes.refine import EVALUATION_BUDGET
-from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid, row_counts
 from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .tiled import Tiled, check_batch, tiled
@@ -74,18 +74,39 @@ def tile_groups(states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
     first = torch.cat([torch.ones(1, dtype=torch.bool, device=states.device), ~same]).nonzero().flatten()
     heights = torch.diff(first, append=torch.tensor([states.shape[-2]], device=states.device))
-    widths = live[:, :, first].sum(-1).amax((0, 1))                               # a span's widest (b, h)
-    # Live tiles first, in ascending order (a stable sort of "not live").
-    order = torch.sort((~live[:, :, first]).to(torch.int8), dim=-1, stable=True).indices
+    span_live = live if len(first) == live.shape[-2] else live[:, :, first]       # [Bg, Hg, S, nk]
+    counts = row_counts(span_live)                                                 # [Bg, Hg, S]
+    widths = counts.amax((0, 1))                                                   # a span's widest (b, h)
     groups = []
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
         if width == 0:
             continue
         chosen = ((widths == width) & (heights == height)).nonzero().flatten()
-        rows, tiles = first[chosen], order[:, :, chosen, :width]                  # [n], [Bg, Hg, n, W]
-        span_states = torch.stack([states[:, :, rows + j].gather(-1, tiles) for j in range(height)], 3)
+        rows, tiles = first[chosen], _live_first(span_live[:, :, chosen], counts[:, :, chosen], width)
+        flat = states.flatten(2)  # the tiles' states gathered, not their rows copied
+        span_states = torch.stack([flat.gather(-1, ((rows + j)[:, None] * states.shape[-1] + tiles).flatten(2))
+                                   .view(tiles.shape) for j in range(height)], 3)
         groups.append(TileGroup(rows, height, tiles, span_states, _runs(rows, height, tiles, grid)))
     return groups
+
+
+def _live_first(live: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` key tiles of each span of ``live`` (bool ``[Bg, Hg, n, nk]``,
+    ``counts [Bg, Hg, n]`` live tiles each, at most ``width``) in the order of a stable sort
+    of "not live": its live tiles ascending, then, where a (batch, head) has fewer, its
+    first tiles that are not live (all among its first ``2 * width``). From the list of
+    live tiles, not a sort of every tile: ``[Bg, Hg, n, width]`` int64."""
+    b, h, s, col = live.nonzero().unbind(1)  # row-major: each span's live tiles ascending
+    per_span = counts.flatten()
+    rank = torch.arange(len(col), device=col.device) - (per_span.cumsum(0) - per_span).repeat_interleave(per_span)
+    tiles = torch.zeros(*live.shape[:3], width, dtype=torch.int64, device=live.device)
+    tiles[b, h, s, rank] = col
+    if bool((counts < width).any()):
+        not_live = torch.sort(live[..., :2 * width].to(torch.int8), dim=-1, stable=True).indices
+        slot = torch.arange(width, device=live.device)
+        extra = not_live.gather(-1, (slot - counts[..., None]).clamp(min=0))
+        tiles = torch.where(slot < counts[..., None], tiles, extra)
+    return tiles
 
 
 def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
