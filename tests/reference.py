@@ -1,6 +1,7 @@
 """The reference attention every plan is tested against: one softmax over the dense mask
 (DESIGN.md §1), with score modifications applied to dense tensors, in float64. A multiset
-pattern's dense form is its multiplicities ``m``: ``log m`` is added to the scores last."""
+pattern's dense form is its multiplicities ``m``: ``log m`` is added to the scores last.
+Also the seeded choice of random blocks, written plainly from its stated rule."""
 
 from __future__ import annotations
 
@@ -80,3 +81,31 @@ def block_sets(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
         return out
     return (scatter(block_mask.kv_num_blocks, block_mask.kv_indices),
             scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+
+
+_MASK31 = 0x7FFFFFFF
+
+
+def _mix31(x: int) -> int:
+    """Three rounds of the 31-bit multiply-xorshift (Python integers)."""
+    for mult in (1103515245, 1664525, 22695477):
+        x = (x * mult + 12345) & _MASK31
+        x ^= x >> 13
+    return x
+
+
+def random_block_hash(seed: int, qb: int, j: int) -> int:
+    """The 31-bit hash of ``(seed, qb, j)`` that random blocks are chosen by."""
+    x = _mix31((seed & _MASK31) ^ 0x2545F491)
+    x = _mix31(x ^ (qb & _MASK31))
+    return _mix31(x ^ (j & _MASK31))
+
+
+def random_row(seed: int, qb: int, n: int, per_row: int) -> set[int]:
+    """The key blocks row ``qb`` of ``.random(per_row, seed)`` takes among ``n`` (of
+    ``.random_causal``: ``n = qb + 1``): Robert Floyd's sampling, one step at a time."""
+    chosen: set[int] = set()
+    for j in range(n - min(per_row, n), n):
+        t = random_block_hash(seed, qb, j) % (j + 1)
+        chosen.add(j if t in chosen else t)
+    return chosen

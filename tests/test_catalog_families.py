@@ -9,7 +9,7 @@ import torch
 
 import sparsedsl as sd
 import sparsedsl.patterns as catalog
-from sparsedsl.lang.randomblocks import block_hash
+from reference import random_row
 
 # ---------------------------------------------------------------------------------------
 # DeepSpeed: block layouts from the configurations' documented rules
@@ -47,13 +47,11 @@ def fixed_layout(nb, w, g, uni, horizontal, p):
 
 
 def random_rows(nb: int, per_row: int, seed: int, causal: bool) -> torch.Tensor:
-    """Seeded random blocks: each row keeps the ``per_row`` blocks (among all, or among
-    ``0..row`` when causal) with the smallest ``(hash(seed, row, col), col)``."""
+    """Seeded random blocks: each row takes ``per_row`` blocks among all, or among
+    ``0..row`` when causal, by the stated rule (``reference.random_row``)."""
     layout = torch.zeros(nb, nb, dtype=torch.bool)
     for r in range(nb):
-        candidates = range(r + 1) if causal else range(nb)
-        ranked = sorted((int(block_hash(seed, torch.tensor(r), torch.tensor(c))), c) for c in candidates)
-        for _, c in ranked[:per_row]:
+        for c in random_row(seed, r, r + 1 if causal else nb, per_row):
             layout[r, c] = True
     return layout
 

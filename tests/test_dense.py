@@ -2,9 +2,10 @@
 the ``mask_mod`` lowering against the dense reference.
 
 Every expected value here comes from plain-Python ``allowed(...)`` functions written from the
-semantics table (loops over positions, no torch). The only package code they borrow is the
-seeded choice of random blocks (``random_block_picks``), which *is* the definition of
-``.random(per_row, seed)``; its documented properties are tested separately.
+semantics table (loops over positions, no torch). The seeded choice of random blocks comes
+from its stated rule written plainly (``reference.random_row``: Floyd's sampling, one step
+at a time), and the package's vectorised choice is checked against it and for its
+documented properties.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sparsedsl import (
     BufferBindingError,
@@ -37,10 +39,16 @@ from sparsedsl import (
     window,
 )
 from sparsedsl.lang import nodes as n
-from sparsedsl.lang.randomblocks import random_block_layout, random_block_picks
+from sparsedsl.lang.randomblocks import (
+    block_picks_of_rows,
+    random_block_layout,
+    random_block_picks,
+    random_causal_block_picks,
+)
 from sparsedsl.passes.context import Context
 from sparsedsl.passes.maskmod import lower_mask
 
+from reference import random_row
 from strategies import pattern_cases
 
 # ---------------------------------------------------------------------------------------
@@ -189,9 +197,11 @@ def _spec_block_rule(rule, env: Env, nqb: int, nkb: int):
     if isinstance(rule, n.BlockGlobal):
         return lambda h, qb, kb: qb < rule.n or kb < rule.n
     if isinstance(rule, n.BlockRandom):
-        picks = random_block_picks(nqb, nkb, rule.per_row, rule.seed).tolist()
-        chosen = {(qb, kb) for qb, row in enumerate(picks) for kb in row}
-        return lambda h, qb, kb: (qb, kb) in chosen
+        chosen = [random_row(rule.seed, qb, nkb, rule.per_row) for qb in range(nqb)]
+        return lambda h, qb, kb: kb in chosen[qb]
+    if isinstance(rule, n.BlockRandomCausal):
+        chosen = [random_row(rule.seed, qb, qb + 1, rule.per_row) for qb in range(nqb)]
+        return lambda h, qb, kb: kb in chosen[qb]
     if isinstance(rule, n.BlockLayout):
         lay = env.buffers[rule.name]
         if _depth(lay) == 2:
@@ -413,11 +423,43 @@ def test_random_matches_its_layout_function():
     assert torch.equal(got, random_block_layout(8, 7, 2, 3))
     picks = random_block_picks(8, 7, 2, 3)
     assert picks.shape == (8, 2)
-    assert all(len(set(row)) == 2 for row in picks.tolist())
+    assert [set(row) for row in picks.tolist()] == [random_row(3, qb, 7, 2) for qb in range(8)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_qb=st.integers(0, 40), num_kb=st.integers(1, 70), per_row=st.integers(1, 80),
+       seed=st.one_of(st.integers(0, 2**20), st.just(2**40 + 7)), row_chunk=st.sampled_from([None, 1, 7]))
+def test_random_picks_are_the_stated_rule(num_qb, num_kb, per_row, seed, row_chunk):
+    """Each row's picks: ``min(per_row, n)`` distinct blocks in ``[0, n)``, the set Floyd's
+    steps give (written plainly); per_row above ``2 sqrt(n)`` runs the bitmap path."""
+    width = min(per_row, num_kb)
+    picks = random_block_picks(num_qb, num_kb, per_row, seed, row_chunk=row_chunk)
+    assert picks.shape == (num_qb, width) and picks.dtype == torch.int64
+    for qb, row in enumerate(picks.tolist()):
+        assert len(set(row)) == width and all(0 <= kb < num_kb for kb in row)
+        assert set(row) == random_row(seed, qb, num_kb, per_row), qb
+    rows = torch.arange(num_qb).flip(0)[::2]  # any rows, in any order
+    assert torch.equal(block_picks_of_rows(rows, num_kb, per_row, seed), picks[rows])
+    causal = random_causal_block_picks(num_qb, per_row, seed)
+    assert causal.shape == (num_qb, min(per_row, num_qb))
+    for qb, row in enumerate(causal.tolist()):
+        taken = random_row(seed, qb, qb + 1, per_row)
+        assert len(taken) == min(per_row, qb + 1) and all(0 <= kb <= qb for kb in taken)
+        assert sorted(row) == sorted(list(taken) + [qb] * (len(row) - len(taken)))  # unused slots: qb
+
+
+def test_random_picks_are_spread_evenly():
+    """Over many rows, each of 16 key blocks is taken about ``3 / 16`` of the time (the
+    picks of a rule that favoured the last steps' ``j`` would not be)."""
+    picks = random_block_picks(8192, 16, 3, 0)
+    counts = torch.bincount(picks.flatten(), minlength=16)
+    expected = 8192 * 3 / 16  # 1536, standard deviation about 35
+    assert (counts - expected).abs().max() < 200, counts.tolist()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8, 7, 2, 3), (300, 257, 5, 11), (1024, 1024, 3, 0), (1500, 900, 4, 2**40 + 7)])
+@pytest.mark.parametrize("shape", [(8, 7, 2, 3), (300, 257, 5, 11), (1024, 1024, 3, 0), (1500, 900, 4, 2**40 + 7),
+                                   (400, 300, 120, 5)])
 def test_random_layout_on_cuda_is_the_cpu_layout(shape):
     num_qb, num_kb, per_row, seed = shape
     on_cpu = random_block_layout(num_qb, num_kb, per_row, seed)
@@ -426,11 +468,13 @@ def test_random_layout_on_cuda_is_the_cpu_layout(shape):
     # Several row chunks on the device give the same choice as one.
     chunked = random_block_picks(num_qb, num_kb, per_row, seed, row_chunk=97, device="cuda")
     assert torch.equal(chunked.sort(1).values.cpu(), random_block_picks(num_qb, num_kb, per_row, seed).sort(1).values)
+    causal = random_causal_block_picks(num_qb, per_row, seed, device="cuda")
+    assert torch.equal(causal.cpu(), random_causal_block_picks(num_qb, per_row, seed))
 
 
 def test_random_combined_with_other_rules():
     size, q_len, kv_len = 3, 20, 25
-    picks = random_block_picks(ceil_div(q_len, size), ceil_div(kv_len, size), 2, 9).tolist()
+    picks = [random_row(9, qb, ceil_div(kv_len, size), 2) for qb in range(ceil_div(q_len, size))]
     check(blocks(size).local(0).random(2, 9).causal(),
           lambda q, k: (q // size == k // size or k // size in picks[q // size]) and k // size <= q // size,
           q_len, kv_len)

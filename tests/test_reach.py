@@ -17,12 +17,11 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 
 import sparsedsl as sd
-from reference import block_sets, reference_attention
+from reference import block_sets, random_row, reference_attention
 from sparsedsl.analysis.formula import N as N_SYMBOL
 from sparsedsl.compiler.planner import PlanNotSupported
 from sparsedsl.lang import nodes as n
 from sparsedsl.lang.queries import counts_from_the_end
-from sparsedsl.lang.randomblocks import block_hash
 from strategies import min_heads, primitives, within_rules
 
 # ---------------------------------------------------------------------------------------
@@ -89,15 +88,14 @@ def reference(pattern: n.Pattern, q_len: int, kv_len: int, heads: int, buffers: 
 
 def _random_causal_reference(pattern: n.Blocks, q_len, kv_len, heads) -> torch.Tensor:
     """Blocks whose rules are ``.random_causal`` only (then maybe ``.causal()``): each row
-    ``qb`` keeps the ``per_row`` blocks ``kb <= qb`` of smallest ``(hash, kb)``."""
+    ``qb`` takes ``per_row`` blocks ``kb <= qb`` by the stated rule (``reference.random_row``)."""
     size = pattern.size
     nqb, nkb = -(-q_len // size), -(-kv_len // size)
     layout = torch.zeros(nqb, nkb, dtype=torch.bool)
     for rule in pattern.rules:
         assert isinstance(rule, n.BlockRandomCausal)
         for qb in range(nqb):
-            keys = [(int(block_hash(rule.seed, torch.tensor(qb), torch.tensor(kb))), kb) for kb in range(qb + 1)]
-            for _, kb in sorted(keys)[:rule.per_row]:
+            for kb in random_row(rule.seed, qb, qb + 1, rule.per_row):
                 if kb < nkb:
                     layout[qb, kb] = True
     q = torch.arange(q_len)[:, None] // size

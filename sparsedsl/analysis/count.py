@@ -27,7 +27,7 @@ from ..passes.context import Context
 from ..passes.maskmod import lower_mask
 from ..passes.refine import tile_pair_counts
 from ..passes.squares import uniform_square
-from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..passes.tiles import FULL, PARTIAL, TileGrid, layer_counts
 from .headsplit import distinct_head_patterns
 from .tilecount import supported, tally
 
@@ -168,22 +168,33 @@ def _count_set(pattern: n.Pattern, q_len, kv_len, heads, tile, head_dim, buffers
     if fast is not None:
         return fast
     ctx, grid, mask_mod, states = tile_grid_states(pattern, q_len, kv_len, heads, tile, buffers, "count()")
-    batch = states.shape[0]
-    states = states.expand(batch, ctx.heads, -1, -1)
-    num_partial = int((states == PARTIAL).sum())
+    batch, rows, cols = states.shape[0], states.shape[2], states.shape[3]
+    # Tiles of each state per head, from each grid of states once (tiles neither full nor
+    # partial are empty: no tile is left undecided).
+    is_partial = states == PARTIAL
+    partial_tiles = layer_counts(is_partial).expand(batch, ctx.heads).sum(0)
+    full_tiles = layer_counts(states == FULL).expand(batch, ctx.heads).sum(0)
+    num_partial = int(partial_tiles.sum())
     check_memory("count()", f"the list of {num_partial:,} partial tiles", num_partial * 4 * 8)
-    partial = (states == PARTIAL).nonzero()
+    partial = is_partial.expand(batch, ctx.heads, -1, -1).nonzero()
     partial_pairs = tile_pair_counts(mask_mod, grid, partial, square=uniform_square(mask_part(pattern)))
     per_head_partial = torch.zeros(ctx.heads, dtype=torch.int64, device=states.device)
     per_head_partial.index_add_(0, partial[:, 1], partial_pairs)
-    full_tiles = (states == FULL).sum((0, 2, 3))
     per_head = full_tiles * grid.q_block * grid.kv_block + per_head_partial
     tiles = [
-        TileCounts(int(full_tiles[h]), int((states[:, h] == PARTIAL).sum()), int((states[:, h] == EMPTY).sum()))
-        for h in range(ctx.heads)
+        TileCounts(full, part, batch * rows * cols - full - part)
+        for full, part in zip(full_tiles.tolist(), partial_tiles.tolist())
     ]
     return Counts(ctx.q_len, ctx.kv_len, ctx.heads, tile, head_dim,
                   tuple(int(p) for p in per_head), tuple(tiles), batch)
+
+
+def closed_form_pairs(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: int | None = None,
+                      tile: int = 128, **buffers: torch.Tensor) -> int | None:
+    """``count(...).pairs`` when count's fast path applies (closed forms per distinct head
+    pattern, no tile states), else None."""
+    counts = _count_by_head_pattern(pattern, q_len, kv_len, heads, tile, 128, buffers)
+    return None if counts is None else counts.pairs
 
 
 def _count_by_head_pattern(pattern: n.Pattern, q_len, kv_len, heads, tile, head_dim,

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ..analysis.count import count
+from ..analysis.count import closed_form_pairs
 from ..lang import nodes as n
-from ..passes.tiles import EMPTY, FULL, PARTIAL
 from ..plans.base import Call, Candidate
 from ..plans.tiled import call_lowering
 from .planner import Planner
@@ -85,11 +84,14 @@ def explain_call(planner: Planner, pattern: n.Pattern, call: Call) -> Explanatio
     lowered = call_lowering(pattern, call, plan.tiles(pattern, call), where="explain()")
     states, grid = lowered.states, lowered.grid
     per_grid = call.heads // states.shape[1]
-    full, partial, empty = (int((states == state).sum()) * per_grid for state in (FULL, PARTIAL, EMPTY))
+    full, partial = (tiles * per_grid for tiles in lowered.tile_counts)
+    empty = states.numel() * per_grid - full - partial  # no tile is left undecided
+    # count()'s closed form where it has one; else the lowering's states, already built
+    pairs = None
     if call.q_offset == 0:
-        pairs = count(pattern, call.q_len, call.kv_len, heads=call.heads, tile=grid.q_block,
-                      **dict(call.buffers)).pairs
-    else:
+        pairs = closed_form_pairs(pattern, call.q_len, call.kv_len, heads=call.heads, tile=grid.q_block,
+                                  **dict(call.buffers))
+    if pairs is None:
         pairs = lowered.pairs(call.heads)
     return Explanation(plan.name, plan.describe(prepared, call), call.q_len, call.kv_len, call.heads,
                        call.head_dim, grid.q_block, grid.kv_block, full, partial, empty, pairs,

@@ -15,7 +15,7 @@ size: those count by their expected value and ``Estimate.exact`` is False.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -127,6 +127,8 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
 
     ctx = ReachContext(seq_len, heads, unit=compiled.kv_block, expect_random=True, where=WHERE)
     plan, draws = build_plan(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, heads, kv_heads, ctx)
+    if draws:  # random picks too many to list for all rows: count every one by expectation
+        ctx = replace(ctx, pick_budget=0)
     owners, lo, hi = rank_rows(seq_len, world_size, zigzag)
     # (key/value head, position) rows of each rank's compact buffers, by the rank holding them
     by_owner = np.stack([plan.entries_by_owner(r).astype(np.float64) for r in range(world_size)])  # [dest, owner]

@@ -221,7 +221,7 @@ def _by_rows(node, lo: int, hi: int, seq_len: int, heads: int, ctx) -> int:
     if hi - lo > ROW_BUDGET:
         raise ValueError(f"{ctx.where}: {node} has no closed form for its pairs, and counting "
                          f"{hi - lo} rows one by one is more than {ROW_BUDGET}; give a shorter seq_len")
-    row_ctx = ReachContext(seq_len, heads, 1, ctx.buffers, False, ctx.hash_budget, ctx.where)
+    row_ctx = ReachContext(seq_len, heads, 1, ctx.buffers, False, ctx.pick_budget, ctx.where)
     total = 0
     for start in range(lo, hi, 1 << 16):
         rows = np.arange(start, min(start + (1 << 16), hi), dtype=np.int64)

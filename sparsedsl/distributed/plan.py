@@ -291,7 +291,7 @@ def build_plan(pattern, seq_len: int, world_size: int, zigzag: bool, kv_block: i
         found = reach(part, lo, hi, exact)
         if found.draws:
             raise ValueError(f"{ctx.where}: random blocks in {pattern} are only counted exactly; this size "
-                             f"needs more than {ctx.hash_budget} hashes")
+                             f"lists more than {ctx.pick_budget} picks")
         slices.append((rows, found.spans))
     group = heads // kv_heads
     by_needs: dict = {}

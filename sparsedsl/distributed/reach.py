@@ -12,11 +12,11 @@ key its rows can see. ``Reach.exact`` says when it is also exact once widened to
 differences and complements only on single rows (``hi - lo == 1``, ``unit == 1``), where
 the key set of one row is combined set by set.
 
-Random key blocks (``blocks(s).random(k, seed)``) are chosen by a seeded hash over every
-key block of a row: exact, at a cost of (block rows) x (key blocks) hashes. Past
-``ctx.hash_budget`` hashes, and when ``ctx.expect_random`` allows it, the picks are left
-as :class:`Draws` (so many uniform picks per row), which :mod:`.costs` counts by their
-expected value.
+Random key blocks (``blocks(s).random(k, seed)``) are chosen as
+:mod:`sparsedsl.lang.randomblocks` chooses them and listed one by one: exact, at a cost of
+(block rows) x ``min(k, key blocks)`` picks (one hash each). Past ``ctx.pick_budget``
+picks, and when ``ctx.expect_random`` allows it, the picks are left as :class:`Draws` (so
+many uniform picks per row), which :mod:`.costs` counts by their expected value.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import torch
 
 from ..lang import nodes as n
 from ..lang.groups import head_groups
-from ..lang.randomblocks import block_hash
+from ..lang.randomblocks import block_picks_of_rows
 from .spans import Spans
 
-#: Hashes of random block choices made exactly before they are left as draws.
-HASH_BUDGET = 1 << 26
+#: Random block picks listed exactly before they are left as draws (listing and merging
+#: them takes about 1.3 us a pick on a 2-core CPU: 2**20 picks, about 1.4 s).
+PICK_BUDGET = 1 << 20
 #: Kept positions of dilated segments listed one by one before giving up.
 POINT_BUDGET = 1 << 24
 
@@ -71,7 +72,7 @@ class ReachContext:
     unit: int = 1
     buffers: dict = field(default_factory=dict)
     expect_random: bool = False
-    hash_budget: int = HASH_BUDGET
+    pick_budget: int = PICK_BUDGET
     where: str = "sequence_parallel_attention()"
 
 
@@ -259,7 +260,7 @@ def _(node: n.Blocks, lo, hi, ctx):
     if node.causal_:
         if blocks.draws:
             raise ValueError(f"{ctx.where}: random blocks with .causal() are only counted exactly; "
-                             f"this size needs more than {ctx.hash_budget} hashes")
+                             f"this size lists more than {ctx.pick_budget} picks")
         blocks = Reach(blocks.spans.intersect(_every(lo, 0, qb_hi)), blocks.exact)
     if node.within_ is not None and _single_rows(lo, hi, ctx) and not blocks.draws:
         return Reach(_within_rows(node, blocks.spans, lo, ctx), blocks.exact)
@@ -274,7 +275,7 @@ def _within_rows(node: n.Blocks, blocks: Spans, rows, ctx) -> Spans:
     """Single rows of a ``.within(rule)`` block pattern: in each allowed key block, the
     keys the rule allows from the row's block-relative position (listed block by block)."""
     size = node.size
-    rel_ctx = ReachContext(size, ctx.heads, 1, {}, False, ctx.hash_budget, ctx.where)
+    rel_ctx = ReachContext(size, ctx.heads, 1, {}, False, ctx.pick_budget, ctx.where)
     relative = _reach(node.within_, rows % size, rows % size + 1, rel_ctx).spans.clipped(size)
     counts = blocks.stops - blocks.starts
     if int(counts.sum()) * max(1, len(relative.ids)) > POINT_BUDGET:
@@ -327,31 +328,24 @@ def block_rule_reach(rule: n.BlockRule, qb_lo, qb_hi, num_blocks: int, ctx) -> R
 
 def _random_blocks(rule: n.BlockRandom, qb_lo, qb_hi, num_blocks: int, ctx) -> Reach:
     """The seeded picks of the block rows (as :mod:`sparsedsl.lang.randomblocks` chooses
-    them: the ``per_row`` smallest hashes of ``(seed, qb, kb)``, ties by ``kb``)."""
+    them: one hash a pick)."""
     rows = qb_hi - qb_lo
-    if int(rows.sum()) * num_blocks > ctx.hash_budget:
+    keep = min(rule.per_row, num_blocks)
+    if int(rows.sum()) * keep > ctx.pick_budget:
         if not ctx.expect_random:
             raise ValueError(
-                f"{ctx.where}: choosing {rule} exactly for these rows takes "
-                f"{int(rows.sum()) * num_blocks} hashes (more than {ctx.hash_budget})"
+                f"{ctx.where}: choosing {rule} exactly for these rows lists "
+                f"{int(rows.sum()) * keep} picks (more than {ctx.pick_budget})"
             )
         empty = Spans.empty(len(qb_lo))
-        return Reach(empty, draws=(Draws(np.arange(len(qb_lo)), rows, min(rule.per_row, num_blocks),
-                                         1, num_blocks),))
-    keep = min(rule.per_row, num_blocks)
-    kb = torch.arange(num_blocks, dtype=torch.int64)
-    ids, picks = [], []
-    chunk = max(1, ctx.hash_budget // (16 * num_blocks))
-    for g, (a, b) in enumerate(zip(qb_lo.tolist(), qb_hi.tolist())):
-        for start in range(a, b, chunk):
-            qb = torch.arange(start, min(start + chunk, b), dtype=torch.int64)
-            key = block_hash(rule.seed, qb[:, None], kb[None, :]) * num_blocks + kb
-            chosen = torch.topk(key, keep, dim=1, largest=False).indices.flatten().numpy()
-            picks.append(chosen)
-            ids.append(np.full(len(chosen), g))
-    if not picks:
+        return Reach(empty, draws=(Draws(np.arange(len(qb_lo)), rows, keep, 1, num_blocks),))
+    if not int(rows.sum()):
         return Reach(Spans.empty(len(qb_lo)))
-    ids, picks = np.concatenate(ids), np.concatenate(picks)
+    # every row of every range, then its range's id once per pick
+    ids = np.repeat(np.arange(len(qb_lo)), rows)
+    qb = np.repeat(qb_lo, rows) + np.arange(int(rows.sum())) - np.repeat(np.cumsum(rows) - rows, rows)
+    picks = block_picks_of_rows(torch.from_numpy(qb), num_blocks, rule.per_row, rule.seed).numpy().ravel()
+    ids = np.repeat(ids, keep)
     return Reach(Spans.of(len(qb_lo), ids, picks, picks + 1))
 
 
@@ -367,7 +361,7 @@ def union_reach(parts: list[Reach]) -> Reach:
 def _no_draws(parts: list[Reach], what: str, ctx) -> None:
     if any(p.draws for p in parts):
         raise ValueError(f"{ctx.where}: random blocks inside {what} are only counted exactly; "
-                         f"this size needs more than {ctx.hash_budget} hashes")
+                         f"this size lists more than {ctx.pick_budget} picks")
 
 
 @_reach.register

@@ -337,11 +337,13 @@ class BlockGlobal(BlockRule):
 
 @dataclass(frozen=True)
 class BlockRandom(BlockRule):
-    """``per_row`` distinct key blocks per query-block row, chosen by a seeded generator.
+    """``per_row`` distinct key blocks per query-block row, chosen by a seeded hash.
 
-    The choice is a pure function of ``(seed, qb, number of key blocks)``, made on the CPU,
-    so every device sees the same blocks. Rows with fewer than ``per_row`` key blocks keep
-    them all.
+    Row ``qb`` among ``n`` key blocks takes ``m = min(per_row, n)`` of them by Floyd's
+    sampling: for ``j = n - m, ..., n - 1`` in turn, ``t = hash(seed, qb, j) mod (j + 1)``
+    unless the row has taken it, and then ``j`` (:mod:`sparsedsl.lang.randomblocks`). The
+    choice is a pure function of ``(seed, qb, n)`` in exact integer arithmetic, so every
+    device sees the same blocks. Rows with fewer than ``per_row`` key blocks keep them all.
     """
 
     per_row: int
@@ -708,10 +710,11 @@ class CycleHeads(Pattern):
 @dataclass(frozen=True)
 class BlockRandomCausal(BlockRule):
     """``per_row`` distinct key blocks at or before the diagonal (``kb <= qb``) per
-    query-block row: the ``per_row`` blocks ``0 .. qb`` with the smallest hashes of ``(seed,
-    qb, kb)`` (the hash of :class:`BlockRandom`). A row's choice depends only on ``(seed,
-    qb)``: rows with fewer than ``per_row`` such blocks keep them all, and a chosen block
-    past the last key block is not there (BigBird's unidirectional random blocks)."""
+    query-block row: the choice of :class:`BlockRandom` among the ``n = qb + 1`` blocks ``0
+    .. qb`` (Floyd's steps ``j = n - m, ..., n - 1``, ``t = hash(seed, qb, j) mod (j + 1)``
+    unless taken, then ``j``). A row's choice depends only on ``(seed, qb)``: rows with
+    fewer than ``per_row`` such blocks keep them all, and a chosen block past the last key
+    block is not there (BigBird's unidirectional random blocks)."""
 
     per_row: int
     seed: int

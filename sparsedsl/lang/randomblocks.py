@@ -1,11 +1,16 @@
 """The seeded choice of random key blocks (``blocks(size).random(per_row, seed)``).
 
-Each key block ``kb`` of query-block row ``qb`` gets a 31-bit hash of ``(seed, qb, kb)``;
-the row keeps the ``per_row`` key blocks with the smallest hashes (ties broken by ``kb``).
-The hash uses only int64 arithmetic that cannot overflow, and the sort keys are unique, so
-the choice is exact and the same on every machine and device it is computed on (the mask
-builds compute it on the device of the mask); a row's choice depends only on ``(seed, qb,
-number of key blocks)``.
+Query-block row ``qb`` takes ``m = min(per_row, n)`` distinct key blocks among its ``n``
+candidates (every key block; for ``.random_causal``, the blocks ``0 .. qb``) by Robert
+Floyd's sampling without replacement: for ``j = n - m, ..., n - 1`` in turn, with ``t =
+hash(seed, qb, j) mod (j + 1)``, the row takes ``t`` unless it has taken ``t`` already, and
+then takes ``j``. ``hash`` is a 31-bit hash of ``(seed, qb, j)`` (:func:`block_hash`). For
+a uniform hash every ``m``-subset is equally likely, and a row costs ``m`` hashes and at
+most ``m (m - 1) / 2`` comparisons whatever ``n`` (or, for ``m ** 2 > 4 n``, a bitmap of
+its ``n`` blocks instead of the comparisons). The hash and the remainder use only
+int64 arithmetic that cannot overflow, so the choice is exact and the same on every
+machine and device it is computed on (the mask builds compute it on the device of the
+mask); a row's choice depends only on ``(seed, qb, n)``.
 """
 
 from __future__ import annotations
@@ -37,39 +42,77 @@ def block_hash(seed: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return _mix(x ^ (kb.to(torch.int64) & _MASK31))
 
 
-#: Hashes computed at once (bounds the int64 temporaries of :func:`random_block_picks`; on a
-#: 2-core CPU, chunks of 2**16 hashes took about 9 times the CPU time of chunks of 2**22 in the
-#: per-operation overhead of their two dozen operations).
-HASH_CHUNK = 1 << 22
+#: Picks made at once (rows x picks per row, or rows x blocks per row where the taken
+#: blocks are kept as a bitmap): bounds the temporaries of the choice.
+PICK_CHUNK = 1 << 22
+
+
+def _floyd(seed: int, qb: torch.Tensor, n, width: int, bound: int) -> torch.Tensor:
+    """``[len(qb), width]`` int64: column ``i`` holds the block row ``qb`` takes at Floyd's
+    step ``j = n - width + i`` among its ``n`` blocks (``n`` an int, or an int64 tensor
+    like ``qb``; at most ``bound``), or -1 where ``j < 0`` (a row with fewer blocks).
+
+    Whether a row has taken ``t`` is read from the earlier columns (``i`` comparisons at
+    step ``i``) or, when ``width ** 2`` exceeds ``4 * bound``, from a bitmap of the row's
+    blocks: the same answer at a lower cost."""
+    rows = len(qb)
+    picks = torch.full((rows, width), -1, dtype=torch.int64, device=qb.device)
+    seen = None
+    if width * width > 4 * bound:
+        seen = torch.zeros(rows, bound + 1, dtype=torch.bool, device=qb.device)  # column bound: no block
+        row = torch.arange(rows, device=qb.device)
+    for i in range(width):
+        j = n - width + i
+        if isinstance(j, int):
+            j = torch.tensor(j, dtype=torch.int64, device=qb.device)
+        t = block_hash(seed, qb, j)
+        t %= (j + 1).clamp(min=1)
+        taken = (picks[:, :i] == t[:, None]).any(1) if seen is None else seen[row, t]
+        pick = torch.where(taken, j, t).masked_fill_(j < 0, -1)
+        picks[:, i] = pick
+        if seen is not None:
+            seen[row, torch.where(pick < 0, bound, pick)] = True
+    return picks
+
+
+def _choose(seed: int, rows, n, width: int, bound: int, row_chunk: int | None = None, device=None) -> torch.Tensor:
+    """:func:`_floyd` of the block rows ``rows`` (an int64 tensor, or an int: the rows ``0
+    .. rows - 1`` on ``device``), ``row_chunk`` rows at a time (default: within
+    :data:`PICK_CHUNK`); ``n`` an int, or a function of a tensor of rows."""
+    per_row = max(1, width, bound + 1 if width * width > 4 * bound else 0)
+    row_chunk = row_chunk or max(1, PICK_CHUNK // per_row)
+    total = rows if isinstance(rows, int) else len(rows)
+    parts = []
+    for start in range(0, total, row_chunk):
+        stop = min(start + row_chunk, total)
+        qb = torch.arange(start, stop, dtype=torch.int64, device=device) if isinstance(rows, int) else rows[start:stop]
+        parts.append(_floyd(seed, qb, n if isinstance(n, int) else n(qb), width, bound))
+    return torch.cat(parts) if parts else torch.empty(0, width, dtype=torch.int64, device=device)
+
+
+def block_picks_of_rows(rows: torch.Tensor, num_k_blocks: int, per_row: int, seed: int) -> torch.Tensor:
+    """``[len(rows), min(per_row, num_k_blocks)]`` int64 key blocks chosen by the block
+    rows ``rows`` (an int64 tensor, on the device to compute on), unordered within a row:
+    row ``i`` is row ``rows[i]`` of :func:`random_block_picks`."""
+    keep = min(per_row, num_k_blocks)
+    return _choose(seed, rows.to(torch.int64), num_k_blocks, keep, num_k_blocks, device=rows.device)
 
 
 def random_block_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
                        row_chunk: int | None = None, device=None) -> torch.Tensor:
     """``[num_q_blocks, min(per_row, num_k_blocks)]`` int64 key-block indices chosen per
     row (unordered within a row), computed on ``device`` (default: the CPU) ``row_chunk``
-    rows at a time (default: :data:`HASH_CHUNK` hashes at a time)."""
+    rows at a time (default: :data:`PICK_CHUNK` picks at a time)."""
     keep = min(per_row, num_k_blocks)
-    row_chunk = row_chunk or max(1, HASH_CHUNK // max(1, num_k_blocks))
-    kb = torch.arange(num_k_blocks, dtype=torch.int64, device=device)
-    rows = []
-    for start in range(0, num_q_blocks, row_chunk):
-        qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64, device=device)
-        # Sort key: hash first, block index second (unique, so the order is total).
-        key = block_hash(seed, qb[:, None], kb[None, :])
-        key *= num_k_blocks
-        key += kb
-        rows.append(torch.topk(key, keep, dim=1, largest=False).indices)
-    if not rows:
-        return torch.empty(0, keep, dtype=torch.int64, device=device)
-    return torch.cat(rows)
+    return _choose(seed, num_q_blocks, num_k_blocks, keep, num_k_blocks, row_chunk, device)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_picks(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,
                   device: torch.device) -> torch.Tensor:
     """:func:`random_block_picks`, kept for the latest choices: a pattern's mask, tile
-    classes, counts and plans each need the same picks (``num_q_blocks * per_row`` indices,
-    small beside the hashing of every block pair that makes them)."""
+    classes, counts and plans each need the same picks (``num_q_blocks * per_row``
+    indices)."""
     return random_block_picks(num_q_blocks, num_k_blocks, per_row, seed, device=device)
 
 
@@ -87,34 +130,15 @@ def random_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed
 
 
 def random_causal_block_picks(num_q_blocks: int, per_row: int, seed: int, device=None) -> torch.Tensor:
-    """``[num_q_blocks, per_row]`` int64 key-block indices chosen per row among the blocks
-    at or before the diagonal (``kb <= qb``): the ``per_row`` smallest hashes of ``(seed,
-    qb, kb)``, ties broken by ``kb``, so a row's choice depends only on ``(seed, qb)``. A
-    row with fewer than ``per_row`` such blocks repeats its own block ``qb`` (always
-    chosen there) in the unused slots."""
+    """``[num_q_blocks, min(per_row, num_q_blocks)]`` int64 key-block indices chosen per row
+    among the blocks at or before the diagonal (``kb <= qb``): Floyd's steps over the ``n =
+    qb + 1`` blocks ``0 .. qb``, so a row's choice depends only on ``(seed, qb)``. A row
+    with fewer than ``per_row`` such blocks takes them all and repeats its own block ``qb``
+    in the unused slots."""
     width = min(per_row, num_q_blocks)
-    row_chunk = max(1, HASH_CHUNK // max(1, num_q_blocks))
-    kb = torch.arange(num_q_blocks, dtype=torch.int64, device=device)
-    rows = []
-    for start in range(0, num_q_blocks, row_chunk):
-        qb = torch.arange(start, min(start + row_chunk, num_q_blocks), dtype=torch.int64, device=device)
-        last = int(qb[-1]) + 1  # the blocks any of these rows may choose
-        key = block_hash(seed, qb[:, None], kb[None, :last])
-        key *= last
-        key += kb[:last]
-        key.masked_fill_(kb[None, :last] > qb[:, None], torch.iinfo(torch.int64).max)  # after the diagonal
-        picks = torch.topk(key, min(width, last), dim=1, largest=False).indices
-        picks = torch.where(picks > qb[:, None], qb[:, None], picks)  # rows with fewer blocks
-        rows.append(_repeat_last_column(picks, width))
-    if not rows:
-        return torch.empty(0, width, dtype=torch.int64, device=device)
-    return torch.cat(rows)
-
-
-def _repeat_last_column(picks: torch.Tensor, width: int) -> torch.Tensor:
-    """``picks`` with its last column repeated up to ``width`` columns."""
-    missing = width - picks.shape[1]
-    return picks if missing == 0 else torch.cat([picks, picks[:, -1:].expand(-1, missing)], 1)
+    picks = _choose(seed, num_q_blocks, lambda qb: qb + 1, width, num_q_blocks, device=device)
+    rows = torch.arange(num_q_blocks, dtype=torch.int64, device=device)[:, None]
+    return torch.where(picks < 0, rows, picks)
 
 
 def random_causal_block_layout(num_q_blocks: int, num_k_blocks: int, per_row: int, seed: int,

@@ -3,6 +3,7 @@ cached and shared by every compiled module, plan and pass that asks for the same
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 
@@ -17,7 +18,8 @@ from .blockmask import block_mask_from_states, tile_states
 from .context import Context
 from .maskmod import MaskFn, lower_mask, rows_from
 from .refine import tile_pair_counts
-from .tiles import FULL, PARTIAL, TileGrid
+from .squares import uniform_square
+from .tiles import FULL, PARTIAL, TileGrid, layer_counts
 
 
 class Lowering:
@@ -34,18 +36,26 @@ class Lowering:
         self.position_mask: MaskFn = lower_mask(pattern, ctx)
         self.mask_mod: MaskFn = rows_from(self.position_mask, grid.q_start, ctx.device)
         self.states = tile_states(pattern, ctx, grid, self.position_mask)
+        self._square = uniform_square(pattern)
         self._block_masks: dict[tuple[int, int], BlockMask] = {}
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def tile_counts(self) -> tuple[int, int]:
+        """``(full, partial)``: the full and the partial tiles of every grid of ``states``
+        (each batch entry and head the states hold)."""
+        return (int(layer_counts(self.states == FULL).sum()), int(layer_counts(self.states == PARTIAL).sum()))
 
     def pairs(self, heads: int) -> int:
         """Allowed pairs of the rows computed, over ``heads`` heads and the batch entries
         of bound tensors (full tiles by area, partial tiles by evaluating them)."""
         per_grid = heads // self.states.shape[1]
-        area = self.grid.q_block * self.grid.kv_block
-        full = int((self.states == FULL).sum()) * area
-        partial = (self.states == PARTIAL).nonzero()
-        inside = int(tile_pair_counts(self.position_mask, self.grid, partial).sum()) if partial.numel() else 0
-        return (full + inside) * per_grid
+        full, partial = self.tile_counts
+        inside = 0
+        if partial:
+            tiles = (self.states == PARTIAL).nonzero()
+            inside = int(tile_pair_counts(self.position_mask, self.grid, tiles, square=self._square).sum())
+        return (full * self.grid.q_block * self.grid.kv_block + inside) * per_grid
 
     def block_mask_for(self, q_padded: int, kv_padded: int, build) -> BlockMask:
         """The block mask built by ``build(states, grid, mask_mod)`` for inputs of

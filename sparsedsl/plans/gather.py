@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..lang import nodes as n
 from ..passes.blockmask import ordered_indices
-from ..passes.tiles import EMPTY, TileGrid
+from ..passes.tiles import EMPTY, TileGrid, row_counts
 from .base import Call, Plan, Runner
 from .kernels import masked_attention
 from .tiled import Tiled, call_score_mod, check_batch, tiled
@@ -125,7 +125,7 @@ class GatherPlan(Plan):
         """Each chunk of query-tile rows at the width of its widest row."""
         states, grid = prepared.lowering.states, prepared.lowering.grid
         tile_area = grid.q_block * grid.kv_block
-        live = (states != EMPTY).sum(-1)
+        live = row_counts(states != EMPTY)
         tiles = sum(len(rows) * width for rows, width in row_chunks(live, tile_area * call.heads))
         return tiles * tile_area * call.heads * states.shape[0]
 

@@ -30,7 +30,7 @@ from ..budget import check_memory
 from ..lang import nodes as n
 from ..lang.queries import mask_part, score_mods
 from ..passes.refine import EVALUATION_BUDGET
-from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid
+from ..passes.tiles import EMPTY, FULL, PARTIAL, TileGrid, row_counts
 from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .tiled import Tiled, check_batch, tiled
@@ -90,8 +90,9 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, merged: bool = False) -> l
     same = (live[..., 1:, :] == live[..., :-1, :]).flatten(0, 1).all(0).all(-1)    # [nq - 1]
     first = torch.cat([torch.ones(1, dtype=torch.bool, device=states.device), ~same]).nonzero().flatten()
     heights = torch.diff(first, append=torch.tensor([states.shape[-2]], device=states.device))
-    span_live = live[:, :, first]                                                  # [Bg, Hg, S, nk]
-    widths = span_live.sum(-1, dtype=torch.int32).amax((0, 1))                     # a span's widest (b, h)
+    span_live = live if len(first) == live.shape[-2] else live[:, :, first]       # [Bg, Hg, S, nk]
+    counts = row_counts(span_live)                                                 # [Bg, Hg, S]
+    widths = counts.amax((0, 1))                                                   # a span's widest (b, h)
     groups = []
     if states.shape[:2] == (1, 1):
         extents = SpanExtents.of(span_live[0, 0])
@@ -105,14 +106,14 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, merged: bool = False) -> l
                 if band is not None:
                     groups.append(band)
                     widths[torch.isin(first, band.rows)] = 0  # held by the band
-    # Live tiles first, in ascending order (a stable sort of "not live").
-    order = torch.sort((~span_live).to(torch.int8), dim=-1, stable=True).indices
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
         if width == 0:
             continue
         chosen = ((widths == width) & (heights == height)).nonzero().flatten()
-        rows, tiles = first[chosen], order[:, :, chosen, :width]                  # [n], [Bg, Hg, n, W]
-        span_states = torch.stack([states[:, :, rows + j].gather(-1, tiles) for j in range(height)], 3)
+        rows, tiles = first[chosen], _live_first(span_live[:, :, chosen], counts[:, :, chosen], width)
+        flat = states.flatten(2)  # the tiles' states gathered, not their rows copied
+        span_states = torch.stack([flat.gather(-1, ((rows + j)[:, None] * states.shape[-1] + tiles).flatten(2))
+                                   .view(tiles.shape) for j in range(height)], 3)
         groups.append(TileGroup(rows, height, tiles, span_states, _runs(rows, height, tiles, grid)))
     return groups
 
@@ -130,7 +131,7 @@ class SpanExtents:
     @classmethod
     def of(cls, live: torch.Tensor) -> "SpanExtents":
         as_bytes = live.view(torch.uint8)
-        return cls(live.sum(-1, dtype=torch.int32), as_bytes.argmax(-1),
+        return cls(row_counts(live), as_bytes.argmax(-1),
                    live.shape[-1] - as_bytes.flip(-1).argmax(-1))
 
 
@@ -191,7 +192,7 @@ def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chose
     if spans.numel() < 2:
         return None
     live = span_live[spans]                                                          # [spans, nk]
-    counts = live.sum(-1, dtype=torch.int32)
+    counts = row_counts(live)
     typical = counts <= 2 * counts.median()
     common = live[typical].all(0)
     rest = live & ~common
@@ -246,6 +247,25 @@ def _subset(chosen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     subset = torch.zeros_like(chosen)
     subset[keep] = True
     return subset
+
+
+def _live_first(live: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` key tiles of each span of ``live`` (bool ``[Bg, Hg, n, nk]``,
+    ``counts [Bg, Hg, n]`` live tiles each, at most ``width``) in the order of a stable sort
+    of "not live": its live tiles ascending, then, where a (batch, head) has fewer, its
+    first tiles that are not live (all among its first ``2 * width``). From the list of
+    live tiles, not a sort of every tile: ``[Bg, Hg, n, width]`` int64."""
+    b, h, s, col = live.nonzero().unbind(1)  # row-major: each span's live tiles ascending
+    per_span = counts.flatten()
+    rank = torch.arange(len(col), device=col.device) - (per_span.cumsum(0) - per_span).repeat_interleave(per_span)
+    tiles = torch.zeros(*live.shape[:3], width, dtype=torch.int64, device=live.device)
+    tiles[b, h, s, rank] = col
+    if bool((counts < width).any()):
+        not_live = torch.sort(live[..., :2 * width].to(torch.int8), dim=-1, stable=True).indices
+        slot = torch.arange(width, device=live.device)
+        extra = not_live.gather(-1, (slot - counts[..., None]).clamp(min=0))
+        tiles = torch.where(slot < counts[..., None], tiles, extra)
+    return tiles
 
 
 def group_mask(group: TileGroup, grid: TileGrid, mask_mod):
