@@ -16,7 +16,8 @@ from reference import reference_attention
 from sparsedsl.passes.lowering import lowering
 from sparsedsl.passes.tiles import EMPTY
 from sparsedsl.plans import tile_sdpa_autograd
-from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT, SpanExtents, band_group, tile_groups
+from sparsedsl.plans.tile_groups import SpanExtents, band_group, tile_groups
+from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT
 from strategies import pattern_cases
 
 
