@@ -81,7 +81,7 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, merged: bool = False) -> l
                 bands.append(column_band(states, grid, first, rest, height, span_live[0, 0]))
             for band in bands:
                 if band is not None:
-                    groups.append(band)
+                    groups += [band] if band.others else edges_apart(band, states, grid)
                     widths[torch.isin(first, band.rows)] = 0  # held by the band
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
         if width == 0:
@@ -154,6 +154,39 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
     span_states = span_states.masked_fill(outside[:, None], EMPTY)
     runs = (int(rows[0]) * grid.q_block, q_step * grid.q_block, k_first * grid.kv_block, k_step * grid.kv_block)
     return TileGroup(rows, height, tiles[None, None], span_states[None, None], runs)
+
+
+def edges_apart(band: TileGroup, states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
+    """A band group of a plain band as up to three groups that need no padding: the spans
+    whose window starts before the first key tile see the first ``W`` tiles, those whose
+    window ends past the last see the last ``W`` (each one slab for all its spans), and
+    the others keep their windows. Every span's live tiles stay inside its window, so the
+    tiles a window gains are empty for it. The band itself where its window is wider than
+    the keys or the last key tile is cut short (padding then)."""
+    tiles = band.tiles[0, 0]
+    num_kv, width = states.shape[-1], tiles.shape[-1]
+    if width > num_kv or grid.kv_len % grid.kv_block:
+        return [band]
+    start = tiles[:, 0]
+    before, past = start < 0, start + width > num_kv
+    if not bool((before | past).any()):
+        return [band]
+    q_first, q_stride, _, k_stride = band.runs
+    parts = []
+    for spans, first_tile in ((before, 0), (~before & ~past, None), (past, num_kv - width)):
+        index = spans.nonzero().flatten()
+        if not index.numel():
+            continue
+        rows = band.rows[index]
+        if first_tile is None:
+            part_tiles, k_first, stride = tiles[index], int(start[index[0]]) * grid.kv_block, k_stride
+        else:
+            part_tiles = (first_tile + torch.arange(width, device=tiles.device)).expand(index.numel(), -1)
+            k_first, stride = first_tile * grid.kv_block, 0
+        part_states = torch.stack([states[0, 0, rows + j].gather(-1, part_tiles) for j in range(band.height)], 1)
+        runs = (int(rows[0]) * grid.q_block, q_stride, k_first, stride)
+        parts.append(TileGroup(rows, band.height, part_tiles[None, None], part_states[None, None], runs))
+    return parts
 
 
 def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,

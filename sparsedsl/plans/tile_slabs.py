@@ -44,9 +44,12 @@ class SlabRuns:
         return slabs(padded(t, 0, self.q_past, pads), self.q_first, self.count, self.chunk, self.q_stride)
 
     def keys(self, t: torch.Tensor, pads: dict) -> torch.Tensor:
-        """The key slabs of ``t [B, H, K, D]`` (keys or values): ``[count, B * H, span, D]``."""
-        return slabs(padded(t, self.k_before, self.k_past, pads), self.k_first + self.k_before, self.count,
-                     self.span, self.k_stride)
+        """The key slabs of ``t [B, H, K, D]`` (keys or values): ``[count, B * H, span, D]``
+        (with ``k_stride`` 0, one slab repeated by a stride-0 view)."""
+        source = padded(t, self.k_before, self.k_past, pads)
+        if self.k_stride == 0:
+            return slabs(source, self.k_first + self.k_before, 1, self.span, 1).expand(self.count, -1, -1, -1)
+        return slabs(source, self.k_first + self.k_before, self.count, self.span, self.k_stride)
 
     def add_queries(self, total: torch.Tensor, grads: torch.Tensor) -> None:
         """Add query-slab gradients ``grads [count, B * H, chunk, D]`` into ``total [B, H, Q,
@@ -64,9 +67,12 @@ class SlabRuns:
         """Add key-slab gradients ``grads [count, B * H, span, D]`` into ``total [B, H, K +
         k_before + k_past, D]`` (the padded keys' positions), in place. Overlapping slabs
         are summed by ``span / k_stride`` adds of non-overlapping views where the stride
-        divides the span, else by ``index_add_``."""
+        divides the span (one slab's sum with stride 0), else by ``index_add_``."""
         batch, heads, length, dim = total.shape
         first = self.k_first + self.k_before
+        if self.k_stride == 0:  # one slab for every span
+            total.narrow(2, first, self.span).add_(grads.sum(0).view(batch, heads, self.span, dim))
+            return
         if self.span % self.k_stride == 0:
             pieces = self.span // self.k_stride
             blocks = total.narrow(2, first, (self.count - 1 + pieces) * self.k_stride) \
