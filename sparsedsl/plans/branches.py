@@ -39,6 +39,7 @@ from ..passes.lattice import HeadGroupLattice, chunks_reasons, lattice_decomposi
 from .base import Call, Plan, Runner
 from .lattice import LatticePlan
 from .lattice_autograd import zeroed_output
+from .kernels import per_query_head
 from .lattice_views import chunk_folds, fold, folded_view, write_folded
 
 #: One lattice plan per term, every part ``chunks``.
@@ -93,11 +94,6 @@ def attend_backward(grad_out, q, k, v, out, lse, scale: float) -> tuple[torch.Te
         grad_out, q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale)
 
 
-def _per_query_head(t: torch.Tensor, group: int) -> torch.Tensor:
-    """Key/value heads repeated for the ``group`` query heads that read each."""
-    return t if group == 1 else t.repeat_interleave(group, 1)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -107,7 +103,7 @@ def branches_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: T
     """``(out, lse)`` of the multiset whose terms' lattices are ``terms`` (see the module
     docstring); ``lse`` in float32 (float64 for float64 inputs)."""
     group = q.shape[1] // k.shape[1]
-    k, v = _per_query_head(k, group), _per_query_head(v, group)
+    k, v = per_query_head(k, group), per_query_head(v, group)
     lses = torch.full((len(terms), *q.shape[:3]), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
     outs = []
     for lse, term in zip(lses, terms):
@@ -137,7 +133,7 @@ def branches_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -
     run's fused backward with the merged statistics, added up (in float32 for half
     precision)."""
     group = q.shape[1] // k.shape[1]
-    k, v = _per_query_head(k, group), _per_query_head(v, group)
+    k, v = per_query_head(k, group), per_query_head(v, group)
     compute = _compute_dtype(q.dtype)
     grads = tuple(torch.zeros(t.shape, dtype=compute, device=t.device) for t in (q, k, v))
     lse = lse[..., None]  # [B, H, N, 1], as the lattice folds take rows

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 LSE_BUDGET = 1 << 26
 
 
+def per_query_head(t: torch.Tensor, group: int) -> torch.Tensor:
+    """Key/value heads ``t [B, Hkv, K, D]`` repeated for the ``group`` query heads that
+    read each (grouped-query attention), for kernels that take one key head per query head."""
+    return t if group == 1 else t.repeat_interleave(group, 1)
+
+
 def sdpa_with_lse(q, k, v, scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention by the fused SDPA kernel (GQA when ``k``/``v`` have fewer heads);
     with ``return_lse`` also the log-sum-exp (float32, float64 for float64 inputs), computed
@@ -20,7 +26,7 @@ def sdpa_with_lse(q, k, v, scale: float, return_lse: bool) -> tuple[torch.Tensor
         return out, None
     with torch.no_grad():
         compute = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64
-        keys = (k.repeat_interleave(group, 1) if group > 1 else k).to(compute)
+        keys = per_query_head(k, group).to(compute)
         rows = max(1, LSE_BUDGET // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
         lse = torch.cat([
             torch.logsumexp((q[:, :, i:i + rows].to(compute) @ keys.transpose(-1, -2)) * scale, dim=-1)

@@ -34,6 +34,7 @@ from ..lang.queries import mask_part, score_mods
 from ..passes.tiles import TileGrid
 from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
+from .kernels import per_query_head
 from .tiled import Tiled, check_batch, tiled
 from .tile_groups import TileGroup, computed_tiles, output_order, part_tiles, tile_groups
 from .tile_masks import GroupMasks, additive_masks
@@ -153,7 +154,7 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     merged = any(g.others for g in groups)
     if groups and q.device.type == "cpu" and None not in views and (grad or merged):
-        keys, values = (k, v) if kv_heads == heads else (_per_query_head(t, heads) for t in (k, v))
+        keys, values = (per_query_head(t, heads // kv_heads) for t in (k, v))
         return ViewGroupsAttention.apply(q, keys, values, views, (order, bq, bk, nq), scale)
     padded = None  # (q, k, v) padded to whole tiles: made for the first gathered group
     pads = {}  # (input, before, past) -> the input padded so: made once per call
@@ -161,7 +162,7 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     for group, view, (mask, keep, *_) in zip(groups, views, masks):
         count, chunk = group.rows.numel(), group.height * bq
         if view is not None and view.parts:  # fused kernels with log-sum-exps, merged
-            keys, values = (k, v) if kv_heads == heads else (_per_query_head(t, heads) for t in (k, v))
+            keys, values = (per_query_head(t, heads // kv_heads) for t in (k, v))
             outs.append(tile_major(view_group_forward(q, keys, values, view, bk, scale, pads)[2], group.height, bq))
             continue
         if view is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
@@ -184,12 +185,6 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
         # No pair at all: zeros that still reach the inputs.
         return out + 0.0 * (q.sum() + k.sum() + v.sum()) if torch.is_grad_enabled() else out
     return assemble(outs, order, q, q_len, bq, nq, dv)
-
-
-def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Key/value heads ``t [B, Hkv, K, D]`` repeated for the ``heads`` query heads that
-    read them."""
-    return t.repeat_interleave(heads // t.shape[1], 1)
 
 
 class TileSdpaPlan(Plan):
