@@ -327,17 +327,21 @@ def test_float32_outputs_on_every_plan_that_runs():
     assert ran >= 2
 
 
-def test_decoding_steps_with_ranges_from_the_start():
-    pattern = (sd.keys(0, 7) | sd.window(9, 0)).starting_at(5) & sd.causal()
+def _assert_decoding_steps_exact(pattern, totals, seed: int) -> None:
+    """One query after ``total - 1`` cached keys, for each total: equal to the reference."""
     module = sd.compile(pattern, block_size=16)
-    gen = torch.Generator().manual_seed(5)
-    for total in (40, 41, 77):
+    gen = torch.Generator().manual_seed(seed)
+    for total in totals:
         q = torch.randn(1, 2, 1, 8, generator=gen)
         k, v = torch.randn(1, 2, total, 8, generator=gen), torch.randn(1, 2, total, 8, generator=gen)
         with torch.no_grad():
             out = module(q, k, v, q_offset=total - 1)
         expected, _ = reference_attention(pattern, q, k, v, q_offset=total - 1)
         assert (out.double() - expected).abs().max() < 1e-5
+
+
+def test_decoding_steps_with_ranges_from_the_start():
+    _assert_decoding_steps_exact((sd.keys(0, 7) | sd.window(9, 0)).starting_at(5) & sd.causal(), (40, 41, 77), 5)
 
 
 def test_decoding_steps_with_ranges_from_the_end():
@@ -345,15 +349,7 @@ def test_decoding_steps_with_ranges_from_the_end():
     do not decode by rows, and each step is exact."""
     pattern = sd.queries(-3) & sd.causal()
     assert counts_from_the_end(pattern)
-    module = sd.compile(pattern, block_size=16)
-    gen = torch.Generator().manual_seed(6)
-    for total in (41, 77):
-        q = torch.randn(1, 2, 1, 8, generator=gen)
-        k, v = torch.randn(1, 2, total, 8, generator=gen), torch.randn(1, 2, total, 8, generator=gen)
-        with torch.no_grad():
-            out = module(q, k, v, q_offset=total - 1)
-        expected, _ = reference_attention(pattern, q, k, v, q_offset=total - 1)
-        assert (out.double() - expected).abs().max() < 1e-5
+    _assert_decoding_steps_exact(pattern, (41, 77), 6)
 
 
 # ---------------------------------------------------------------------------------------

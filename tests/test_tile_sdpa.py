@@ -34,6 +34,17 @@ def _batch(buffers, rng):
     return rng.choice((1, 2))
 
 
+def _assert_gradients_equal(out, expected, inputs, seed: int) -> None:
+    """Gradients of ``out`` and of the reference ``expected`` with respect to ``inputs``,
+    under one random output weighting, equal to 1e-9 (float64) and finite."""
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    got = torch.autograd.grad((out * weights).sum(), inputs)
+    want = torch.autograd.grad((expected * weights).sum(), inputs)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert (g - w).abs().max().item() < 1e-9
+
+
 @settings(max_examples=60, deadline=None)
 @given(case=pattern_cases(max_len=200), block=st.sampled_from((16, 32, 64, 128)),
        offset=st.sampled_from((0, 0, 5, 37)), gqa=st.booleans(), seed=st.integers(0, 2**16))
@@ -50,12 +61,7 @@ def test_outputs_and_gradients_equal_dense_reference(case, block, offset, gqa, s
     out = module(q, k, v, q_offset=offset, **buffers)
     expected, _ = reference_attention(pattern, q, k, v, q_offset=offset, **buffers)
     assert (out - expected).abs().max().item() < 1e-9
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
-    for g, w in zip(got, want):
-        assert torch.isfinite(g).all()
-        assert (g - w).abs().max().item() < 1e-9
+    _assert_gradients_equal(out, expected, (q, k, v), seed)
 
 
 def _groups(pattern, length, tile, q_offset=0):
@@ -145,11 +151,7 @@ def test_view_groups_gradients_by_the_fused_backward(pattern, q_len, kv_len, off
     assert calls
     expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
     assert (out - expected).abs().max().item() < 1e-9
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
-    for g, w in zip(got, want):
-        assert (g - w).abs().max().item() < 1e-9
+    _assert_gradients_equal(out, expected, (q, k, v), 1)
 
 
 @pytest.mark.parametrize("pattern", [sd.window(20) | sd.global_tokens(5), (sd.causal() & sd.window(40, 0)) | sd.global_tokens(40),
@@ -170,11 +172,7 @@ def test_global_columns_merged_by_log_sum_exp(pattern, q_len, kv_len, offset, kv
     expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
     assert (out - expected).abs().max().item() < 1e-9
     if grad:
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-        got = torch.autograd.grad((out * weights).sum(), (q, k, v))
-        want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
-        for g, w in zip(got, want):
-            assert (g - w).abs().max().item() < 1e-9
+        _assert_gradients_equal(out, expected, (q, k, v), 1)
 
 
 @pytest.mark.parametrize("pattern", [sd.blocks(32).local(1).global_(1).random(2, seed=1),
@@ -193,8 +191,4 @@ def test_random_blocks_as_a_gathered_part_of_a_band(pattern, q_len, kv_len, offs
     expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
     assert (out - expected).abs().max().item() < 1e-9
     if grad:
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-        got = torch.autograd.grad((out * weights).sum(), (q, k, v))
-        want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
-        for g, w in zip(got, want):
-            assert (g - w).abs().max().item() < 1e-9
+        _assert_gradients_equal(out, expected, (q, k, v), 1)
