@@ -45,6 +45,18 @@ def _assert_gradients_equal(out, expected, inputs, seed: int) -> None:
         assert (g - w).abs().max().item() < 1e-9
 
 
+def _assert_exact(module, pattern, inputs, offset: int, grad: bool) -> None:
+    """``module`` on ``inputs`` (queries from ``offset``) equal to the reference to 1e-9,
+    and with ``grad`` its gradients too."""
+    q, k, v = inputs
+    with torch.set_grad_enabled(grad):
+        out = module(q, k, v, q_offset=offset)
+    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
+    assert (out - expected).abs().max().item() < 1e-9
+    if grad:
+        _assert_gradients_equal(out, expected, (q, k, v), 1)
+
+
 @settings(max_examples=60, deadline=None)
 @given(case=pattern_cases(max_len=200), block=st.sampled_from((16, 32, 64, 128)),
        offset=st.sampled_from((0, 0, 5, 37)), gqa=st.booleans(), seed=st.integers(0, 2**16))
@@ -166,13 +178,7 @@ def test_global_columns_merged_by_log_sum_exp(pattern, q_len, kv_len, offset, kv
                             requires_grad=grad).reason
     if offset == 0:  # (queries from an offset may have their runs meet the columns: then no band)
         assert "1 with other tiles" in reason
-    q, k, v = _inputs(2, 3, kv_heads, q_len, kv_len, 8, seed=q_len + offset)
-    with torch.set_grad_enabled(grad):
-        out = module(q, k, v, q_offset=offset)
-    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
-    assert (out - expected).abs().max().item() < 1e-9
-    if grad:
-        _assert_gradients_equal(out, expected, (q, k, v), 1)
+    _assert_exact(module, pattern, _inputs(2, 3, kv_heads, q_len, kv_len, 8, seed=q_len + offset), offset, grad)
 
 
 @pytest.mark.parametrize("pattern", [sd.blocks(32).local(1).global_(1).random(2, seed=1),
@@ -185,10 +191,4 @@ def test_random_blocks_as_a_gathered_part_of_a_band(pattern, q_len, kv_len, offs
     tiles gathered, merged by log-sum-exp; outputs and float64 gradients exact."""
     module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
     assert "1 with other tiles" in module.explain(q_len, kv_len, heads=2, device="cpu", requires_grad=grad).reason
-    q, k, v = _inputs(1, 2, 2, q_len, kv_len, 8, seed=q_len)
-    with torch.set_grad_enabled(grad):
-        out = module(q, k, v, q_offset=offset)
-    expected, _ = reference_attention(pattern, q, k, v, q_offset=offset)
-    assert (out - expected).abs().max().item() < 1e-9
-    if grad:
-        _assert_gradients_equal(out, expected, (q, k, v), 1)
+    _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, kv_len, 8, seed=q_len), offset, grad)
