@@ -134,12 +134,24 @@ def _merges(call: Call, tiles: tuple[int, int]) -> bool:
     return call.device.type == "cpu" and -(-call.q_len // tiles[0]) * -(-call.kv_len // tiles[1]) <= MAX_CHOICE_TILES
 
 
+def view_groups(groups: list[TileGroup], masks: list[GroupMasks], grid: TileGrid, q_len: int,
+                kv_len: int) -> list[ViewGroup | None]:
+    """Each group as :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroup` for ``q_len``
+    queries over ``kv_len`` keys (None for a gathered group), made once per runner."""
+    bq, bk = grid.q_block, grid.kv_block
+    return [None if g.runs is None else ViewGroup(
+        SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk, q_len, kv_len), g.height,
+        m.mask, m.keep, tuple(KeyPart(part_tiles(o), *pm) for o, pm in zip(g.others, m.parts)), m.dead)
+        for g, m in zip(groups, masks)]
+
+
 def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: list[TileGroup],
-                        masks: list[GroupMasks], order: torch.Tensor | None, grid: TileGrid,
-                        scale: float) -> torch.Tensor:
+                        masks: list[GroupMasks], views: list[ViewGroup | None], order: torch.Tensor | None,
+                        grid: TileGrid, scale: float) -> torch.Tensor:
     """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]`` by
-    the tile ``groups``, with ``masks`` (:func:`additive_masks`) and ``order``
-    (:func:`output_order`); returns ``out [B, H, Q, Dv]``. On the CPU, where every group is
+    the tile ``groups``, with ``masks`` (:func:`additive_masks`), ``views``
+    (:func:`view_groups`) and ``order`` (:func:`output_order`); returns ``out [B, H, Q,
+    Dv]``. On the CPU, where every group is
     views, with gradients or with other parts, it runs as
     :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroupsAttention` (key/value heads
     repeated for grouped queries); else by SDPA (through autograd), a group with other
@@ -147,10 +159,6 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
-    views = [None if g.runs is None else ViewGroup(
-        SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk, q_len, kv_len), g.height,
-        m.mask, m.keep, tuple(KeyPart(part_tiles(o), *pm) for o, pm in zip(g.others, m.parts)), m.dead)
-        for g, m in zip(groups, masks)]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     merged = any(g.others for g in groups)
     if groups and q.device.type == "cpu" and None not in views and (grad or merged):
@@ -239,8 +247,9 @@ class TileSdpaPlan(Plan):
         lowered = tiled_.lowering
         masks = additive_masks(groups, lowered.grid, lowered.mask_mod, call.batch, call.heads, call.dtype)
         order = output_order(groups, grid.num_q_tiles)
-        return lambda q, k, v, _: (tile_sdpa_attention(q, k, v, groups=groups, masks=masks, order=order,
-                                                       grid=grid, scale=scale), None)
+        views = view_groups(groups, masks, grid, call.q_len, call.kv_len)
+        return lambda q, k, v, _: (tile_sdpa_attention(q, k, v, groups=groups, masks=masks, views=views,
+                                                       order=order, grid=grid, scale=scale), None)
 
     def describe(self, prepared, call: Call) -> str:
         groups = prepared[1]
