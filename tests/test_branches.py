@@ -203,3 +203,24 @@ def test_gpu_longnet(dtype, tolerance):
     grads = torch.autograd.grad(out, (q, k, v), grad.to(device="cuda", dtype=dtype))
     for actual, wanted in zip(grads, torch.autograd.grad(expected, cpu, grad)):
         _close(actual, wanted, 4 * tolerance * max(1.0, wanted.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_compiled_merge_equals_the_eager_one(dtype):
+    """The one-pass merge CUDA runs (compiled) against the eager one, on rows no term
+    covers (output 0, log-sum-exp -inf), rows one term covers, and two lengths (one kernel
+    for both: ``dynamic=True``)."""
+    from sparsedsl.plans.branches import _merge, compiled_merge
+    for length in (300, 1027):
+        gen = torch.Generator(device="cuda").manual_seed(length)
+        outs = [torch.randn(2, 3, length, 64, device="cuda", generator=gen).to(dtype) for _ in range(3)]
+        lses = 4 * torch.randn(3, 2, 3, length, device="cuda", generator=gen)
+        lses[:, :, :, :7] = float("-inf")  # no term
+        lses[1:, :, :, 7:20] = float("-inf")  # the first term alone
+        out, total = compiled_merge()(outs, lses)
+        expected, expected_total = _merge(outs, lses)
+        assert out.dtype == dtype
+        torch.testing.assert_close(total, expected_total)
+        torch.testing.assert_close(out, expected)
+        assert not out[:, :, :7].any() and torch.isfinite(out).all()

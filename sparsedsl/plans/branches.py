@@ -28,6 +28,10 @@ memory-efficient kernel in float32 (each with its log-sum-exp and a backward tha
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -37,6 +41,7 @@ from ..lang.multiset import NOTHING, is_multiset, multiset_terms
 from ..lang.queries import score_mods
 from ..passes.lattice import HeadGroupLattice, chunks_reasons, lattice_decomposition
 from .base import Call, Plan, Runner
+from .cuda_streams import concurrently
 from .lattice import LatticePlan
 from .lattice_autograd import zeroed_output
 from .kernels import per_query_head
@@ -98,34 +103,71 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _runs(q, k, v, terms: Terms, *per_term) -> list[tuple]:
+    """Every chunk run of every term as ``(*per_term[t], chunk_folds(...) entry)``, the most
+    pairs first (the first runs on the caller's stream, the others beside it:
+    :func:`~sparsedsl.plans.cuda_streams.concurrently`)."""
+    runs = [(*extra, fold_args) for term, *extra in zip(terms, *per_term) for fold_args in chunk_folds(q, k, v, term)]
+    runs.sort(key=lambda run: -run[-1][-1][0].shape[0] * run[-1][-1][0].shape[2] ** 2)
+    return runs
+
+
+def _forward_run(out: torch.Tensor, lse: torch.Tensor, fold_args: tuple, scale: float) -> None:
+    """One chunk run's attention, written into its term's ``out`` and ``lse``."""
+    rng, _, part, start, count, chunk, folded = fold_args
+    run_out, run_lse = attend(*folded, scale)
+    write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, run_out)
+    write_folded(lse[:, rng.start:rng.stop], part, start, count, chunk, run_lse)
+
+
 def branches_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the multiset whose terms' lattices are ``terms`` (see the module
-    docstring); ``lse`` in float32 (float64 for float64 inputs)."""
+    docstring); ``lse`` in float32 (float64 for float64 inputs). On CUDA the chunk runs of
+    all terms overlap on side streams: a term of long chunks on few heads (LongNet's widest
+    segments, one head per rate class) is too few thread blocks to fill the GPU alone."""
     group = q.shape[1] // k.shape[1]
     k, v = per_query_head(k, group), per_query_head(v, group)
     lses = torch.full((len(terms), *q.shape[:3]), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
-    outs = []
-    for lse, term in zip(lses, terms):
-        out = zeroed_output(q, v, term)
-        for rng, _, part, start, count, chunk, folded in chunk_folds(q, k, v, term):
-            run_out, run_lse = attend(*folded, scale)
-            write_folded(out[:, rng.start:rng.stop], part, start, count, chunk, run_out)
-            write_folded(lse[:, rng.start:rng.stop], part, start, count, chunk, run_lse)
-        outs.append(out)
+    outs = [zeroed_output(q, v, term) for term in terms]
+    runs = _runs(q, k, v, terms, outs, lses)
+    concurrently(q.device, [partial(_forward_run, out, lse, fold_args, scale) for out, lse, fold_args in runs])
     return merge(outs, lses)
 
 
 def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax from the softmaxes of terms: ``outs[t] [B, H, N, D]`` weighted by
     ``exp(lses[t] - L)`` with ``L = logsumexp_t(lses[t])``; ``(out, L)``. Rows with ``L =
-    -inf`` (no term has a key there) output 0."""
+    -inf`` (no term has a key there) output 0. On CUDA the merge runs compiled
+    (:func:`compiled_merge`: one pass over the terms' outputs)."""
+    if outs[0].is_cuda and not torch.compiler.is_compiling():
+        return compiled_merge()(outs, lses)
+    return _merge(outs, lses)
+
+
+def _merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = torch.logsumexp(lses, 0)
     weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))[..., None]
     out = weights[0] * outs[0]
     for weight, term_out in zip(weights[1:], outs[1:]):
         out.addcmul_(weight, term_out)
     return out.to(outs[0].dtype), total
+
+
+_compiled_merge = None
+_compiled_merge_lock = threading.Lock()
+
+
+def compiled_merge() -> Callable:
+    """:func:`merge`'s eager form compiled by Inductor (``dynamic=True``: one kernel for
+    every length, recompiled per number of terms), created once per process. Eagerly the
+    merge is one pass per term over a float32 accumulator (about 4x the memory traffic of
+    the terms' outputs); compiled, it reads each output once and writes the merged one."""
+    global _compiled_merge
+    with _compiled_merge_lock:
+        if _compiled_merge is None:
+            _compiled_merge = torch.compile(_merge, dynamic=True, fullgraph=True)
+        return _compiled_merge
 
 
 def branches_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -> tuple[torch.Tensor, ...]:
@@ -137,13 +179,17 @@ def branches_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -
     compute = _compute_dtype(q.dtype)
     grads = tuple(torch.zeros(t.shape, dtype=compute, device=t.device) for t in (q, k, v))
     lse = lse[..., None]  # [B, H, N, 1], as the lattice folds take rows
-    for term in terms:
-        for rng, _, part, start, count, chunk, folded in chunk_folds(q, k, v, term):
-            heads = slice(rng.start, rng.stop)
-            run_grad, run_out, run_lse = (fold(part, t[:, heads], start, count, chunk) for t in (grad_out, out, lse))
-            run_grads = attend_backward(run_grad, *folded, run_out, run_lse[..., 0], scale)
-            for total, run_total in zip(grads, run_grads):
-                add_folded(total[:, heads], part, start, count, chunk, run_total)
+
+    def backward_run(fold_args) -> None:
+        rng, _, part, start, count, chunk, folded = fold_args
+        heads = slice(rng.start, rng.stop)
+        run_grad, run_out, run_lse = (fold(part, t[:, heads], start, count, chunk) for t in (grad_out, out, lse))
+        run_grads = attend_backward(run_grad, *folded, run_out, run_lse[..., 0], scale)
+        for total, run_total in zip(grads, run_grads):
+            add_folded(total[:, heads], part, start, count, chunk, run_total)
+
+    for term in terms:  # a term's runs add into disjoint positions, so they may overlap
+        concurrently(q.device, [partial(backward_run, fold_args) for (fold_args,) in _runs(q, k, v, (term,))])
     dq, dk, dv = grads
     if group > 1:  # the query heads' shares of each key/value head
         dk, dv = (t.unflatten(1, (-1, group)).sum(2) for t in (dk, dv))

@@ -1,10 +1,11 @@
 """CUDA side streams for plans that run independent kernels concurrently (the lattice
-program's runs): per device and thread, with the events that fork work onto them and
-join it back."""
+program's runs, the branches plan's runs): per device and thread, with the events that
+fork work onto them and join it back (:func:`concurrently`)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +48,36 @@ def side_streams(device: torch.device, count: int) -> SideStreams:
     if len(side.streams) == count:
         return side
     return SideStreams(side.streams[:count], side.fork, side.filled, side.joins[:count])
+
+
+def concurrently(device: torch.device, jobs: Sequence[Callable[[], None]]) -> None:
+    """Run ``jobs`` (each enqueues kernels on the current stream) so that their kernels
+    may overlap: on CUDA the first on the caller's stream, the others on side streams
+    forked from it (they see everything enqueued before the call), all joined back before
+    this returns (everything enqueued after the call, frees included, is ordered after
+    them). Elsewhere, or with one job, in order on the current stream.
+
+    Jobs must write disjoint memory. The first job is enqueued first, so events it records
+    are recorded before the side jobs wait on them."""
+    if device.type != "cuda" or len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    caller = torch.cuda.current_stream(device)
+    side = side_streams(device, len(jobs) - 1)
+    side.fork.record(caller)
+    jobs[0]()
+    current_device = torch.cuda.current_device()
+    try:
+        for i, job in enumerate(jobs[1:]):
+            stream = side.streams[i % len(side.streams)]
+            stream.wait_event(side.fork)
+            torch.cuda.set_stream(stream)  # also makes the stream's device current
+            job()
+    finally:
+        torch.cuda.set_stream(caller)
+        if current_device != caller.device_index:
+            torch.cuda.set_device(current_device)
+    for stream, joined in zip(side.streams, side.joins):
+        joined.record(stream)
+        caller.wait_event(joined)

@@ -5,13 +5,14 @@ SDPA call and one copy per run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..lang import nodes as n
 from ..passes.lattice import HeadGroupLattice, zeroed_heads
-from .cuda_streams import side_streams
+from .cuda_streams import concurrently, side_streams
 from .kernels import zero_heads
 from .lattice_views import chunk_folds, folded_view
 
@@ -38,7 +39,7 @@ class LatticeProgram:
     run of zeroed heads: the same operations as :func:`lattice_attention`, without
     re-deriving every view on the host at each call.
 
-    On CUDA the runs but the first go to side streams (:func:`side_streams`), forked from
+    On CUDA the runs but the first go to side streams (:func:`concurrently`), forked from
     the caller's stream and joined back before the call returns, so their kernels overlap:
     a run of long chunks on few heads (LongNet's widest segments) is too few thread blocks
     to fill the GPU alone. Runs are ordered longest chunks first; the first runs on the
@@ -75,36 +76,19 @@ class LatticeProgram:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         out = q.new_empty(self.out_shape)
         gqa = q.shape[1] != k.shape[1]
-        if not q.is_cuda or len(self.runs) <= 1:
+        # On CUDA a side run's copy into the output waits for the zero fills (``filled``).
+        concurrent = q.is_cuda and len(self.runs) > 1 and self.zeroed_heads
+        filled = side_streams(q.device, len(self.runs) - 1).filled if concurrent else None
+
+        def first() -> None:  # the fills, then the longest run, on the caller's stream
             zero_heads(out, self.zeroed_heads)
-            for run in self.runs:
+            if filled is not None:
+                filled.record()
+            for run in self.runs[:1]:
                 _attend_run(run, q, k, v, out, scale, gqa)
-            return out
-        caller = torch.cuda.current_stream(q.device)
-        side = side_streams(q.device, len(self.runs) - 1)
-        side.fork.record(caller)
-        # The fills run on the caller's stream while the side streams' attention runs; a
-        # side run's copy into the output waits for them (``filled``).
-        zero_heads(out, self.zeroed_heads)
-        filled = side.filled if self.zeroed_heads else None
-        if filled is not None:
-            filled.record(caller)
-        current_device = torch.cuda.current_device()
-        try:
-            for i, run in enumerate(self.runs[1:]):
-                stream = side.streams[i % len(side.streams)]
-                stream.wait_event(side.fork)
-                torch.cuda.set_stream(stream)  # also makes the stream's device current
-                _attend_run(run, q, k, v, out, scale, gqa, filled)
-        finally:
-            torch.cuda.set_stream(caller)
-            if current_device != caller.device_index:
-                torch.cuda.set_device(current_device)
-        _attend_run(self.runs[0], q, k, v, out, scale, gqa)  # the longest, on the caller's stream
-        # Everything after the call (frees of q, k, v or out included) is ordered after the runs.
-        for stream, joined in zip(side.streams, side.joins):
-            joined.record(stream)
-            caller.wait_event(joined)
+
+        side_runs = [partial(_attend_run, run, q, k, v, out, scale, gqa, filled) for run in self.runs[1:]]
+        concurrently(q.device, [first, *side_runs])
         return out
 
 
