@@ -5,6 +5,7 @@ query offsets, grouped-query attention and batches; its band groups and tile cho
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from reference import reference_attention
 from sparsedsl.passes.lowering import lowering
 from sparsedsl.passes.tiles import EMPTY
 from sparsedsl.plans import tile_sdpa_autograd
-from sparsedsl.plans.tile_groups import SpanExtents, band_group, tile_groups
+from sparsedsl.plans.tile_groups import SpanExtents, band_group, computed_pairs, tile_groups
+from sparsedsl.plans.tile_masks import split_rows, with_columns
 from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT
 from strategies import pattern_cases
 
@@ -134,7 +136,7 @@ def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(require
     # Global columns: a band with columns, all views, so finer tiles where cheaper.
     mixed = sd.compile(sd.window(128) | sd.global_tokens(16)).explain(4096, heads=8, device="cpu",
                                                                        requires_grad=requires_grad)
-    assert "1 with other tiles" in mixed.reason
+    assert "3 with other tiles" in mixed.reason  # the band and its two edges, each with the columns
     if not requires_grad:
         assert mixed.computed_flops <= 1.3 * mixed.useful_flops
     # Random blocks are gathered for every query tile: no finer tiles there.
@@ -142,9 +144,8 @@ def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(require
         4096, heads=8, device="cpu", requires_grad=requires_grad)
     assert gathered.q_block == 128
     blocks = sd.compile(sd.blocks(128).local(1)).explain(4096, heads=8, device="cpu", requires_grad=requires_grad)
-    # One band of views, three tiles a row: the first and last rows' third lies past an end.
-    assert blocks.kind == "tile_sdpa" and blocks.computed_pairs == 3 * 32 * 128 * 128 * 8
-    assert blocks.pairs == (3 * 32 - 2) * 128 * 128 * 8
+    # One band of views, three tiles a row, its edges apart and cut to the two tiles they see.
+    assert blocks.kind == "tile_sdpa" and blocks.computed_pairs == blocks.pairs == (3 * 32 - 2) * 128 * 128 * 8
 
 
 @pytest.mark.parametrize("pattern", [sd.window(37), sd.causal() & sd.window(50, 0), sd.blocks(32).local(1),
@@ -190,5 +191,28 @@ def test_random_blocks_as_a_gathered_part_of_a_band(pattern, q_len, kv_len, offs
     """BigBird-like rows: the band on views, global columns once, and each span's random
     tiles gathered, merged by log-sum-exp; outputs and float64 gradients exact."""
     module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
-    assert "1 with other tiles" in module.explain(q_len, kv_len, heads=2, device="cpu", requires_grad=grad).reason
+    reason = module.explain(q_len, kv_len, heads=2, device="cpu", requires_grad=grad).reason
+    assert re.search(r"\b[123] with other tiles", reason)  # the band, its edges apart
     _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, kv_len, 8, seed=q_len), offset, grad)
+
+
+@pytest.mark.parametrize("pattern, split", [
+    (sd.window(40) | sd.global_tokens(5), True),       # 5 global rows in a tile of window rows
+    (sd.window(20) | (sd.global_tokens(40) - sd.global_tokens(37)), True),  # wide rows 37-39 of tile 1
+    (sd.window(24) & ~sd.window(3), False),             # no row wider than the others
+])
+@pytest.mark.parametrize("q_len, grad", [(613, False), (613, True), (640, True)])
+def test_rows_of_a_span_split_by_the_keys_they_see(pattern, split, q_len, grad):
+    """A span whose rows see keys of very different extents runs as two row ranges, each
+    on the key tiles its rows see: exact (outputs and float64 gradients), and explain's
+    computed pairs are what the split groups compute."""
+    module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
+    explained = module.explain(q_len, 640, heads=2, device="cpu", requires_grad=grad)
+    assert explained.q_block == 32
+    lowered = lowering(pattern, q_len, 640, 0, (32, 32), heads=1, device=torch.device("cpu"), buffers={},
+                       where="test")
+    groups = tile_groups(lowered.states, lowered.grid, merged=True)
+    groups = split_rows(with_columns(groups, lowered.grid, lowered.mask_mod), lowered.grid, lowered.mask_mod)
+    assert any(g.q_rows is not None for g in groups) == split
+    assert explained.computed_pairs == 2 * computed_pairs(groups, lowered.grid)
+    _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, 640, 8, seed=q_len), 0, grad)

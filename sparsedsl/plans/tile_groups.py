@@ -44,6 +44,12 @@ class TileGroup:
     #: spans' other tiles), each as a group of the same spans (``runs`` None, one tile
     #: set): merged with this one by log-sum-exp (:mod:`~sparsedsl.plans.tile_sdpa_autograd`).
     others: tuple["TileGroup", ...] = ()
+    #: For an other part whose spans all see the same tiles: the keys (offsets into its tiles
+    #: laid end to end) some row allows, the only ones its kernel computes (None: all).
+    columns: torch.Tensor | None = None
+    #: For a group of one span on views: the query rows ``(first, stop)`` of its ``height``
+    #: tiles it computes, where the span's rows are split by the keys they see (None: all).
+    q_rows: tuple[int, int] | None = None
 
     @property
     def tile_rows(self) -> torch.Tensor:
@@ -81,7 +87,7 @@ def tile_groups(states: torch.Tensor, grid: TileGrid, merged: bool = False) -> l
                 bands.append(column_band(states, grid, first, rest, height, span_live[0, 0]))
             for band in bands:
                 if band is not None:
-                    groups += [band] if band.others else edges_apart(band, states, grid)
+                    groups += edges_apart(band, grid)
                     widths[torch.isin(first, band.rows)] = 0  # held by the band
     for width, height in torch.stack([widths, heights], 1).unique(dim=0).tolist():
         if width == 0:
@@ -113,11 +119,9 @@ class SpanExtents:
 
 
 def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
-               height: int, extents: SpanExtents, dropped: torch.Tensor | None = None,
-               typical: bool = False) -> TileGroup | None:
+               height: int, extents: SpanExtents, typical: bool = False) -> TileGroup | None:
     """One group for the spans ``first[chosen]`` (all ``height`` query tiles high; states
-    of one batch entry and head; ``extents`` of every span's live tiles, ``dropped`` key
-    tiles left out of them) whose live key tiles are one contiguous run, when those spans
+    of one batch entry and head; ``extents`` of every span's live tiles) whose live key tiles are one contiguous run, when those spans
     are evenly spaced and their runs fit in a window of ``W`` tiles that moves by the same
     number of tokens as the spans: span ``i`` sees tiles ``k0 + i * step ... + W - 1``,
     where tiles before the first or past the last are empty. The group's slabs are then
@@ -148,23 +152,22 @@ def band_group(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen
     tiles = (k_first + index * k_step)[:, None] + torch.arange(width, device=rows.device)     # [n, W]
     outside = (tiles < 0) | (tiles >= num_kv)
     clamped = tiles.clamp(0, num_kv - 1)
-    if dropped is not None:
-        outside |= dropped[clamped]
     span_states = torch.stack([states[0, 0, rows + j].gather(-1, clamped) for j in range(height)], 1)
     span_states = span_states.masked_fill(outside[:, None], EMPTY)
     runs = (int(rows[0]) * grid.q_block, q_step * grid.q_block, k_first * grid.kv_block, k_step * grid.kv_block)
     return TileGroup(rows, height, tiles[None, None], span_states[None, None], runs)
 
 
-def edges_apart(band: TileGroup, states: torch.Tensor, grid: TileGrid) -> list[TileGroup]:
-    """A band group of a plain band as up to three groups that need no padding: the spans
-    whose window starts before the first key tile see the first ``W`` tiles, those whose
-    window ends past the last see the last ``W`` (each one slab for all its spans), and
-    the others keep their windows. Every span's live tiles stay inside its window, so the
-    tiles a window gains are empty for it. The band itself where its window is wider than
-    the keys or the last key tile is cut short (padding then)."""
+def edges_apart(band: TileGroup, grid: TileGrid) -> list[TileGroup]:
+    """A band group as up to three groups that need no padding: the spans whose window
+    starts before the first key tile see the first ``W`` tiles, those whose window ends
+    past the last see the last ``W`` (each one slab for all its spans), and the others keep
+    their windows. The tiles a span's window gains are empty for it (its own live tiles
+    stay inside its window; others hold the rest), and its other parts are its own. The
+    band itself where its window is wider than the keys or the last key tile is cut short
+    (padding then)."""
     tiles = band.tiles[0, 0]
-    num_kv, width = states.shape[-1], tiles.shape[-1]
+    num_kv, width = grid.num_kv_tiles, tiles.shape[-1]
     if width > num_kv or grid.kv_len % grid.kv_block:
         return [band]
     start = tiles[:, 0]
@@ -177,16 +180,25 @@ def edges_apart(band: TileGroup, states: torch.Tensor, grid: TileGrid) -> list[T
         index = spans.nonzero().flatten()
         if not index.numel():
             continue
-        rows = band.rows[index]
+        rows, states = band.rows[index], band.states[:, :, index]
         if first_tile is None:
             part_tiles, k_first, stride = tiles[index], int(start[index[0]]) * grid.kv_block, k_stride
         else:
             part_tiles = (first_tile + torch.arange(width, device=tiles.device)).expand(index.numel(), -1)
             k_first, stride = first_tile * grid.kv_block, 0
-        part_states = torch.stack([states[0, 0, rows + j].gather(-1, part_tiles) for j in range(band.height)], 1)
+            offset = part_tiles - start[index, None]  # a tile's place in the span's own window
+            inside = (offset >= 0) & (offset < width)
+            states = states.gather(-1, offset.clamp(0, width - 1)[None, None, :, None].expand_as(states))
+            states = states.masked_fill(~inside[None, None, :, None], EMPTY)
         runs = (int(rows[0]) * grid.q_block, q_stride, k_first, stride)
-        parts.append(TileGroup(rows, band.height, part_tiles[None, None], part_states[None, None], runs))
+        others = tuple(_spans(other, index) for other in band.others)
+        parts.append(TileGroup(rows, band.height, part_tiles[None, None], states, runs, others))
     return parts
+
+
+def _spans(group: TileGroup, index: torch.Tensor) -> TileGroup:
+    """The spans ``index`` of a gathered group (``runs`` None)."""
+    return TileGroup(group.rows[index], group.height, group.tiles[:, :, index], group.states[:, :, index], None)
 
 
 def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chosen: torch.Tensor,
@@ -194,10 +206,11 @@ def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chose
     """A band group (:func:`band_group`) in the window of the median longest run of live
     tiles of the typical spans of ``first[chosen]`` (``span_live``: the live tiles of every
     span; typical: at most twice the median width) besides the key tiles every typical span
-    sees (*columns*), with as ``others`` the group of those columns and the group of each
-    span's live tiles outside the band window (random blocks; padded with empty tiles to the
-    most any span has); None where no band fits the runs or the group would compute more
-    than :data:`BAND_SLACK` times the spans' live tiles."""
+    sees (*columns*), with as ``others`` the group of those columns (empty for a span where
+    its band window holds them) and the group of each span's live tiles outside the band
+    window (random blocks; padded with empty tiles to the most any span has); None where
+    no band fits the runs or the group would compute more than :data:`BAND_SLACK` times the
+    spans' live tiles."""
     spans = chosen.nonzero().flatten()
     if spans.numel() < 2:
         return None
@@ -209,17 +222,20 @@ def column_band(states: torch.Tensor, grid: TileGrid, first: torch.Tensor, chose
     lo, hi = _longest_runs(rest)
     every = lambda t: torch.zeros(first.shape, dtype=t.dtype, device=t.device).index_copy_(0, spans, t)
     band = band_group(states, grid, first, _subset(chosen, spans[typical]), height,
-                      SpanExtents(every(hi - lo), every(lo), every(hi)), dropped=common, typical=True)
+                      SpanExtents(every(hi - lo), every(lo), every(hi)), typical=True)
     if band is None:
         return None
     others = []
     count = band.rows.numel()
-    if bool(common.any()):
-        tiles = common.nonzero().flatten().expand(1, 1, count, -1)
-        others.append(TileGroup(band.rows, height, tiles, _states_at(states, band.rows, height, tiles), None))
     window = torch.zeros(count, live.shape[-1] + 2, dtype=torch.bool, device=live.device)  # tiles -1 .. nk
     window.scatter_(1, band.tiles[0, 0].clamp(-1, live.shape[-1]) + 1, True)
-    held = rest[torch.searchsorted(first[spans], band.rows)] & ~window[:, 1:-1]
+    window = window[:, 1:-1]
+    if bool(common.any()):  # a span's window holds the columns inside it
+        tiles = common.nonzero().flatten().expand(1, 1, count, -1)
+        part_states = _states_at(states, band.rows, height, tiles)
+        part_states = part_states.masked_fill(window.gather(-1, tiles[0, 0])[None, None, :, None], EMPTY)
+        others.append(TileGroup(band.rows, height, tiles, part_states, None))
+    held = rest[torch.searchsorted(first[spans], band.rows)] & ~window
     width = int(held.sum(-1).max())
     if width:
         order = torch.sort((~held).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # held tiles first
@@ -295,6 +311,16 @@ def _runs(rows: torch.Tensor, height: int, tiles: torch.Tensor, grid: TileGrid):
             k_step * grid.kv_block)
 
 
+def computed_pairs(groups: list[TileGroup], grid: TileGrid) -> int:
+    """The query-key pairs the groups' kernels compute, other parts included (per batch
+    entry and head of the states): whole tiles, but only its ``columns`` of a part that has
+    them."""
+    bq, bk = grid.q_block, grid.kv_block
+    rows = lambda g: g.height * bq if g.q_rows is None else g.q_rows[1] - g.q_rows[0]
+    return sum(g.rows.numel() * rows(g) * (g.tiles.shape[-1] * bk + sum(
+        o.tiles.shape[-1] * bk if o.columns is None else o.columns.numel() for o in g.others)) for g in groups)
+
+
 def computed_tiles(groups: list[TileGroup]) -> int:
     """The tiles the groups' kernels compute, other parts included (per batch entry and
     head of the states)."""
@@ -302,16 +328,14 @@ def computed_tiles(groups: list[TileGroup]) -> int:
                for g in groups)
 
 
-def output_order(groups: list[TileGroup], num_q_tiles: int) -> torch.Tensor | None:
-    """For each query tile, its place among the groups' output tiles laid end to end and
-    followed by one zero tile (the place of query tiles no group holds): int64
-    ``[num_q_tiles]``, or None where that is every tile in order."""
-    rows = torch.cat([g.tile_rows.cpu() for g in groups]) if groups else torch.empty(0, dtype=torch.int64)
-    order = torch.full((num_q_tiles,), rows.numel(), dtype=torch.int64)
-    order[rows] = torch.arange(rows.numel())
-    if rows.numel() == num_q_tiles and torch.equal(order, torch.arange(num_q_tiles)):
-        return None
-    return order.to(groups[0].rows.device) if groups else order
+def tiles_held_by_none(groups: list[TileGroup], num_q_tiles: int) -> tuple[tuple[int, int], ...]:
+    """The runs ``(start, stop)`` of query tiles no group holds (their rows output 0)."""
+    held = torch.zeros(num_q_tiles + 2, dtype=torch.int8)  # a sentinel held tile at each end
+    held[[0, -1]] = 1
+    for group in groups:
+        held[group.tile_rows.cpu() + 1] = 1
+    edges = torch.diff(held).nonzero().flatten().tolist()  # -1 where a run starts, +1 past its end
+    return tuple(zip(edges[::2], edges[1::2]))
 
 
 def part_tiles(part: TileGroup) -> torch.Tensor:

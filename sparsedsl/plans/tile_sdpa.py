@@ -36,10 +36,10 @@ from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .kernels import per_query_head
 from .tiled import Tiled, check_batch, tiled
-from .tile_groups import TileGroup, computed_tiles, output_order, part_tiles, tile_groups
-from .tile_masks import GroupMasks, additive_masks
-from .tile_sdpa_autograd import KeyPart, ViewGroup, ViewGroupsAttention, view_group_forward
-from .tile_slabs import SlabRuns, assemble, tile_major
+from .tile_groups import TileGroup, computed_pairs, part_tiles, tile_groups, tiles_held_by_none
+from .tile_masks import GroupMasks, additive_masks, split_rows, with_columns
+from .tile_sdpa_autograd import KeyPart, ViewGroup, ViewGroupsAttention
+from .tile_slabs import SlabRuns, new_output, write_tiles
 
 #: Throughput per computed pair relative to the gather plan on the CPU: 136k-196k pairs per
 #: CPU-ms on windows and block windows against the gather plan's 22k
@@ -122,7 +122,7 @@ def finer_tile(pattern: n.Pattern, call: Call, largest: int) -> int:
         if tile < largest and any(group.runs is None or any(part_tiles(o).shape[0] > 1 for o in group.others)
                                   for group in groups):
             return math.inf
-        return computed_tiles(groups) * tile * tile / throughput.get(tile, 1.0)
+        return computed_pairs(groups, lowered.grid) / throughput.get(tile, 1.0)
 
     return min([largest, *sorted(sizes, reverse=True)], key=cost)
 
@@ -139,60 +139,68 @@ def view_groups(groups: list[TileGroup], masks: list[GroupMasks], grid: TileGrid
     """Each group as :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroup` for ``q_len``
     queries over ``kv_len`` keys (None for a gathered group), made once per runner."""
     bq, bk = grid.q_block, grid.kv_block
-    return [None if g.runs is None else ViewGroup(
-        SlabRuns.of(g.runs, g.rows.numel(), g.height * bq, g.tiles.shape[-1] * bk, q_len, kv_len), g.height,
-        m.mask, m.keep, tuple(KeyPart(part_tiles(o), *pm) for o, pm in zip(g.others, m.parts)), m.dead)
-        for g, m in zip(groups, masks)]
+    views = []
+    for g, m in zip(groups, masks):
+        if g.runs is None:
+            views.append(None)
+            continue
+        q_first, q_stride, k_first, k_stride = g.runs
+        first_row, last_row = g.q_rows or (0, g.height * bq)
+        runs = SlabRuns.of((q_first + first_row, q_stride, k_first, k_stride), g.rows.numel(), last_row - first_row,
+                           g.tiles.shape[-1] * bk, q_len, kv_len)
+        parts = tuple(KeyPart.of(part_tiles(o), o.columns, *pm, runs, bk, kv_len) for o, pm in zip(g.others, m.parts))
+        views.append(ViewGroup(runs, m.mask, m.keep, parts, m.dead))
+    return views
 
 
 def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: list[TileGroup],
-                        masks: list[GroupMasks], views: list[ViewGroup | None], order: torch.Tensor | None,
-                        grid: TileGrid, scale: float) -> torch.Tensor:
+                        masks: list[GroupMasks], views: list[ViewGroup | None],
+                        unheld: tuple[tuple[tuple[int, int], ...], ...], grid: TileGrid,
+                        scale: float) -> torch.Tensor:
     """Attention of ``q [B, H, Q, D]`` over ``k [B, Hkv, K, D]``, ``v [B, Hkv, K, Dv]`` by
     the tile ``groups``, with ``masks`` (:func:`additive_masks`), ``views``
-    (:func:`view_groups`) and ``order`` (:func:`output_order`); returns ``out [B, H, Q,
-    Dv]``. On the CPU, where every group is
-    views, with gradients or with other parts, it runs as
+    (:func:`view_groups`) and ``unheld``, the query tiles held by no group and by no view
+    group (:func:`~sparsedsl.plans.tile_groups.tiles_held_by_none`); returns ``out [B, H,
+    Q, Dv]``. The groups write into one output buffer: slabs of it, or their query tiles.
+    On the CPU with gradients or other parts, the view groups run as
     :class:`~sparsedsl.plans.tile_sdpa_autograd.ViewGroupsAttention` (key/value heads
-    repeated for grouped queries); else by SDPA (through autograd), a group with other
-    parts by :func:`~sparsedsl.plans.tile_sdpa_autograd.view_group_forward`."""
+    repeated for grouped queries) and gathered groups by SDPA through autograd, written
+    over its output; else every group by SDPA."""
     batch, heads, q_len, dim = q.shape
-    kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
-    nq, nk, bq, bk = grid.num_q_tiles, grid.num_kv_tiles, grid.q_block, grid.kv_block
+    kv_heads, dv = k.shape[1], v.shape[-1]
+    nq, bq, bk = grid.num_q_tiles, grid.q_block, grid.kv_block
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    merged = any(g.others for g in groups)
-    if groups and q.device.type == "cpu" and None not in views and (grad or merged):
+    if not groups:  # no pair at all: zeros that still reach the inputs
+        out = q.new_zeros(batch, heads, q_len, dv)
+        return out + 0.0 * (q.sum() + k.sum() + v.sum()) if grad else out
+    held_by_none, held_by_no_view = unheld
+    # The groups run by SDPA: gathered ones, or all.
+    gathered = [(group, view, mask) for group, view, mask in zip(groups, views, masks) if view is None]
+    if q.device.type == "cpu" and len(gathered) < len(groups) and (grad or any(g.others for g in groups)):
         keys, values = (per_query_head(t, heads // kv_heads) for t in (k, v))
-        return ViewGroupsAttention.apply(q, keys, values, views, (order, bq, bk, nq), scale)
-    padded = None  # (q, k, v) padded to whole tiles: made for the first gathered group
-    pads = {}  # (input, before, past) -> the input padded so: made once per call
-    outs = []  # each group's output, tile-major: [n * height, B*H, bq, Dv]
-    for group, view, (mask, keep, *_) in zip(groups, views, masks):
-        count, chunk = group.rows.numel(), group.height * bq
-        if view is not None and view.parts:  # fused kernels with log-sum-exps, merged
-            keys, values = (per_query_head(t, heads // kv_heads) for t in (k, v))
-            outs.append(tile_major(view_group_forward(q, keys, values, view, bk, scale, pads)[2], group.height, bq))
-            continue
+        out = ViewGroupsAttention.apply(q, keys, values, [view for view in views if view is not None],
+                                        (held_by_no_view, bq, bk, nq), scale)
+    else:
+        out, gathered = new_output(q, nq, bq, dv, held_by_none), list(zip(groups, views, masks))
+    pads, padded = {}, []  # inputs padded: at the ends of view slabs; to whole tiles for gathers
+    for group, view, (mask, keep, *_) in gathered:
         if view is not None:  # views of the inputs: [n, B*H, height*bq, D], [n, B*Hkv, W*bk, D]
             qg, keys, values = view.runs.queries(q, pads), view.runs.keys(k, pads), view.runs.keys(v, pads)
             gqa = kv_heads != heads
         else:
-            padded = padded or (F.pad(q, (0, 0, 0, nq * bq - q_len)), F.pad(k, (0, 0, 0, nk * bk - kv_len)),
-                                F.pad(v, (0, 0, 0, nk * bk - kv_len)))
+            padded = padded or [F.pad(t, (0, 0, 0, -t.shape[2] % block)) for t, block in ((q, bq), (k, bk), (v, bk))]
             qp, kp, vp = padded
             qg = qp.reshape(batch * heads, nq, bq * dim).index_select(1, group.tile_rows) \
-                .view(batch * heads, count, chunk, dim).movedim(1, 0)
+                .view(batch * heads, group.rows.numel(), group.height * bq, dim).movedim(1, 0)
             (keys, shared), (values, _) = (_gathered(t, group.tiles, bk, heads) for t in (kp, vp))
             gqa = shared and kv_heads != heads
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        if keep is not None:
-            out = out * keep
-        outs.append(tile_major(out, group.height, bq))
-    if not groups:
-        out = assemble([], order, q, q_len, bq, nq, dv)
-        # No pair at all: zeros that still reach the inputs.
-        return out + 0.0 * (q.sum() + k.sum() + v.sum()) if torch.is_grad_enabled() else out
-    return assemble(outs, order, q, q_len, bq, nq, dv)
+        result = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        result = result if keep is None else result * keep
+        if view is not None:
+            view.runs.output(out).copy_(result)
+        else:
+            out = write_tiles(out, group.tile_rows, result, group.height)
+    return out if out.shape[2] == q_len else out[:, :, :q_len]
 
 
 class TileSdpaPlan(Plan):
@@ -227,7 +235,8 @@ class TileSdpaPlan(Plan):
         prepared = tiled(pattern, call, self.tiles(pattern, call))
         lowered = prepared.lowering
         grid = lowered.grid
-        return prepared, tile_groups(lowered.states, grid, merged=_merges(call, (grid.q_block, grid.kv_block)))
+        groups = tile_groups(lowered.states, grid, merged=_merges(call, (grid.q_block, grid.kv_block)))
+        return prepared, split_rows(with_columns(groups, grid, lowered.mask_mod), grid, lowered.mask_mod)
 
     def efficiency(self, call: Call) -> float | None:
         """:data:`CPU_EFFICIENCY` on the CPU; not measured on CUDA, where FlexAttention's
@@ -238,7 +247,7 @@ class TileSdpaPlan(Plan):
         tiled_, groups = prepared
         grid = tiled_.lowering.grid
         batch = tiled_.lowering.states.shape[0]
-        return computed_tiles(groups) * grid.q_block * grid.kv_block * call.heads * batch
+        return computed_pairs(groups, grid) * call.heads * batch
 
     def build(self, prepared, call: Call, planner) -> Runner:
         tiled_, groups = prepared
@@ -246,10 +255,11 @@ class TileSdpaPlan(Plan):
         grid, scale = tiled_.lowering.grid, call.scale
         lowered = tiled_.lowering
         masks = additive_masks(groups, lowered.grid, lowered.mask_mod, call.batch, call.heads, call.dtype)
-        order = output_order(groups, grid.num_q_tiles)
         views = view_groups(groups, masks, grid, call.q_len, call.kv_len)
+        unheld = (tiles_held_by_none(groups, grid.num_q_tiles),
+                  tiles_held_by_none([g for g, view in zip(groups, views) if view is not None], grid.num_q_tiles))
         return lambda q, k, v, _: (tile_sdpa_attention(q, k, v, groups=groups, masks=masks, views=views,
-                                                       order=order, grid=grid, scale=scale), None)
+                                                       unheld=unheld, grid=grid, scale=scale), None)
 
     def describe(self, prepared, call: Call) -> str:
         groups = prepared[1]

@@ -26,31 +26,50 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .tile_slabs import SlabRuns, assemble, padded, tile_major
+from .tile_slabs import SlabRuns, new_output, padded
 
 
 @dataclass(frozen=True)
 class KeyPart:
-    """Key tiles a group's spans see besides their run: ``tiles`` int64 ``[1 or count, T]``
-    (one row: every span sees the same), their additive ``mask`` (None: all full) and the
-    rows it leaves without keys, ``dead`` (bool, broadcastable to ``[count, B * H, chunk]``;
-    None: none)."""
+    """Keys a group's spans see besides their run: key ``positions`` int64 ``[1 or count,
+    P]`` (one row: every span sees the same; positions up to ``past`` past the last key
+    are padding, masked out), their additive ``mask`` (None: all allowed) and the rows it
+    leaves without keys, ``dead`` (bool, broadcastable to ``[count, B * H, chunk]``; None:
+    none). A ``run`` part (the same keys for consecutive spans) is one kernel call whose
+    queries are the spans' run (:meth:`~sparsedsl.plans.tile_slabs.SlabRuns.query_run`),
+    its mask ``[1, 1, count * chunk, P]``; else one call on the spans' slabs, its mask
+    ``[count, 1, chunk, P]``."""
 
-    tiles: torch.Tensor
+    positions: torch.Tensor
     mask: torch.Tensor | None
     dead: torch.Tensor | None
+    past: int
+    run: bool
+
+    @classmethod
+    def of(cls, tiles: torch.Tensor, columns: torch.Tensor | None, mask: torch.Tensor | None,
+           dead: torch.Tensor | None, runs: SlabRuns, kv_block: int, kv_len: int) -> "KeyPart":
+        """The part of key ``tiles`` ``[1 or count, T]`` (only the keys ``columns`` of them
+        laid end to end, where not None) with its additive slab ``mask`` ``[count, 1,
+        chunk, P]``: one run where every span sees the same keys and the spans are
+        consecutive."""
+        positions = (tiles[..., None] * kv_block + torch.arange(kv_block, device=tiles.device)).flatten(-2)
+        if columns is not None:
+            positions = positions[:, columns]
+        run = tiles.shape[0] == 1 and runs.consecutive
+        if run and mask is not None:
+            mask = mask.transpose(0, 1).flatten(1, 2)[None]
+        return cls(positions, mask, dead, max(0, int(positions.max()) + 1 - kv_len), run)
 
 
 @dataclass(frozen=True)
 class ViewGroup:
-    """One group for :class:`ViewGroupsAttention`: its slabs ``runs``, ``height`` query
-    tiles a span, the additive ``mask`` of its runs (None: every tile full) and ``keep``
+    """One group for :class:`ViewGroupsAttention`: its slabs ``runs``, the additive ``mask`` of its runs (None: every tile full) and ``keep``
     (0 on rows without keys, the plan's masked-in key there; None: every row has one).
     With other ``parts``, also the rows the run leaves without keys, ``dead`` (``keep`` is
     then None)."""
 
     runs: SlabRuns
-    height: int
     mask: torch.Tensor | None
     keep: torch.Tensor | None
     parts: tuple[KeyPart, ...] = ()
@@ -67,78 +86,103 @@ def _attend_backward(grad, q, k, v, out, lse, mask, scale):
         grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _part_keys(t: torch.Tensor, tiles: torch.Tensor, block: int, count: int, pads: dict) -> torch.Tensor:
-    """The keys (or values) of ``tiles`` (``[1 or count, T]``) of ``t [B, H, K, D]`` as
-    ``[count, B * H, T * block, D]``: gathered once and repeated by a stride-0 view where
-    every span sees the same tiles."""
-    batch, heads, length, dim = t.shape
-    whole = padded(t, 0, -length % block, pads).view(batch * heads, -1, block, dim)
-    taken = whole.index_select(1, tiles.flatten()).view(batch * heads, tiles.shape[0], -1, dim).movedim(1, 0)
-    return taken.expand(count, -1, -1, -1)
+def _part_keys(t: torch.Tensor, part: KeyPart, count: int, pads: dict) -> torch.Tensor:
+    """The keys (or values) of ``part`` of ``t [B, H, K, D]``: for a run part ``[B, H, P,
+    D]``, else ``[count, B * H, P, D]`` (gathered once and repeated by a stride-0 view where
+    every span sees the same keys)."""
+    batch, heads, _, dim = t.shape
+    positions = part.positions
+    whole = padded(t, 0, part.past, pads).flatten(0, 1)
+    taken = whole.index_select(1, positions.flatten()).view(batch * heads, *positions.shape, dim)
+    if part.run:
+        return taken.view(batch, heads, -1, dim)
+    return taken.movedim(1, 0).expand(count, -1, -1, -1)
 
 
-def _add_part_keys(total: torch.Tensor, tiles: torch.Tensor, grads: torch.Tensor, before: int, block: int) -> None:
-    """Add key-part gradients ``grads [count, B * H, T * block, D]`` into ``total [B, H, L,
-    D]`` (key position ``p`` at ``before + p``) at the positions of ``tiles`` ``[1 or
-    count, T]``, in place."""
-    if tiles.shape[0] == 1:
+def _add_part_keys(total: torch.Tensor, part: KeyPart, grads: torch.Tensor, before: int) -> None:
+    """Add key-part gradients (``[B, H, P, D]`` for a run part, else ``[count, B * H, P,
+    D]``) into ``total [B, H, L, D]`` (key position ``p`` at ``before + p``) at the
+    part's positions, in place."""
+    batch, heads, _, dim = total.shape
+    if part.run:
+        grads = grads.flatten(0, 1)[None]
+    elif part.positions.shape[0] == 1:
         grads = grads.sum(0, keepdim=True)
-    positions = (before + tiles.flatten()[:, None] * block + torch.arange(block, device=tiles.device)).flatten()
-    batch, heads = total.shape[:2]
-    total.index_add_(2, positions, grads.movedim(0, 1).reshape(batch, heads, -1, grads.shape[-1]))
+    total.flatten(0, 1).index_add_(1, before + part.positions.flatten(), grads.movedim(0, 1).flatten(1, 2))
 
 
-def _merge(parts, dead):
-    """``(out, lse)`` of parts ``[(out_p, lse_p), ...]`` merged by log-sum-exp, with
-    ``lse_p = -inf`` on the rows ``dead[p]`` leaves without keys (None: none); rows no part covers
-    output 0 with ``lse = -inf``."""
+def _part_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: SlabRuns, part: KeyPart,
+                  queries: torch.Tensor, scale: float, pads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A part's ``(out, lse)`` on the group's slabs ``[count, B * H, chunk, ...]``."""
+    keys, values = _part_keys(k, part, runs.count, pads), _part_keys(v, part, runs.count, pads)
+    if not part.run:
+        return _attend(queries, keys, values, part.mask, scale)[:2]
+    out, lse = _attend(runs.query_run(q, pads), keys, values, part.mask, scale)[:2]
+    return runs.as_slabs(out), runs.as_slabs(lse)
+
+
+def _merge(parts, dead, dest: torch.Tensor) -> torch.Tensor:
+    """Parts ``[(out_p, lse_p), ...]`` merged by log-sum-exp: the output written into
+    ``dest``, the log-sum-exp returned, with ``lse_p = -inf`` on the rows ``dead[p]`` leaves
+    without keys (None: none); rows no part covers output 0 with ``lse = -inf``. The sum is
+    taken in float32 (float64 for float64 inputs)."""
     lses = torch.stack([lse if rows is None else lse.masked_fill(rows, float("-inf"))
                         for (_, lse), rows in zip(parts, dead)])
     total = torch.logsumexp(lses, 0)
     weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))[..., None]
-    out = weights[0] * parts[0][0]
+    acc = dest if dest.dtype == weights.dtype else torch.empty(dest.shape, dtype=weights.dtype)
+    torch.mul(parts[0][0], weights[0], out=acc)
     for weight, (part_out, _) in zip(weights[1:], parts[1:]):
-        out = out + weight * part_out
-    return out.to(parts[0][0].dtype), total
+        acc.addcmul_(weight, part_out)
+    if acc is not dest:
+        dest.copy_(acc)
+    return total
 
 
-def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, pads: dict):
-    """``(out, lse, shown)`` of one group: the kernel's (or the merged) output and
-    log-sum-exp on its query slabs ``[count, B * H, chunk, ...]``, and the output shown
-    (rows without keys zeroed)."""
+def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, pads: dict,
+                       dest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's attention written into ``dest`` (its slabs of the output: rows without
+    keys zero); returns ``(out, lse)`` on its query slabs ``[count, B * H, chunk, ...]``,
+    the statistics its backward takes: the kernel's output (the merged one, ``dest``, with
+    other parts) and log-sum-exp."""
     queries = group.runs.queries(q, pads)
     run = _attend(queries, group.runs.keys(k, pads), group.runs.keys(v, pads), group.mask, scale)
     if not group.parts:
         out, lse = run
-        return out, lse, (out if group.keep is None else out * group.keep)
-    count = group.runs.count
-    parts = [_attend(queries, _part_keys(k, part.tiles, kv_block, count, pads),
-                     _part_keys(v, part.tiles, kv_block, count, pads), part.mask, scale) for part in group.parts]
-    out, lse = _merge([run, *parts], [group.dead, *(part.dead for part in group.parts)])
-    return out, lse, out
+        if group.keep is None:
+            dest.copy_(out)
+        else:
+            torch.mul(out, group.keep, out=dest)
+        return out, lse
+    parts = [_part_forward(q, k, v, group.runs, part, queries, scale, pads) for part in group.parts]
+    return dest, _merge([run, *parts], [group.dead, *(part.dead for part in group.parts)], dest)
 
 
 class ViewGroupsAttention(torch.autograd.Function):
     """``apply(q, k, v, groups, layout, scale)``: the attention of :class:`ViewGroup`
-    ``groups``; ``layout`` is ``(order, q_block, kv_block, num_q_tiles)``, ``order`` as for
-    :func:`~sparsedsl.plans.tile_slabs.assemble`."""
+    ``groups`` as :func:`~sparsedsl.plans.tile_slabs.new_output`'s buffer ``[B, H,
+    num_q_tiles * q_block, Dv]`` (the caller takes its first ``Q`` rows); ``layout`` is
+    ``(held_by_none, q_block, kv_block, num_q_tiles)``, ``held_by_none`` the runs of query
+    tiles no group holds (zeroed). The backward reads a merged group's output from the
+    buffer (saved as the function's output)."""
 
     @staticmethod
     def forward(ctx, q, k, v, groups: list[ViewGroup], layout, scale: float):
-        order, q_block, kv_block, num_q_tiles = layout
-        pads, outs, stats = {}, [], []
+        held_by_none, q_block, kv_block, num_q_tiles = layout
+        out = new_output(q, num_q_tiles, q_block, v.shape[-1], held_by_none)
+        pads, stats = {}, []
         for group in groups:
-            out, lse, shown = view_group_forward(q, k, v, group, kv_block, scale, pads)
-            stats += [out, lse]
-            outs.append(tile_major(shown, group.height, q_block))
-        ctx.save_for_backward(q, k, v, *stats)
+            group_out, lse = view_group_forward(q, k, v, group, kv_block, scale, pads, group.runs.output(out))
+            stats += [None if group.parts else group_out, lse]  # a merged group's: the buffer's slabs
+        ctx.save_for_backward(q, k, v, out, *stats)
         ctx.groups, ctx.scale, ctx.kv_block = groups, scale, kv_block
-        return assemble(outs, order, q, q.shape[2], q_block, num_q_tiles, v.shape[-1])
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, *stats = ctx.saved_tensors
+        q, k, v, merged_out, *stats = ctx.saved_tensors
+        grad_out = grad_out[:, :, :q.shape[2]]
         groups, scale, block, kv_len = ctx.groups, ctx.scale, ctx.kv_block, k.shape[2]
         before = max(g.runs.k_before for g in groups)
         length = before + max(max(kv_len + g.runs.k_past for g in groups), -(-kv_len // block) * block)
@@ -147,12 +191,14 @@ class ViewGroupsAttention(torch.autograd.Function):
         pads = {}
         for i, group in enumerate(groups):
             out, lse = stats[2 * i], stats[2 * i + 1]
+            out = group.runs.output(merged_out) if out is None else out
             runs = group.runs
             grad = runs.queries(grad_out, pads)
             queries = runs.queries(q, pads)
+            none = None  # rows no part covers: no gradient, and a finite lse for the kernel
             if not group.parts:
                 grad = grad.contiguous() if group.keep is None else grad * group.keep
-            else:  # rows no part covers: no gradient, and a finite lse for the kernel
+            elif bool((lse == float("-inf")).any()):
                 none = lse == float("-inf")
                 grad, lse = grad.masked_fill(none[..., None], 0.0), lse.masked_fill(none, 0.0)
             grads = _attend_backward(grad, queries, runs.keys(k, pads), runs.keys(v, pads), out, lse, group.mask,
@@ -162,10 +208,19 @@ class ViewGroupsAttention(torch.autograd.Function):
             runs.add_keys(dk.narrow(2, *window), grads[1])
             runs.add_keys(dv.narrow(2, *window), grads[2])
             for part in group.parts:
-                count = runs.count
-                grads = _attend_backward(grad, queries, _part_keys(k, part.tiles, block, count, pads),
-                                         _part_keys(v, part.tiles, block, count, pads), out, lse, part.mask, scale)
-                runs.add_queries(dq, grads[0])
-                _add_part_keys(dk, part.tiles, grads[1], before, block)
-                _add_part_keys(dv, part.tiles, grads[2], before, block)
+                keys, values = _part_keys(k, part, runs.count, pads), _part_keys(v, part, runs.count, pads)
+                if not part.run:
+                    grads = _attend_backward(grad, queries, keys, values, out, lse, part.mask, scale)
+                    runs.add_queries(dq, grads[0])
+                else:  # on the spans' query run
+                    run_grad, shape = runs.query_run(grad_out, pads), runs.query_run(q, pads).shape[:3]
+                    if none is not None:
+                        run_grad = run_grad.masked_fill(none.transpose(0, 1).reshape(shape)[..., None], 0.0)
+                    grads = _attend_backward(run_grad, runs.query_run(q, pads), keys, values,
+                                             merged_out.narrow(2, runs.q_first, shape[2]),
+                                             lse.transpose(0, 1).reshape(shape), part.mask, scale)
+                    inside = min(shape[2], q.shape[2] - runs.q_first)
+                    dq.narrow(2, runs.q_first, inside).add_(grads[0].narrow(2, 0, inside))
+                _add_part_keys(dk, part, grads[1], before)
+                _add_part_keys(dv, part, grads[2], before)
         return dq, dk.narrow(2, before, kv_len), dv.narrow(2, before, kv_len), None, None, None

@@ -1,6 +1,6 @@
 """Slabs of the tile_sdpa plan's view groups: where each span's queries and keys lie in the
 inputs, as strided views, the adding of slab gradients back into the inputs', and the
-laying out of the groups' outputs in query order."""
+output buffer the groups write into (slabs of it, or query tiles of gathered groups)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,26 @@ class SlabRuns:
         """The query slabs of ``t [B, H, Q, D]`` (queries or their gradients): ``[count, B *
         H, chunk, D]``."""
         return slabs(padded(t, 0, self.q_past, pads), self.q_first, self.count, self.chunk, self.q_stride)
+
+    @property
+    def consecutive(self) -> bool:
+        """Whether the spans' queries follow one another: one run of ``count * chunk``."""
+        return self.q_stride == self.chunk or self.count == 1
+
+    def query_run(self, t: torch.Tensor, pads: dict) -> torch.Tensor:
+        """The queries of consecutive spans of ``t [B, H, Q, D]`` as one run ``[B, H, count *
+        chunk, D]``."""
+        return padded(t, 0, self.q_past, pads).narrow(2, self.q_first, self.count * self.chunk)
+
+    def as_slabs(self, t: torch.Tensor) -> torch.Tensor:
+        """A query run ``t [B, H, count * chunk, ...]`` (:meth:`query_run`'s layout) as slabs
+        ``[count, B * H, chunk, ...]``: a view where batch and heads merge."""
+        return t.flatten(0, 1).unflatten(1, (self.count, self.chunk)).transpose(0, 1)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The query slabs of the output buffer ``out`` (:func:`new_output`, whole query
+        tiles: no padding), where the group writes: ``[count, B * H, chunk, dv]``."""
+        return slabs(out, self.q_first, self.count, self.chunk, self.q_stride)
 
     def keys(self, t: torch.Tensor, pads: dict) -> torch.Tensor:
         """The key slabs of ``t [B, H, K, D]`` (keys or values): ``[count, B * H, span, D]``
@@ -105,19 +125,30 @@ def padded(t: torch.Tensor, before: int, past: int, pads: dict) -> torch.Tensor:
     return pads[key]
 
 
-def assemble(outs: list[torch.Tensor], order: torch.Tensor | None, like: torch.Tensor, q_len: int,
-             q_block: int, num_q_tiles: int, dv: int) -> torch.Tensor:
-    """The output ``[B, H, q_len, dv]`` from the groups' outputs ``outs`` (each tile-major,
-    ``[tiles, B * H, q_block, dv]``) laid end to end and then ``order`` (see
-    :func:`~sparsedsl.plans.tile_sdpa.output_order`: one zero tile follows them where
-    it is not None); ``like`` is the queries ``[B, H, Q, D]``."""
-    batch, heads = like.shape[:2]
-    if order is not None:  # query tiles out of the groups' order, or held by none
-        outs = [*outs, like.new_zeros(1, batch * heads, q_block, dv)]
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    if order is not None:
-        out = out.index_select(0, order)
-    return out.movedim(0, 1).reshape(batch, heads, num_q_tiles * q_block, dv)[:, :, :q_len]
+def new_output(like: torch.Tensor, num_q_tiles: int, q_block: int, dv: int,
+               held_by_none: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The output buffer ``[B, H, num_q_tiles * q_block, dv]`` the groups write into (like
+    the queries ``like [B, H, Q, D]``; the caller returns its first ``Q`` rows), zero on
+    the query tiles of the runs ``held_by_none``
+    (:func:`~sparsedsl.plans.tile_groups.tiles_held_by_none`)."""
+    out = like.new_empty(*like.shape[:2], num_q_tiles * q_block, dv)
+    for start, stop in held_by_none:
+        out[:, :, start * q_block:stop * q_block].zero_()
+    return out
+
+
+def write_tiles(out: torch.Tensor, tile_rows: torch.Tensor, values: torch.Tensor, height: int) -> torch.Tensor:
+    """``out [B, H, num_q_tiles * q_block, dv]`` (from :func:`new_output`) with a gathered
+    group's output ``values [count, B * H, height * q_block, dv]`` written into its query
+    tiles ``tile_rows`` (span by span): in place, or as a new tensor where autograd records
+    ``out`` (the output of a function that saved views of it)."""
+    batch, heads, length, dv = out.shape
+    q_block = values.shape[2] // height
+    tiles, written = out.view(batch * heads, length // q_block, q_block, dv), tile_major(values, height, q_block)
+    if out.requires_grad:
+        return tiles.index_copy(1, tile_rows, written.transpose(0, 1)).view(out.shape)
+    tiles.index_copy_(1, tile_rows, written.transpose(0, 1))
+    return out
 
 
 def tile_major(out: torch.Tensor, height: int, q_block: int) -> torch.Tensor:
