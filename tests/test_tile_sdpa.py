@@ -187,9 +187,12 @@ def test_global_columns_merged_by_log_sum_exp(pattern, q_len, kv_len, offset, kv
                                      (sd.blocks(32).local(1).random(2, seed=2) | sd.global_tokens(7)) & ~sd.window(1)])
 @pytest.mark.parametrize("q_len, kv_len, offset", [(640, 640, 0), (613, 640, 0)])
 @pytest.mark.parametrize("grad", [False, True])
-def test_random_blocks_as_a_gathered_part_of_a_band(pattern, q_len, kv_len, offset, grad):
+@pytest.mark.parametrize("gather_bytes", [tile_sdpa_autograd.GATHER_BYTES, 1])
+def test_random_blocks_as_a_gathered_part_of_a_band(pattern, q_len, kv_len, offset, grad, gather_bytes, monkeypatch):
     """BigBird-like rows: the band on views, global columns once, and each span's random
-    tiles gathered, merged by log-sum-exp; outputs and float64 gradients exact."""
+    tiles gathered (all spans at once, or one span a call), merged by log-sum-exp; outputs
+    and float64 gradients exact."""
+    monkeypatch.setattr(tile_sdpa_autograd, "GATHER_BYTES", gather_bytes)
     module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
     reason = module.explain(q_len, kv_len, heads=2, device="cpu", requires_grad=grad).reason
     assert re.search(r"\b[123] with other tiles", reason)  # the band, its edges apart

@@ -86,57 +86,77 @@ def _attend_backward(grad, q, k, v, out, lse, mask, scale):
         grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _part_keys(t: torch.Tensor, part: KeyPart, count: int, pads: dict) -> torch.Tensor:
-    """The keys (or values) of ``part`` of ``t [B, H, K, D]``: for a run part ``[B, H, P,
-    D]``, else ``[count, B * H, P, D]`` (gathered once and repeated by a stride-0 view where
-    every span sees the same keys)."""
+#: Bytes of keys a part whose spans see different keys (random blocks) gathers per kernel
+#: call: its spans run in chunks, each gathered afresh. An allocation this small reuses the
+#: allocator's pages, where one gather of every span's keys (tens of MB at 16K tokens) is
+#: mapped afresh, page by page, at every call.
+GATHER_BYTES = 1 << 22
+
+
+def _span_chunks(part: KeyPart, count: int, t: torch.Tensor) -> list[slice]:
+    """The spans of a group (``count``) in the chunks a part runs them in: all at once
+    where every span sees the same keys, else chunks of about :data:`GATHER_BYTES` of the
+    keys of ``t [B, H, K, D]``."""
+    if part.positions.shape[0] == 1:
+        return [slice(0, count)]
+    span_bytes = t.shape[0] * t.shape[1] * part.positions.shape[1] * t.shape[3] * t.element_size()
+    step = max(1, GATHER_BYTES // span_bytes)
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _part_keys(t: torch.Tensor, part: KeyPart, spans: slice, pads: dict) -> torch.Tensor:
+    """The keys (or values) of ``part`` of ``t [B, H, K, D]`` for the group's ``spans``:
+    for a run part ``[B, H, P, D]``, else ``[spans, B * H, P, D]`` (gathered once and
+    repeated by a stride-0 view where every span sees the same keys)."""
     batch, heads, _, dim = t.shape
-    positions = part.positions
+    positions = part.positions if part.positions.shape[0] == 1 else part.positions[spans]
     whole = padded(t, 0, part.past, pads).flatten(0, 1)
     taken = whole.index_select(1, positions.flatten()).view(batch * heads, *positions.shape, dim)
     if part.run:
         return taken.view(batch, heads, -1, dim)
-    return taken.movedim(1, 0).expand(count, -1, -1, -1)
+    return taken.movedim(1, 0).expand(spans.stop - spans.start, -1, -1, -1)
 
 
-def _add_part_keys(total: torch.Tensor, part: KeyPart, grads: torch.Tensor, before: int) -> None:
-    """Add key-part gradients (``[B, H, P, D]`` for a run part, else ``[count, B * H, P,
-    D]``) into ``total [B, H, L, D]`` (key position ``p`` at ``before + p``) at the
-    part's positions, in place."""
-    batch, heads, _, dim = total.shape
+def _add_part_keys(total: torch.Tensor, part: KeyPart, grads: torch.Tensor, before: int, spans: slice) -> None:
+    """Add key-part gradients of the group's ``spans`` (``[B, H, P, D]`` for a run part,
+    else ``[spans, B * H, P, D]``) into ``total [B, H, L, D]`` (key position ``p`` at
+    ``before + p``) at the part's positions, in place."""
+    positions = part.positions
     if part.run:
         grads = grads.flatten(0, 1)[None]
-    elif part.positions.shape[0] == 1:
+    elif positions.shape[0] == 1:
         grads = grads.sum(0, keepdim=True)
-    total.flatten(0, 1).index_add_(1, before + part.positions.flatten(), grads.movedim(0, 1).flatten(1, 2))
+    else:
+        positions = positions[spans]
+    total.flatten(0, 1).index_add_(1, before + positions.flatten(), grads.movedim(0, 1).flatten(1, 2))
 
 
-def _part_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: SlabRuns, part: KeyPart,
-                  queries: torch.Tensor, scale: float, pads: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A part's ``(out, lse)`` on the group's slabs ``[count, B * H, chunk, ...]``."""
-    keys, values = _part_keys(k, part, runs.count, pads), _part_keys(v, part, runs.count, pads)
-    if not part.run:
-        return _attend(queries, keys, values, part.mask, scale)[:2]
-    out, lse = _attend(runs.query_run(q, pads), keys, values, part.mask, scale)[:2]
-    return runs.as_slabs(out), runs.as_slabs(lse)
+def _part_mask(part: KeyPart, spans: slice) -> torch.Tensor | None:
+    """A part's mask for the group's ``spans`` (a run part's: whole)."""
+    return part.mask if part.mask is None or part.run else part.mask[spans]
 
 
-def _merge(parts, dead, dest: torch.Tensor) -> torch.Tensor:
-    """Parts ``[(out_p, lse_p), ...]`` merged by log-sum-exp: the output written into
-    ``dest``, the log-sum-exp returned, with ``lse_p = -inf`` on the rows ``dead[p]`` leaves
-    without keys (None: none); rows no part covers output 0 with ``lse = -inf``. The sum is
-    taken in float32 (float64 for float64 inputs)."""
-    lses = torch.stack([lse if rows is None else lse.masked_fill(rows, float("-inf"))
-                        for (_, lse), rows in zip(parts, dead)])
-    total = torch.logsumexp(lses, 0)
-    weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))[..., None]
-    acc = dest if dest.dtype == weights.dtype else torch.empty(dest.shape, dtype=weights.dtype)
-    torch.mul(parts[0][0], weights[0], out=acc)
-    for weight, (part_out, _) in zip(weights[1:], parts[1:]):
-        acc.addcmul_(weight, part_out)
-    if acc is not dest:
-        dest.copy_(acc)
-    return total
+def _part_runs(q, k, v, runs: SlabRuns, part: KeyPart, queries: torch.Tensor, scale: float, pads: dict):
+    """A part's kernel calls: ``(spans, out, lse)`` on the slabs of the group's ``spans``
+    (:func:`_span_chunks`)."""
+    if part.run:
+        keys, values = (_part_keys(t, part, slice(0, runs.count), pads) for t in (k, v))
+        out, lse = _attend(runs.query_run(q, pads), keys, values, part.mask, scale)[:2]
+        yield slice(0, runs.count), runs.as_slabs(out), runs.as_slabs(lse)
+        return
+    for spans in _span_chunks(part, runs.count, k):
+        keys, values = (_part_keys(t, part, spans, pads) for t in (k, v))
+        yield spans, *_attend(queries[spans], keys, values, _part_mask(part, spans), scale)[:2]
+
+
+def _fold_in(acc: torch.Tensor, total: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge a part's ``(out, lse)`` into the running merge ``(acc, total)`` of the parts
+    before it, in place: ``L = logaddexp(total, lse)``, ``acc = acc exp(total - L) + out
+    exp(lse - L)``; rows where both are ``-inf`` stay ``acc`` times 0."""
+    merged = torch.logaddexp(total, lse)
+    finite = merged.masked_fill(merged == float("-inf"), 0.0)
+    acc.mul_(torch.exp(total - finite)[..., None]).addcmul_(torch.exp(lse - finite)[..., None], out)
+    total.copy_(merged)
 
 
 def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, pads: dict,
@@ -144,18 +164,29 @@ def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, p
     """One group's attention written into ``dest`` (its slabs of the output: rows without
     keys zero); returns ``(out, lse)`` on its query slabs ``[count, B * H, chunk, ...]``,
     the statistics its backward takes: the kernel's output (the merged one, ``dest``, with
-    other parts) and log-sum-exp."""
+    other parts) and log-sum-exp. Other parts merge into ``dest`` one kernel call at a time
+    (:func:`_fold_in`), in float32 (float64 for float64 inputs), a part's ``lse`` taken as
+    ``-inf`` on the rows its mask leaves without keys."""
     queries = group.runs.queries(q, pads)
-    run = _attend(queries, group.runs.keys(k, pads), group.runs.keys(v, pads), group.mask, scale)
+    out, lse = _attend(queries, group.runs.keys(k, pads), group.runs.keys(v, pads), group.mask, scale)[:2]
     if not group.parts:
-        out, lse = run
         if group.keep is None:
             dest.copy_(out)
         else:
             torch.mul(out, group.keep, out=dest)
         return out, lse
-    parts = [_part_forward(q, k, v, group.runs, part, queries, scale, pads) for part in group.parts]
-    return dest, _merge([run, *parts], [group.dead, *(part.dead for part in group.parts)], dest)
+    acc = dest if dest.dtype == lse.dtype else torch.empty(dest.shape, dtype=lse.dtype)
+    acc.copy_(out)
+    if group.dead is not None:
+        lse.masked_fill_(group.dead, float("-inf"))
+    for part in group.parts:
+        for spans, part_out, part_lse in _part_runs(q, k, v, group.runs, part, queries, scale, pads):
+            if part.dead is not None:
+                part_lse = part_lse.masked_fill(part.dead[spans], float("-inf"))
+            _fold_in(acc[spans], lse[spans], part_out, part_lse)
+    if acc is not dest:
+        dest.copy_(acc)
+    return dest, lse
 
 
 class ViewGroupsAttention(torch.autograd.Function):
@@ -208,11 +239,8 @@ class ViewGroupsAttention(torch.autograd.Function):
             runs.add_keys(dk.narrow(2, *window), grads[1])
             runs.add_keys(dv.narrow(2, *window), grads[2])
             for part in group.parts:
-                keys, values = _part_keys(k, part, runs.count, pads), _part_keys(v, part, runs.count, pads)
-                if not part.run:
-                    grads = _attend_backward(grad, queries, keys, values, out, lse, part.mask, scale)
-                    runs.add_queries(dq, grads[0])
-                else:  # on the spans' query run
+                if part.run:  # on the spans' query run
+                    keys, values = (_part_keys(t, part, slice(0, runs.count), pads) for t in (k, v))
                     run_grad, shape = runs.query_run(grad_out, pads), runs.query_run(q, pads).shape[:3]
                     if none is not None:
                         run_grad = run_grad.masked_fill(none.transpose(0, 1).reshape(shape)[..., None], 0.0)
@@ -221,6 +249,14 @@ class ViewGroupsAttention(torch.autograd.Function):
                                              lse.transpose(0, 1).reshape(shape), part.mask, scale)
                     inside = min(shape[2], q.shape[2] - runs.q_first)
                     dq.narrow(2, runs.q_first, inside).add_(grads[0].narrow(2, 0, inside))
-                _add_part_keys(dk, part, grads[1], before)
-                _add_part_keys(dv, part, grads[2], before)
+                    _add_part_keys(dk, part, grads[1], before, slice(0, runs.count))
+                    _add_part_keys(dv, part, grads[2], before, slice(0, runs.count))
+                    continue
+                for spans in _span_chunks(part, runs.count, k):
+                    keys, values = (_part_keys(t, part, spans, pads) for t in (k, v))
+                    grads = _attend_backward(grad[spans], queries[spans], keys, values, out[spans], lse[spans],
+                                             _part_mask(part, spans), scale)
+                    runs.add_queries(dq, grads[0], spans.start)
+                    _add_part_keys(dk, part, grads[1], before, spans)
+                    _add_part_keys(dv, part, grads[2], before, spans)
         return dq, dk.narrow(2, before, kv_len), dv.narrow(2, before, kv_len), None, None, None

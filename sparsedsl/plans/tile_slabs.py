@@ -71,17 +71,17 @@ class SlabRuns:
             return slabs(source, self.k_first + self.k_before, 1, self.span, 1).expand(self.count, -1, -1, -1)
         return slabs(source, self.k_first + self.k_before, self.count, self.span, self.k_stride)
 
-    def add_queries(self, total: torch.Tensor, grads: torch.Tensor) -> None:
-        """Add query-slab gradients ``grads [count, B * H, chunk, D]`` into ``total [B, H, Q,
-        D]`` (spans never overlap), in place."""
-        rows = total.shape[2]
-        if self.q_past:
+    def add_queries(self, total: torch.Tensor, grads: torch.Tensor, start: int = 0) -> None:
+        """Add query-slab gradients ``grads [n, B * H, chunk, D]`` of spans ``start ..
+        start + n`` into ``total [B, H, Q, D]`` (spans never overlap), in place."""
+        rows, count = total.shape[2], grads.shape[0]
+        if self.q_past and start + count == self.count:
             tail = grads[-1].narrow(1, 0, self.chunk - self.q_past)  # the last span's rows inside
-            grads = grads[:-1]
+            grads, count = grads[:-1], count - 1
             last = self.q_first + (self.count - 1) * self.q_stride
             total[:, :, last:rows].add_(tail.view(total.shape[0], total.shape[1], -1, total.shape[3]))
-        if grads.shape[0]:
-            slabs(total, self.q_first, grads.shape[0], self.chunk, self.q_stride).add_(grads)
+        if count:
+            slabs(total, self.q_first + start * self.q_stride, count, self.chunk, self.q_stride).add_(grads)
 
     def add_keys(self, total: torch.Tensor, grads: torch.Tensor) -> None:
         """Add key-slab gradients ``grads [count, B * H, span, D]`` into ``total [B, H, K +
