@@ -210,7 +210,7 @@ def test_gpu_longnet(dtype, tolerance):
 def test_gpu_compiled_merge_equals_the_eager_one(dtype):
     """The one-pass merge CUDA runs (compiled) against the eager one, on rows no term
     covers (output 0, log-sum-exp -inf), rows one term covers, and two lengths (one kernel
-    for both: ``dynamic=True``)."""
+    for both: ``dynamic=True``); a term's rows it does not cover hold NaN, never read."""
     from sparsedsl.plans.branches import _merge, compiled_merge
     for length in (300, 1027):
         gen = torch.Generator(device="cuda").manual_seed(length)
@@ -218,6 +218,8 @@ def test_gpu_compiled_merge_equals_the_eager_one(dtype):
         lses = 4 * torch.randn(3, 2, 3, length, device="cuda", generator=gen)
         lses[:, :, :, :7] = float("-inf")  # no term
         lses[1:, :, :, 7:20] = float("-inf")  # the first term alone
+        for term_out, lse in zip(outs, lses):  # rows a term does not cover are never read
+            term_out.masked_fill_((lse == float("-inf"))[..., None], float("nan"))
         out, total = compiled_merge()(outs, lses)
         expected, expected_total = _merge(outs, lses)
         assert out.dtype == dtype

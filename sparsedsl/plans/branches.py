@@ -22,8 +22,10 @@ given the *merged* statistics (``dO``, ``O`` and ``L`` on the run's rows), compu
 exp(s - L)`` on the run's pairs and ``D = rowsum(dO * O)``, which is exactly that run's
 share of the multiset softmax's gradient; the shares add up over runs and terms (keys of
 overlapping runs receive each run's share). The log-sum-exp carries no gradient. Kernels:
-PyTorch's fused CPU attention; on CUDA the flash kernel in half precision and the
-memory-efficient kernel in float32 (each with its log-sum-exp and a backward that takes it).
+PyTorch's fused CPU attention; on CUDA in half precision cuDNN's attention forward (compute
+capability 9.0 and later) or the flash kernel's, and the flash kernel's backward, in
+float32 the memory-efficient kernel (each with its log-sum-exp and a backward that takes
+it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..lang.multiset import NOTHING, is_multiset, multiset_terms
 from ..lang.queries import score_mods
 from ..passes.lattice import HeadGroupLattice, chunks_reasons, lattice_decomposition
 from .base import Call, Plan, Runner
+from .branches_program import BranchesProgram
 from .cuda_streams import concurrently
 from .lattice import LatticePlan
 from .lattice_autograd import zeroed_output
@@ -67,9 +70,23 @@ def _flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
+def _cudnn(q: torch.Tensor) -> bool:
+    """Whether cuDNN's attention runs ``q``'s forward: half precision on a GPU of compute
+    capability 9.0 or later (where it is dense SDPA's kernel too), head dim a multiple of
+    8 up to 128. On an H100 it ran this plan's folded views at 1.0x dense SDPA's rate per
+    pair where the flash kernel ran them at 0.48-0.53x (2026-12-05, bf16, head dim 128)."""
+    return (_flash(q) and q.shape[-1] <= 128 and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device) >= (9, 0))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of ``[n, h, m, d]`` inputs by the device's fused kernel: ``(out,
-    lse [n, h, m])``, the log-sum-exp in float32 (float64 for float64 inputs)."""
+    lse [n, h, m])``, the log-sum-exp in float32 (float64 for float64 inputs). The
+    statistics are those :func:`attend_backward` takes, whichever kernel ran."""
+    if _cudnn(q):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                      scale=scale)[:2]
+        return out, lse[..., 0]
     if _flash(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
         return out, lse
@@ -135,6 +152,33 @@ def branches_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: T
     return merge(outs, lses)
 
 
+class Branches:
+    """The attention of one multiset's ``terms``: :func:`branches_forward`, run by a
+    :class:`~sparsedsl.plans.branches_program.BranchesProgram` per input layout where one
+    holds it (built on the first call of that layout; at most ``MAX_PROGRAMS`` layouts are
+    kept)."""
+
+    MAX_PROGRAMS = 8
+
+    def __init__(self, terms: Terms, scale: float):
+        self.terms, self.scale = terms, scale
+        self._programs: dict = {}
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device)
+        program = self._programs.get(layout, _NOT_BUILT)  # None: this layout has no program
+        if program is _NOT_BUILT:  # concurrent calls may build it twice, with the same result
+            if len(self._programs) >= self.MAX_PROGRAMS:
+                self._programs.clear()
+            program = self._programs[layout] = BranchesProgram.build(q, k, v, self.terms)
+        if program is None:
+            return branches_forward(q, k, v, self.terms, self.scale)
+        return merge(*program(q, k, v, self.scale, attend, _compute_dtype(q.dtype)))
+
+
+_NOT_BUILT = object()
+
+
 def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax from the softmaxes of terms: ``outs[t] [B, H, N, D]`` weighted by
     ``exp(lses[t] - L)`` with ``L = logsumexp_t(lses[t])``; ``(out, L)``. Rows with ``L =
@@ -146,8 +190,14 @@ def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge`. On CUDA a term's rows with ``lse = -inf`` are never read (they may
+    hold anything: the program leaves them unwritten; compiled, the select costs no pass);
+    elsewhere they must be finite (zeroed)."""
     total = torch.logsumexp(lses, 0)
     weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))[..., None]
+    if outs[0].is_cuda:
+        covered = (lses > float("-inf"))[..., None]
+        outs = [term_out.where(rows, 0.0) for term_out, rows in zip(outs, covered)]
     out = weights[0] * outs[0]
     for weight, term_out in zip(weights[1:], outs[1:]):
         out.addcmul_(weight, term_out)
@@ -213,15 +263,15 @@ def add_folded(target: torch.Tensor, part, start: int, count: int, chunk: int, f
 
 
 class BranchesAttention(torch.autograd.Function):
-    """:func:`branches_forward` with exact gradients (:func:`branches_backward`); the
+    """:meth:`Branches.forward` with exact gradients (:func:`branches_backward`); the
     log-sum-exp output carries none. Its backward is not itself differentiable: the planner
     wraps the plan for second-order gradients (:mod:`sparsedsl.plans.double_backward`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, terms: Terms, scale: float):
-        out, lse = branches_forward(q, k, v, terms, scale)
+    def forward(ctx, q, k, v, branches: Branches):
+        out, lse = branches.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.terms, ctx.scale = terms, scale
+        ctx.branches = branches
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -229,7 +279,8 @@ class BranchesAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*branches_backward(grad_out, q, k, v, out, lse, ctx.terms, ctx.scale), None, None)
+        branches = ctx.branches
+        return (*branches_backward(grad_out, q, k, v, out, lse, branches.terms, branches.scale), None)
 
 
 def _term_lattices(term: n.Pattern, call: Call) -> tuple[HeadGroupLattice, ...]:
@@ -275,13 +326,13 @@ class BranchesPlan(Plan):
         return sum(_LATTICE.computed_pairs(term, call, planner) for term in prepared)
 
     def build(self, prepared: Terms, call: Call, planner) -> Runner:
-        terms, scale, return_lse = prepared, call.scale, call.return_lse
+        branches, return_lse = Branches(prepared, call.scale), call.return_lse
 
         def run(q, k, v, _q_offset):
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                out, lse = BranchesAttention.apply(q, k, v, terms, scale)
+                out, lse = BranchesAttention.apply(q, k, v, branches)
             else:
-                out, lse = branches_forward(q, k, v, terms, scale)
+                out, lse = branches.forward(q, k, v)
             return out, (lse if return_lse else None)
 
         return run

@@ -19,13 +19,13 @@ from .lattice_views import chunk_folds, folded_view
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, offset from the tensor's own
 
 
-def _geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry:
+def view_geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry:
     """``view`` of ``base`` as ``as_strided`` arguments, its offset relative to ``base``'s."""
     return tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset()
 
 
-def _strided(t: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """The view of ``t`` that ``geometry`` (from :func:`_geometry`) describes."""
+def strided_view(t: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The view of ``t`` that ``geometry`` (from :func:`view_geometry`) describes."""
     size, stride, offset = geometry
     return t.as_strided(size, stride, t.storage_offset() + offset)
 
@@ -69,7 +69,7 @@ class LatticeProgram:
             # Views of the inputs themselves (not of gathered copies) and of the output.
             if dest is None or not isinstance(kv, slice) or any(f._base is not m for f, m in zip(folded, meta)):
                 return None
-            runs.append(tuple(_geometry(view, base) for view, base in zip((*folded, dest), (*meta, out))))
+            runs.append(tuple(view_geometry(view, base) for view, base in zip((*folded, dest), (*meta, out))))
         runs.sort(key=lambda run: -run[0][0][2])  # longest chunks (q's size [count, B*H, chunk, D]) first
         return LatticeProgram(tuple(out.shape), zeroed, tuple(runs))
 
@@ -98,8 +98,8 @@ def _attend_run(run: tuple[Geometry, Geometry, Geometry, Geometry], q: torch.Ten
     """One run of a :class:`LatticeProgram`: SDPA on its folded views, written into ``out``
     (on the current stream, after ``written_after`` when given)."""
     q_run, k_run, v_run, out_run = run
-    result = F.scaled_dot_product_attention(_strided(q, q_run), _strided(k, k_run), _strided(v, v_run),
+    result = F.scaled_dot_product_attention(strided_view(q, q_run), strided_view(k, k_run), strided_view(v, v_run),
                                             scale=scale, enable_gqa=gqa)
     if written_after is not None:
         torch.cuda.current_stream().wait_event(written_after)
-    _strided(out, out_run).copy_(result)
+    strided_view(out, out_run).copy_(result)
