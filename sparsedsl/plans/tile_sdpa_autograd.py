@@ -6,11 +6,13 @@ adding the slabs' gradients straight into one gradient of each input
 zero and add a whole gradient per group and sum overlapping key slabs through ``unfold``'s
 backward.
 
-A group may also hold *other parts*: key tiles its spans see besides their run, each part
-a second fused call on the same query slabs against those tiles' keys, gathered (once for
-all spans where every span sees the same tiles: global columns; per span otherwise: random
-blocks). The parts are merged by their log-sum-exps into one softmax: ``L =
-logsumexp_p(lse_p)``, ``out = sum_p exp(lse_p - L) out_p``. Each part's backward, given the
+A group may also hold *other parts*: keys its spans see besides their run, each part
+further fused calls against those keys, gathered: once for all spans where every span sees
+the same keys (global columns, only the keys some row allows; one call on the spans' query
+run where the spans are consecutive), else per span, in chunks of spans (random blocks).
+The parts are merged by their log-sum-exps into one softmax, one call at a time: ``L =
+logsumexp_p(lse_p)``, ``out = sum_p exp(lse_p - L) out_p``, written straight into the
+output buffer. Each part's backward, given the
 merged ``out`` and ``L``, computes exactly its share of the softmax's gradient. A part
 whose mask leaves a row without keys counts ``lse = -inf`` there; a row without keys in
 any part outputs 0.
