@@ -33,12 +33,19 @@ from .lattice_views import chunk_folds, fold_chunks, group_inputs, put, take, wr
 EFFICIENCY = {"cuda": 1 / 1.5, "cpu": 6.0}
 
 #: What a sub-problem costs the lattice relative to the cost the planner gives its call
-#: alone (gathering its positions and writing its output back). CUDA: 1.5, as the chunks
-#: (the flex kernel runs the parts). CPU: ``blocks(256).local(1).within(segments([128,
+#: alone (gathering its positions and writing its output back). CUDA: the guide's
+#: ``blocks(256).local(1).within(segments([128, 128], [1, 2]))`` (tile-long sub-segments)
+#: on the lattice computed 0.75 of flex's pairs and took 1.9x (65,536 tokens) to 3.1x
+#: (16,384) flex's forward time, 3.5x-5.2x its forward+backward: 2.6 = 1.9 / 0.75, the
+#: case most favourable to the lattice, so that it is never chosen where flex measured
+#: faster (H100, bf16, 16 heads, head dim 128, torch 2.11, 2026-12-05,
+#: ``benchmarks/lattice_vs_flex.py``; the same run measured lattices of ``chunks``, LongNet's
+#: ``segments`` at 65,536 tokens, at 2.9x flex's rate per computed pair forward, 2.1x
+#: forward+backward, above the 1 / 1.5 of :data:`EFFICIENCY`). CPU: ``blocks(256).local(1).within(segments([128,
 #: 128], [1, 2]))`` at 4,096 tokens, 8 heads, head dim 64 ran in 45 ms on the lattice
 #: (its four block sub-problems on tile_sdpa, costing 1.12M) against 72 ms for tile_sdpa
 #: alone (cost 1.72M): 1.0 (``benchmarks/cpu.py --threads 1 --clock cpu``, 2026-12-05).
-SUB_PROBLEM_OVERHEAD = {"cuda": 1.5, "cpu": 1.0}
+SUB_PROBLEM_OVERHEAD = {"cuda": 2.6, "cpu": 1.0}
 
 
 def chunks_only(plan: tuple[HeadGroupLattice, ...]) -> bool:
