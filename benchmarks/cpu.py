@@ -85,6 +85,9 @@ def measure(name: str, text: str, length: int, heads: int, head_dim: int, repeat
            "fwd_bwd_speedup_x_density": dense_train / ours_train * plan.density}
     if flex:
         block_mask = module.block_mask(length, heads=heads)
+        # A fresh compile per case: past Dynamo's recompile limit (8 mask functions in one
+        # process) flex_attention would run eagerly, materialising every score.
+        torch._dynamo.reset()
         compiled = torch.compile(flex_attention, dynamic=False)
         with torch.no_grad():
             start = time.perf_counter()
