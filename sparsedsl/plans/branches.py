@@ -338,5 +338,7 @@ class BranchesPlan(Plan):
         return run
 
     def describe(self, prepared: Terms, call: Call) -> str:
+        compiled = ("; the merge is compiled by the first call (seconds, once per process and number of terms)"
+                    if call.device.type == "cuda" else "")
         return (f"multiset of {len(prepared)} terms: each as dense attention on its folded lattices, "
-                f"merged by log-sum-exp into one softmax")
+                f"merged by log-sum-exp into one softmax{compiled}")
