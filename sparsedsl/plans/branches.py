@@ -44,6 +44,7 @@ from ..lang.queries import score_mods
 from ..passes.lattice import HeadGroupLattice, chunks_reasons, lattice_decomposition
 from .base import Call, Plan, Runner
 from .branches_program import BranchesProgram
+from .layout_programs import LayoutPrograms
 from .cuda_streams import concurrently
 from .lattice import LatticePlan
 from .lattice_autograd import zeroed_output
@@ -155,28 +156,17 @@ def branches_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: T
 class Branches:
     """The attention of one multiset's ``terms``: :func:`branches_forward`, run by a
     :class:`~sparsedsl.plans.branches_program.BranchesProgram` per input layout where one
-    holds it (built on the first call of that layout; at most ``MAX_PROGRAMS`` layouts are
-    kept)."""
-
-    MAX_PROGRAMS = 8
+    holds it (:class:`~sparsedsl.plans.layout_programs.LayoutPrograms`)."""
 
     def __init__(self, terms: Terms, scale: float):
         self.terms, self.scale = terms, scale
-        self._programs: dict = {}
+        self._programs = LayoutPrograms(lambda q, k, v: BranchesProgram.build(q, k, v, terms))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device)
-        program = self._programs.get(layout, _NOT_BUILT)  # None: this layout has no program
-        if program is _NOT_BUILT:  # concurrent calls may build it twice, with the same result
-            if len(self._programs) >= self.MAX_PROGRAMS:
-                self._programs.clear()
-            program = self._programs[layout] = BranchesProgram.build(q, k, v, self.terms)
+        program = self._programs.get(q, k, v)
         if program is None:
             return branches_forward(q, k, v, self.terms, self.scale)
         return merge(*program(q, k, v, self.scale, attend, _compute_dtype(q.dtype)))
-
-
-_NOT_BUILT = object()
 
 
 def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from .base import Call, Plan, Runner
 from .kernels import sdpa_with_lse
 from .lattice_autograd import ChunkLattice, zeroed_output
 from .lattice_program import LatticeProgram
+from .layout_programs import LayoutPrograms
 from .lattice_views import chunk_folds, fold_chunks, group_inputs, put, take, write_folded
 
 #: The lattice plan's throughput per computed pair of its folded chunks relative to the
@@ -100,30 +101,20 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return out, lse
 
 
-_NOT_BUILT = object()
-
-
 class LatticeAttention:
     """:func:`lattice_attention` of one ``plan``, with calls without gradients or
-    log-sum-exp run by a :class:`LatticeProgram` per input layout (built on the first call
-    of that layout; at most ``MAX_PROGRAMS`` layouts are kept)."""
-
-    MAX_PROGRAMS = 8
+    log-sum-exp run by a :class:`LatticeProgram` per input layout where one holds it
+    (:class:`~sparsedsl.plans.layout_programs.LayoutPrograms`)."""
 
     def __init__(self, plan: tuple[HeadGroupLattice, ...], scale: float, return_lse: bool,
                  run_part: Callable[..., tuple]):
         self.plan, self.scale, self.return_lse, self.run_part = plan, scale, return_lse, run_part
-        self._programs: dict = {}
+        self._programs = LayoutPrograms(lambda q, k, v: LatticeProgram.build(q, k, v, plan))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.return_lse and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                     or v.requires_grad)):
-            layout = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device)
-            program = self._programs.get(layout, _NOT_BUILT)  # None: this layout has no program
-            if program is _NOT_BUILT:  # concurrent calls may build it twice, with the same result
-                if len(self._programs) >= self.MAX_PROGRAMS:
-                    self._programs.clear()
-                program = self._programs[layout] = LatticeProgram.build(q, k, v, self.plan)
+            program = self._programs.get(q, k, v)
             if program is not None:
                 return program(q, k, v, self.scale), None
         return lattice_attention(q, k, v, plan=self.plan, scale=self.scale, return_lse=self.return_lse,
