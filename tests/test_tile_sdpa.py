@@ -219,3 +219,14 @@ def test_rows_of_a_span_split_by_the_keys_they_see(pattern, split, q_len, grad):
     assert any(g.q_rows is not None for g in groups) == split
     assert explained.computed_pairs == 2 * computed_pairs(groups, lowered.grid)
     _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, 640, 8, seed=q_len), 0, grad)
+
+
+@pytest.mark.parametrize("pattern", [sd.window(40), sd.causal() & sd.window(70, 0), sd.blocks(32).local(1),
+                                     sd.window(24) | sd.global_tokens(5)])
+@pytest.mark.parametrize("q_len", [613, 640])
+def test_backward_in_chunks_of_spans(pattern, q_len, monkeypatch):
+    """The backward of a group's slabs a few spans a call (here one): float64 gradients
+    exact, edges, padded query rows and merged parts included."""
+    monkeypatch.setattr(tile_sdpa_autograd, "GATHER_BYTES", 1)
+    module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
+    _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, 640, 8, seed=q_len + 1), 0, True)

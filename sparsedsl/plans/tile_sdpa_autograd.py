@@ -88,22 +88,27 @@ def _attend_backward(grad, q, k, v, out, lse, mask, scale):
         grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
 
 
-#: Bytes of keys a part whose spans see different keys (random blocks) gathers per kernel
-#: call: its spans run in chunks, each gathered afresh. An allocation this small reuses the
-#: allocator's pages, where one gather of every span's keys (tens of MB at 16K tokens) is
+#: Bytes of keys per span-chunked kernel call: a part whose spans see different keys
+#: (random blocks) gathers its keys a chunk of spans at a time, and the backward of a
+#: group's own slabs runs a chunk at a time (its key gradients are the slabs' size: five
+#: times the keys for a window on 64-token tiles). An allocation this small reuses the
+#: allocator's pages, where one of every span's keys (a hundred MB at 16K tokens) is
 #: mapped afresh, page by page, at every call.
 GATHER_BYTES = 1 << 22
 
 
-def _span_chunks(part: KeyPart, count: int, t: torch.Tensor) -> list[slice]:
-    """The spans of a group (``count``) in the chunks a part runs them in: all at once
-    where every span sees the same keys, else chunks of about :data:`GATHER_BYTES` of the
-    keys of ``t [B, H, K, D]``."""
-    if part.positions.shape[0] == 1:
-        return [slice(0, count)]
-    span_bytes = t.shape[0] * t.shape[1] * part.positions.shape[1] * t.shape[3] * t.element_size()
+def _chunks(count: int, keys: int, t: torch.Tensor) -> list[slice]:
+    """``count`` spans in chunks of about :data:`GATHER_BYTES` of ``keys`` keys each of
+    ``t [B, H, K, D]``'s heads and size."""
+    span_bytes = t.shape[0] * t.shape[1] * keys * t.shape[3] * t.element_size()
     step = max(1, GATHER_BYTES // span_bytes)
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _span_chunks(part: KeyPart, count: int, t: torch.Tensor) -> list[slice]:
+    """The spans of a group (``count``) in the chunks a part runs them in: all at once
+    where every span sees the same keys, else :func:`_chunks` of its keys."""
+    return [slice(0, count)] if part.positions.shape[0] == 1 else _chunks(count, part.positions.shape[1], t)
 
 
 def _part_keys(t: torch.Tensor, part: KeyPart, spans: slice, pads: dict) -> torch.Tensor:
@@ -191,6 +196,15 @@ def view_group_forward(q, k, v, group: ViewGroup, kv_block: int, scale: float, p
     return dest, lse
 
 
+def _span_grad(group: ViewGroup, grad: torch.Tensor, none: torch.Tensor | None, spans: slice) -> torch.Tensor:
+    """The output gradient of a group's ``spans`` (``grad``: its query slabs of the output's
+    gradient), zero on rows without keys: where ``keep`` is 0, or, with other parts, rows
+    ``none`` of them covers."""
+    if not group.parts:
+        return grad[spans].contiguous() if group.keep is None else grad[spans] * group.keep[spans]
+    return grad[spans] if none is None else grad[spans].masked_fill(none[spans][..., None], 0.0)
+
+
 class ViewGroupsAttention(torch.autograd.Function):
     """``apply(q, k, v, groups, layout, scale)``: the attention of :class:`ViewGroup`
     ``groups`` as :func:`~sparsedsl.plans.tile_slabs.new_output`'s buffer ``[B, H,
@@ -226,20 +240,21 @@ class ViewGroupsAttention(torch.autograd.Function):
             out, lse = stats[2 * i], stats[2 * i + 1]
             out = group.runs.output(merged_out) if out is None else out
             runs = group.runs
-            grad = runs.queries(grad_out, pads)
-            queries = runs.queries(q, pads)
+            grad, queries = runs.queries(grad_out, pads), runs.queries(q, pads)
+            keys, values = runs.keys(k, pads), runs.keys(v, pads)
             none = None  # rows no part covers: no gradient, and a finite lse for the kernel
-            if not group.parts:
-                grad = grad.contiguous() if group.keep is None else grad * group.keep
-            elif bool((lse == float("-inf")).any()):
+            if group.parts and bool((lse == float("-inf")).any()):
                 none = lse == float("-inf")
-                grad, lse = grad.masked_fill(none[..., None], 0.0), lse.masked_fill(none, 0.0)
-            grads = _attend_backward(grad, queries, runs.keys(k, pads), runs.keys(v, pads), out, lse, group.mask,
-                                     scale)
-            runs.add_queries(dq, grads[0])
+                lse = lse.masked_fill(none, 0.0)
+
             window = (before - runs.k_before, runs.k_before + kv_len + runs.k_past)
-            runs.add_keys(dk.narrow(2, *window), grads[1])
-            runs.add_keys(dv.narrow(2, *window), grads[2])
+            for spans in _chunks(runs.count, runs.span, k):
+                mask = None if group.mask is None else group.mask[spans]
+                grads = _attend_backward(_span_grad(group, grad, none, spans), queries[spans], keys[spans],
+                                         values[spans], out[spans], lse[spans], mask, scale)
+                runs.add_queries(dq, grads[0], spans.start)
+                runs.add_keys(dk.narrow(2, *window), grads[1], spans.start)
+                runs.add_keys(dv.narrow(2, *window), grads[2], spans.start)
             for part in group.parts:
                 if part.run:  # on the spans' query run
                     keys, values = (_part_keys(t, part, slice(0, runs.count), pads) for t in (k, v))
@@ -256,8 +271,8 @@ class ViewGroupsAttention(torch.autograd.Function):
                     continue
                 for spans in _span_chunks(part, runs.count, k):
                     keys, values = (_part_keys(t, part, spans, pads) for t in (k, v))
-                    grads = _attend_backward(grad[spans], queries[spans], keys, values, out[spans], lse[spans],
-                                             _part_mask(part, spans), scale)
+                    grads = _attend_backward(_span_grad(group, grad, none, spans), queries[spans], keys, values,
+                                             out[spans], lse[spans], _part_mask(part, spans), scale)
                     runs.add_queries(dq, grads[0], spans.start)
                     _add_part_keys(dk, part, grads[1], before, spans)
                     _add_part_keys(dv, part, grads[2], before, spans)

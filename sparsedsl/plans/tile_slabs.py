@@ -83,25 +83,26 @@ class SlabRuns:
         if count:
             slabs(total, self.q_first + start * self.q_stride, count, self.chunk, self.q_stride).add_(grads)
 
-    def add_keys(self, total: torch.Tensor, grads: torch.Tensor) -> None:
-        """Add key-slab gradients ``grads [count, B * H, span, D]`` into ``total [B, H, K +
-        k_before + k_past, D]`` (the padded keys' positions), in place. Overlapping slabs
-        are summed by ``span / k_stride`` adds of non-overlapping views where the stride
-        divides the span (one slab's sum with stride 0), else by ``index_add_``."""
+    def add_keys(self, total: torch.Tensor, grads: torch.Tensor, start: int = 0) -> None:
+        """Add key-slab gradients ``grads [n, B * H, span, D]`` of spans ``start .. start +
+        n`` into ``total [B, H, K + k_before + k_past, D]`` (the padded keys' positions), in
+        place. Overlapping slabs are summed by ``span / k_stride`` adds of non-overlapping
+        views where the stride divides the span (one slab's sum with stride 0), else by
+        ``index_add_``."""
         batch, heads, length, dim = total.shape
-        first = self.k_first + self.k_before
+        count, first = grads.shape[0], self.k_first + self.k_before + start * self.k_stride
         if self.k_stride == 0:  # one slab for every span
             total.narrow(2, first, self.span).add_(grads.sum(0).view(batch, heads, self.span, dim))
             return
         if self.span % self.k_stride == 0:
             pieces = self.span // self.k_stride
-            blocks = total.narrow(2, first, (self.count - 1 + pieces) * self.k_stride) \
-                .view(batch * heads, self.count - 1 + pieces, self.k_stride, dim)
-            parts = grads.view(self.count, batch * heads, pieces, self.k_stride, dim)
+            blocks = total.narrow(2, first, (count - 1 + pieces) * self.k_stride) \
+                .view(batch * heads, count - 1 + pieces, self.k_stride, dim)
+            parts = grads.view(count, batch * heads, pieces, self.k_stride, dim)
             for piece in range(pieces):
-                blocks[:, piece:piece + self.count].add_(parts[:, :, piece].transpose(0, 1))
+                blocks[:, piece:piece + count].add_(parts[:, :, piece].transpose(0, 1))
             return
-        positions = (first + self.k_stride * torch.arange(self.count, device=total.device)[:, None]
+        positions = (first + self.k_stride * torch.arange(count, device=total.device)[:, None]
                      + torch.arange(self.span, device=total.device)).flatten()
         total.view(batch * heads, length, dim).index_add_(1, positions, grads.transpose(0, 1).flatten(1, 2))
 
