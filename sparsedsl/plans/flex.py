@@ -11,7 +11,11 @@ compiles at most one kernel per bucket, and none inside a bucket.
 
 Tiles. On CUDA, FlexAttention's default backward configurations (e.g. 64x128 / 128x64 on
 H100) need block-mask tiles that are multiples of 128, so the plan uses tiles of at least
-128 there; smaller ``block_size``\\ s still drive the gather plan and the counts.
+128 there; smaller ``block_size``\\ s still drive the gather plan and the counts. The one
+exception is a pattern made of whole 64-token blocks (BigBird's), which 128-token tiles
+would cover at up to twice its pairs: where 64-token tiles compute enough fewer pairs
+(:data:`SMALL_TILE_EFFICIENCY`), the plan takes them, with kernel tiles of 64 in both
+passes (:data:`SMALL_TILE_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ..passes.blockmask import block_mask_from_states
 from ..passes.maskmod import ScoreFunctionError
 from ..passes.tiles import EMPTY, TileGrid
 from .base import Call, Plan, Runner
-from .tiled import Tiled, call_score_mod, check_batch, tiled
+from .tiled import Tiled, block_tile, call_lowering, call_score_mod, check_batch, live_tile_pairs, tiled
 
 #: FlexAttention's kernels refuse smaller head dims ("embedding dimension ... at least 16").
 FLEX_MIN_HEAD_DIM = 16
@@ -53,6 +57,22 @@ def compiled_flex_attention() -> Callable:
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             _compiled = torch.compile(flex_attention, dynamic=False)
         return _compiled
+
+
+#: The block-mask tile of whole-64-token-block patterns on CUDA, and kernel options whose
+#: tiles divide it in both passes (FlexAttention's defaults take 128 on one side of the
+#: backward). On an H100 (bf16, head dim 128, torch 2.11, ``benchmarks/flex_options.py``,
+#: 2026-11-25) these kernel tiles ran ``blocks(128).local(6)`` at 16K tokens 7% faster
+#: forward and 2% slower forward+backward than the defaults.
+SMALL_TILE = 64
+SMALL_TILE_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+                      "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                      "bwd_num_warps": 4, "bwd_num_stages": 2}
+#: Throughput per computed pair on :data:`SMALL_TILE` tiles relative to the default tiles:
+#: a guess below the measurements above (a 64-token mask has four times the tile entries
+#: to walk); the small tile is taken where it computes fewer pairs than this share of the
+#: default tile's.
+SMALL_TILE_EFFICIENCY = 0.85
 
 
 def flex_tiles(q_block: int, kv_block: int, device: torch.device) -> tuple[int, int]:
@@ -99,16 +119,22 @@ def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
 BAND_FORWARD_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 2}
 
 
-def flex_kernel_options(pattern, head_dim: int, device: torch.device, dtype: torch.dtype) -> dict | None:
-    """FlexAttention kernel options for ``pattern`` on ``device`` (None: the defaults).
+def flex_kernel_options(pattern, head_dim: int, device: torch.device, dtype: torch.dtype,
+                        tile: int = CUDA_MIN_TILE) -> dict | None:
+    """FlexAttention kernel options for ``pattern`` on ``device`` with block-mask tiles of
+    ``tile`` (None: the defaults).
 
-    A ``score_mod`` that loads a ``[.., Q, K]`` tensor (``bias``) has its tile pipelined
-    beside K and V, so two pipeline stages are used instead of the default three, which
-    overflow an H100's shared memory with 128x128 tiles. Diagonal bands at head dim 128 in
-    half precision on an H100 take :data:`BAND_FORWARD_OPTIONS`."""
+    :data:`SMALL_TILE` tiles take :data:`SMALL_TILE_OPTIONS`. A ``score_mod`` that loads a
+    ``[.., Q, K]`` tensor (``bias``) has its tile pipelined beside K and V, so two pipeline
+    stages are used instead of the default three, which overflow an H100's shared memory
+    with 128x128 tiles. Diagonal bands at head dim 128 in half precision on an H100 take
+    :data:`BAND_FORWARD_OPTIONS`."""
     if torch.device(device).type != "cuda":
         return None
-    if any(isinstance(mod, n.Bias) for mod in score_mods(pattern)):
+    bias = any(isinstance(mod, n.Bias) for mod in score_mods(pattern))
+    if tile == SMALL_TILE:
+        return {**SMALL_TILE_OPTIONS, "fwd_num_stages": 2} if bias else SMALL_TILE_OPTIONS
+    if bias:
         return {"num_stages": 2}
     if head_dim == 128 and dtype in (torch.bfloat16, torch.float16) and is_diagonal_band(pattern) \
             and torch.cuda.get_device_capability(device) == (9, 0):
@@ -185,15 +211,34 @@ class FlexPlan(Plan):
         return reasons
 
     def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
-        return flex_tiles(call.q_block, call.kv_block, call.device)
+        """:func:`flex_tiles`, or on CUDA :data:`SMALL_TILE` tiles for a pattern made of
+        whole 64-token blocks when they compute fewer pairs than
+        :data:`SMALL_TILE_EFFICIENCY` times the default tiles' (requested tiles of 128 or
+        less)."""
+        tiles = flex_tiles(call.q_block, call.kv_block, call.device)
+        if (call.device.type != "cuda" or max(call.q_block, call.kv_block) > CUDA_MIN_TILE
+                or block_tile(pattern) != SMALL_TILE):
+            return tiles
+        small = (SMALL_TILE, SMALL_TILE)
+        computed = {t: live_tile_pairs(call_lowering(pattern, call, t).states, *t, call.heads) for t in (tiles, small)}
+        return small if computed[small] < SMALL_TILE_EFFICIENCY * computed[tiles] else tiles
 
     def prepare(self, pattern: n.Pattern, call: Call) -> Tiled:
         return tiled(pattern, call, self.tiles(pattern, call))
 
     def efficiency(self, call: Call) -> float | None:
-        """1 on CUDA: the reference tile kernel. On the CPU not measured against the
-        gather plan (and the first call of each length bucket compiles for seconds)."""
+        """1 on CUDA: the reference tile kernel (see :meth:`cost` for small tiles). On the
+        CPU not measured against the gather plan (and the first call of each length bucket
+        compiles for seconds)."""
         return 1.0 if call.device.type == "cuda" else None
+
+    def cost(self, prepared: Tiled, call: Call, planner) -> float | None:
+        """Computed pairs over the efficiency, and over :data:`SMALL_TILE_EFFICIENCY` too
+        on :data:`SMALL_TILE` tiles."""
+        cost = super().cost(prepared, call, planner)
+        if cost is not None and call.device.type == "cuda" and prepared.lowering.grid.q_block == SMALL_TILE:
+            cost /= SMALL_TILE_EFFICIENCY
+        return cost
 
     def computed_pairs(self, prepared: Tiled, call: Call, planner) -> int:
         return prepared.pairs(call.heads)
@@ -206,7 +251,8 @@ class FlexPlan(Plan):
         block_mask = lowered.block_mask_for(q_padded, kv_padded, lambda states, grid, mask_mod: padded_block_mask(
             states, grid, mask_mod, q_padded, kv_padded))
         score_mod = call_score_mod(prepared.pattern, call)
-        options = flex_kernel_options(prepared.pattern, call.head_dim, call.device, call.dtype)
+        options = flex_kernel_options(prepared.pattern, call.head_dim, call.device, call.dtype,
+                                      lowered.grid.q_block)
         return_lse = call.return_lse
 
         def run(q, k, v, _):

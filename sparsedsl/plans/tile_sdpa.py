@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..lang import nodes as n
-from ..lang.queries import mask_part, score_mods
+from ..lang.queries import score_mods
 from ..passes.tiles import TileGrid
-from ..compiler.arguments import BLOCK_SIZES
 from .base import Call, Plan, Runner
 from .kernels import per_query_head
-from .tiled import Tiled, check_batch, tiled
+from .tiled import Tiled, block_tile, check_batch, tiled
 from .tile_groups import TileGroup, computed_pairs, part_tiles, tile_groups, tiles_held_by_none
 from .tile_masks import GroupMasks, additive_masks, split_rows, with_columns
 from .tile_sdpa_autograd import KeyPart, ViewGroup, ViewGroupsAttention
@@ -63,28 +62,6 @@ def _gathered(t: torch.Tensor, tiles: torch.Tensor, block: int, heads: int) -> t
     b = torch.arange(batch, device=t.device).view(batch, 1, 1, 1)
     taken = rows[b, head_map.view(1, heads, 1, 1), tiles.expand(batch, heads, -1, -1)]  # [B, H, n, W, bk*D]
     return taken.view(batch, heads, count, width * block, dim).movedim(2, 0).flatten(1, 2), False
-
-
-def block_tile(pattern: n.Pattern) -> int | None:
-    """The largest tile size of ``BLOCK_SIZES`` dividing the block size of every
-    ``blocks(size)`` of a pattern made of whole-block patterns (``blocks`` combined by
-    ``| & - ~`` and head groups), or None for any other pattern."""
-    sizes = _block_sizes(mask_part(pattern))
-    if not sizes:
-        return None
-    size = math.gcd(*sizes)
-    fitting = [tile for tile in BLOCK_SIZES if size % tile == 0]
-    return max(fitting) if fitting else None
-
-
-def _block_sizes(node: n.Pattern) -> set[int] | None:
-    """The sizes of the ``blocks`` a whole-block pattern is made of, or None."""
-    if isinstance(node, n.Blocks):
-        return {node.size}
-    if not isinstance(node, (n.Union, n.Intersection, n.Difference, n.Complement, n.Heads)):
-        return None
-    sizes = [_block_sizes(child) for child in node.children()]
-    return None if None in sizes else set().union(*sizes)
 
 
 #: Tile sizes tried on patterns not made of whole blocks, with the plan's throughput per

@@ -1,13 +1,17 @@
-"""What the tile plans (flex, gather, band, decode) share: the lowering of a call on their
-tiles, its score function, and the pairs whole tiles compute."""
+"""What the tile plans (flex, gather, band, decode, tile_sdpa) share: the lowering of a call
+on their tiles, its score function, the pairs whole tiles compute, and the tile that fits a
+pattern of whole blocks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..compiler.arguments import BLOCK_SIZES
 from ..lang import nodes as n
+from ..lang.queries import mask_part
 from ..passes.lowering import Lowering, context, lowering
 from ..passes.maskmod import ScoreFn, lower_score, score_rows_from
 from .base import Call
@@ -62,3 +66,25 @@ def check_batch(call: Call, states: torch.Tensor) -> None:
             f"the pattern's bound tensors have batch size {states.shape[0]} but the inputs have "
             f"batch={call.batch}"
         )
+
+
+def block_tile(pattern: n.Pattern) -> int | None:
+    """The largest tile size of ``BLOCK_SIZES`` dividing the block size of every
+    ``blocks(size)`` of a pattern made of whole-block patterns (``blocks`` combined by
+    ``| & - ~`` and head groups), or None for any other pattern."""
+    sizes = _block_sizes(mask_part(pattern))
+    if not sizes:
+        return None
+    size = math.gcd(*sizes)
+    fitting = [tile for tile in BLOCK_SIZES if size % tile == 0]
+    return max(fitting) if fitting else None
+
+
+def _block_sizes(node: n.Pattern) -> set[int] | None:
+    """The sizes of the ``blocks`` a whole-block pattern is made of, or None."""
+    if isinstance(node, n.Blocks):
+        return {node.size}
+    if not isinstance(node, (n.Union, n.Intersection, n.Difference, n.Complement, n.Heads)):
+        return None
+    sizes = [_block_sizes(child) for child in node.children()]
+    return None if None in sizes else set().union(*sizes)
