@@ -181,16 +181,20 @@ def test_a_call_the_plan_cannot_run_raises_its_reason(pattern, call, reason):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("length,heads,kv_heads,batch", [(1500, 6, 2, 2), (2048, 4, 4, 1)])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3), (torch.float32, 1e-4)])
-def test_gpu_longnet(dtype, tolerance):
-    """On CUDA (the flash kernel in half precision, the memory-efficient one in float32, each
-    with its backward given the merged statistics): outputs, log-sum-exps and gradients
-    against the reference, GQA and batch 2 included."""
-    pattern, length, heads, kv_heads = sd.longnet([256, 512, 1024], [1, 2, 4]), 1500, 6, 2
+def test_gpu_longnet(dtype, tolerance, length, heads, kv_heads, batch):
+    """On CUDA (cuDNN's kernels in half precision from compute capability 9.0, the flash
+    kernel's before, the memory-efficient one in float32, each with its backward given the
+    merged statistics): outputs, log-sum-exps and gradients against the reference. GQA and
+    batch 2 at a length no segment divides run without a program; 4 heads at batch 1 run
+    the program, the rate-1 term's kernel output as its term's (cuDNN) and the rate-4
+    term's one-head groups joined."""
+    pattern = sd.longnet([256, 512, 1024], [1, 2, 4])
     module = sd.compile(pattern, kernel="branches")  # not costed on CUDA: requested
     assert module.explain(length, heads=heads, kv_heads=kv_heads, head_dim=64, device="cuda", dtype=dtype,
                           requires_grad=True).kind == "branches"
-    q, k, v = _inputs(length, heads, kv_heads, 2, dtype, seed=4, device="cuda", dim=64)
+    q, k, v = _inputs(length, heads, kv_heads, batch, dtype, seed=4, device="cuda", dim=64)
     out = module(q, k, v)
     with torch.no_grad():
         _, lse = module(q, k, v, return_lse=True)
@@ -211,7 +215,7 @@ def test_gpu_compiled_merge_equals_the_eager_one(dtype):
     """The one-pass merge CUDA runs (compiled) against the eager one, on rows no term
     covers (output 0, log-sum-exp -inf), rows one term covers, and two lengths (one kernel
     for both: ``dynamic=True``); a term's rows it does not cover hold NaN, never read."""
-    from sparsedsl.plans.branches import _merge, compiled_merge
+    from sparsedsl.plans.terms_attention import _merge, compiled_merge
     for length in (300, 1027):
         gen = torch.Generator(device="cuda").manual_seed(length)
         outs = [torch.randn(2, 3, length, 64, device="cuda", generator=gen).to(dtype) for _ in range(3)]
@@ -226,3 +230,62 @@ def test_gpu_compiled_merge_equals_the_eager_one(dtype):
         torch.testing.assert_close(total, expected_total)
         torch.testing.assert_close(out, expected)
         assert not out[:, :, :7].any() and torch.isfinite(out).all()
+
+
+def test_program_joins_the_one_head_groups_of_a_rate():
+    """LongNet's rate classes of one head each (rate = heads) run as one kernel call per
+    chunk length (dimension 1 stepping over head and offset), and stay exact, forward and
+    backward, at a length that is not a multiple of the segments."""
+    from sparsedsl.plans.branches import BranchesPlan
+    from sparsedsl.plans.branches_program import BranchesProgram
+    pattern, length, heads = sd.longnet([64, 96, 200], [1, 2, 4]), 500, 4
+    call = sd.compile(pattern).explain(length, heads=heads, head_dim=8, device="cpu")
+    assert call.kind == "branches"
+    q, k, v = _inputs(length, heads, heads, 1, torch.float64, seed=3)
+    terms = BranchesPlan().prepare(pattern, _call(length, heads))
+    program = BranchesProgram.build(q, k, v, terms)
+    rate_four = [run for run in program.runs if run[0] == 2]
+    # 200 positions per segment in 4 offset classes of 50, two whole segments and one of
+    # 100 (25 a class): one call per chunk length, each over the 4 one-head groups.
+    assert sorted(run[1][0][1:3] for run in rate_four) == [(4, 25), (4, 50)]
+    module = sd.compile(pattern, kernel="branches")
+    out = module(q, k, v)
+    expected, _ = reference_attention(pattern, q, k, v)
+    _close(out, expected.detach(), 1e-10)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for actual, wanted in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        _close(actual, wanted, 1e-10)
+
+
+def test_a_run_laid_out_as_its_term_becomes_the_terms_output():
+    """A term of one run writing every element (rate 1), whose kernel output has the
+    stride order of its queries (as cuDNN allocates it), is the term's output uncopied;
+    an output laid out otherwise (the CPU kernel's) is copied. Both exact."""
+    from sparsedsl.plans.branches import BranchesPlan
+    from sparsedsl.plans.branches_program import BranchesProgram
+    from sparsedsl.plans.fused_attention import attend
+    pattern, length, heads = sd.longnet([64, 128], [1, 2]), 256, 2
+    q, k, v = (t.detach() for t in _inputs(length, heads, heads, 1, torch.float64, seed=5))
+    program = BranchesProgram.build(q, k, v, BranchesPlan().prepare(pattern, _call(length, heads)))
+    assert program.whole == (True, False)
+    returned = []
+
+    def attend_in_query_order(q_run, k_run, v_run, scale):
+        out, lse = attend(q_run, k_run, v_run, scale)
+        laid = torch.empty_strided(out.shape, q_run.stride(), dtype=out.dtype)
+        returned.append(laid.copy_(out))
+        return laid, lse
+
+    expected, _ = reference_attention(pattern, q, k, v)
+    for kernel, reused in ((attend_in_query_order, True), (attend, False)):
+        returned.clear()
+        outs, lses = program(q, k, v, 8 ** -0.5, kernel, torch.float64)
+        shared = any(outs[0].untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in returned)
+        assert shared == reused
+        from sparsedsl.plans.terms_attention import merge
+        _close(merge(outs, lses)[0], expected, 1e-10)
+
+
+def _call(length: int, heads: int):
+    from sparsedsl.plans.base import Call
+    return Call(length, length, 0, heads, heads, 8, 1, torch.float64, torch.device("cpu"), 8 ** -0.5, 16, 16)

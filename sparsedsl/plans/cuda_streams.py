@@ -1,12 +1,14 @@
 """CUDA side streams for plans that run independent kernels concurrently (the lattice
-program's runs, the branches plan's runs): per device and thread, with the events that
-fork work onto them and join it back (:func:`concurrently`)."""
+program's runs, the runs of lattice terms): per device and thread, with the events that
+fork work onto them and join it back (:func:`concurrently`), and jobs whose writes go in
+turns (:func:`in_turns`)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -81,3 +83,41 @@ def concurrently(device: torch.device, jobs: Sequence[Callable[[], None]]) -> No
     for stream, joined in zip(side.streams, side.joins):
         joined.record(stream)
         caller.wait_event(joined)
+
+
+def in_turns(device: torch.device, turns: Sequence[Sequence[Callable[[Callable[[], None]], None]]]) -> None:
+    """Run the jobs of every turn :func:`concurrently`, in order, each given a callable to
+    call before its writes: on CUDA it makes the job's stream wait until every job of the
+    previous turn has finished (its kernels before that point still overlap anything);
+    elsewhere it does nothing (jobs run one after another). Jobs of one turn must write
+    disjoint memory; jobs of different turns may write the same memory, in turn order."""
+    if device.type != "cuda":
+        for turn in turns:
+            for job in turn:
+                job(_nothing)
+        return
+    jobs, finished = [], []  # finished[t]: events recorded as turn t's jobs finish
+    for index, turn in enumerate(turns):
+        finished.append([])
+        previous = finished[index - 1] if index else []
+        jobs += [partial(_job_in_turn, job, previous, finished[index]) for job in turn]
+    concurrently(device, jobs)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _job_in_turn(job: Callable[[Callable[[], None]], None], previous: list, finished: list) -> None:
+    """``job`` on the current stream, its writes after the events ``previous`` (recorded by
+    jobs enqueued before it); an event recorded after it is appended to ``finished``."""
+    stream = torch.cuda.current_stream()
+
+    def before_writing() -> None:
+        for event in previous:
+            stream.wait_event(event)
+
+    job(before_writing)
+    event = torch.cuda.Event()
+    event.record(stream)
+    finished.append(event)

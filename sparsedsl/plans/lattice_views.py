@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..lang import nodes as n
-from ..passes.lattice import HeadGroupLattice, LatticePart
-from .kernels import merges_batch_and_heads, sdpa_with_lse
+from ..passes.lattice import HeadGroupLattice, LatticePart, zeroed_heads
+from .kernels import merges_batch_and_heads, sdpa_with_lse, zero_heads
 
 
 def take(part: LatticePart, t: torch.Tensor) -> torch.Tensor:
@@ -182,3 +182,11 @@ def chunk_folds(q, k, v, plan: tuple[HeadGroupLattice, ...]):
                     taken = taken or tuple(take(part, t) for t in (qg, kg, vg))
                     folded = tuple(fold_positions(t, start, count, chunk) for t in taken)
                 yield head_plan.heads, kv, part, start, count, chunk, folded
+
+
+def zeroed_output(q: torch.Tensor, v: torch.Tensor, plan: tuple[HeadGroupLattice, ...]) -> torch.Tensor:
+    """The output tensor of ``plan`` on ``q``, ``v``, zero on the heads of
+    :func:`~sparsedsl.passes.lattice.zeroed_heads` (the lattices then write their rows)."""
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    zero_heads(out, zeroed_heads(plan, q.shape[2]))
+    return out
