@@ -209,27 +209,39 @@ def test_gpu_longnet(dtype, tolerance, length, heads, kv_heads, batch):
         _close(actual, wanted, 4 * tolerance * max(1.0, wanted.abs().max().item()))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_compiled_merge_equals_the_eager_one(dtype):
-    """The one-pass merge CUDA runs (compiled) against the eager one, on rows no term
-    covers (output 0, log-sum-exp -inf), rows one term covers, and two lengths (one kernel
+def _check_merge(device: str, dtype: torch.dtype) -> None:
+    """``merge`` (compiled on CUDA) against the merge in float64, on rows no term covers
+    (output 0, log-sum-exp -inf), rows one term covers, and two lengths (on CUDA one kernel
     for both: ``dynamic=True``); a term's rows it does not cover hold NaN, never read."""
-    from sparsedsl.plans.terms_attention import _merge, compiled_merge
+    from sparsedsl.plans.terms_attention import merge
     for length in (300, 1027):
-        gen = torch.Generator(device="cuda").manual_seed(length)
-        outs = [torch.randn(2, 3, length, 64, device="cuda", generator=gen).to(dtype) for _ in range(3)]
-        lses = 4 * torch.randn(3, 2, 3, length, device="cuda", generator=gen)
+        gen = torch.Generator().manual_seed(length)
+        outs = [torch.randn(2, 3, length, 64, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
+        lses = (4 * torch.randn(3, 2, 3, length, generator=gen)).to(device)
         lses[:, :, :, :7] = float("-inf")  # no term
         lses[1:, :, :, 7:20] = float("-inf")  # the first term alone
         for term_out, lse in zip(outs, lses):  # rows a term does not cover are never read
             term_out.masked_fill_((lse == float("-inf"))[..., None], float("nan"))
-        out, total = compiled_merge()(outs, lses)
-        expected, expected_total = _merge(outs, lses)
-        assert out.dtype == dtype
-        torch.testing.assert_close(total, expected_total)
-        torch.testing.assert_close(out, expected)
+        out, total = merge(outs, lses)
+        expected_total = torch.logsumexp(lses.double(), 0)
+        weights = torch.exp(lses.double() - expected_total.nan_to_num(neginf=0.0))[..., None]
+        expected = sum(torch.where(w > 0, w * o.double(), 0.0) for w, o in zip(weights, outs))
+        assert out.dtype == dtype and total.dtype == torch.float32
+        torch.testing.assert_close(total.double(), expected_total, rtol=1e-5, atol=1e-5)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tolerance, atol=tolerance)
         assert not out[:, :, :7].any() and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_reads_no_row_a_term_does_not_cover(dtype):
+    _check_merge("cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_compiled_merge(dtype):
+    _check_merge("cuda", dtype)
 
 
 def test_program_joins_the_one_head_groups_of_a_rate():

@@ -319,16 +319,17 @@ def test_band_kernel_options_only_for_diagonal_bands_at_head_dim_128_on_h100(pat
     (sd.window(64) | sd.global_tokens(64), 4096, False),  # not whole blocks
 ])
 def test_flex_takes_64_token_tiles_on_cuda_for_64_token_blocks(pattern, length, small):
-    """On CUDA the flex plan takes 64-token tiles (kernel tiles of 64 in both passes) for
-    a pattern of whole 64-token blocks when they save enough pairs: BigBird then computes
-    its useful pairs exactly, where 128-token tiles computed 2.1x."""
+    """On CUDA without gradients the flex plan takes 64-token tiles (forward kernel tiles
+    of 64) for a pattern of whole 64-token blocks when they save enough pairs: BigBird then
+    computes its useful pairs exactly, where 128-token tiles computed 2.1x. With gradients
+    it keeps 128-token tiles (Inductor's flex backward takes no smaller ones)."""
     from sparsedsl.plans.flex import SMALL_TILE_OPTIONS, flex_kernel_options
     for grad in (False, True):
         plan = sd.compile(pattern).explain(length, heads=4, head_dim=128, device="cuda", dtype=torch.bfloat16,
                                            requires_grad=grad)
         assert plan.kind == "flex"
-        assert (plan.q_block, plan.kv_block) == ((64, 64) if small else (128, 128))
-        if small:
+        assert (plan.q_block, plan.kv_block) == ((64, 64) if small and not grad else (128, 128))
+        if small and not grad:
             assert plan.computed_flops <= 1.3 * plan.useful_flops
     assert flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.bfloat16, 64) is SMALL_TILE_OPTIONS
     biased = flex_kernel_options(sd.blocks(64).local(1).score(sd.bias("b")), 64, torch.device("cuda", 0),
@@ -339,15 +340,19 @@ def test_flex_takes_64_token_tiles_on_cuda_for_64_token_blocks(pattern, length, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_flex_64_token_tiles_forward_and_gradients_bf16(head_dim):
-    """BigBird on 64-token blocks runs the flex kernel on 64-token tiles: exact, with
-    gradients, at a length that is not a multiple of the tile."""
+    """BigBird on 64-token blocks runs the flex kernel on 64-token tiles without gradients
+    and on 128-token ones with: exact both ways, at a length that is not a multiple of the
+    tile."""
     pattern, heads, length = sd.blocks(64).local(1).global_(2).random(3, 0), 2, 1000
     module = sd.compile(pattern)
     plan = module.explain(length, heads=heads, head_dim=head_dim, device="cuda", dtype=torch.bfloat16)
     assert (plan.kind, plan.q_block) == ("flex", 64)
     q, k, v = _inputs(1, heads, heads, length, length, head_dim, dtype=torch.bfloat16, device="cuda",
                       requires_grad=True)
+    with torch.no_grad():
+        forward_only = module(q, k, v)
     out = module(q, k, v)
+    assert (forward_only - out).abs().max().item() < 3e-2
     weights = torch.randn_like(out)
     got = torch.autograd.grad((out * weights).sum(), (q, k, v))
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))

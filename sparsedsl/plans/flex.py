@@ -12,10 +12,12 @@ compiles at most one kernel per bucket, and none inside a bucket.
 Tiles. On CUDA, FlexAttention's default backward configurations (e.g. 64x128 / 128x64 on
 H100) need block-mask tiles that are multiples of 128, so the plan uses tiles of at least
 128 there; smaller ``block_size``\\ s still drive the gather plan and the counts. The one
-exception is a pattern made of whole 64-token blocks (BigBird's), which 128-token tiles
-would cover at up to twice its pairs: where 64-token tiles compute enough fewer pairs
-(:data:`SMALL_TILE_EFFICIENCY`), the plan takes them, with kernel tiles of 64 in both
-passes (:data:`SMALL_TILE_OPTIONS`).
+exception is a forward pass without gradients on a pattern made of whole 64-token blocks
+(BigBird's), which 128-token tiles would cover at up to twice its pairs: where 64-token
+tiles compute enough fewer pairs (:data:`SMALL_TILE_EFFICIENCY`), the plan takes them,
+with forward kernel tiles of 64 (:data:`SMALL_TILE_OPTIONS`). With gradients it cannot:
+Inductor's flex backward (torch 2.11) keeps only the default backward configurations
+whose own tiles divide the block mask's, and passes no 64-token one.
 """
 
 from __future__ import annotations
@@ -59,15 +61,12 @@ def compiled_flex_attention() -> Callable:
         return _compiled
 
 
-#: The block-mask tile of whole-64-token-block patterns on CUDA, and kernel options whose
-#: tiles divide it in both passes (FlexAttention's defaults take 128 on one side of the
-#: backward). On an H100 (bf16, head dim 128, torch 2.11, ``benchmarks/flex_options.py``,
-#: 2026-11-25) these kernel tiles ran ``blocks(128).local(6)`` at 16K tokens 7% faster
-#: forward and 2% slower forward+backward than the defaults.
+#: The block-mask tile of whole-64-token-block patterns in forward passes on CUDA, and
+#: forward kernel options whose tiles divide it. On an H100 (bf16, head dim 128, torch 2.11,
+#: ``benchmarks/flex_options.py``, 2026-11-25) these kernel tiles ran ``blocks(128).local(6)``
+#: at 16K tokens 7% faster forward than the defaults.
 SMALL_TILE = 64
-SMALL_TILE_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
-                      "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                      "bwd_num_warps": 4, "bwd_num_stages": 2}
+SMALL_TILE_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
 #: Throughput per computed pair on :data:`SMALL_TILE` tiles relative to the default tiles:
 #: a guess below the measurements above (a 64-token mask has four times the tile entries
 #: to walk); the small tile is taken where it computes fewer pairs than this share of the
@@ -211,12 +210,12 @@ class FlexPlan(Plan):
         return reasons
 
     def tiles(self, pattern: n.Pattern, call: Call) -> tuple[int, int]:
-        """:func:`flex_tiles`, or on CUDA :data:`SMALL_TILE` tiles for a pattern made of
-        whole 64-token blocks when they compute fewer pairs than
+        """:func:`flex_tiles`, or on CUDA without gradients :data:`SMALL_TILE` tiles for a
+        pattern made of whole 64-token blocks when they compute fewer pairs than
         :data:`SMALL_TILE_EFFICIENCY` times the default tiles' (requested tiles of 128 or
         less)."""
         tiles = flex_tiles(call.q_block, call.kv_block, call.device)
-        if (call.device.type != "cuda" or max(call.q_block, call.kv_block) > CUDA_MIN_TILE
+        if (call.device.type != "cuda" or call.needs_grad or max(call.q_block, call.kv_block) > CUDA_MIN_TILE
                 or block_tile(pattern) != SMALL_TILE):
             return tiles
         small = (SMALL_TILE, SMALL_TILE)
