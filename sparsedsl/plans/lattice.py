@@ -3,10 +3,9 @@
 The decomposition into lattices is analysis of the pattern
 (:mod:`sparsedsl.passes.lattice`); this module runs it. ``chunks`` parts (LongNet's dilated
 segments) are folded into SDPA's batch as views (:mod:`sparsedsl.plans.lattice_views`), by
-a resolved program without gradients (:mod:`sparsedsl.plans.lattice_program`), or with
-gradients as one term of :mod:`sparsedsl.plans.terms_attention` (fused kernels with their
-log-sum-exps, whose backward writes each run's gradients straight into the positions it
-read); every other part is a sub-problem that goes back through the planner.
+a resolved program without gradients (:mod:`sparsedsl.plans.lattice_program`) or an
+autograd function with gradients (:mod:`sparsedsl.plans.lattice_autograd`); every other part
+is a sub-problem that goes back through the planner.
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ from ..lang import nodes as n
 from ..lang.queries import score_mods
 from ..passes.lattice import HeadGroupLattice, lattice_decomposition, lattice_reasons
 from .base import Call, Plan, Runner
-from .fused_attention import fused_reasons
 from .kernels import sdpa_with_lse
+from .lattice_autograd import ChunkLattice
 from .lattice_program import LatticeProgram
 from .layout_programs import LayoutPrograms
 from .lattice_views import chunk_folds, fold_chunks, group_inputs, put, take, write_folded, zeroed_output
-from .terms_attention import TermsAttention
 
 #: The lattice plan's throughput per computed pair of its folded chunks relative to the
 #: device's tile kernel. CUDA: where the tiles already fit the lattice (``.within`` rules
@@ -63,11 +61,13 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     -> (out, lse or None)`` computes a sub-problem whose pattern is not ``chunks`` (through
     the plan the planner chose for it).
 
-    Without gradients, chunk parts are folded as views and written into the output once;
-    with gradients, autograd runs through copies (:class:`LatticeAttention` runs lattices of
-    chunks alone by :mod:`~sparsedsl.plans.terms_attention` instead, where its kernels take
-    the inputs)."""
+    Without gradients, chunk parts are folded as views and written into the output once.
+    With gradients and only chunk parts (LongNet's ``segments``),
+    :class:`~sparsedsl.plans.lattice_autograd.ChunkLattice` writes each part's gradients
+    straight into the positions it read; otherwise autograd runs through copies."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if grad and not return_lse and chunks_only(plan):
+        return ChunkLattice.apply(q, k, v, plan, scale), None
     out = zeroed_output(q, v, plan)
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=lse_dtype) if return_lse else None
@@ -102,29 +102,21 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 class LatticeAttention:
-    """:func:`lattice_attention` of one ``plan``. Calls without gradients or log-sum-exp run
-    by a :class:`LatticeProgram` per input layout where one holds it
-    (:class:`~sparsedsl.plans.layout_programs.LayoutPrograms`); the others, where every part
-    is ``chunks`` (LongNet's ``segments``) and the fused kernels take the inputs
-    (:func:`~sparsedsl.plans.fused_attention.fused_reasons`), as one term of
-    :class:`~sparsedsl.plans.terms_attention.TermsAttention`: fused kernels with their
-    log-sum-exps, forward and backward, runs overlapping on CUDA side streams."""
+    """:func:`lattice_attention` of one ``plan``, with calls without gradients or
+    log-sum-exp run by a :class:`LatticeProgram` per input layout where one holds it
+    (:class:`~sparsedsl.plans.layout_programs.LayoutPrograms`)."""
 
     def __init__(self, plan: tuple[HeadGroupLattice, ...], scale: float, return_lse: bool,
                  run_part: Callable[..., tuple]):
         self.plan, self.scale, self.return_lse, self.run_part = plan, scale, return_lse, run_part
         self._programs = LayoutPrograms(lambda q, k, v: LatticeProgram.build(q, k, v, plan))
-        self._terms = TermsAttention((plan,), scale) if chunks_only(plan) else None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if not self.return_lse and not grad:
+        if not self.return_lse and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad)):
             program = self._programs.get(q, k, v)
             if program is not None:
                 return program(q, k, v, self.scale), None
-        if self._terms is not None and not fused_reasons(q.device, q.dtype, q.shape[-1]):
-            out, lse = self._terms(q, k, v)
-            return out, (lse if self.return_lse else None)
         return lattice_attention(q, k, v, plan=self.plan, scale=self.scale, return_lse=self.return_lse,
                                  run_part=self.run_part)
 

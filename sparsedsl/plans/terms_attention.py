@@ -135,16 +135,18 @@ _compiled_lock = threading.Lock()
 
 
 def compiled_weighted_sum() -> Callable:
-    """:func:`weighted_sum` compiled by Inductor (``dynamic=True``: one kernel for every
-    length, recompiled per number of terms), created once per process: one pass that reads
-    each output once and writes the merged one (eagerly, a pass per operation per term).
-    On an H100 the merge's one kernel with the weights computed inside it (an exponential
-    per element and term) read LongNet-paper's five terms at 64K tokens at 1.8 TB/s
-    (0.67 ms; bf16, 12 heads, head dim 128, 2026-12-05)."""
+    """:func:`weighted_sum` compiled by Inductor, created once per process: one pass that
+    reads each output once and writes the merged one (eagerly, a pass per operation per
+    term). Shapes are static until a dimension changes between calls, which then becomes
+    symbolic (Dynamo's automatic dynamic shapes: one kernel for every later length), so the
+    head dim stays a constant; with every dimension symbolic (``dynamic=True``), each
+    element's row index was a division by a runtime value, and on an H100 the merge of
+    LongNet-paper's five terms at 64K tokens took 0.67 ms (1.8 TB/s; bf16, 12 heads, head
+    dim 128, 2026-12-05)."""
     global _compiled_weighted_sum
     with _compiled_lock:
         if _compiled_weighted_sum is None:
-            _compiled_weighted_sum = torch.compile(weighted_sum, dynamic=True, fullgraph=True)
+            _compiled_weighted_sum = torch.compile(weighted_sum, fullgraph=True)
         return _compiled_weighted_sum
 
 
