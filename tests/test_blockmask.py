@@ -256,3 +256,122 @@ def test_three_valued_logic_tables():
         lambda x, y: EMPTY if EMPTY in (x, y) else y if x == FULL else x if y == FULL else UNKNOWN))
     assert torch.equal(complement(states), torch.tensor(
         [FULL if s == EMPTY else EMPTY if s == FULL else s for s in states.tolist()], dtype=torch.int8))
+
+
+# ---------------------------------------------------------------------------------------
+# Heads that share a layer: classified and ordered once per layer
+# ---------------------------------------------------------------------------------------
+
+_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+#: ``(pattern, heads, layers)``: patterns whose heads fall in fewer layers than heads.
+HEAD_GROUPED = [
+    # LongNet segments, 16 heads in 4 groups of 4, and in 3 groups (6, 5 and 5 heads)
+    (sd.segments([256, 512, 1024, 2048], [1, 2, 4, 8]), 16, 4),
+    (sd.segments([256, 512, 1024], [1, 2, 4]), 16, 3),
+    # a union with head groups of another count: groups of 4 split at 6 and 11
+    (sd.segments([256, 512, 1024, 2048], [1, 2, 4, 8])
+     | sd.heads(sd.window(100), sd.blocks(64).local(1), sd.causal()), 16, 6),
+    # nested, under an intersection and inside a block rule
+    (sd.heads(sd.window(50), sd.segments([128, 256], [1, 2])) & sd.causal(), 6, 2),
+    (sd.blocks(128).local(1).within(sd.segments([64, 64], [1, 2])), 8, 2),
+    (sd.longnet([256, 512], [1, 2]), 5, 2),
+    (sd.cycle_heads(sd.window(30), sd.dilated(128, 2)), 5, 2),
+    (sd.segments([256], [2]), 4, 1),  # one group: every head the same layer
+]
+
+
+@pytest.mark.parametrize("pattern,heads,layers", HEAD_GROUPED, ids=[str(p) for p, _, _ in HEAD_GROUPED])
+@pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1000, 1000), (777, 1100)])
+def test_head_grouped_block_masks_equal_create_block_mask_exactly(pattern, heads, layers, q_len, kv_len):
+    """Every index entry of every head, on lengths that are multiples of the tile or not;
+    the heads' layers are fewer than the heads (the build runs on them), and nothing is
+    read back from the device unless tiles are left to refine (then on the layers' heads)."""
+    module = sd.compile(pattern, block_size=64)
+    with _AtenOps() as ops:
+        ours = module.block_mask(q_len, kv_len, heads=heads)
+    ctx = Context.make(pattern, q_len, kv_len, heads=heads)
+    if not leaves_unknown(pattern, ctx, TileGrid(q_len, kv_len, 64, 64)):
+        assert ops.syncs == 0
+    assert module.lowering(q_len, kv_len, heads=heads).layer_states.shape[1] == layers
+    theirs = create_block_mask(module.mask_mod(q_len, kv_len, heads=heads), 1, heads, q_len, kv_len,
+                               device="cpu", BLOCK_SIZE=64)
+    for name in _BLOCK_MASK_TENSORS:
+        got = getattr(ours, name)
+        assert got.is_contiguous() and got.dtype == torch.int32, name
+        assert torch.equal(got.expand_as(getattr(theirs, name)), getattr(theirs, name)), name
+
+
+@pytest.mark.parametrize("pattern,heads,layers", HEAD_GROUPED, ids=[str(p) for p, _, _ in HEAD_GROUPED])
+def test_layers_given_to_heads_equal_the_per_head_path(pattern, heads, layers):
+    """The lowering's states per head equal a classification head by head, its block mask
+    the one built from them, and its tile and pair counts those of ``count``."""
+    q_len, kv_len = 1000, 1100
+    module = sd.compile(pattern, block_size=64)
+    lowered = module.lowering(q_len, kv_len, heads=heads)
+    ctx = Context.make(pattern, q_len, kv_len, heads=heads)
+    per_head = blockmask.tile_states(pattern, ctx, lowered.grid, lowered.position_mask)
+    assert torch.equal(lowered.states.expand(1, heads, -1, -1), per_head.expand(1, heads, -1, -1))
+    ours = lowered.block_mask
+    theirs = blockmask.block_mask_from_states(per_head, lowered.grid, lowered.mask_mod)
+    for name in _BLOCK_MASK_TENSORS:
+        assert torch.equal(getattr(ours, name).expand_as(getattr(theirs, name)), getattr(theirs, name)), name
+    counts = sd.count(pattern, q_len, kv_len, heads=heads, tile=64)
+    assert lowered.pairs(heads) == counts.pairs
+    full, partial = lowered.tile_counts
+    per_grid = heads // lowered.states.shape[1]
+    assert (full * per_grid, partial * per_grid) == (counts.tiles.full, counts.tiles.partial)
+
+
+def test_longnet_at_16_heads_is_ordered_on_its_4_layers():
+    """The ordering (the build's largest work) sees 4 layers of tiles, not 16 heads; one
+    copy per tensor gives the heads their layer's indices."""
+    pattern = sd.segments([256, 512, 1024, 2048], [1, 2, 4, 8])
+    module = sd.compile(pattern, block_size=64)
+    with _AtenOps() as ops:
+        module.block_mask(4096, heads=16)
+    lowered = module.lowering(4096, heads=16)
+    assert lowered.head_layers == tuple(h // 4 for h in range(16))
+    assert ops.counts["aten::scatter_"] == 1  # both orders of a square grid in one pass
+    assert ops.counts["aten::index_select"] == 2  # num_blocks and indices, both kinds and orders
+    assert ops.syncs == 0
+
+
+def test_a_layout_with_a_head_axis_keeps_a_layer_per_head():
+    """A bound ``[H, nqb, nkb]`` layout can make heads of one group differ: classified head
+    by head, and still equal to create_block_mask."""
+    pattern = sd.blocks(64).layout("lay") & sd.segments([128, 256], [1, 2])
+    layout = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(3)) < 0.5
+    module = sd.compile(pattern, block_size=64)
+    ours = module.block_mask(1000, heads=4, lay=layout)
+    assert module.lowering(1000, heads=4, lay=layout).layer_states.shape[1] == 4
+    theirs = create_block_mask(module.mask_mod(1000, heads=4, lay=layout), 1, 4, 1000, 1000, device="cpu",
+                               BLOCK_SIZE=64)
+    _assert_same_blocks(ours, theirs, 1, 4)
+
+
+def test_the_default_head_count_gives_every_group_one_head():
+    """Without ``heads``, a pattern runs with one head per group: a layer per head, no copy."""
+    pattern = sd.segments([256, 512, 1024], [1, 2, 4])
+    module = sd.compile(pattern, block_size=64)
+    ours = module.block_mask(1000)
+    lowered = module.lowering(1000)
+    assert lowered.head_layers is None and lowered.layer_states.shape[1] == 3
+    theirs = create_block_mask(module.mask_mod(1000), 1, 3, 1000, 1000, device="cpu", BLOCK_SIZE=64)
+    for name in _BLOCK_MASK_TENSORS:
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+@pytest.mark.parametrize("pattern,heads,expected", [
+    (sd.window(3), 4, (0, 0, 0, 0)),
+    (sd.segments([64, 128, 256], [1, 2, 4]), 16, (0,) * 6 + (1,) * 5 + (2,) * 5),
+    (sd.segments([64, 128], [1, 2]) | sd.heads(sd.window(1), sd.window(2), sd.causal()), 6, (0, 0, 1, 2, 3, 3)),
+    (sd.heads(sd.causal(), sd.causal()), 4, (0, 0, 1, 1)),  # equal parts, still two groups
+    (sd.longnet([64, 128], [1, 2]), 5, (0, 0, 0, 1, 1)),
+    (sd.cycle_heads(sd.window(1), sd.window(2)), 5, (0, 1, 0, 1, 0)),
+    (sd.blocks(64).local(1).within(sd.segments([32, 32], [1, 2])).score(sd.alibi()), 4, (0, 0, 1, 1)),
+])
+def test_head_layers_split_heads_by_every_head_group(pattern, heads, expected):
+    from sparsedsl.lang.queries import head_layers
+    assert head_layers(pattern, heads) == expected

@@ -112,3 +112,14 @@ def test_a_class_without_entries_is_caught_and_gets_the_stated_default():
     assert structure.periodicity(blocks) is None
     assert structure.tile_signature(blocks, torch.arange(3), torch.arange(3), 4) is None
     assert structure.diagonal_support(blocks) == (-math.inf, math.inf)
+
+
+def test_every_class_with_head_groups_tells_how_it_splits_heads():
+    """``head_layers`` reads the split of each node with head groups of its own; a class
+    without an entry in that table would be refused there."""
+    patterns = _vocabulary() + [sd.longnet([4, 8], [1, 2]), sd.dilated_heads(4, 2),
+                                sd.cycle_heads(sd.causal(), sd.full())]
+    splitting = {type(node) for pattern in patterns for node in queries.walk(pattern)
+                 if queries._own_head_groups(node) is not None}
+    assert splitting == {n.Heads, n.Segments, n.LongNet, n.DilatedHeads, n.CycleHeads}
+    assert not unregistered(queries._head_split, splitting)

@@ -89,8 +89,9 @@ class CompiledPattern(nn.Module):
         them; FlexAttention broadcasts those)."""
         lowered = self.lowering(q_len, kv_len, heads=heads, device=device, q_offset=q_offset,
                                 where="block_mask()", **buffers)
-        if batch is not None and lowered.states.shape[0] not in (1, check_int("block_mask()", "batch", batch, minimum=1)):
-            raise ValueError(f"the pattern's bound tensors have batch size {lowered.states.shape[0]} but batch={batch}")
+        bound_batch = lowered.layer_states.shape[0]
+        if batch is not None and bound_batch not in (1, check_int("block_mask()", "batch", batch, minimum=1)):
+            raise ValueError(f"the pattern's bound tensors have batch size {bound_batch} but batch={batch}")
         return lowered.block_mask
 
     def explain(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None, kv_heads: int | None = None,

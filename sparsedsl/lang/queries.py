@@ -13,6 +13,7 @@ import math
 from functools import singledispatch
 
 from . import nodes as n
+from .groups import head_groups
 from .multiset import is_multiset
 
 
@@ -129,6 +130,55 @@ def depends_on_heads(pattern: n.Pattern) -> bool:
     """Whether ``allowed`` can differ between heads without call-time tensors (head groups);
     a ``[H, nqb, nkb]`` layout tensor can make it so too, see the bound tensors."""
     return any(_own_head_groups(node) is not None for node in walk(mask_part(pattern)))
+
+
+@singledispatch
+def _head_split(node: n.Pattern, num_heads: int) -> tuple:
+    """The part of ``node``'s own head groups that each of ``num_heads`` heads falls in
+    (any hashable labels, equal for heads in the same part), for a node whose
+    :func:`_own_head_groups` is not ``None``. A class that splits the heads and is not
+    registered here is refused (``TypeError`` naming its type)."""
+    raise TypeError(f"head layers: no rule for node type {type(node).__name__}")
+
+
+@_head_split.register(n.Heads)
+@_head_split.register(n.Segments)
+def _(node: n.Pattern, num_heads: int) -> tuple:
+    return _group_of_each(head_groups(num_heads, _own_head_groups(node)))
+
+
+@_head_split.register
+def _(node: n.DilatedHeads, num_heads: int) -> tuple:
+    return _group_of_each([heads for heads, _ in node.groups(num_heads)])
+
+
+@_head_split.register
+def _(node: n.LongNet, num_heads: int) -> tuple:
+    return tuple(zip(*(_head_split(branch, num_heads) for branch in node.branches())))
+
+
+@_head_split.register
+def _(node: n.CycleHeads, num_heads: int) -> tuple:
+    return tuple(h % len(node.parts) for h in range(num_heads))
+
+
+def _group_of_each(groups: list[range]) -> tuple[int, ...]:
+    """The index of the group each head is in, for groups that cover the heads in order."""
+    return tuple(i for i, group in enumerate(groups) for _ in group)
+
+
+def head_layers(pattern: n.Pattern, num_heads: int) -> tuple[int, ...]:
+    """The layer of each of ``num_heads`` heads: heads of one layer fall in the same part of
+    every head split of the pattern (``heads(...)`` and ``segments(...)`` groups, each
+    branch's ``dilated_heads`` groups, ``h % n`` of ``cycle_heads``), so ``allowed`` is the
+    same for them. Layers are numbered from 0 in order of their first head. Structural:
+    parts are not compared (two groups of equal parts are two layers), and bound tensors
+    are not seen (a ``[H, nqb, nkb]`` layout tensor can make heads of one layer differ)."""
+    splits = [_head_split(node, num_heads) for node in walk(mask_part(pattern))
+              if _own_head_groups(node) is not None]
+    keys = zip(*splits) if splits else [()] * num_heads
+    layers: dict[tuple, int] = {}
+    return tuple(layers.setdefault(key, len(layers)) for key in keys)
 
 
 # ---------------------------------------------------------------------------------------

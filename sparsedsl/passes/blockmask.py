@@ -7,18 +7,23 @@ and partial block sets as ``create_block_mask(mask_mod, ...)`` (whose padding ma
 cut short by a sequence end partial at most), without ever holding ``O(Q * K)`` values.
 
 A build is a short, fixed sequence of tensor operations (on a GPU, kernel launches) that
-reads nothing back to the host unless some tile needs refining.
+reads nothing back to the host unless some tile needs refining. Heads that the pattern's
+head groups give the same pairs share one layer of states (:func:`layer_states`): each
+layer is classified and ordered once, and one copy per ``BlockMask`` tensor gives every
+head its layer's indices.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..budget import check_memory
 from ..lang.nodes import Pattern
+from ..lang.queries import head_layers
 from .context import Context
 from .refine import states_from_counts, tile_pair_counts
 from .squares import uniform_square
@@ -33,11 +38,12 @@ ORDER_BUDGET = 1 << 24
 
 def tile_states(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callable) -> torch.Tensor:
     """Exact states (``EMPTY`` / ``PARTIAL`` / ``FULL``) of every tile, int8 contiguous
-    ``[B or 1, H or 1, num_q_tiles, num_kv_tiles]``, as ``create_block_mask`` would see them.
+    ``[B or 1, H or 1, num_q_tiles, num_kv_tiles]``, as ``create_block_mask`` would see them
+    (``layers or 1`` for ``H`` when ``ctx.layers`` names the head of each layer).
     ``mask_mod`` takes absolute positions (it refines the tiles the structure leaves
     undecided; when :func:`~sparsedsl.passes.tiles.leaves_unknown` rules those out, nothing
     is read back from the device)."""
-    rows_per_chunk = max(1, CLASSIFY_BUDGET // (grid.num_kv_tiles * ctx.heads))
+    rows_per_chunk = max(1, CLASSIFY_BUDGET // (grid.num_kv_tiles * len(ctx.layer_heads())))
     refine = leaves_unknown(pattern, ctx, grid)
     _check_states_memory(1, grid, 1)  # at least one grid of states
     chunks = []
@@ -45,8 +51,49 @@ def tile_states(pattern: Pattern, ctx: Context, grid: TileGrid, mask_mod: Callab
         state = classify(pattern, ctx, grid, range(start, min(start + rows_per_chunk, grid.num_q_tiles)))
         if start == 0:  # the first chunk tells whether states vary over batch and heads
             _check_states_memory(state.shape[0] * state.shape[1], grid, 1)
-        chunks.append(_refined(state, start, grid, mask_mod, uniform_square(pattern)) if refine else state)
-    return _cut_tiles_partial(torch.cat(chunks, dim=2), grid)
+        if refine:
+            state = _refined(state, start, grid, mask_mod, uniform_square(pattern), ctx.layers)
+        chunks.append(state)
+    # A single chunk is taken as it is where contiguous: classifiers give fresh tensors
+    # (or expanded views, which this copies), so the fix-up below may write to it.
+    states = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0].contiguous()
+    return _cut_tiles_partial(states, grid)
+
+
+def layer_states(pattern: Pattern, ctx: Context, grid: TileGrid,
+                 mask_mod: Callable) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """``(states, head_layers)``: the exact tile states of each group of heads that are
+    allowed the same pairs (:func:`~sparsedsl.lang.queries.head_layers`, or a group per
+    head when a bound tensor of the pattern has a head axis longer than 1), classified
+    once per group: int8 contiguous ``[B or 1, layers, R, C]``, and ``head_layers[h]``
+    the layer of head ``h``. ``head_layers`` is ``None`` where the states need no such
+    map, as :func:`tile_states` gives them: a layer per head, or one layer of
+    ``[B or 1, 1, R, C]`` for every head."""
+    bound = (ctx.buffers[name] for name in pattern.buffer_names())
+    if any(tensor.dim() >= 3 and tensor.shape[-3] > 1 for tensor in bound):
+        return tile_states(pattern, ctx, grid, mask_mod), None
+    layers = head_layers(pattern, ctx.heads)
+    count = max(layers) + 1
+    if count == ctx.heads:
+        return tile_states(pattern, ctx, grid, mask_mod), None
+    states = tile_states(pattern, replace(ctx, layers=first_heads(layers)), grid, mask_mod)
+    return states, (layers if states.shape[1] > 1 else None)
+
+
+def first_heads(head_layers: Sequence[int]) -> tuple[int, ...]:
+    """The first head of each layer, for ``head_layers[h]`` the layer of head ``h``
+    (layers numbered from 0 in order of their first head)."""
+    return tuple(head_layers.index(layer) for layer in range(max(head_layers) + 1))
+
+
+def tiles_of_heads(tiles: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
+    """``[n, 4]`` tiles ``(b, layer, i, j)`` of states classified with ``ctx.layers =
+    layers`` as tiles ``(b, h, i, j)`` of the head each layer stands for, in a new tensor
+    (a copy when ``layers`` is ``None``: the layers are the heads)."""
+    tiles = tiles.clone()
+    if layers is not None:
+        tiles[:, 1] = torch.tensor(layers, dtype=tiles.dtype, device=tiles.device)[tiles[:, 1]]
+    return tiles
 
 
 def _check_states_memory(layers: int, grid: TileGrid, bytes_per_tile: int, what: str = "tile states") -> None:
@@ -61,18 +108,23 @@ def _check_states_memory(layers: int, grid: TileGrid, bytes_per_tile: int, what:
 
 
 #: Bytes per tile a ``BlockMask`` build holds: the partial and full selections (bool), and
-#: int32 indices of both kinds in both orders, with the copies ordering makes.
-BLOCK_MASK_BYTES_PER_TILE = 2 + 4 * 4 + 2
+#: int32 indices of both kinds in both orders, with the copies ordering makes (the
+#: selections in both orders, bool).
+BLOCK_MASK_BYTES_PER_TILE = 2 + 4 * 4 + 4
+#: Bytes per tile of a ``BlockMask``'s indices: int32, of both kinds, in both orders.
+BLOCK_MASK_INDEX_BYTES_PER_TILE = 4 * 4
 
 
-def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable, square: int) -> torch.Tensor:
-    """``state`` (tile rows from ``start``) with its ``UNKNOWN`` tiles evaluated, once per
-    ``square`` x ``square`` square of positions where the pattern is that coarse (a host
-    sync: their number decides the work)."""
+def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable, square: int,
+             layers: Sequence[int] | None) -> torch.Tensor:
+    """``state`` (tile rows from ``start``, a layer per head of ``layers``, see
+    :func:`tiles_of_heads`) with its ``UNKNOWN`` tiles evaluated, once per ``square`` x
+    ``square`` square of positions where the pattern is that coarse (a host sync: their
+    number decides the work)."""
     unknown = (state == UNKNOWN).nonzero()
     if not unknown.numel():
         return state
-    tiles = unknown.clone()
+    tiles = tiles_of_heads(unknown, layers)
     tiles[:, 2] += start
     state = state.clone()
     state[tuple(unknown.T)] = states_from_counts(tile_pair_counts(mask_mod, grid, tiles, square=square), grid)
@@ -131,19 +183,36 @@ def _order(selected: torch.Tensor, line: torch.Tensor, indices: torch.Tensor, nu
     indices.scatter_(-1, place, line.expand_as(place))
 
 
-def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Callable) -> BlockMask:
+def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
+                           head_layers: Sequence[int] | None = None) -> BlockMask:
     """A ``BlockMask`` with the partial and full tiles of ``states`` over the ``grid.rows``
     query rows of ``grid``; ``mask_mod`` takes row indices ``0 <= q < grid.rows`` (FlexAttention's
     query indices), so for ``grid.q_start > 0`` it is the pattern shifted by ``q_start``.
     Partial and full tiles are ordered together, so the partial and the full tensors of one
-    kind are views of one tensor (each contiguous)."""
+    kind are views of one tensor (each contiguous).
+
+    ``states`` is ``[B or 1, layers, R, C]``. Without ``head_layers`` the layers are the
+    heads (or one layer for every head); with it, head ``h`` has the tiles of layer
+    ``head_layers[h]``: each layer is ordered once, and one copy per tensor gives every
+    head its layer's indices (``[B or 1, len(head_layers), ...]``)."""
     _check_states_memory(states.shape[0] * states.shape[1], grid, BLOCK_MASK_BYTES_PER_TILE,
                          "a BlockMask (indices)")
+    if head_layers is not None:
+        _check_states_memory(states.shape[0] * len(head_layers), grid, BLOCK_MASK_INDEX_BYTES_PER_TILE,
+                             "a BlockMask's indices per head")
     # [PARTIAL, FULL] made on the device (no host-to-device copy)
     kinds = torch.arange(PARTIAL, FULL + 1, FULL - PARTIAL, dtype=states.dtype, device=states.device)
-    selected = states == kinds.view(-1, 1, 1, 1, 1)  # [2, B, H, R, C]: partial, full
-    (kv_num, full_kv_num), (kv_idx, full_kv_idx) = (t.unbind() for t in ordered_indices(selected))
-    (q_num, full_q_num), (q_idx, full_q_idx) = (t.unbind() for t in ordered_indices(selected, transposed=True))
+    selected = states == kinds.view(-1, 1, 1, 1, 1)  # [2, B, layers, R, C]: partial, full
+    # (num_blocks, indices) of [orders, 2, B, layers, ...]: a square grid's two orders in one pass
+    if selected.shape[-2] == selected.shape[-1]:
+        passes = [ordered_indices(torch.stack([selected, selected.transpose(-1, -2)]))]
+    else:
+        passes = [tuple(t[None] for t in ordered_indices(selected, transposed)) for transposed in (False, True)]
+    if head_layers is not None:
+        index = torch.tensor(head_layers, device=states.device)
+        passes = [(num.index_select(-2, index), indices.index_select(-3, index)) for num, indices in passes]
+    (kv_num, full_kv_num), (q_num, full_q_num) = (order.unbind() for num, _ in passes for order in num)
+    (kv_idx, full_kv_idx), (q_idx, full_q_idx) = (order.unbind() for _, indices in passes for order in indices)
     return BlockMask(
         seq_lengths=(grid.rows, grid.kv_len),
         kv_num_blocks=kv_num,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -28,6 +29,10 @@ class Context:
     heads: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     buffers: dict = field(default_factory=dict, compare=False, hash=False)
+    #: The head each layer of tile states stands for, when tile classification gives one
+    #: layer per group of heads that are allowed the same pairs
+    #: (:func:`~sparsedsl.lang.queries.head_layers`); ``None``: a layer per head, in order.
+    layers: tuple[int, ...] | None = None
     #: Derived tensors (random layouts, range tables) shared by the passes of one build.
     memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -62,8 +67,12 @@ class Context:
 
     def relative(self, size: int) -> "Context":
         """The context of a ``blocks(size).within(rule)`` rule: block-relative positions
-        ``0 <= q, k < size``, same heads and device, no tensors."""
-        return Context(size, size, self.heads, self.device)
+        ``0 <= q, k < size``, same heads, layers and device, no tensors."""
+        return Context(size, size, self.heads, self.device, layers=self.layers)
+
+    def layer_heads(self) -> Sequence[int]:
+        """The head each layer of tile states stands for: :attr:`layers`, or every head."""
+        return range(self.heads) if self.layers is None else self.layers
 
     def memoized(self, key, make):
         """``make()`` computed once per context and ``key``."""

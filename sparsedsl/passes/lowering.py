@@ -14,7 +14,7 @@ from ..compiler.cache import BuildCache
 from ..lang import nodes as n
 from ..lang.checks import INDEX_LIMIT, PatternArgumentError
 from ..lang.queries import depends_on_heads, head_group_count, mask_part
-from .blockmask import block_mask_from_states, tile_states
+from .blockmask import block_mask_from_states, first_heads, layer_states, tiles_of_heads
 from .context import Context
 from .maskmod import MaskFn, lower_mask, rows_from
 from .refine import tile_pair_counts
@@ -28,6 +28,11 @@ class Lowering:
     ``[grid.q_start, ctx.q_len)``), exact tile states, and, built on first use, its
     FlexAttention ``BlockMask``.
 
+    The states are classified once per group of heads allowed the same pairs
+    (``layer_states``, ``[B or 1, layers, R, C]``, with ``head_layers[h]`` the layer of
+    head ``h``, or ``None`` where the layers are the heads, see
+    :func:`~sparsedsl.passes.blockmask.layer_states`); ``states`` gives them per head.
+
     ``position_mask`` takes absolute positions; ``mask_mod`` takes row indices (query
     ``i`` is position ``grid.q_start + i``), as kernels index their query tensor."""
 
@@ -35,35 +40,62 @@ class Lowering:
         self.ctx, self.grid = ctx, grid
         self.position_mask: MaskFn = lower_mask(pattern, ctx)
         self.mask_mod: MaskFn = rows_from(self.position_mask, grid.q_start, ctx.device)
-        self.states = tile_states(pattern, ctx, grid, self.position_mask)
+        self.layer_states, self.head_layers = layer_states(pattern, ctx, grid, self.position_mask)
         self._square = uniform_square(pattern)
         self._block_masks: dict[tuple[int, int], BlockMask] = {}
         self._lock = threading.Lock()
 
     @functools.cached_property
+    def states(self) -> torch.Tensor:
+        """Exact states of every tile, int8 contiguous ``[B or 1, H or 1, R, C]`` (see
+        :func:`~sparsedsl.passes.blockmask.tile_states`): ``layer_states``, or, where heads
+        share layers, a copy that gives each head its layer's, made on first use."""
+        if self.head_layers is None:
+            return self.layer_states
+        return self.layer_states.index_select(1, torch.tensor(self.head_layers, device=self.layer_states.device))
+
+    def _grids_per_layer(self) -> list[int]:
+        """How many grids of ``states`` each layer of ``layer_states`` is: the heads that
+        share it."""
+        layers = self.layer_states.shape[1]
+        return [1] * layers if self.head_layers is None else [self.head_layers.count(i) for i in range(layers)]
+
+    @functools.cached_property
     def tile_counts(self) -> tuple[int, int]:
         """``(full, partial)``: the full and the partial tiles of every grid of ``states``
         (each batch entry and head the states hold)."""
-        return (int(layer_counts(self.states == FULL).sum()), int(layer_counts(self.states == PARTIAL).sum()))
+        weights = self._grids_per_layer()
+
+        def tiles(state: int) -> int:
+            per_layer = layer_counts(self.layer_states == state).sum(0).tolist()
+            return sum(count * weight for count, weight in zip(per_layer, weights))
+
+        return tiles(FULL), tiles(PARTIAL)
 
     def pairs(self, heads: int) -> int:
         """Allowed pairs of the rows computed, over ``heads`` heads and the batch entries
-        of bound tensors (full tiles by area, partial tiles by evaluating them)."""
-        per_grid = heads // self.states.shape[1]
+        of bound tensors (full tiles by area, partial tiles by evaluating them, once per
+        layer of heads that share them)."""
+        grids = self.layer_states.shape[1] if self.head_layers is None else len(self.head_layers)  # of states
+        per_grid = heads // grids
         full, partial = self.tile_counts
         inside = 0
         if partial:
-            tiles = (self.states == PARTIAL).nonzero()
-            inside = int(tile_pair_counts(self.position_mask, self.grid, tiles, square=self._square).sum())
+            tiles = (self.layer_states == PARTIAL).nonzero()
+            layers = None if self.head_layers is None else first_heads(self.head_layers)
+            counts = tile_pair_counts(self.position_mask, self.grid, tiles_of_heads(tiles, layers),
+                                      square=self._square)
+            weights = torch.tensor(self._grids_per_layer(), device=tiles.device)[tiles[:, 1]]
+            inside = int((counts * weights).sum())
         return (full * self.grid.q_block * self.grid.kv_block + inside) * per_grid
 
     def block_mask_for(self, q_padded: int, kv_padded: int, build) -> BlockMask:
-        """The block mask built by ``build(states, grid, mask_mod)`` for inputs of
-        ``q_padded x kv_padded``, built once per such size."""
+        """The block mask built by ``build(layer_states, grid, mask_mod, head_layers)`` for
+        inputs of ``q_padded x kv_padded``, built once per such size."""
         with self._lock:
             key = (q_padded, kv_padded)
             if key not in self._block_masks:
-                self._block_masks[key] = build(self.states, self.grid, self.mask_mod)
+                self._block_masks[key] = build(self.layer_states, self.grid, self.mask_mod, self.head_layers)
             return self._block_masks[key]
 
     @property

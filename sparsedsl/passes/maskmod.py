@@ -498,8 +498,9 @@ def _(node: n.Keys, ctx):
 
 def shifted_context(node: n.Shifted, ctx: Context) -> Context:
     """The context ``node.inner`` is evaluated in: the positions from ``node.offset`` on (at
-    least one, so that a matrix with none still has sizes)."""
-    return Context(max(1, ctx.q_len - node.offset), max(1, ctx.kv_len - node.offset), ctx.heads, ctx.device)
+    least one, so that a matrix with none still has sizes), same heads, layers and device."""
+    return Context(max(1, ctx.q_len - node.offset), max(1, ctx.kv_len - node.offset), ctx.heads, ctx.device,
+                   layers=ctx.layers)
 
 
 @_lower.register
@@ -510,9 +511,9 @@ def _(node: n.Shifted, ctx):
 
 def document_context(ctx: Context) -> Context:
     """The context a ``documents(...).within(rule)`` rule is evaluated in: ``L x L``
-    document-relative positions, ``L = max(Q, K)``, same heads and device, no tensors."""
+    document-relative positions, ``L = max(Q, K)``, same heads, layers and device, no tensors."""
     length = max(ctx.q_len, ctx.kv_len)
-    return Context(length, length, ctx.heads, ctx.device)
+    return Context(length, length, ctx.heads, ctx.device, layers=ctx.layers)
 
 
 @_lower.register

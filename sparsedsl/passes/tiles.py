@@ -20,15 +20,20 @@ on a GPU each tensor operation is one kernel launch, so a build costs about its 
 operations. :func:`leaves_unknown` tells on the host, from the structure alone, whether
 any tile can be left ``UNKNOWN`` (so whether refining needs to read anything back).
 
-Every classifier returns an int8 tensor of shape ``[B or 1, H or 1, R, C]``.
+Every classifier returns an int8 tensor of shape ``[B or 1, H or 1, R, C]``, or, when the
+context names head layers (:attr:`Context.layers`: one head standing for each group of
+heads allowed the same pairs), ``[B or 1, layers or 1, R, C]``: the head-group nodes give
+each layer the states of its head, so shared parts are classified once per layer, not once
+per head.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from functools import singledispatch
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -231,35 +236,41 @@ def _chunk_states(span: Span, size: int) -> torch.Tensor:
     return decide((c.ql == c.qh) & (c.kl == c.kh), (c.qh < c.kl) | (c.kh < c.ql))
 
 
-def _dilated_states(span: Span, segment: int, rate: int, offset: int) -> torch.Tensor:
-    """LongNet's ``dilated(segment, rate, offset)`` (``0 <= offset < rate <= segment``),
-    decided exactly per tile.
+def _dilated_states(span: Span, parts: Sequence[n.Dilated]) -> torch.Tensor:
+    """States ``[1, layers, ...]`` of LongNet's ``dilated(segment, rate, offset)`` (``0 <=
+    offset < rate <= segment``) where layer ``i`` runs ``parts[i]``, decided exactly per
+    tile, every layer at once (the parameters as ``[layers, 1]`` tensors).
 
-    With ``rate == 1`` it is ``chunks(segment)``. Otherwise number the kept positions in
-    order from 0: segment ``s`` holds the numbers ``[s * per, (s + 1) * per)``. A tile axis
-    ``[lo, hi]`` holds the numbers from that of the first kept position ``>= lo`` to that
-    of the last ``<= hi`` (none if the first exceeds the last), so the tile is empty unless
-    both axes hold some and their ranges of segments meet. Two adjacent positions are never
-    both kept in one segment, so only a 1 x 1 tile can be full."""
-    if rate == 1:
-        return _chunk_states(span, segment)
-    per = (segment - 1 - offset) // rate + 1
+    Number the kept positions in order from 0: segment ``s`` holds the numbers ``[s * per,
+    (s + 1) * per)`` (with ``rate == 1`` every position is kept, ``per = segment``: it is
+    ``chunks(segment)``). A tile axis ``[lo, hi]`` holds the numbers from that of the first
+    kept position ``>= lo`` to that of the last ``<= hi`` (none if the first exceeds the
+    last), so the tile is empty unless both axes hold some and their ranges of segments
+    meet. It is full when each axis is one position or, with ``rate == 1``, lies in one
+    segment (with ``rate > 1`` two adjacent positions are never both kept in a segment).
+    One part of rate 1 is classified as :func:`_chunk_states`."""
+    if len(parts) == 1 and parts[0].rate == 1:
+        return _chunk_states(span, parts[0].segment)
+    params = torch.tensor([[p.segment, (p.segment - 1 - p.offset) // p.rate + 1, p.rate,
+                            p.rate - 1 - p.offset, -p.offset] for p in parts], device=span.ql.device).T[..., None]
+    # [layers, 1] each; shift [2, layers, 1]: to the first kept position >= p, to the last <= p
+    segment, per, rate, shift = params[0], params[1], params[2], params[3:]
+    q_shape, k_shape, q_count = span.ql.shape, span.kl.shape, span.ql.numel()
+    # [2, 1, n]: the low (row 0) and high (row 1) bounds of the query axes, then of the key axes
+    bounds = torch.cat([span.ql.reshape(-1), span.kl.reshape(-1),
+                        span.qh.reshape(-1), span.kh.reshape(-1)]).view(2, 1, -1)
+    # number of the first kept position >= lo (row 0), of the last <= hi (row 1): per for
+    # each segment before p's, then p's own
+    number = (bounds // segment) * per + (bounds % segment + shift) // rate  # [2, layers, n]
+    first, last = number // per  # segments, [layers, n] each
+    last = last.masked_fill(number[0] > number[1], -1)  # an axis holding none: no segment
+    whole = ((first == last) & (rate == 1)) | (bounds[0] == bounds[1])  # [layers, n]
 
-    def number(p: torch.Tensor, shift: int) -> torch.Tensor:
-        # The number of the first kept position >= p (shift = rate - 1 - offset) or of the
-        # last <= p (shift = -offset): per for each segment before p's, then p's own.
-        if segment % rate == 0:  # then the kept positions are those = offset (mod rate)
-            return (p + shift) // rate
-        return (p // segment) * per + (p % segment + shift) // rate
+    def axes(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [layers, n] -> query, key parts
+        return (values[:, :q_count].view(-1, *q_shape), values[:, q_count:].view(-1, *k_shape))
 
-    def segments(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first, last = number(lo, rate - 1 - offset), number(hi, -offset)
-        return first // per, (last // per).masked_fill_(first > last, -1)  # none: no segment
-
-    q_first, q_last = segments(span.ql, span.qh)
-    k_first, k_last = segments(span.kl, span.kh)
-    single = (span.ql == span.qh) & (span.kl == span.kh)
-    return decide(single, (q_last < k_first) | (k_last < q_first))
+    (q_first, k_first), (q_last, k_last), (q_whole, k_whole) = axes(first), axes(last), axes(whole)
+    return decide(q_whole & k_whole, (q_last < k_first) | (k_last < q_first))
 
 
 def _layout_states(layout: torch.Tensor, span: Span, first_row: int = 0,
@@ -339,9 +350,10 @@ def _pooled(layout: torch.Tensor, mq: int, mk: int) -> torch.Tensor:
 
 def classify(pattern: n.Pattern, ctx: Context, grid: TileGrid, rows: range) -> torch.Tensor:
     """States ``[B or 1, H or 1, len(rows), num_kv_tiles]`` of the tiles in query-tile rows
-    ``rows`` (possibly an expanded view). ``UNKNOWN`` may remain (see
-    :func:`leaves_unknown`); tiles cut short by a sequence end may still say ``FULL``
-    (:func:`sparsedsl.passes.blockmask.tile_states` makes them ``PARTIAL``)."""
+    ``rows`` (possibly an expanded view; ``layers or 1`` for ``H`` when ``ctx.layers`` is
+    set). ``UNKNOWN`` may remain (see :func:`leaves_unknown`); tiles cut short by a
+    sequence end may still say ``FULL`` (:func:`sparsedsl.passes.blockmask.tile_states`
+    makes them ``PARTIAL``)."""
     span = grid.span(rows, ctx.device)
     state = _classify(pattern, ctx, span, grid)
     return state.expand(*state.shape[:2], len(rows), grid.num_kv_tiles)
@@ -385,7 +397,7 @@ def _(node: n.Strided, ctx, span, grid):
 
 @_classify.register
 def _(node: n.Dilated, ctx, span, grid):
-    return _dilated_states(span, node.segment, node.rate, node.offset)
+    return _dilated_states(span, [node])
 
 
 @_classify.register
@@ -497,7 +509,7 @@ def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) ->
             index = torch.int32 if num_qb + num_kb < 2**31 else torch.int64  # halves the traffic
             qb = torch.arange(first, last + 1, dtype=index, device=ctx.device)[:, None]
             kb = torch.arange(num_kb, dtype=index, device=ctx.device)[None, :]
-            h = torch.arange(ctx.heads, device=ctx.device)[:, None, None]
+            h = torch.tensor(list(ctx.layer_heads()), device=ctx.device)[:, None, None]
             rows = lower_block_rule(rule, ctx, num_qb, num_kb)(None, h, qb, kb)
         if rows.dim() <= allowed.dim() and all(r in (1, a) for r, a in zip(rows.shape[::-1], allowed.shape[::-1])):
             allowed |= rows
@@ -592,16 +604,28 @@ def _within_states(rule: n.Pattern, ctx: Context, span: Span, grid: TileGrid, si
     return torch.where((state == PARTIAL) & ~exact, UNKNOWN, state).to(torch.int8)
 
 
+def _by_head(parts, part_of: Sequence[int], ctx: Context, span: Span, grid: TileGrid) -> torch.Tensor:
+    """States ``[B or 1, layers, R, C]`` of a node that gives head ``h`` what
+    ``parts[part_of[h]]`` allows: each layer (:meth:`Context.layer_heads`) takes the layer
+    of its head's part, a run of consecutive layers from one part as one slice. Only the
+    parts some layer takes are classified; ``dilated(...)`` parts all at once."""
+    heads = ctx.layer_heads()
+    if all(isinstance(parts[part_of[h]], n.Dilated) for h in heads):  # LongNet's segments: at once
+        return _dilated_states(span, [parts[part_of[h]] for h in heads])
+    runs = [(part, len(list(run))) for part, run in itertools.groupby(part_of[h] for h in heads)]
+    states = {part: _classify(parts[part], ctx, span, grid) for part, _ in runs}
+    batch = max(state.shape[0] for state in states.values())
+    shape, start, pieces = (batch, len(heads), span.ql.shape[0], span.kl.shape[1]), 0, []
+    for part, count in runs:
+        pieces.append(states[part].expand(shape)[:, start:start + count])
+        start += count
+    return torch.cat(pieces, dim=1)
+
+
 @_classify.register
 def _(node: n.Heads, ctx, span, grid):
     groups = head_groups(ctx.heads, len(node.parts))
-    parts = [_classify(p, ctx, span, grid) for p in node.parts]
-    batch = max(p.shape[0] for p in parts)
-    rows, cols = span.ql.shape[0], span.kl.shape[1]
-    return torch.cat(
-        [p.expand(batch, ctx.heads, rows, cols)[:, g.start:g.stop] for p, g in zip(parts, groups)],
-        dim=1,
-    )
+    return _by_head(node.parts, [i for i, group in enumerate(groups) for _ in group], ctx, span, grid)
 
 
 @_classify.register
@@ -827,11 +851,7 @@ def _(node: n.DocumentWithin, ctx, span, grid):
 
 @_classify.register
 def _(node: n.CycleHeads, ctx, span, grid):
-    parts = [_classify(p, ctx, span, grid) for p in node.parts]
-    batch = max(p.shape[0] for p in parts)
-    rows, cols = span.ql.shape[0], span.kl.shape[1]
-    return torch.cat([parts[h % len(parts)].expand(batch, ctx.heads, rows, cols)[:, h:h + 1]
-                      for h in range(ctx.heads)], dim=1)
+    return _by_head(node.parts, [h % len(node.parts) for h in range(ctx.heads)], ctx, span, grid)
 
 
 _undecided.register(n.Queries, lambda node, ctx, grid: _EXACT)
@@ -854,9 +874,9 @@ def _(node: n.CycleHeads, ctx, grid):
 
 @_classify.register
 def _(node: n.DilatedHeads, ctx, span, grid):
-    rows, cols = span.ql.shape[0], span.kl.shape[1]
-    return torch.cat([_dilated_states(span, part.segment, part.rate, part.offset).expand(1, len(heads), rows, cols)
-                      for heads, part in node.groups(ctx.heads)], dim=1)
+    groups = node.groups(ctx.heads)
+    return _by_head([part for _, part in groups], [j for j, (heads, _) in enumerate(groups) for _ in heads],
+                    ctx, span, grid)
 
 
 @_classify.register

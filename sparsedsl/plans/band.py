@@ -206,7 +206,7 @@ class BandPlan(Plan):
         scale, return_lse = call.scale, call.return_lse
         if _flex_edges(call):
             padded = bucket_length(call.q_len, lowered.grid.q_block)
-            block_mask = padded_block_mask(states, lowered.grid, lowered.mask_mod, padded, padded)
+            block_mask = padded_block_mask(states, lowered.grid, lowered.mask_mod, None, padded, padded)
 
             def edges(q, k, v):
                 return flex_plan_attention(q, k, v, block_mask=block_mask, score_mod=None, scale=scale,

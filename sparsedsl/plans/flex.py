@@ -23,7 +23,7 @@ whose own tiles divide the block mask's, and passes no 64-token one.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +88,14 @@ def bucket_length(length: int, tile: int) -> int:
 
 
 def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
-                      q_padded: int, kv_padded: int) -> BlockMask:
-    """The block mask of ``states`` (tiles of ``grid``; ``mask_mod`` on row indices, see
-    :func:`block_mask_from_states`) on sequences padded to ``q_padded x kv_padded``: padded
-    tiles are empty, and the ``mask_mod`` also refuses positions past the true lengths
-    (held as tensors, so no length is compiled in)."""
+                      head_layers: Sequence[int] | None, q_padded: int, kv_padded: int) -> BlockMask:
+    """The block mask of ``states`` (tiles of ``grid``, layers given to heads by
+    ``head_layers``; ``mask_mod`` on row indices, see :func:`block_mask_from_states`) on
+    sequences padded to ``q_padded x kv_padded``: padded tiles are empty, and the
+    ``mask_mod`` also refuses positions past the true lengths (held as tensors, so no
+    length is compiled in)."""
     if (q_padded, kv_padded) == (grid.rows, grid.kv_len):
-        return block_mask_from_states(states, grid, mask_mod)
+        return block_mask_from_states(states, grid, mask_mod, head_layers)
     nq, nk = -(-q_padded // grid.q_block), -(-kv_padded // grid.kv_block)
     padded = F.pad(states, (0, nk - states.shape[-1], 0, nq - states.shape[-2]), value=EMPTY)
     device = states.device
@@ -105,7 +106,7 @@ def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
         return mask_mod(b, h, q, k) & (q < q_limit) & (k < kv_limit)
 
     return block_mask_from_states(padded, TileGrid(q_padded, kv_padded, grid.q_block, grid.kv_block),
-                                  bounded_mask)
+                                  bounded_mask, head_layers)
 
 
 #: Forward-kernel options for diagonal bands (:func:`~sparsedsl.lang.queries.is_diagonal_band`)
@@ -244,11 +245,11 @@ class FlexPlan(Plan):
 
     def build(self, prepared: Tiled, call: Call, planner) -> Runner:
         lowered = prepared.lowering
-        check_batch(call, lowered.states)
+        check_batch(call, lowered.layer_states)
         q_padded, kv_padded = bucket_length(call.q_len, lowered.grid.q_block), bucket_length(call.kv_len,
                                                                                           lowered.grid.kv_block)
-        block_mask = lowered.block_mask_for(q_padded, kv_padded, lambda states, grid, mask_mod: padded_block_mask(
-            states, grid, mask_mod, q_padded, kv_padded))
+        block_mask = lowered.block_mask_for(q_padded, kv_padded, lambda states, grid, mask_mod, layers:
+                                            padded_block_mask(states, grid, mask_mod, layers, q_padded, kv_padded))
         score_mod = call_score_mod(prepared.pattern, call)
         options = flex_kernel_options(prepared.pattern, call.head_dim, call.device, call.dtype,
                                       lowered.grid.q_block)
