@@ -20,6 +20,7 @@ times and ratios, writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -203,6 +204,12 @@ def main() -> None:
     with Progress(len(names), "cases", unit="case") as bar:
         for name in names:
             text, n, batch, heads, dim = CASES[name]
+            # Each case starts from an empty allocator cache: after a case of large buffers
+            # (longnet-paper-64k's), later cases measured slower as called than captured in
+            # a CUDA graph (longnet-64k 1.79 ms against 0.95 ms, 2026-12-05), as if cached
+            # blocks were being split and freed (which synchronises) at every call.
+            gc.collect()
+            torch.cuda.empty_cache()
             try:
                 rows.append(run_case(name, text, n, batch, heads, dim, args.quick))
             except Exception as err:  # noqa: BLE001 - a failed case is reported, the rest still run

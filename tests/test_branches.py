@@ -5,6 +5,7 @@ hypothesis-generated LongNet configurations and sums of lattice patterns."""
 from __future__ import annotations
 
 import functools
+from functools import partial
 import operator
 import re
 
@@ -301,3 +302,31 @@ def test_a_run_laid_out_as_its_term_becomes_the_terms_output():
 def _call(length: int, heads: int):
     from sparsedsl.plans.base import Call
     return Call(length, length, 0, heads, heads, 8, 1, torch.float64, torch.device("cpu"), 8 ** -0.5, 16, 16)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_jobs_in_turns_write_after_the_previous_turn(device):
+    """``in_turns``: every job runs once, and what a job does after ``before_writing`` sees
+    every write of the previous turn, though the turns' jobs overlap on CUDA side streams
+    (their kernels before that point run unordered): job ``slot`` of turn ``t`` writes row
+    ``t + 1`` from all of row ``t``, which turn ``t - 1`` wrote."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from sparsedsl.plans.cuda_streams import in_turns
+    turns, slots, width = 3, 4, 1 << 16
+    rows = torch.zeros(turns + 1, slots, width, device=device)
+    rows[0] = 1.0
+    big = torch.randn(1024, 1024, device=device)
+
+    def job(turn: int, slot: int, before_writing) -> None:
+        busy = (big @ big).sum() * 0  # kernel work before the write, free to overlap
+        before_writing()
+        rows[turn + 1, slot] = (turn + 1) * rows[turn].sum(0) + slot + busy
+
+    in_turns(torch.device(device), [[partial(job, turn, slot) for slot in range(slots)] for turn in range(turns)])
+    expected = torch.zeros(turns + 1, slots, width, dtype=torch.float64)
+    expected[0] = 1.0
+    for turn in range(turns):
+        for slot in range(slots):
+            expected[turn + 1, slot] = (turn + 1) * expected[turn].sum(0) + slot
+    assert torch.allclose(rows.double().cpu(), expected, rtol=1e-5)

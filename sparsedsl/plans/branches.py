@@ -26,8 +26,12 @@ from .terms_attention import Terms, TermsAttention
 #: rate on ``segments`` of the same lengths in the same run, so 0.7 of its 6; the gather plan
 #: ran 12k-13k on this multiset and 21k on set patterns (``benchmarks/plan_efficiency.py``,
 #: 2026-12-05, forward, fp32, 4,096 tokens, 8 heads, head dim 64, 2 shared cores, torch
-#: 2.13, CPU time). CUDA: not measured.
-EFFICIENCY = {"cpu": 4.5}
+#: 2.13, CPU time). CUDA: LongNet's paper configuration at 65,536 tokens (12 heads, head dim
+#: 128, bf16, H100, torch 2.11, ``benchmarks/attention.py --quick``, 2026-12-05, commit
+#: 047c307) computed 3.4G pairs in 3.55 ms forward and 15.1 ms forward+backward, where
+#: FlexAttention on its 128-token tiles (25.8G pairs) took 120 ms and 326 ms: 4.4x flex's
+#: rate per pair forward, 2.8x forward+backward; the lower is taken.
+EFFICIENCY = {"cpu": 4.5, "cuda": 2.8}
 
 _LATTICE = LatticePlan()
 

@@ -1,6 +1,6 @@
 """Dense attention by the device's fused kernel with its log-sum-exp, and the backward that
-takes the statistics (``out``, ``lse``) it is given: the kernels the plans of folded lattice
-runs share (:mod:`~sparsedsl.plans.terms_attention`).
+takes the statistics (``out``, ``lse``) it is given: the kernels of the runs of lattice
+terms (:mod:`~sparsedsl.plans.terms_attention`).
 
 Given *merged* statistics (the output and log-sum-exp of a softmax over more keys than the
 call holds), a fused backward computes ``P = exp(s - L)`` on the call's pairs and ``D =

@@ -1,6 +1,6 @@
 """Attention of lattice *terms* merged by their log-sum-exps, with exact gradients: the
-branches plan's multisets (``a + b``, ``longnet(...)``, a term per part of the sum) and the
-lattice plan's ``chunks`` lattices with gradients (one term).
+branches plan's multisets (``a + b``, ``longnet(...)``: a term per part of the sum or
+branch; ``longnet`` of one segment length is one term).
 
 A multiset's attention is one softmax over the keys of each row counted with multiplicity
 ``m`` (``log m`` added to the score). Written as terms, set patterns whose multiplicities
@@ -40,17 +40,13 @@ from functools import partial
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..passes.lattice import HeadGroupLattice, zeroed_heads
-from .branches_program import BranchesProgram
+from ..passes.lattice import zeroed_heads
+from .branches_program import BranchesProgram, Terms
 from .cuda_streams import concurrently, in_turns
 from .fused_attention import attend, attend_backward, compute_dtype
 from .kernels import per_query_head, zero_heads
 from .lattice_views import chunk_folds, fold, folded_view, write_folded, zeroed_output
 from .layout_programs import LayoutPrograms
-
-#: One lattice plan per term, every part ``chunks``.
-Terms = tuple[tuple[HeadGroupLattice, ...], ...]
-
 
 def _runs(q, k, v, terms: Terms, *per_term) -> list[tuple]:
     """Every chunk run of every term as ``(*per_term[t], chunk_folds(...) entry)``, the most
@@ -139,10 +135,12 @@ def compiled_weighted_sum() -> Callable:
     reads each output once and writes the merged one (eagerly, a pass per operation per
     term). Shapes are static until a dimension changes between calls, which then becomes
     symbolic (Dynamo's automatic dynamic shapes: one kernel for every later length), so the
-    head dim stays a constant; with every dimension symbolic (``dynamic=True``), each
-    element's row index was a division by a runtime value, and on an H100 the merge of
+    head dim stays a constant. With every dimension symbolic (``dynamic=True``), each
+    element's row index was a division by a runtime value: on an H100 the merge of
     LongNet-paper's five terms at 64K tokens took 0.67 ms (1.8 TB/s; bf16, 12 heads, head
-    dim 128, 2026-12-05)."""
+    dim 128, torch.profiler, 2026-12-05), and the whole forward 3.80 ms; with automatic
+    dynamic shapes the forward took 3.55 ms (``benchmarks/attention.py --quick``, commits
+    c4a8642 and 047c307)."""
     global _compiled_weighted_sum
     with _compiled_lock:
         if _compiled_weighted_sum is None:
