@@ -337,6 +337,18 @@ def test_flex_takes_64_token_tiles_on_cuda_for_64_token_blocks(pattern, length, 
     assert biased == {**SMALL_TILE_OPTIONS, "fwd_num_stages": 2}
 
 
+def _check_bf16_against_reference(pattern, out, q, k, v) -> None:
+    """``out`` of bf16 ``q``, ``k``, ``v`` and its gradients against the float64 reference."""
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    expected, _ = reference_attention(pattern, q64, k64, v64)
+    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
+    want = torch.autograd.grad((expected * weights.cpu().double()).sum(), (q64, k64, v64))
+    for g, w in zip(got, want):
+        assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_flex_64_token_tiles_forward_and_gradients_bf16(head_dim):
@@ -353,14 +365,7 @@ def test_gpu_flex_64_token_tiles_forward_and_gradients_bf16(head_dim):
         forward_only = module(q, k, v)
     out = module(q, k, v)
     assert (forward_only - out).abs().max().item() < 3e-2
-    weights = torch.randn_like(out)
-    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    expected, _ = reference_attention(pattern, q64, k64, v64)
-    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
-    want = torch.autograd.grad((expected * weights.cpu().double()).sum(), (q64, k64, v64))
-    for g, w in zip(got, want):
-        assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
+    _check_bf16_against_reference(pattern, out, q, k, v)
 
 
 @pytest.mark.gpu
@@ -377,14 +382,7 @@ def test_gpu_band_kernel_options_forward_and_gradients_bf16(pattern):
     if torch.cuda.get_device_capability() == (9, 0):
         assert flex_kernel_options(pattern, 128, q.device, q.dtype) is BAND_FORWARD_OPTIONS
     out = module(q, k, v)
-    weights = torch.randn_like(out)
-    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    expected, _ = reference_attention(pattern, q64, k64, v64)
-    assert (out.double().cpu() - expected).abs().max().item() < 3e-2
-    want = torch.autograd.grad((expected * weights.cpu().double()).sum(), (q64, k64, v64))
-    for g, w in zip(got, want):
-        assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
+    _check_bf16_against_reference(pattern, out, q, k, v)
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
 """The terms program: the forward of lattice terms (:mod:`~sparsedsl.plans.terms_attention`)
 resolved once per input layout into ``as_strided`` geometry (as
 :mod:`~sparsedsl.plans.lattice_program` resolves the lattice plan's), so a call makes one
-view per tensor per chunk run, one kernel call and two copies per run, instead of re-deriving every term's folded views on the host at each call: a
-configuration of high dilation rates is dozens of small runs whose host time would
-otherwise exceed their kernels'."""
+view per tensor per chunk run, one kernel call and two copies per run, instead of
+re-deriving every term's folded views on the host at each call: a configuration of high
+dilation rates is dozens of small runs whose host time would otherwise exceed their
+kernels'."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _run(run: Run, q, k, v, outs: list, lses: torch.Tensor, scale: float, attend
     index, q_run, k_run, v_run, out_rows, lse_rows = run
     out, lse = attend(strided_view(q, q_run), strided_view(k, k_run), strided_view(v, v_run), scale)
     if outs[index] is None:
-        size, stride, offset = out_rows
+        _, stride, offset = out_rows
         if out.stride() == stride and offset == 0:
             outs[index] = out.as_strided(out_shape, contiguous_strides(out_shape), out.storage_offset())
         else:

@@ -35,7 +35,7 @@ from ..passes.blockmask import block_mask_from_states
 from ..passes.maskmod import ScoreFunctionError
 from ..passes.tiles import EMPTY, TileGrid
 from .base import Call, Plan, Runner
-from .tiled import Tiled, block_tile, call_lowering, call_score_mod, check_batch, live_tile_pairs, tiled
+from .tiled import Tiled, block_tile, call_score_mod, check_batch, tiled
 
 #: FlexAttention's kernels refuse smaller head dims ("embedding dimension ... at least 16").
 FLEX_MIN_HEAD_DIM = 16
@@ -223,7 +223,7 @@ class FlexPlan(Plan):
                 or block_tile(pattern) != SMALL_TILE):
             return tiles
         small = (SMALL_TILE, SMALL_TILE)
-        computed = {t: live_tile_pairs(call_lowering(pattern, call, t).states, *t, call.heads) for t in (tiles, small)}
+        computed = {t: tiled(pattern, call, t).pairs(call.heads) for t in (tiles, small)}
         return small if computed[small] < SMALL_TILE_EFFICIENCY * computed[tiles] else tiles
 
     def prepare(self, pattern: n.Pattern, call: Call) -> Tiled:

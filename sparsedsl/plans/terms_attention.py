@@ -155,8 +155,9 @@ def terms_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -> t
     k, v = per_query_head(k, group), per_query_head(v, group)
     # Every position the first term's runs do not write starts at zero.
     grads = tuple(torch.empty_like(t) for t in (q, k, v))
+    unwritten = zeroed_heads(terms[0], q.shape[2])
     for grad in grads:
-        zero_heads(grad, zeroed_heads(terms[0], q.shape[2]))
+        zero_heads(grad, unwritten)
     lse = lse[..., None]  # [B, H, N, 1], as the lattice folds take rows
 
     def backward_run(first_term: bool, fold_args, before_writing: Callable[[], None]) -> None:
