@@ -330,3 +330,17 @@ def test_jobs_in_turns_write_after_the_previous_turn(device):
         for slot in range(slots):
             expected[turn + 1, slot] = (turn + 1) * expected[turn].sum(0) + slot
     assert torch.allclose(rows.double().cpu(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_longnet_runs_the_branches_plan_on_cuda_by_default(dtype):
+    """On CUDA the planner picks the branches plan for LongNet (FlexAttention would compute
+    several times its pairs on whole tiles), computing at most 1.3x the pairs its branches
+    hold; float64, which the fused kernels do not take, goes elsewhere."""
+    pattern, length, heads = sd.longnet([2048, 4096, 8192], [1, 2, 4]), 16384, 12
+    plan = sd.compile(pattern).explain(length, heads=heads, head_dim=128, device="cuda", dtype=dtype,
+                                       requires_grad=True)
+    assert plan.kind == "branches", str(plan)
+    assert plan.computed_pairs <= 1.3 * sd.count(pattern, length, heads=heads).pairs_with_multiplicity
+    assert sd.compile(pattern).explain(length, heads=heads, head_dim=128, device="cuda",
+                                       dtype=torch.float64).kind != "branches"
