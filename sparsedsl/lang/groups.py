@@ -24,3 +24,12 @@ def head_groups(num_heads: int, num_groups: int) -> list[range]:
         groups.append(range(start, start + size))
         start += size
     return groups
+
+
+def group_of_each_head(groups: list[range]) -> tuple[int, ...]:
+    """The index of the group each head is in, for ``groups`` that cover the heads in order.
+
+    >>> group_of_each_head([range(0, 3), range(3, 5)])
+    (0, 0, 0, 1, 1)
+    """
+    return tuple(i for i, group in enumerate(groups) for _ in group)

@@ -13,7 +13,7 @@ import math
 from functools import singledispatch
 
 from . import nodes as n
-from .groups import head_groups
+from .groups import group_of_each_head, head_groups
 from .multiset import is_multiset
 
 
@@ -144,12 +144,12 @@ def _head_split(node: n.Pattern, num_heads: int) -> tuple:
 @_head_split.register(n.Heads)
 @_head_split.register(n.Segments)
 def _(node: n.Pattern, num_heads: int) -> tuple:
-    return _group_of_each(head_groups(num_heads, _own_head_groups(node)))
+    return group_of_each_head(head_groups(num_heads, _own_head_groups(node)))
 
 
 @_head_split.register
 def _(node: n.DilatedHeads, num_heads: int) -> tuple:
-    return _group_of_each([heads for heads, _ in node.groups(num_heads)])
+    return group_of_each_head([heads for heads, _ in node.groups(num_heads)])
 
 
 @_head_split.register
@@ -160,11 +160,6 @@ def _(node: n.LongNet, num_heads: int) -> tuple:
 @_head_split.register
 def _(node: n.CycleHeads, num_heads: int) -> tuple:
     return tuple(h % len(node.parts) for h in range(num_heads))
-
-
-def _group_of_each(groups: list[range]) -> tuple[int, ...]:
-    """The index of the group each head is in, for groups that cover the heads in order."""
-    return tuple(i for i, group in enumerate(groups) for _ in group)
 
 
 def head_layers(pattern: n.Pattern, num_heads: int) -> tuple[int, ...]:

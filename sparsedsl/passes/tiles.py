@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lang import nodes as n
-from ..lang.groups import head_groups
+from ..lang.groups import group_of_each_head, head_groups
 from .context import Context
 from .maskmod import document_context, lower_block_rule, random_rule_layout, shifted_context
 
@@ -625,7 +625,7 @@ def _by_head(parts, part_of: Sequence[int], ctx: Context, span: Span, grid: Tile
 @_classify.register
 def _(node: n.Heads, ctx, span, grid):
     groups = head_groups(ctx.heads, len(node.parts))
-    return _by_head(node.parts, [i for i, group in enumerate(groups) for _ in group], ctx, span, grid)
+    return _by_head(node.parts, group_of_each_head(groups), ctx, span, grid)
 
 
 @_classify.register
@@ -875,7 +875,7 @@ def _(node: n.CycleHeads, ctx, grid):
 @_classify.register
 def _(node: n.DilatedHeads, ctx, span, grid):
     groups = node.groups(ctx.heads)
-    return _by_head([part for _, part in groups], [j for j, (heads, _) in enumerate(groups) for _ in heads],
+    return _by_head([part for _, part in groups], group_of_each_head([heads for heads, _ in groups]),
                     ctx, span, grid)
 
 
