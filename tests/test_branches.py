@@ -211,14 +211,16 @@ def test_gpu_longnet(dtype, tolerance, length, heads, kv_heads, batch):
 
 
 def _check_merge(device: str, dtype: torch.dtype) -> None:
-    """``merge`` (compiled on CUDA) against the merge in float64, on rows no term covers
-    (output 0, log-sum-exp -inf), rows one term covers, and two lengths (on CUDA one kernel
-    for both: ``dynamic=True``); a term's rows it does not cover hold NaN, never read."""
-    from sparsedsl.plans.terms_attention import merge
-    for length in (300, 1027):
+    """``merge`` (a Triton kernel on CUDA) against the merge in float64, on rows no term
+    covers (output 0, log-sum-exp -inf), rows one term covers, and two lengths and head
+    dims, neither a multiple of the kernel's tile; a term's rows it does not cover hold
+    NaN, never read."""
+    from sparsedsl.plans.terms_merge import merge
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for length, dim in ((300, 64), (1027, 40)):
         gen = torch.Generator().manual_seed(length)
-        outs = [torch.randn(2, 3, length, 64, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
-        lses = (4 * torch.randn(3, 2, 3, length, generator=gen)).to(device)
+        outs = [torch.randn(2, 3, length, dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
+        lses = (4 * torch.randn(3, 2, 3, length, generator=gen)).to(device=device, dtype=lse_dtype)
         lses[:, :, :, :7] = float("-inf")  # no term
         lses[1:, :, :, 7:20] = float("-inf")  # the first term alone
         for term_out, lse in zip(outs, lses):  # rows a term does not cover are never read
@@ -227,21 +229,21 @@ def _check_merge(device: str, dtype: torch.dtype) -> None:
         expected_total = torch.logsumexp(lses.double(), 0)
         weights = torch.exp(lses.double() - expected_total.nan_to_num(neginf=0.0))[..., None]
         expected = sum(torch.where(w > 0, w * o.double(), 0.0) for w, o in zip(weights, outs))
-        assert out.dtype == dtype and total.dtype == torch.float32
+        assert out.dtype == dtype and total.dtype == lse_dtype
         torch.testing.assert_close(total.double(), expected_total, rtol=1e-5, atol=1e-5)
-        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
         torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tolerance, atol=tolerance)
         assert not out[:, :, :7].any() and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_merge_reads_no_row_a_term_does_not_cover(dtype):
     _check_merge("cpu", dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_compiled_merge(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_gpu_merge_kernel(dtype):
     _check_merge("cuda", dtype)
 
 
@@ -295,7 +297,7 @@ def test_a_run_laid_out_as_its_term_becomes_the_terms_output():
         outs, lses = program(q, k, v, 8 ** -0.5, kernel, torch.float64)
         shared = any(outs[0].untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in returned)
         assert shared == reused
-        from sparsedsl.plans.terms_attention import merge
+        from sparsedsl.plans.terms_merge import merge
         _close(merge(outs, lses)[0], expected, 1e-10)
 
 

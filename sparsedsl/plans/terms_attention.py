@@ -9,7 +9,7 @@ sum_t sum_{k in t} exp(s_k)``. So each term runs alone, as dense attention on st
 of its lattices (:func:`~sparsedsl.plans.lattice_views.chunk_folds`), one fused kernel call
 with its log-sum-exp per chunk run (:func:`~sparsedsl.plans.fused_attention.attend`),
 giving ``(O_t, lse_t)`` per row (``lse_t = -inf`` where the term leaves the row without
-keys). The terms are then merged in one pass:
+keys). The terms are then merged in one pass (:func:`~sparsedsl.plans.terms_merge.merge`):
 
     L = logsumexp_t(lse_t),    O = sum_t exp(lse_t - L) O_t
 
@@ -33,7 +33,6 @@ one term wait for those of the term before (:func:`~sparsedsl.plans.cuda_streams
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -47,6 +46,7 @@ from .fused_attention import attend, attend_backward, compute_dtype
 from .kernels import per_query_head, zero_heads
 from .lattice_views import chunk_folds, fold, folded_view, write_folded, zeroed_output
 from .layout_programs import LayoutPrograms
+from .terms_merge import merge
 
 def _runs(q, k, v, terms: Terms, *per_term) -> list[tuple]:
     """Every chunk run of every term as ``(*per_term[t], chunk_folds(...) entry)``, the most
@@ -99,53 +99,6 @@ class TermsAttention:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _TermsFunction.apply(q, k, v, self)
         return self.forward(q, k, v)
-
-
-def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One softmax from the softmaxes of terms: ``outs[t] [B, H, N, D]`` weighted by
-    ``exp(lses[t] - L)`` with ``L = logsumexp_t(lses[t])``; ``(out, L)``. Rows with ``L =
-    -inf`` (no term has a key there) output 0. One term is its own merge (its rows without
-    keys must hold 0). The weights are computed per row (``[T, B, H, N]``), then summed
-    over the outputs by :func:`weighted_sum`, compiled on CUDA (:func:`compiled_weighted_sum`:
-    one pass over the terms' outputs)."""
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    total = torch.logsumexp(lses, 0)
-    weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))
-    if outs[0].is_cuda and not torch.compiler.is_compiling():
-        return compiled_weighted_sum()(outs, weights), total
-    return weighted_sum(outs, weights), total
-
-
-def weighted_sum(outs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """``sum_t weights[t, ..., None] * outs[t]`` accumulated in the weights' dtype, in the
-    outputs' dtype. A row's output of a term whose weight is 0 there is never read: it may
-    hold anything (the program leaves a term's rows without keys unwritten on CUDA)."""
-    terms = [torch.where(weight > 0, weight * term_out, 0.0)
-             for weight, term_out in zip(weights[..., None], outs)]
-    return sum(terms[1:], terms[0]).to(outs[0].dtype)
-
-
-_compiled_weighted_sum = None
-_compiled_lock = threading.Lock()
-
-
-def compiled_weighted_sum() -> Callable:
-    """:func:`weighted_sum` compiled by Inductor, created once per process: one pass that
-    reads each output once and writes the merged one (eagerly, a pass per operation per
-    term). Shapes are static until a dimension changes between calls, which then becomes
-    symbolic (Dynamo's automatic dynamic shapes: one kernel for every later length), so the
-    head dim stays a constant. With every dimension symbolic (``dynamic=True``), each
-    element's row index was a division by a runtime value: on an H100 the merge of
-    LongNet-paper's five terms at 64K tokens took 0.67 ms (1.8 TB/s; bf16, 12 heads, head
-    dim 128, torch.profiler, 2026-12-05), and the whole forward 3.80 ms; with automatic
-    dynamic shapes the forward took 3.55 ms (``benchmarks/attention.py --quick``, commits
-    c4a8642 and 047c307)."""
-    global _compiled_weighted_sum
-    with _compiled_lock:
-        if _compiled_weighted_sum is None:
-            _compiled_weighted_sum = torch.compile(weighted_sum, fullgraph=True)
-        return _compiled_weighted_sum
 
 
 def terms_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -> tuple[torch.Tensor, ...]:
