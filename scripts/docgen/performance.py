@@ -11,7 +11,8 @@ ATTENTION_CASES = ("longnet-64k", "longnet-paper-32k", "window-64k", "blockwindo
                    "seed-guide-shape")
 #: The runs the GPU targets are read from, oldest first: a case is read from the newest
 #: run that measured it.
-GPU_TARGETS = ("h200-attention-2026-12-05.json", "h100-attention-2026-12-05.json", "h100-attention-2026-12-05b.json")
+GPU_TARGETS = ("h200-attention-2026-12-05.json", "h100-attention-2026-12-05.json", "h100-attention-2026-12-05b.json",
+               "h100-attention-2026-12-05c.json")
 DECODE = "h100-decode-2026-11-25.json"
 MASK_BUILD = "h100-blockmask-build-2026-11-25.json"
 
