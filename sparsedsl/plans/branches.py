@@ -85,7 +85,8 @@ class BranchesPlan(Plan):
         return run
 
     def describe(self, prepared: Terms, call: Call) -> str:
-        compiled = ("; the merge is compiled by the first call (seconds, once per process and number of terms)"
+        compiled = ("; the merge's Triton kernel is compiled by the first call (about a second, once per process, "
+                    "number of terms and dtype)"
                     if call.device.type == "cuda" else "")
         return (f"multiset of {len(prepared)} terms: each as dense attention on its folded lattices, "
                 f"merged by log-sum-exp into one softmax{compiled}")
