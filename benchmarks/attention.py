@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import sparsedsl as sd
-from sparsedsl.lang.queries import block_band
 from sparsedsl.progress import Progress
 
 compiled_cbm = torch.compile(create_block_mask)
@@ -119,7 +118,7 @@ def cuda_graphed(fn):
     return graph.replay
 
 
-def run_case(name, text, n, batch, heads, dim, quick: bool) -> dict:
+def run_case(name, text, n, batch, heads, dim, quick: bool, other_plans: tuple[str, ...] = ()) -> dict:
     pattern = sd.parse(text)
     module = sd.compile(pattern, kernel=KERNELS.get(name, "auto"))
     counts = module.explain(n, heads=heads, head_dim=dim, device="cuda")
@@ -162,10 +161,15 @@ def run_case(name, text, n, batch, heads, dim, quick: bool) -> dict:
         with torch.no_grad():
             replay = cuda_graphed(lambda: module(q, k, v))
             row["graph_fwd_isolated_ms"], row["graph_fwd_ms"] = bench(replay, iters=iters)
-    if block_band(pattern) is not None:  # the band plan forced, to check the auto rule
-        band = sd.compile(pattern, kernel="band")
+    for plan in other_plans:  # named plans beside the planner's choice, to check its rule
+        forced = sd.compile(pattern, kernel=plan)
+        try:
+            forced.explain(n, heads=heads, head_dim=dim, device="cuda")
+        except sd.PlanNotSupported:  # the plan does not run this pattern
+            continue
         with torch.no_grad():
-            row["band_fwd_isolated_ms"], row["band_fwd_ms"] = bench(lambda: band(q, k, v), iters=iters)
+            row[f"{plan}_fwd_isolated_ms"], row[f"{plan}_fwd_ms"] = bench(lambda: forced(q, k, v), iters=iters)
+        row[f"{plan}_fwdbwd_isolated_ms"], row[f"{plan}_fwdbwd_ms"] = bench(fwd_bwd(forced, q, k, v), iters=iters)
     # Block-mask builds: ours from a cold lowering cache vs create_block_mask.
     from sparsedsl.passes.lowering import _LOWERINGS
 
@@ -198,6 +202,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plans", default="band",
+                        help="plans also timed on each case they run, forward and forward+backward (comma-separated)")
     args = parser.parse_args()
     rows = []
     names = args.cases.split(",")
@@ -211,7 +217,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                rows.append(run_case(name, text, n, batch, heads, dim, args.quick))
+                rows.append(run_case(name, text, n, batch, heads, dim, args.quick, tuple(filter(None, args.plans.split(",")))))
             except Exception as err:  # noqa: BLE001 - a failed case is reported, the rest still run
                 rows.append({"case": name, "error": f"{type(err).__name__}: {err}"[:500]})
             print(json.dumps(rows[-1]), flush=True)
@@ -238,10 +244,11 @@ def main() -> None:
             print(f"{r['case']:24} captured in a CUDA graph: fwd {r['graph_fwd_ms']:.3f} ms back to back "
                   f"({r['graph_fwd_isolated_ms']:.3f} isolated) vs {r['sparsedsl_fwd_ms']:.3f} as called "
                   f"({r['dense_fwd_ms'] / r['graph_fwd_ms'] * r['density']:.2f} x density)")
-        if "band_fwd_ms" in r:
-            print(f"{r['case']:24} band plan forced: fwd {r['band_fwd_ms']:.3f} ms back to back "
-                  f"({r['band_fwd_isolated_ms']:.3f} isolated) vs flex {r['flex_fwd_ms']:.3f} "
-                  f"({r['flex_fwd_isolated_ms']:.3f})")
+        for plan in filter(None, args.plans.split(",")):
+            if f"{plan}_fwd_ms" in r:
+                print(f"{r['case']:24} {plan} plan forced: fwd {r[f'{plan}_fwd_ms']:.3f} ms, f+b "
+                      f"{r[f'{plan}_fwdbwd_ms']:.3f} ms back to back, vs {r['plan']} {r['sparsedsl_fwd_ms']:.3f}, "
+                      f"{r['sparsedsl_fwdbwd_ms']:.3f} and flex {r['flex_fwd_ms']:.3f}, {r['flex_fwdbwd_ms']:.3f}")
 
 
 if __name__ == "__main__":

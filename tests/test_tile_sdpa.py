@@ -230,3 +230,25 @@ def test_backward_in_chunks_of_spans(pattern, q_len, monkeypatch):
     monkeypatch.setattr(tile_sdpa_autograd, "GATHER_BYTES", 1)
     module = sd.compile(pattern, block_size=32, kernel="tile_sdpa")
     _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, 640, 8, seed=q_len + 1), 0, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [sd.blocks(64).local(1).global_(2).random(3, 0), sd.blocks(128).local(2),
+                                     sd.window(70) | sd.global_tokens(9), sd.causal() & sd.window(100, 0)])
+def test_gpu_outputs_and_gradients_bf16(pattern):
+    """On CUDA in bf16 (the fused SDPA kernels there), at a length that is not a multiple
+    of the tiles: outputs and gradients against the float64 reference, to bf16's rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q, k, v = (t.detach().to(device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for t in _inputs(2, 4, 2, 1000, 1000, 64, seed=7))
+    out = sd.compile(pattern, kernel="tile_sdpa")(q, k, v)
+    reference = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    expected, _ = reference_attention(pattern, *reference)
+    assert (out.double().cpu() - expected).abs().max().item() < 6e-2  # bf16 rounding; inputs up to ~7
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), weights.to(device="cuda", dtype=torch.bfloat16))
+    want = torch.autograd.grad(expected, reference, weights)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert (g.double().cpu() - w).abs().max().item() < 5e-2 * max(1.0, w.abs().max().item())
