@@ -25,6 +25,7 @@ from ..budget import check_memory
 from ..lang.nodes import Pattern
 from ..lang.queries import head_layers
 from .context import Context
+from .host_values import on_device
 from .refine import states_from_counts, tile_pair_counts
 from .squares import uniform_square
 from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify, leaves_unknown
@@ -92,7 +93,7 @@ def tiles_of_heads(tiles: torch.Tensor, layers: Sequence[int] | None) -> torch.T
     (a copy when ``layers`` is ``None``: the layers are the heads)."""
     tiles = tiles.clone()
     if layers is not None:
-        tiles[:, 1] = torch.tensor(layers, dtype=tiles.dtype, device=tiles.device)[tiles[:, 1]]
+        tiles[:, 1] = on_device(layers, tiles.device, tiles.dtype)[tiles[:, 1]]
     return tiles
 
 
@@ -209,7 +210,7 @@ def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Calla
     else:
         passes = [tuple(t[None] for t in ordered_indices(selected, transposed)) for transposed in (False, True)]
     if head_layers is not None:
-        index = torch.tensor(head_layers, device=states.device)
+        index = on_device(head_layers, states.device)
         passes = [(num.index_select(-2, index), indices.index_select(-3, index)) for num, indices in passes]
     (kv_num, full_kv_num), (q_num, full_q_num) = (order.unbind() for num, _ in passes for order in num)
     (kv_idx, full_kv_idx), (q_idx, full_q_idx) = (order.unbind() for _, indices in passes for order in indices)

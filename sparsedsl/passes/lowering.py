@@ -16,6 +16,7 @@ from ..lang.checks import INDEX_LIMIT, PatternArgumentError
 from ..lang.queries import depends_on_heads, head_group_count, mask_part
 from .blockmask import block_mask_from_states, first_heads, layer_states, tiles_of_heads
 from .context import Context
+from .host_values import on_device
 from .maskmod import MaskFn, lower_mask, rows_from
 from .refine import tile_pair_counts
 from .squares import uniform_square
@@ -52,7 +53,7 @@ class Lowering:
         share layers, a copy that gives each head its layer's, made on first use."""
         if self.head_layers is None:
             return self.layer_states
-        return self.layer_states.index_select(1, torch.tensor(self.head_layers, device=self.layer_states.device))
+        return self.layer_states.index_select(1, on_device(self.head_layers, self.layer_states.device))
 
     def _grids_per_layer(self) -> list[int]:
         """How many grids of ``states`` each layer of ``layer_states`` is: the heads that
@@ -85,7 +86,7 @@ class Lowering:
             layers = None if self.head_layers is None else first_heads(self.head_layers)
             counts = tile_pair_counts(self.position_mask, self.grid, tiles_of_heads(tiles, layers),
                                       square=self._square)
-            weights = torch.tensor(self._grids_per_layer(), device=tiles.device)[tiles[:, 1]]
+            weights = on_device(self._grids_per_layer(), tiles.device)[tiles[:, 1]]
             inside = int((counts * weights).sum())
         return (full * self.grid.q_block * self.grid.kv_block + inside) * per_grid
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..lang import nodes as n
 from ..lang.groups import group_of_each_head, head_groups
 from .context import Context
+from .host_values import on_device
 from .maskmod import document_context, lower_block_rule, random_rule_layout, shifted_context
 
 EMPTY, PARTIAL, UNKNOWN, FULL = 0, 1, 2, 3
@@ -251,8 +252,8 @@ def _dilated_states(span: Span, parts: Sequence[n.Dilated]) -> torch.Tensor:
     One part of rate 1 is classified as :func:`_chunk_states`."""
     if len(parts) == 1 and parts[0].rate == 1:
         return _chunk_states(span, parts[0].segment)
-    params = torch.tensor([[p.segment, (p.segment - 1 - p.offset) // p.rate + 1, p.rate,
-                            p.rate - 1 - p.offset, -p.offset] for p in parts], device=span.ql.device).T[..., None]
+    params = on_device([[p.segment, (p.segment - 1 - p.offset) // p.rate + 1, p.rate,
+                         p.rate - 1 - p.offset, -p.offset] for p in parts], span.ql.device).T[..., None]
     # [layers, 1] each; shift [2, layers, 1]: to the first kept position >= p, to the last <= p
     segment, per, rate, shift = params[0], params[1], params[2], params[3:]
     q_shape, k_shape, q_count = span.ql.shape, span.kl.shape, span.ql.numel()
@@ -509,7 +510,7 @@ def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) ->
             index = torch.int32 if num_qb + num_kb < 2**31 else torch.int64  # halves the traffic
             qb = torch.arange(first, last + 1, dtype=index, device=ctx.device)[:, None]
             kb = torch.arange(num_kb, dtype=index, device=ctx.device)[None, :]
-            h = torch.tensor(list(ctx.layer_heads()), device=ctx.device)[:, None, None]
+            h = on_device(list(ctx.layer_heads()), ctx.device)[:, None, None]
             rows = lower_block_rule(rule, ctx, num_qb, num_kb)(None, h, qb, kb)
         if rows.dim() <= allowed.dim() and all(r in (1, a) for r, a in zip(rows.shape[::-1], allowed.shape[::-1])):
             allowed |= rows
