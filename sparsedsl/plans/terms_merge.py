@@ -59,9 +59,10 @@ def _merged_on_cuda(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch
     total = torch.empty(shape[:-1], dtype=lses.dtype, device=lses.device)
     block_dim = triton.next_power_of_2(dim)
     block_rows = max(1, min(64, _TILE_ELEMENTS // block_dim))
-    _merge_kernel()[(triton.cdiv(rows, block_rows),)](
-        tuple(outs), lses, merged, total, rows, dim,
-        TERMS=len(outs), BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim)
+    with torch.cuda.device(merged.device):  # Triton launches on the current device
+        _merge_kernel()[(triton.cdiv(rows, block_rows),)](
+            tuple(outs), lses, merged, total, rows, dim,
+            TERMS=len(outs), BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim)
     return merged, total
 
 
