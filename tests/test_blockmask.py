@@ -375,3 +375,35 @@ def test_the_default_head_count_gives_every_group_one_head():
 def test_head_layers_split_heads_by_every_head_group(pattern, heads, expected):
     from sparsedsl.lang.queries import head_layers
     assert head_layers(pattern, heads) == expected
+
+
+@pytest.mark.parametrize("pattern", [sd.window(40) | sd.global_tokens(70), sd.longnet([64, 128, 256], [1, 2, 4]),
+                                     (sd.causal() & ~sd.chunks(96)) | sd.prefix(20), sd.blocks(32).local(1).random(1, 3)])
+@pytest.mark.parametrize("q_len,kv_len,q_start", [(640, 640, 0), (611, 590, 0), (500, 640, 140)])
+def test_probed_refinement_equals_whole_tile_counts(pattern, q_len, kv_len, q_start, monkeypatch):
+    """``refined_states`` (a tile's first rows first, the tile whole only where they do not
+    show it partial) equals deciding every tile by its whole count, on every tile and head
+    of grids with tiles cut short and query rows from an offset; both of its ways decide
+    some tiles."""
+    from sparsedsl.passes import refine
+    from sparsedsl.passes.maskmod import lower_mask
+    from sparsedsl.passes.refine import refined_states, states_from_counts, tile_pair_counts
+    from sparsedsl.passes.squares import uniform_square
+    ctx = Context.make(pattern, q_len, kv_len, heads=4)
+    grid = TileGrid(q_len, kv_len, 64, 64, q_start)
+    mask_mod = lower_mask(pattern, ctx)
+    tiles = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(grid.num_q_tiles),
+                                 torch.arange(grid.num_kv_tiles))
+    whole_tiles = []
+
+    def counting(*args, rows=None, **kwargs):
+        if rows is None:
+            whole_tiles.append(args[2].shape[0])
+        return tile_pair_counts(*args, rows=rows, **kwargs)
+
+    monkeypatch.setattr(refine, "tile_pair_counts", counting)
+    for square in {1, uniform_square(pattern)}:
+        whole_tiles.clear()
+        expected = states_from_counts(tile_pair_counts(mask_mod, grid, tiles, square=square), grid)
+        assert torch.equal(refined_states(mask_mod, grid, tiles, square=square), expected)
+        assert 0 < sum(whole_tiles) < tiles.shape[0]

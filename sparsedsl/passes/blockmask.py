@@ -26,7 +26,7 @@ from ..lang.nodes import Pattern
 from ..lang.queries import head_layers
 from .context import Context
 from .host_values import on_device
-from .refine import states_from_counts, tile_pair_counts
+from .refine import refined_states
 from .squares import uniform_square
 from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify, leaves_unknown
 
@@ -119,16 +119,17 @@ BLOCK_MASK_INDEX_BYTES_PER_TILE = 4 * 4
 def _refined(state: torch.Tensor, start: int, grid: TileGrid, mask_mod: Callable, square: int,
              layers: Sequence[int] | None) -> torch.Tensor:
     """``state`` (tile rows from ``start``, a layer per head of ``layers``, see
-    :func:`tiles_of_heads`) with its ``UNKNOWN`` tiles evaluated, once per ``square`` x
-    ``square`` square of positions where the pattern is that coarse (a host sync: their
-    number decides the work)."""
+    :func:`tiles_of_heads`) with its ``UNKNOWN`` tiles evaluated
+    (:func:`~sparsedsl.passes.refine.refined_states`: their first rows, then whole where
+    those do not decide), once per ``square`` x ``square`` square of positions where the
+    pattern is that coarse (host syncs: their number decides the work)."""
     unknown = (state == UNKNOWN).nonzero()
     if not unknown.numel():
         return state
     tiles = tiles_of_heads(unknown, layers)
     tiles[:, 2] += start
     state = state.clone()
-    state[tuple(unknown.T)] = states_from_counts(tile_pair_counts(mask_mod, grid, tiles, square=square), grid)
+    state[tuple(unknown.T)] = refined_states(mask_mod, grid, tiles, square=square)
     return state
 
 
