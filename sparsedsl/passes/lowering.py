@@ -77,8 +77,7 @@ class Lowering:
         """Allowed pairs of the rows computed, over ``heads`` heads and the batch entries
         of bound tensors (full tiles by area, partial tiles by evaluating them, once per
         layer of heads that share them)."""
-        grids = self.layer_states.shape[1] if self.head_layers is None else len(self.head_layers)  # of states
-        per_grid = heads // grids
+        per_grid = heads // sum(self._grids_per_layer())  # heads per grid of states
         full, partial = self.tile_counts
         inside = 0
         if partial:

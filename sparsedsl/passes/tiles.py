@@ -510,7 +510,8 @@ def _rules_layout(node: n.Blocks, ctx: Context, coarse: Span, grid: TileGrid) ->
             index = torch.int32 if num_qb + num_kb < 2**31 else torch.int64  # halves the traffic
             qb = torch.arange(first, last + 1, dtype=index, device=ctx.device)[:, None]
             kb = torch.arange(num_kb, dtype=index, device=ctx.device)[None, :]
-            h = on_device(list(ctx.layer_heads()), ctx.device)[:, None, None]
+            h = (torch.arange(ctx.heads, device=ctx.device) if ctx.layers is None
+                 else on_device(ctx.layers, ctx.device))[:, None, None]
             rows = lower_block_rule(rule, ctx, num_qb, num_kb)(None, h, qb, kb)
         if rows.dim() <= allowed.dim() and all(r in (1, a) for r, a in zip(rows.shape[::-1], allowed.shape[::-1])):
             allowed |= rows
