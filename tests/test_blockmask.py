@@ -407,3 +407,39 @@ def test_probed_refinement_equals_whole_tile_counts(pattern, q_len, kv_len, q_st
         expected = states_from_counts(tile_pair_counts(mask_mod, grid, tiles, square=square), grid)
         assert torch.equal(refined_states(mask_mod, grid, tiles, square=square), expected)
         assert 0 < sum(whole_tiles) < tiles.shape[0]
+
+
+_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@pytest.mark.gpu
+@settings(max_examples=40)
+@given(case=pattern_cases(vary_layout_shape=True), block=st.sampled_from((16, 64, 128)))
+def test_gpu_block_mask_ordering_kernel_equals_the_cpu_build(case, block):
+    """On CUDA the block indices come from one Triton kernel per order
+    (:mod:`sparsedsl.passes.order_kernel`); every tensor equals the CPU build's, whose
+    tensor operations the other tests check against ``create_block_mask``: head layers,
+    batch-dependent layouts, grids that are not square and rows longer than a chunk
+    included."""
+    pattern, q_len, kv_len, heads, buffers = case
+    module = sd.compile(pattern, block_size=block)
+    on_cpu = module.block_mask(q_len, kv_len, heads=heads, **buffers)
+    on_gpu = module.block_mask(q_len, kv_len, heads=heads, device="cuda",
+                               **{name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in buffers.items()})
+    for name in _BLOCK_MASK_TENSORS:
+        assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern,length", [
+    (sd.window(3200), 65536 + 384),  # 515 tile columns
+    (sd.segments([2048, 4096, 8192, 16384], [1, 2, 4, 8]), 40000),  # head layers
+    (sd.blocks(16).local(2), 20000),  # 1,250 columns: two chunks a row
+])
+def test_gpu_block_mask_ordering_kernel_at_length(pattern, length):
+    module = sd.compile(pattern, block_size=16 if length == 20000 else 128)
+    on_cpu = module.block_mask(length, heads=16)
+    on_gpu = module.block_mask(length, heads=16, device="cuda")
+    for name in _BLOCK_MASK_TENSORS:
+        assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name

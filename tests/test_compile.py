@@ -296,12 +296,19 @@ def test_gpu_flex_gradients_bf16(pattern):
     (sd.window(100) & sd.prefix(50), False),
 ])
 def test_band_kernel_options_only_for_diagonal_bands_at_head_dim_128_on_h100(pattern, band, monkeypatch):
-    from sparsedsl.lang.queries import is_diagonal_band
-    from sparsedsl.plans.flex import BAND_FORWARD_OPTIONS, flex_kernel_options
+    """Diagonal bands take the band forward options; windows of whole blocks also the
+    promises of whole, consecutive tiles, but only on unpadded self-attention whose tiles
+    lie inside blocks."""
+    from sparsedsl.lang.queries import block_band, is_diagonal_band
+    from sparsedsl.plans.flex import ALIGNED_BAND_OPTIONS, BAND_FORWARD_OPTIONS, flex_kernel_options
     assert is_diagonal_band(pattern) == band
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     tuned = flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.bfloat16)
     assert (tuned is BAND_FORWARD_OPTIONS) == band
+    aligned = flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.bfloat16, whole_tiles=True)
+    assert (aligned is ALIGNED_BAND_OPTIONS) == (band and block_band(pattern) is not None)
+    assert flex_kernel_options(sd.blocks(64).local(2), 128, torch.device("cuda", 0), torch.bfloat16,
+                               whole_tiles=True) is BAND_FORWARD_OPTIONS  # 64-token blocks cut tiles
     assert flex_kernel_options(pattern, 64, torch.device("cuda", 0), torch.bfloat16) is None
     assert flex_kernel_options(pattern, 128, torch.device("cuda", 0), torch.float32) is None
     assert flex_kernel_options(pattern, 128, torch.device("cpu"), torch.bfloat16) is None
@@ -369,19 +376,26 @@ def test_gpu_flex_64_token_tiles_forward_and_gradients_bf16(head_dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", [sd.window(100), sd.causal() & sd.window(200, 0), sd.blocks(128).local(2)])
-def test_gpu_band_kernel_options_forward_and_gradients_bf16(pattern):
+@pytest.mark.parametrize("pattern", [sd.window(100), sd.causal() & sd.window(200, 0), sd.blocks(128).local(2),
+                                     sd.blocks(256).local(1).causal()])
+@pytest.mark.parametrize("length", [1000, 1024])
+def test_gpu_band_kernel_options_forward_and_gradients_bf16(pattern, length, monkeypatch):
     """Diagonal bands at head dim 128 run the flex kernel with the band options (on an
-    H100): exact, with gradients, at a length that is not a multiple of the tile."""
-    from sparsedsl.plans.flex import BAND_FORWARD_OPTIONS, flex_kernel_options
-    heads, length = 2, 1000
+    H100), windows of whole blocks on whole tiles with the aligned options: exact, with
+    gradients, at a length that is a multiple of the tile and one that is not."""
+    from sparsedsl.lang.queries import block_band
+    from sparsedsl.plans import flex
+    options, chosen = flex.flex_kernel_options, []
+    monkeypatch.setattr(flex, "flex_kernel_options", lambda *args: chosen.append(options(*args)) or chosen[-1])
+    heads = 2
     q, k, v = _inputs(1, heads, heads, length, length, 128, dtype=torch.bfloat16, device="cuda",
                       requires_grad=True)
     module = sd.compile(pattern)
     assert module.explain(length, heads=heads, head_dim=128, device="cuda").kind == "flex"
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert flex_kernel_options(pattern, 128, q.device, q.dtype) is BAND_FORWARD_OPTIONS
     out = module(q, k, v)
+    if torch.cuda.get_device_capability() == (9, 0):
+        aligned = length % 128 == 0 and block_band(pattern) is not None
+        assert chosen == [flex.ALIGNED_BAND_OPTIONS if aligned else flex.BAND_FORWARD_OPTIONS]
     _check_bf16_against_reference(pattern, out, q, k, v)
 
 

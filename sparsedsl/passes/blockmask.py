@@ -26,6 +26,7 @@ from ..lang.nodes import Pattern
 from ..lang.queries import head_layers
 from .context import Context
 from .host_values import on_device
+from .order_kernel import ordered_states
 from .refine import refined_states
 from .squares import uniform_square
 from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify, leaves_unknown
@@ -185,6 +186,31 @@ def _order(selected: torch.Tensor, line: torch.Tensor, indices: torch.Tensor, nu
     indices.scatter_(-1, place, line.expand_as(place))
 
 
+def tile_orders(states: torch.Tensor, head_layers: Sequence[int] | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(num_blocks, indices)`` of a ``BlockMask`` from ``states [B, layers, R, C]``:
+    by rows (the key tiles of each query-tile row), then by columns (the query tiles of each
+    key-tile column), each stacked ``[2, B, heads, ...]`` for the ``PARTIAL`` and the
+    ``FULL`` tiles (:func:`ordered_indices`' layout), head ``h`` ordered from layer
+    ``head_layers[h]`` (without ``head_layers``, layer ``h``). On CUDA, outside
+    ``torch.compile``'s tracing, a Triton kernel launch per order
+    (:mod:`~sparsedsl.passes.order_kernel`); elsewhere tensor operations on each layer once,
+    a square grid's two orders in one pass, then one copy per tensor for the heads."""
+    layer_of = None if head_layers is None else on_device(head_layers, states.device)
+    if states.is_cuda and not torch.compiler.is_compiling():
+        return [ordered_states(states, (PARTIAL, FULL), transposed, layer_of) for transposed in (False, True)]
+    # [PARTIAL, FULL] made on the device (no host-to-device copy)
+    kinds = torch.arange(PARTIAL, FULL + 1, FULL - PARTIAL, dtype=states.dtype, device=states.device)
+    selected = states == kinds.view(-1, 1, 1, 1, 1)  # [2, B, layers, R, C]: partial, full
+    if selected.shape[-2] == selected.shape[-1]:  # [orders, 2, B, layers, ...]
+        orders = [ordered_indices(torch.stack([selected, selected.transpose(-1, -2)]))]
+    else:
+        orders = [tuple(t[None] for t in ordered_indices(selected, transposed)) for transposed in (False, True)]
+    if layer_of is not None:
+        orders = [(num.index_select(-2, layer_of), indices.index_select(-3, layer_of)) for num, indices in orders]
+    return [(num[order], indices[order]) for num, indices in orders for order in range(num.shape[0])]
+
+
 def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
                            head_layers: Sequence[int] | None = None) -> BlockMask:
     """A ``BlockMask`` with the partial and full tiles of ``states`` over the ``grid.rows``
@@ -202,19 +228,9 @@ def block_mask_from_states(states: torch.Tensor, grid: TileGrid, mask_mod: Calla
     if head_layers is not None:
         _check_states_memory(states.shape[0] * len(head_layers), grid, BLOCK_MASK_INDEX_BYTES_PER_TILE,
                              "a BlockMask's indices per head")
-    # [PARTIAL, FULL] made on the device (no host-to-device copy)
-    kinds = torch.arange(PARTIAL, FULL + 1, FULL - PARTIAL, dtype=states.dtype, device=states.device)
-    selected = states == kinds.view(-1, 1, 1, 1, 1)  # [2, B, layers, R, C]: partial, full
-    # (num_blocks, indices) of [orders, 2, B, layers, ...]: a square grid's two orders in one pass
-    if selected.shape[-2] == selected.shape[-1]:
-        passes = [ordered_indices(torch.stack([selected, selected.transpose(-1, -2)]))]
-    else:
-        passes = [tuple(t[None] for t in ordered_indices(selected, transposed)) for transposed in (False, True)]
-    if head_layers is not None:
-        index = on_device(head_layers, states.device)
-        passes = [(num.index_select(-2, index), indices.index_select(-3, index)) for num, indices in passes]
-    (kv_num, full_kv_num), (q_num, full_q_num) = (order.unbind() for num, _ in passes for order in num)
-    (kv_idx, full_kv_idx), (q_idx, full_q_idx) = (order.unbind() for _, indices in passes for order in indices)
+    orders = tile_orders(states, head_layers)
+    (kv_num, full_kv_num), (q_num, full_q_num) = (num.unbind() for num, _ in orders)
+    (kv_idx, full_kv_idx), (q_idx, full_q_idx) = (indices.unbind() for _, indices in orders)
     return BlockMask(
         seq_lengths=(grid.rows, grid.kv_len),
         kv_num_blocks=kv_num,
