@@ -416,30 +416,34 @@ _BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "ful
 @pytest.mark.gpu
 @settings(max_examples=40)
 @given(case=pattern_cases(vary_layout_shape=True), block=st.sampled_from((16, 64, 128)))
-def test_gpu_block_mask_ordering_kernel_equals_the_cpu_build(case, block):
-    """On CUDA the block indices come from one Triton kernel per order
-    (:mod:`sparsedsl.passes.order_kernel`); every tensor equals the CPU build's, whose
+def test_gpu_block_mask_build_kernels_equal_the_cpu_build(case, block):
+    """On CUDA a build runs Triton kernels (:mod:`sparsedsl.passes.build_kernels`: the
+    block indices, LongNet's dilated states); every tensor equals the CPU build's, whose
     tensor operations the other tests check against ``create_block_mask``: head layers,
-    batch-dependent layouts, grids that are not square and rows longer than a chunk
-    included."""
+    batch-dependent layouts and grids that are not square included."""
     pattern, q_len, kv_len, heads, buffers = case
     module = sd.compile(pattern, block_size=block)
     on_cpu = module.block_mask(q_len, kv_len, heads=heads, **buffers)
     on_gpu = module.block_mask(q_len, kv_len, heads=heads, device="cuda",
                                **{name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in buffers.items()})
-    for name in _BLOCK_MASK_TENSORS:
-        assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
+    _assert_same_tensors(on_gpu, on_cpu)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern,length", [
-    (sd.window(3200), 65536 + 384),  # 515 tile columns
-    (sd.segments([2048, 4096, 8192, 16384], [1, 2, 4, 8]), 40000),  # head layers
-    (sd.blocks(16).local(2), 20000),  # 1,250 columns: two chunks a row
+@pytest.mark.parametrize("pattern,q_len,kv_len,block", [
+    (sd.window(3200), 65536 + 384, 65536 + 384, 128),  # 515 tile columns
+    (sd.segments([2048, 4096, 8192, 16384], [1, 2, 4, 8]), 40000, 40000, 128),  # head layers
+    (sd.segments([96, 200, 512], [1, 3, 8]), 5000, 5000, 16),  # segments not multiples of the rate
+    (sd.dilated(300, 7, 5) | sd.dilated(64, 4, 1), 3000, 7000, 16),  # offsets; keys past the queries
+    (sd.blocks(16).local(2), 20000, 20000, 16),  # 1,250 columns: two chunks a row
 ])
-def test_gpu_block_mask_ordering_kernel_at_length(pattern, length):
-    module = sd.compile(pattern, block_size=16 if length == 20000 else 128)
-    on_cpu = module.block_mask(length, heads=16)
-    on_gpu = module.block_mask(length, heads=16, device="cuda")
-    for name in _BLOCK_MASK_TENSORS:
+def test_gpu_block_mask_build_kernels_at_length(pattern, q_len, kv_len, block):
+    module = sd.compile(pattern, block_size=block)
+    on_cpu = module.block_mask(q_len, kv_len, heads=16)
+    _assert_same_tensors(module.block_mask(q_len, kv_len, heads=16, device="cuda"), on_cpu)
+
+
+def _assert_same_tensors(on_gpu, on_cpu):
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name

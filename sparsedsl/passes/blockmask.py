@@ -26,7 +26,6 @@ from ..lang.nodes import Pattern
 from ..lang.queries import head_layers
 from .context import Context
 from .host_values import on_device
-from .order_kernel import ordered_states
 from .refine import refined_states
 from .squares import uniform_square
 from .tiles import FULL, PARTIAL, UNKNOWN, TileGrid, classify, leaves_unknown
@@ -194,10 +193,11 @@ def tile_orders(states: torch.Tensor, head_layers: Sequence[int] | None = None
     ``FULL`` tiles (:func:`ordered_indices`' layout), head ``h`` ordered from layer
     ``head_layers[h]`` (without ``head_layers``, layer ``h``). On CUDA, outside
     ``torch.compile``'s tracing, a Triton kernel launch per order
-    (:mod:`~sparsedsl.passes.order_kernel`); elsewhere tensor operations on each layer once,
+    (:mod:`~sparsedsl.passes.build_kernels`); elsewhere tensor operations on each layer once,
     a square grid's two orders in one pass, then one copy per tensor for the heads."""
     layer_of = None if head_layers is None else on_device(head_layers, states.device)
     if states.is_cuda and not torch.compiler.is_compiling():
+        from .build_kernels import ordered_states
         return [ordered_states(states, (PARTIAL, FULL), transposed, layer_of) for transposed in (False, True)]
     # [PARTIAL, FULL] made on the device (no host-to-device copy)
     kinds = torch.arange(PARTIAL, FULL + 1, FULL - PARTIAL, dtype=states.dtype, device=states.device)

@@ -249,13 +249,19 @@ def _dilated_states(span: Span, parts: Sequence[n.Dilated]) -> torch.Tensor:
     last), so the tile is empty unless both axes hold some and their ranges of segments
     meet. It is full when each axis is one position or, with ``rate == 1``, lies in one
     segment (with ``rate > 1`` two adjacent positions are never both kept in a segment).
-    One part of rate 1 is classified as :func:`_chunk_states`."""
+    One part of rate 1 is classified as :func:`_chunk_states`. On CUDA, outside
+    ``torch.compile``'s tracing, one Triton kernel launch does the same
+    (:func:`~sparsedsl.passes.build_kernels.dilated_states`)."""
     if len(parts) == 1 and parts[0].rate == 1:
         return _chunk_states(span, parts[0].segment)
     params = on_device([[p.segment, (p.segment - 1 - p.offset) // p.rate + 1, p.rate,
-                         p.rate - 1 - p.offset, -p.offset] for p in parts], span.ql.device).T[..., None]
+                         p.rate - 1 - p.offset, -p.offset] for p in parts], span.ql.device)
+    if span.ql.is_cuda and not torch.compiler.is_compiling():  # one Triton kernel launch
+        from .build_kernels import dilated_states
+        return dilated_states(span.ql, span.qh, span.kl, span.kh, params)
     # [layers, 1] each; shift [2, layers, 1]: to the first kept position >= p, to the last <= p
-    segment, per, rate, shift = params[0], params[1], params[2], params[3:]
+    segment, per, rate, shift = params.T[..., None].split([1, 1, 1, 2])
+    segment, per, rate = segment[0], per[0], rate[0]
     q_shape, k_shape, q_count = span.ql.shape, span.kl.shape, span.ql.numel()
     # [2, 1, n]: the low (row 0) and high (row 1) bounds of the query axes, then of the key axes
     bounds = torch.cat([span.ql.reshape(-1), span.kl.reshape(-1),
