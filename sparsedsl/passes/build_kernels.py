@@ -104,6 +104,7 @@ def dilated_states(ql: torch.Tensor, qh: torch.Tensor, kl: torch.Tensor, kh: tor
     block_rows, block_columns = min(32, triton.next_power_of_2(rows)), min(128, triton.next_power_of_2(columns))
     grid = (layers, triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
     with torch.cuda.device(states.device):  # Triton launches on the current device
+        # (a kernel argument may not be called ``params``: Triton's argument binder uses the name)
         _dilated_kernel[grid](ql, qh, kl, kh, params.contiguous(), states, rows, columns,
                               EMPTY=EMPTY, PARTIAL=PARTIAL, FULL=FULL,
                               BLOCK_ROWS=block_rows, BLOCK_COLUMNS=block_columns)
@@ -126,7 +127,7 @@ def _kept_segments(lo, hi, segment, per, rate, first_shift, last_shift):
 
 
 @triton.jit
-def _dilated_kernel(ql, qh, kl, kh, params, states, rows, columns, EMPTY: tl.constexpr, PARTIAL: tl.constexpr,
+def _dilated_kernel(ql, qh, kl, kh, parts, states, rows, columns, EMPTY: tl.constexpr, PARTIAL: tl.constexpr,
                     FULL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
     """Program ``(i, r, c)`` decides layer ``i``'s tiles of rows ``r * BLOCK_ROWS ..`` and
     columns ``c * BLOCK_COLUMNS ..``: empty where the two axes' ranges of segments do not
@@ -134,11 +135,11 @@ def _dilated_kernel(ql, qh, kl, kh, params, states, rows, columns, EMPTY: tl.con
     layer = tl.program_id(0)
     row = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     column = tl.program_id(2) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-    segment = tl.load(params + layer * 5)
-    per = tl.load(params + layer * 5 + 1)
-    rate = tl.load(params + layer * 5 + 2)
-    first_shift = tl.load(params + layer * 5 + 3)
-    last_shift = tl.load(params + layer * 5 + 4)
+    segment = tl.load(parts + layer * 5)
+    per = tl.load(parts + layer * 5 + 1)
+    rate = tl.load(parts + layer * 5 + 2)
+    first_shift = tl.load(parts + layer * 5 + 3)
+    last_shift = tl.load(parts + layer * 5 + 4)
     in_rows, in_columns = row < rows, column < columns
     q_first, q_last, q_whole = _kept_segments(tl.load(ql + row, mask=in_rows, other=0),
                                               tl.load(qh + row, mask=in_rows, other=0),
