@@ -2,8 +2,9 @@
 pipeline and TMA settings against FlexAttention's default, with sparsedsl's block mask.
 
 Forward (default): for each configuration (``BLOCK_M``, ``BLOCK_N``, ``num_warps``,
-``num_stages``; then the default tiles with ``USE_TMA``) the forward time of one pattern
-and shape. ``--backward``: forward+backward time, sweeping the backward kernel's options
+``num_stages``; then the default tiles with ``USE_TMA``, and with the promises of whole,
+consecutive tiles that windows of whole blocks make, ``ALIGNED_BAND_PROMISES``) the
+forward time of one pattern and shape. ``--backward``: forward+backward time, sweeping the backward kernel's options
 (``bwd_``-prefixed: ``BLOCK_M1``/``BLOCK_N1`` of the key/value gradient loop,
 ``BLOCK_M2``/``BLOCK_N2`` of the query gradient loop, warps, stages, TMA) with the forward
 at its default. Each time comes with its speed-up over dense SDPA times the density (1.0:
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsedsl as sd
-from sparsedsl.plans.flex import compiled_flex_attention
+from sparsedsl.plans.flex import ALIGNED_BAND_PROMISES, compiled_flex_attention
 from sparsedsl.progress import Progress
 
 from attention import bench, fwd_bwd
@@ -48,7 +49,7 @@ def main() -> None:
     flex = compiled_flex_attention()
     if args.backward:
         dense_ms = bench(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v))[1]
-        configs = [None, {"bwd_USE_TMA": True}] + [
+        configs = [None, {"bwd_USE_TMA": True}, ALIGNED_BAND_PROMISES] + [
             {"bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": n1, "bwd_BLOCK_N2": m1,
              "bwd_num_warps": w, "bwd_num_stages": s}
             for (m1, n1), w, s in itertools.product(((64, 128), (64, 64), (32, 128)), (4, 8), (2, 3))]
@@ -56,7 +57,7 @@ def main() -> None:
                                                                     kernel_options=options), q, k, v))[1]
     else:
         dense_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))[1]
-        configs = [None, {"USE_TMA": True}] + [dict(BLOCK_M=m, BLOCK_N=bn, num_warps=w, num_stages=s)
+        configs = [None, {"USE_TMA": True}, ALIGNED_BAND_PROMISES] + [dict(BLOCK_M=m, BLOCK_N=bn, num_warps=w, num_stages=s)
                                                for m, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
         time = lambda options: bench(lambda: flex(q, k, v, block_mask=block_mask, kernel_options=options))[1]
     rows = []

@@ -10,10 +10,8 @@ ATTENTION_CASES = ("longnet-64k", "longnet-paper-32k", "window-64k", "blockwindo
                    "window+global-16k", "blockwindow-16k", "seed-block-dilated-16k", "bigbird-16k",
                    "seed-guide-shape")
 #: The runs the GPU targets are read from, oldest first: a case is read from the newest
-#: run that measured it.
-GPU_TARGETS = ("h200-attention-2026-12-05.json", "h100-attention-2026-12-05.json", "h100-attention-2026-12-05b.json",
-               "h100-attention-2026-12-05c.json", "h100-attention-2026-12-05d.json", "h100-attention-2026-12-05e.json",
-               "h100-attention-2026-12-05f.json")
+#: run that measured it (now one run with every case).
+GPU_TARGETS = ("h100-attention-2026-12-05g.json",)
 DECODE = "h100-decode-2026-11-25.json"
 MASK_BUILD = "h100-blockmask-build-2026-11-25.json"
 

@@ -120,19 +120,22 @@ def padded_block_mask(states: torch.Tensor, grid: TileGrid, mask_mod: Callable,
 #: backward 2-4% faster; the same options ran 5-49% slower on window + global tokens,
 #: BigBird (its mask reads a block layout) and head dim 64, which keep the defaults.
 BAND_FORWARD_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 2}
-#: :data:`BAND_FORWARD_OPTIONS` and two promises both kernels use, for a window of whole
-#: blocks (:func:`~sparsedsl.lang.queries.block_band`) whose block size is a multiple of the
-#: tile, on sequences of whole tiles (no padding) in self-attention. Every tile is then full
-#: or empty, and the full tiles of each tile row and of each tile column are consecutive
-#: (``BLOCKS_ARE_CONTIGUOUS``: the kernels step to the next tile without reading its index),
-#: and each row's first tile holds its own block, which it may see
-#: (``ROWS_GUARANTEED_SAFE``: no check for rows without keys). Measured with the default
-#: kernel tiles (H100, torch 2.11, bf16, head dim 128, 2026-12-05, ``.scratch`` run of
-#: ``flex_options``-style timing): ``blocks(128).local(25)`` at 65,536 tokens forward+backward
-#: 30.19 -> 28.83 ms (0.72 -> 0.75 x density), forward 8.09 -> 7.31 ms;
-#: ``blocks(128).local(6)`` at 16,384 tokens 2.13 -> 2.03 ms; at head dim 64
-#: (``blocks(256).local(3)``, 16,384 tokens) 1.43 -> 1.47 ms, which keeps the defaults.
-ALIGNED_BAND_OPTIONS = {**BAND_FORWARD_OPTIONS, "ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+#: What a window of whole blocks (:func:`~sparsedsl.lang.queries.block_band`) whose block
+#: size is a multiple of the tile promises both kernels on sequences of whole tiles (no
+#: padding) in self-attention. Every tile is then full or empty, and the full tiles of each
+#: tile row and of each tile column are consecutive (``BLOCKS_ARE_CONTIGUOUS``: the kernels
+#: step to the next tile without reading its index), and each row's first tile holds its
+#: own block, which it may see (``ROWS_GUARANTEED_SAFE``: no check for rows without keys).
+#: Measured with the default kernel tiles (H100, torch 2.11, bf16, 2026-12-05, timed as
+#: ``benchmarks/flex_options.py`` times its configurations, these among them): at head dim 128,
+#: ``blocks(128).local(25)`` at 65,536 tokens forward+backward 30.19 -> 28.83 ms (0.72 ->
+#: 0.75 x density), forward 8.09 -> 7.31 ms, and ``blocks(128).local(6)`` at 16,384 tokens
+#: 2.13 -> 2.03 ms; at head dim 64 (``blocks(256).local(3)``, 16,384 tokens) 1.43 -> 1.47
+#: ms, which keeps the defaults. In the plan, with :data:`BAND_FORWARD_OPTIONS`
+#: (:data:`ALIGNED_BAND_OPTIONS`): training steps 1.05x hand-written FlexAttention's at
+#: both lengths (``benchmarks/results/h100-attention-2026-12-05g.json``).
+ALIGNED_BAND_PROMISES = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+ALIGNED_BAND_OPTIONS = {**BAND_FORWARD_OPTIONS, **ALIGNED_BAND_PROMISES}
 
 
 def flex_kernel_options(pattern, head_dim: int, device: torch.device, dtype: torch.dtype,
