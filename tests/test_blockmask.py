@@ -443,6 +443,21 @@ def test_gpu_block_mask_build_kernels_at_length(pattern, q_len, kv_len, block):
     _assert_same_tensors(module.block_mask(q_len, kv_len, heads=16, device="cuda"), on_cpu)
 
 
+@pytest.mark.gpu
+def test_gpu_block_mask_without_triton_runs_tensor_operations(monkeypatch):
+    """Where Triton cannot be imported (CUDA builds of PyTorch without it), a CUDA build
+    runs the CPU's tensor operations on the device, to the same tensors."""
+    from sparsedsl import triton_kernels
+    monkeypatch.setattr(triton_kernels, "_triton_importable", lambda: False)
+    module = sd.compile(sd.segments([96, 200, 512], [1, 3, 8]) | sd.window(40), block_size=16)
+    _assert_same_tensors(module.block_mask(3000, heads=6, device="cuda"), module.block_mask(3000, heads=6))
+
+
+def test_triton_kernels_run_only_on_cuda_tensors():
+    from sparsedsl.triton_kernels import runs_triton
+    assert not runs_triton(torch.zeros(3))
+
+
 def _assert_same_tensors(on_gpu, on_cpu):
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):

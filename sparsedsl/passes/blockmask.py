@@ -25,6 +25,7 @@ from ..budget import check_memory
 from ..lang.nodes import Pattern
 from ..lang.queries import head_layers
 from .context import Context
+from ..triton_kernels import runs_triton
 from .host_values import on_device
 from .refine import refined_states
 from .squares import uniform_square
@@ -191,12 +192,12 @@ def tile_orders(states: torch.Tensor, head_layers: Sequence[int] | None = None
     by rows (the key tiles of each query-tile row), then by columns (the query tiles of each
     key-tile column), each stacked ``[2, B, heads, ...]`` for the ``PARTIAL`` and the
     ``FULL`` tiles (:func:`ordered_indices`' layout), head ``h`` ordered from layer
-    ``head_layers[h]`` (without ``head_layers``, layer ``h``). On CUDA, outside
-    ``torch.compile``'s tracing, a Triton kernel launch per order
+    ``head_layers[h]`` (without ``head_layers``, layer ``h``). Where Triton kernels run
+    (:func:`~sparsedsl.triton_kernels.runs_triton`), a kernel launch per order
     (:mod:`~sparsedsl.passes.build_kernels`); elsewhere tensor operations on each layer once,
     a square grid's two orders in one pass, then one copy per tensor for the heads."""
     layer_of = None if head_layers is None else on_device(head_layers, states.device)
-    if states.is_cuda and not torch.compiler.is_compiling():
+    if runs_triton(states):
         from .build_kernels import ordered_states
         return [ordered_states(states, (PARTIAL, FULL), transposed, layer_of) for transposed in (False, True)]
     # [PARTIAL, FULL] made on the device (no host-to-device copy)

@@ -1,6 +1,6 @@
 """The Triton kernels of block-mask builds on CUDA, where most of a build's time is the
-host time of its kernel launches, not their work. Callers import this module where they
-run on CUDA: it imports Triton, which is there wherever CUDA is, not on CPU-only installs.
+host time of its kernel launches, not their work. The module imports Triton: callers
+import it where :func:`~sparsedsl.triton_kernels.runs_triton` says its kernels run.
 
 * :func:`ordered_states`: FlexAttention's block indices from tile states.
   :func:`~sparsedsl.passes.blockmask.ordered_indices` orders a selection with about ten

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..lang import nodes as n
 from ..lang.groups import group_of_each_head, head_groups
+from ..triton_kernels import runs_triton
 from .context import Context
 from .host_values import on_device
 from .maskmod import document_context, lower_block_rule, random_rule_layout, shifted_context
@@ -249,14 +250,14 @@ def _dilated_states(span: Span, parts: Sequence[n.Dilated]) -> torch.Tensor:
     last), so the tile is empty unless both axes hold some and their ranges of segments
     meet. It is full when each axis is one position or, with ``rate == 1``, lies in one
     segment (with ``rate > 1`` two adjacent positions are never both kept in a segment).
-    One part of rate 1 is classified as :func:`_chunk_states`. On CUDA, outside
-    ``torch.compile``'s tracing, one Triton kernel launch does the same
+    One part of rate 1 is classified as :func:`_chunk_states`. Where Triton kernels run
+    (:func:`~sparsedsl.triton_kernels.runs_triton`), one kernel launch does the same
     (:func:`~sparsedsl.passes.build_kernels.dilated_states`)."""
     if len(parts) == 1 and parts[0].rate == 1:
         return _chunk_states(span, parts[0].segment)
     params = on_device([[p.segment, (p.segment - 1 - p.offset) // p.rate + 1, p.rate,
                          p.rate - 1 - p.offset, -p.offset] for p in parts], span.ql.device)
-    if span.ql.is_cuda and not torch.compiler.is_compiling():  # one Triton kernel launch
+    if runs_triton(span.ql):  # one Triton kernel launch
         from .build_kernels import dilated_states
         return dilated_states(span.ql, span.qh, span.kl, span.kh, params)
     # [layers, 1] each; shift [2, layers, 1]: to the first kept position >= p, to the last <= p

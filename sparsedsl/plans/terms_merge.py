@@ -5,8 +5,9 @@
 On CUDA one Triton kernel (:func:`_merge_kernel`) computes both in one pass over the rows,
 reading a term's output row only where the term's weight there is positive: a term covers
 only some rows (LongNet's rate-``r`` branch ``1/r`` of each head's), so the merge reads the
-rows the terms hold rather than every term's whole output. Elsewhere (the CPU, or traced by
-``torch.compile``, which compiles it with the rest of the graph) it runs as tensor operations
+rows the terms hold rather than every term's whole output. Elsewhere (the CPU, traced by
+``torch.compile``, which compiles it with the rest of the graph, or without Triton: see
+:func:`~sparsedsl.triton_kernels.runs_triton`) it runs as tensor operations
 (:func:`weighted_sum`).
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ..triton_kernels import runs_triton
 
 
 def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +30,7 @@ def merge(outs: list[torch.Tensor], lses: torch.Tensor) -> tuple[torch.Tensor, t
     hold 0)."""
     if len(outs) == 1:
         return outs[0], lses[0]
-    if outs[0].is_cuda and not torch.compiler.is_compiling():
+    if runs_triton(outs[0]):
         return _merged_on_cuda(outs, lses)
     total = torch.logsumexp(lses, 0)
     weights = torch.exp(lses - total.masked_fill(total == float("-inf"), 0.0))
