@@ -257,7 +257,7 @@ def _dilated_states(span: Span, parts: Sequence[n.Dilated]) -> torch.Tensor:
         return _chunk_states(span, parts[0].segment)
     params = on_device([[p.segment, (p.segment - 1 - p.offset) // p.rate + 1, p.rate,
                          p.rate - 1 - p.offset, -p.offset] for p in parts], span.ql.device)
-    if runs_triton(span.ql):  # one Triton kernel launch
+    if runs_triton(span.ql) and span.ql.shape[-1] == span.kl.shape[0] == 1:  # a grid: one kernel launch
         from .build_kernels import dilated_states
         return dilated_states(span.ql, span.qh, span.kl, span.kh, params)
     # [layers, 1] each; shift [2, layers, 1]: to the first kept position >= p, to the last <= p
