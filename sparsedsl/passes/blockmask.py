@@ -24,8 +24,8 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..budget import check_memory
 from ..lang.nodes import Pattern
 from ..lang.queries import head_layers
-from .context import Context
 from ..triton_kernels import runs_triton
+from .context import Context
 from .host_values import on_device
 from .refine import refined_states
 from .squares import uniform_square
