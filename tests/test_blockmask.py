@@ -409,10 +409,6 @@ def test_probed_refinement_equals_whole_tile_counts(pattern, q_len, kv_len, q_st
         assert 0 < sum(whole_tiles) < tiles.shape[0]
 
 
-_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
-
-
 @pytest.mark.gpu
 @settings(max_examples=40)
 @given(case=pattern_cases(vary_layout_shape=True), block=st.sampled_from((16, 64, 128)))
@@ -459,6 +455,5 @@ def test_triton_kernels_run_only_on_cuda_tensors():
 
 
 def _assert_same_tensors(on_gpu, on_cpu):
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+    for name in _BLOCK_MASK_TENSORS:
         assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
