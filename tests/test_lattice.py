@@ -158,9 +158,8 @@ def test_lattice_does_not_apply_where_it_cannot_be_exact():
 ])
 def test_gpu_lattice(pattern, length, heads, kv_heads, dtype, tolerance):
     """Outputs and gradients against the float64 reference, GQA and lengths that are not
-    multiples of the segments included: lattices of chunks run with gradients as one term
-    of ``terms_attention`` (fused kernels with their log-sum-exps, forward and backward,
-    runs on side streams), other lattices through copies."""
+    multiples of the segments included: lattices of chunks run with gradients through
+    one autograd pass over their runs' SDPA graphs, other lattices through copies."""
     module = sd.compile(pattern, kernel="lattice")
     assert module.explain(length, heads=heads, kv_heads=kv_heads, head_dim=64, device="cuda",
                           dtype=dtype).kind == "lattice"
@@ -268,18 +267,20 @@ def test_zeroed_heads_are_the_groups_with_rows_off_their_lattices(rates, zeroed)
     assert merged([range(5, 7), range(0, 2), range(2, 3)]) == [range(0, 3), range(5, 7)]
 
 
-@pytest.mark.parametrize("layout,uses_program", [
-    ("contiguous", True), ("bnhd, batch 1", True), ("storage offset", True), ("grouped kv heads", True),
-    ("bnhd, batch 2", False),  # batch and heads do not merge into one strided dimension
-    ("kv head shared across groups", False),  # head groups split a key/value head: gathered
-])
-def test_lattice_program_is_exact_for_every_input_layout(layout, uses_program):
-    """Calls without gradients run a LatticeProgram (views from precomputed geometry) where
-    every run is a view, and the general path otherwise; both are exact."""
-    pattern, length, heads = sd.segments([8, 16, 32], [1, 3, 6]), 96, 6  # rates 3 and 6 do not divide 16, 32
+#: Rates 3 and 6 do not divide the segments 16 and 32.
+LAYOUT_PATTERN = sd.segments([8, 16, 32], [1, 3, 6])
+LAYOUTS = ("contiguous", "bnhd, batch 1", "storage offset", "grouped kv heads", "bnhd, batch 2",
+           "kv head shared across groups")
+
+
+def _layout_inputs(layout: str, length: int, heads: int, seed: int = 5) -> list[torch.Tensor]:
+    """``q``, ``k``, ``v`` (float64) laid out as ``layout`` names: ``[B, H, N, D]``
+    contiguous, transposed from ``[B, N, H, D]``, at a storage offset, or with fewer
+    key/value heads (3 for 6 query heads: each head group owns its key/value heads; 1:
+    head groups share one)."""
     batch = 2 if layout == "bnhd, batch 2" else 1
     kv_heads = {"grouped kv heads": 3, "kv head shared across groups": 1}.get(layout, heads)
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed)
 
     def make(h):
         if layout.startswith("bnhd"):
@@ -288,7 +289,40 @@ def test_lattice_program_is_exact_for_every_input_layout(layout, uses_program):
             return torch.randn(batch, h, length + 5, 8, generator=gen, dtype=torch.float64)[:, :, 5:]
         return torch.randn(batch, h, length, 8, generator=gen, dtype=torch.float64)
 
-    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    return [make(heads), make(kv_heads), make(kv_heads)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length", [96, 90])  # whole segments; a last segment cut short
+def test_lattice_gradients_are_exact_for_every_input_layout(layout, length):
+    """With gradients, chunk lattices write each run's gradients into the positions it
+    read (grouped key/value heads written per group, heads shared across groups added):
+    exact against the reference, and a second backward through the same graph
+    (``retain_graph``, which rebuilds the runs' graphs) gives the same gradients."""
+    q, k, v = (t.requires_grad_() for t in _layout_inputs(layout, length, 6, seed=length))
+    module = sd.compile(LAYOUT_PATTERN, kernel="lattice")
+    out = module(q, k, v)
+    expected, _ = reference_attention(LAYOUT_PATTERN, q, k, v)
+    assert (out - expected).abs().max().item() < 1e-12
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    loss = (out * weights).sum()
+    for _ in range(2):
+        got = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and (g - w).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("layout,uses_program", [
+    ("contiguous", True), ("bnhd, batch 1", True), ("storage offset", True), ("grouped kv heads", True),
+    ("bnhd, batch 2", False),  # batch and heads do not merge into one strided dimension
+    ("kv head shared across groups", False),  # head groups split a key/value head: gathered
+])
+def test_lattice_program_is_exact_for_every_input_layout(layout, uses_program):
+    """Calls without gradients run a LatticeProgram (views from precomputed geometry) where
+    every run is a view, and the general path otherwise; both are exact."""
+    pattern, length, heads = LAYOUT_PATTERN, 96, 6
+    q, k, v = _layout_inputs(layout, length, heads)
     plan = lattice_decomposition(pattern, length, length, heads, "cpu")
     program = LatticeProgram.build(q, k, v, plan)
     assert (program is not None) == uses_program
