@@ -26,10 +26,11 @@ def main() -> None:
     n, b, heads, head_dim = args.seq_len, args.block_size, args.heads, 64
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    # BigBird-ITC: 3 sliding blocks, 2 global blocks, 3 random blocks per block row.
+    # BigBird-ITC: 3 sliding blocks, 2 global blocks (the first and the last), 3 random
+    # blocks per block row.
     pattern = sd.load("bigbird", block_size=b)
     print(f"pattern: {pattern}")
-    print(f"same as: {sd.blocks(b).local(1).global_(2).random(3, seed=0)}")
+    print(f"same as: {sd.blocks(b).local(1).global_(1).random(3, seed=0) | sd.queries(-b) | sd.keys(-b)}")
     show(pattern, n, tile=b)
 
     counts = sd.count(pattern, n, tile=b)

@@ -123,14 +123,27 @@ def test_longnet_head_grouped_defaults_are_the_papers_and_per_head_counts_are_ex
 
 
 def test_bigbird_rows_see_local_global_and_random_blocks():
+    """BigBird-ITC: the first and the last block global, a band of 3 blocks and 3 random
+    blocks per row (drawn among all blocks, so 5 to 8 blocks a middle row)."""
     pattern = catalog.bigbird()
-    assert pattern == sd.blocks(64).local(1).global_(2).random(3, 0)
+    assert pattern == sd.blocks(64).local(1).global_(1).random(3, 0) | sd.queries(-64) | sd.keys(-64)
     counts = sd.count(pattern, 4096, tile=64)
     assert counts.tiles.partial == 0  # block-aligned: every tile full or empty
     rows = sd.dense(pattern, 4096)[0, ::64, ::64]
     per_row = rows.sum(-1)
-    assert int(per_row[2:].min()) >= 5 and int(per_row[2:-2].max()) <= 8
-    assert bool(rows[:2].all()) and bool(rows[:, :2].all())
+    assert int(per_row[1:-1].min()) >= 5 and int(per_row[2:-2].max()) <= 8
+    for ends in (rows[[0, -1]], rows[:, [0, -1]]):
+        assert bool(ends.all())
+    assert not bool(rows[1:-1, 1].all())  # the second block is not global
+    without_random = sd.dense(catalog.bigbird(random_blocks=0), 640)[0, ::64, ::64]
+    blocks = torch.arange(10)
+    band = (blocks[:, None] - blocks[None, :]).abs() <= 1
+    ends = (blocks == 0) | (blocks == 9)
+    assert torch.equal(without_random, band | ends[:, None] | ends[None, :])
+    # An odd count puts the extra global block first; none leaves the band and random blocks.
+    assert catalog.bigbird(global_blocks=3) == (sd.blocks(64).local(1).global_(2).random(3, 0) | sd.queries(-64)
+                                                | sd.keys(-64))
+    assert catalog.bigbird(global_blocks=0) == sd.blocks(64).local(1).random(3, 0)
 
 
 def test_other_formulas():

@@ -20,6 +20,7 @@ from sparsedsl.plans import tile_sdpa_autograd
 from sparsedsl.plans.tile_groups import SpanExtents, band_group, computed_pairs, tile_groups
 from sparsedsl.plans.tile_masks import split_rows, with_columns
 from sparsedsl.plans.tile_sdpa import TILE_THROUGHPUT
+from sparsedsl.plans.tiled import block_tile
 from strategies import pattern_cases
 
 
@@ -146,6 +147,27 @@ def test_windows_take_the_cheapest_tiles_and_block_patterns_their_blocks(require
     blocks = sd.compile(sd.blocks(128).local(1)).explain(4096, heads=8, device="cpu", requires_grad=requires_grad)
     # One band of views, three tiles a row, its edges apart and cut to the two tiles they see.
     assert blocks.kind == "tile_sdpa" and blocks.computed_pairs == blocks.pairs == (3 * 32 - 2) * 128 * 128 * 8
+
+
+@pytest.mark.parametrize("pattern,tile", [
+    (sd.blocks(64).local(1), 64),
+    (sd.blocks(64).local(1).random(3) | sd.queries(-64) | sd.keys(-64), 64),  # BigBird's last block
+    (sd.blocks(64).local(1) | sd.global_tokens(32), 32),
+    (sd.blocks(64).local(1) | sd.prefix(128) | sd.queries(0, 192), 64),
+    (sd.blocks(64).local(1) | sd.global_tokens(100), None),  # a bound no tile size divides
+    (sd.blocks(64).local(1) | sd.window(8), None),
+    (sd.global_tokens(64) | sd.queries(-64), None),  # no blocks
+])
+def test_block_patterns_with_aligned_ranges_take_block_tiles(pattern, tile):
+    """Ranges of whole rows or columns whose bounds the blocks' tile divides keep a block
+    pattern's tiles: at lengths that are multiples of it no tile is partial, so the plan
+    computes no pair outside the live blocks."""
+    assert block_tile(pattern) == tile
+    if tile is None:
+        return
+    plan = sd.compile(pattern).explain(4096, heads=4, device="cpu")
+    assert plan.kind == "tile_sdpa" and plan.q_block == plan.kv_block == tile
+    assert plan.computed_flops <= 1.05 * plan.useful_flops
 
 
 @pytest.mark.parametrize("pattern", [sd.window(37), sd.causal() & sd.window(50, 0), sd.blocks(32).local(1),

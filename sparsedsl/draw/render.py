@@ -16,6 +16,7 @@ with small type and no title, for a paper column.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -272,8 +273,8 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
         else:
             _tile_legend(axes, found, tile)
         if not compact:
-            fig.suptitle(_headline(pattern, ctx, tile, buffers), x=0.01, ha="left",
-                         fontsize=fontsize + 1)
+            fig.suptitle(_headline(pattern, ctx, tile, buffers, _characters(size[0], fontsize + 1)),
+                         x=0.01, ha="left", fontsize=fontsize + 1)
     return save(fig, path, dpi)
 
 
@@ -385,11 +386,21 @@ def _tile_legend(axes, found: list[dict], tile: int) -> None:
                 title=f"{tile}×{tile}-token tiles", alignment="left")
 
 
-def _headline(pattern: n.Pattern, ctx: Context, tile: int, buffers: dict) -> str:
+def _characters(width: float, fontsize: float) -> int:
+    """About how many characters of ``fontsize`` points fit a line ``width`` inches wide
+    (an average character is taken as 0.6 of the size)."""
+    return max(20, int(width * 72 / (0.6 * fontsize)))
+
+
+def _headline(pattern: n.Pattern, ctx: Context, tile: int, buffers: dict, line: int) -> str:
+    """The figure's title: the pattern's text in lines of at most ``line`` characters
+    (broken between words, three lines at most), then the counts."""
     counts = count(pattern, ctx.q_len, ctx.kv_len, heads=ctx.heads, tile=tile, **buffers)
     shape = _tokens(ctx.q_len) if ctx.kv_len == ctx.q_len else f"{_tokens(ctx.q_len)} × {_tokens(ctx.kv_len)}"
     heads = f", {ctx.heads} heads" if ctx.heads > 1 else ""
     multiplicity = (f" ({counts.pairs_with_multiplicity:,} with multiplicity)"
                     if counts.per_head_with_multiplicity is not None else "")
-    return (f"{_short(str(pattern), 100)}\nN = {shape}{heads}: {counts.pairs:,} allowed pairs{multiplicity}, "
+    text = textwrap.wrap(str(pattern), line, break_long_words=False, break_on_hyphens=False)
+    text = text[:2] + [_short(" ".join(text[2:]), line)] if len(text) > 3 else text
+    return ("\n".join(text) + f"\nN = {shape}{heads}: {counts.pairs:,} allowed pairs{multiplicity}, "
             f"density {percent(counts.density)}" + ("\n" if ctx.heads > 1 else ""))

@@ -11,7 +11,7 @@ import torch
 
 from ..compiler.arguments import BLOCK_SIZES
 from ..lang import nodes as n
-from ..lang.queries import mask_part
+from ..lang.queries import mask_part, walk
 from ..passes.lowering import Lowering, context, lowering
 from ..passes.maskmod import ScoreFn, lower_score, score_rows_from
 from .base import Call
@@ -71,20 +71,30 @@ def check_batch(call: Call, states: torch.Tensor) -> None:
 def block_tile(pattern: n.Pattern) -> int | None:
     """The largest tile size of ``BLOCK_SIZES`` dividing the block size of every
     ``blocks(size)`` of a pattern made of whole-block patterns (``blocks`` combined by
-    ``| & - ~`` and head groups), or None for any other pattern."""
-    sizes = _block_sizes(mask_part(pattern))
-    if not sizes:
+    ``| & - ~`` and head groups, with ranges of whole rows or columns whose bounds such
+    tiles also divide: ``queries``, ``keys``, ``global_tokens``, ``prefix``), or None for
+    any other pattern. A bound counted from the end falls on a tile boundary when the
+    length is a multiple of the tile, as the last block of a ``blocks(size)`` does."""
+    mask = mask_part(pattern)
+    sizes = _tile_bounds(mask)
+    if not sizes or not any(isinstance(node, n.Blocks) for node in walk(mask)):
         return None
     size = math.gcd(*sizes)
     fitting = [tile for tile in BLOCK_SIZES if size % tile == 0]
     return max(fitting) if fitting else None
 
 
-def _block_sizes(node: n.Pattern) -> set[int] | None:
-    """The sizes of the ``blocks`` a whole-block pattern is made of, or None."""
+def _tile_bounds(node: n.Pattern) -> set[int] | None:
+    """The block sizes and range bounds (in tokens, from either end) a whole-block pattern
+    is made of, or None for a pattern with any other part."""
     if isinstance(node, n.Blocks):
         return {node.size}
+    if isinstance(node, (n.Queries, n.Keys)):
+        return {abs(bound) for bound in (node.start, node.stop) if bound}
+    if isinstance(node, (n.GlobalTokens, n.Prefix)):
+        return {node.n}
     if not isinstance(node, (n.Union, n.Intersection, n.Difference, n.Complement, n.Heads)):
         return None
-    sizes = [_block_sizes(child) for child in node.children()]
+    sizes = [_tile_bounds(child) for child in node.children()]
     return None if None in sizes else set().union(*sizes)
+
