@@ -16,6 +16,7 @@ import inspect
 import subprocess
 import sys
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,6 +45,14 @@ FAMILIES = {
     "gemma3": lambda: transformers.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=SLIDING,
                                                     layer_types=["sliding_attention", "full_attention"],
                                                     **SIZES),
+    # Mixture-of-experts families whose layers apply their window through the mask alone
+    # (their attention function is given no sliding_window)
+    "phimoe": lambda: transformers.PhimoeConfig(num_key_value_heads=2, sliding_window=SLIDING, num_local_experts=2,
+                                                num_experts_per_tok=1, **SIZES),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(num_key_value_heads=2, use_sliding_window=True,
+                                                     sliding_window=SLIDING, max_window_layers=1, num_experts=2,
+                                                     num_experts_per_tok=1, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=32, **SIZES),
 }
 #: transformers' eager attention on each family (Gemma2 softcaps, which sdpa refuses).
 EAGER = "eager"
@@ -144,6 +153,42 @@ def test_model_patterns_equal_eager_logits_and_greedy_tokens(family):
         model.set_attn_implementation(MODEL_NAME)
         got = model.generate(ids[:2], cache_implementation=cache_implementation, **options)
         assert torch.equal(got, want), cache_implementation
+
+
+def test_a_configured_window_the_model_mask_does_not_apply_is_refused():
+    """A window in the configuration that the model's own mask does not apply (a model
+    that ignores ``sliding_window``) is refused once it would cut a row, not run."""
+    config = FAMILIES["llama"]()
+    config.sliding_window = SLIDING
+    model = build(config, MODEL_NAME)
+    ids, mask = tokens(1, 2 * SLIDING)
+    with torch.no_grad():
+        model(ids[:, :SLIDING], attention_mask=mask[:, :SLIDING])  # no row is cut yet
+        with pytest.raises(NotImplementedError, match=r"layer 0 \(sliding_attention, sliding_window=8.*does "
+                                                      r"not cut the rows that sliding_window=8 cuts"):
+            model(ids, attention_mask=mask)
+
+
+def test_slot_tensors_mark_rows_a_window_cuts():
+    """Real query slots whose row of the model's mask a window cuts, or does not cut where
+    the configured window would."""
+    def sliding(b, h, q, k):
+        return (k <= q) & (k > q - 4)
+
+    def causal(b, h, q, k):
+        return k <= q
+
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1]]).bool()
+    for function, window, wanted, cut_rows in ((sliding, 4, "narrower", [4, 5, 6]), (causal, 4, "wider", [4, 5, 6]),
+                                               (sliding, 8, "narrower", [4, 5, 6]), (causal, None, None, [])):
+        slots = slot_mask(1, 7, 7, 0, 0, function, padding, "cpu", SimpleNamespace(sliding_window=window))
+        reading = read_slots(slots, "test", cached=False)
+        codes = slots[0, 0, 0].tolist()
+        assert codes[0] == PADDING and [i for i, c in enumerate(codes) if c > REAL] == cut_rows
+        assert (reading.narrower, reading.wider) == (wanted == "narrower", wanted == "wider")
+        assert reading.window_differs(None) == (wanted == "narrower")
+        assert reading.window_differs(window) == (wanted == "wider" if window else wanted == "narrower")
+        assert reading.first_real == (1,) and reading.filled == 7
 
 
 def test_patterns_map_to_layer_types_and_indices():
@@ -266,6 +311,25 @@ def test_a_position_dependent_pattern_refuses_a_cache_that_dropped_keys():
     model = build(FAMILIES["mistral"](), name)
     with pytest.raises(NotImplementedError, match="dropped the earlier ones"):
         model.generate(tokens(1, 6)[0], max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_a_position_dependent_pattern_on_full_layers_generates_with_a_sliding_cache(cache_implementation):
+    """Gemma3's sliding layers drop early keys from their cache, but the pattern that
+    depends on absolute positions runs on its full layers only, whose cache keeps them:
+    generation runs, with the tokens of generation without a cache."""
+    name = register({"full_attention": sd.causal() & (sd.window(3, 0) | sd.global_tokens(2))},
+                    "sparsedsl_test_full_global")
+    model = build(FAMILIES["gemma3"](), name)
+    ids = tokens(1, 6)[0]
+    options = dict(max_new_tokens=3 * SLIDING, min_new_tokens=3 * SLIDING, do_sample=False)
+    want = model.generate(ids, use_cache=False, **options)
+    assert torch.equal(model.generate(ids, cache_implementation=cache_implementation, **options), want)
+    # the same pattern on the sliding layers addresses the keys their cache dropped
+    model.set_attn_implementation(register({"sliding_attention": sd.causal() & sd.window(3, 0) & sd.chunks(4)},
+                                           "sparsedsl_test_sliding_chunks"))
+    with pytest.raises(NotImplementedError, match="for its sliding layers"):
+        model.generate(ids, cache_implementation=cache_implementation, **options)
 
 
 # -- registered patterns on models without windows --------------------------------------
@@ -555,6 +619,16 @@ def test_packed_sequences_and_prepared_masks_are_refused():
     q = k = v = torch.randn(1, 2, 12, 16)
     with pytest.raises(NotImplementedError, match="cu_seq_lens_q"):
         _attention(CAUSAL_NAME)(None, q, k, v, None, cu_seq_lens_q=torch.tensor([0, 5, 12]))
+
+
+def test_a_position_bias_folded_into_the_mask_is_refused_for_what_it_is():
+    # Falcon with ALiBi adds per-head scores to the mask it hands its attention layers
+    config = transformers.FalconConfig(alibi=True, attention_dropout=0.0, hidden_dropout=0.0,
+                                       **{k: v for k, v in SIZES.items() if k != "intermediate_size"})
+    model = build(config, CAUSAL_NAME)
+    ids, mask = tokens(1, 12)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"shape \[1, 4, 1, 12\], scores per head.*ALiBi"):
+        model(ids, attention_mask=mask)
 
 
 def test_import_sparsedsl_does_not_import_transformers(monkeypatch):

@@ -44,7 +44,8 @@ class ModelAttention:
     ``(q, k, v, *, scale, q_offset, return_lse, context, slots=None) -> out``, with
     ``[B, H, Q, D]`` queries, ``[B, H_kv, K, D]`` keys and values, ``context`` a layer's
     description (:func:`~sparsedsl.integrations.layer_patterns.layer_context`) and
-    ``slots`` its ``[B, 1, 1, K]`` slot tensor (None: every key slot filled, no padding).
+    ``slots`` its ``[B, 1, 1, K]`` slot tensor (None: every key slot filled, no padding),
+    given as ``traced_slots`` from a compiled graph.
     ``q_offset`` is not read (the slots say where the queries are) and ``return_lse``
     must be False."""
 
@@ -58,9 +59,12 @@ class ModelAttention:
         self._lock = threading.Lock()
 
     def __call__(self, q, k, v, *, scale: float, q_offset=0, return_lse: bool = False,
-                 context: str, slots: torch.Tensor | None = None) -> torch.Tensor:
+                 context: str, slots: torch.Tensor | None = None,
+                 traced_slots: torch.Tensor | None = None) -> torch.Tensor:
         if return_lse:
             raise ValueError(f"{self.where}: return_lse is not supported, got return_lse=True")
+        if traced_slots is not None:  # from a compiled graph: read afresh (see read_slots)
+            return self.layer(context)(q, k, v, traced_slots, scale, cached=False)
         return self.layer(context)(q, k, v, slots, scale)
 
     def layer(self, context: str) -> "LayerAttention":
@@ -85,7 +89,7 @@ class LayerAttention:
     docstring for what a call computes)."""
 
     def __init__(self, layer: Layer, pattern: n.Pattern, where: str, *, block_size, kernel: str):
-        self.pattern, self.where = pattern, where
+        self.layer, self.pattern, self.where = layer, pattern, where
         self.plain = CompiledPattern(pattern, block_size=block_size, kernel=kernel)
         self.padded = CompiledPattern(restrict(pattern, n.documents(PADDING_IDS)), block_size=block_size,
                                       kernel=kernel)
@@ -93,11 +97,20 @@ class LayerAttention:
         self.within = WithinCheck(layer, pattern)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None,
-                 scale: float) -> torch.Tensor:
+                 scale: float, cached: bool = True) -> torch.Tensor:
         """``[B, H, Q, Dv]`` attention outputs of ``[B, H, Q, D]`` queries over
-        ``[B, H_kv, K, D]`` keys and ``[B, H_kv, K, Dv]`` values."""
+        ``[B, H_kv, K, D]`` keys and ``[B, H_kv, K, Dv]`` values (``cached``: see
+        :func:`~sparsedsl.integrations.slots.read_slots`)."""
         q_len, kv_len = q.shape[2], k.shape[2]
-        reading = None if slots is None else read_slots(slots, self.where)
+        reading = None if slots is None else read_slots(slots, self.where, cached)
+        if reading is not None and reading.window_differs(self.layer.window):
+            cut = ("cuts some query's row with a sliding window" if self.layer.window is None else
+                   f"does not cut the rows that sliding_window={self.layer.window} cuts")
+            raise NotImplementedError(
+                f"{self.where}: {self.layer.describe()} runs under a mask of the model's own that "
+                f"{cut}: neither the model's call nor its configuration says so of this layer, "
+                f"and a pattern would override that mask, so it is refused"
+            )
         filled = kv_len if reading is None else reading.filled
         if filled < q_len:
             raise ValueError(

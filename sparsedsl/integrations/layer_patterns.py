@@ -87,9 +87,15 @@ class LayerPatterns:
     def __init__(self, every: n.Pattern | None, by_type: dict[str, n.Pattern],
                  by_index: dict[int, n.Pattern]):
         self.every, self.by_type, self.by_index = every, dict(by_type), dict(by_index)
-        registered = [p for p in (every, *by_type.values(), *by_index.values()) if p is not None]
-        #: Whether every pattern that can run depends on ``q - k`` only (model patterns do).
-        self.shift_invariant = all(shift_invariant(p) for p in registered)
+
+    def shift_invariant_on(self, layer_type: str, layer_types) -> bool:
+        """Whether every pattern that can run on the layers of ``layer_type`` depends on ``q
+        - k`` only (model patterns do). ``layer_types``: the model's type of every layer
+        (``config.layer_types``), or None when every layer has that type."""
+        indices = None if not layer_types else {i for i, t in enumerate(layer_types) if t == layer_type}
+        patterns = [self.every, self.by_type.get(layer_type),
+                    *(p for i, p in self.by_index.items() if indices is None or i in indices)]
+        return all(shift_invariant(p) for p in patterns if p is not None)
 
     def key(self) -> tuple:
         """A hashable description of what the registration computes."""
@@ -119,7 +125,7 @@ class LayerPatterns:
             raise ValueError(
                 f"{where}: {layer.describe()} softcaps its attention scores at {layer.softcap} "
                 f"(attn_logit_softcapping), but the pattern registered for it, {pattern}, "
-                f"{stated}; state the model's: {mask_part(pattern)}.score(softcap({layer.softcap}))"
+                f"{stated}; state the model's: {mask_part(pattern).score(n.softcap(layer.softcap))}"
             )
         return pattern
 
@@ -163,10 +169,13 @@ class WithinCheck:
             size = max(positions, self._first, 2 * self._checked)
             outside = count(self.excess, size, size).pairs
             if outside:
-                inside = mask_part(self.pattern) & self.model_mask
+                inside = _intersection(mask_part(self.pattern), self.model_mask)
+                cache = ("; with a cache its sliding layers drop early keys, which a pattern "
+                         "that depends on absolute positions addresses, so generating needs the "
+                         "latter" if not shift_invariant(inside) else "")
                 remedy = (f"register a pattern inside it (such as {inside}), or build the model "
                           f"with sliding_window=None (Qwen: use_sliding_window=False) for its "
-                          f"layers to see further" if self.layer.window is not None else
+                          f"layers to see further{cache}" if self.layer.window is not None else
                           f"a causal layer sees no later key: register a pattern inside it "
                           f"(such as {inside})")
                 raise ValueError(
@@ -176,6 +185,18 @@ class WithinCheck:
                     f"layer's attention, not widen it: {remedy}"
                 )
             self._checked = size
+
+
+def _intersection(pattern: n.Pattern, mask: n.Pattern) -> n.Pattern:
+    """``pattern & mask`` without repeating the parts of ``mask`` that ``pattern``
+    already intersects with."""
+    parts = pattern.parts if isinstance(pattern, n.Intersection) else (pattern,)
+    wanted = mask.parts if isinstance(mask, n.Intersection) else (mask,)
+    result = pattern
+    for part in wanted:
+        if part not in parts:
+            result = result & part
+    return result
 
 
 def _inside(pattern: n.Pattern, mask: n.Pattern) -> bool:

@@ -71,8 +71,9 @@ ATTENTION_WEIGHTS_LIMIT = 1 << 30
 #: Names that may be registered: no ``/`` (transformers reads those as Hub kernels) and no
 #: ``|`` (its ``paged|`` prefix).
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
-#: The keyword under which a layer's slot tensor reaches :class:`ModelAttention`.
-_SLOTS = "slots"
+#: The keywords under which a layer's slot tensor reaches :class:`ModelAttention`, called
+#: directly and from a compiled graph.
+_SLOTS, _TRACED_SLOTS = "slots", "traced_slots"
 #: Names registered by this module, and what each computes.
 _REGISTERED: dict[str, "PatternAttention"] = {}
 
@@ -203,9 +204,10 @@ class PatternAttention:
         return out.transpose(1, 2).contiguous(), weights
 
     def _attend(self, query, key, value, slots, scale: float, context: str) -> torch.Tensor:
-        buffers = {} if slots is None else {_SLOTS: slots}
         if torch.compiler.is_compiling():
+            buffers = {} if slots is None else {_TRACED_SLOTS: slots}
             return traced_attention(self.handle, query, key, value, scale, 0, False, buffers, context)
+        buffers = {} if slots is None else {_SLOTS: slots}
         return self.runtime(query, key, value, scale=scale, context=context, **buffers)
 
     def _weights(self, where: str, query, key, slots, scale: float, context: str) -> torch.Tensor:
@@ -227,16 +229,31 @@ class PatternAttention:
 
 def _layer_context(module, kwargs: dict) -> str:
     """The description of the calling layer (see :class:`PatternAttention`), from
-    configuration values only."""
+    configuration values only. The layer's window is the ``sliding_window`` the model
+    passes, else the configuration's (:func:`_configured_window`): some models apply
+    their window through the mask alone."""
     config = getattr(module, "config", None)
     index = getattr(module, "layer_idx", None)
-    window = kwargs.get("sliding_window")
     types = getattr(config, "layer_types", None)
-    layer_type = types[index] if types and index is not None else (SLIDING if window else FULL)
+    typed = types[index] if types and index is not None else None
+    window = kwargs.get("sliding_window") or _configured_window(config, typed)
+    layer_type = typed or (SLIDING if window else FULL)
     causal = getattr(module, "is_causal", True) and getattr(config, "is_causal", True)
     return layer_context(index, layer_type, window, kwargs.get("softcap"), bool(causal),
                          getattr(config, "num_hidden_layers", 1),
                          ",".join(sorted(set(types))) if types else layer_type)
+
+
+def _configured_window(config, layer_type: str | None) -> int | None:
+    """The sliding window the configuration gives a layer of ``layer_type`` (None: the
+    model names no layer types): ``config.sliding_window`` for sliding layers, and for
+    every layer of a model that names no types unless ``use_sliding_window`` is False."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if layer_type is not None:
+        return window if layer_type == SLIDING else None
+    return window if getattr(config, "use_sliding_window", True) is not False else None
 
 
 def _slots_of(where: str, attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
@@ -248,6 +265,13 @@ def _slots_of(where: str, attention_mask, batch: int, kv_len: int) -> torch.Tens
             and attention_mask.shape[2] == 1):
         shown = (f"a {attention_mask.dtype} tensor of shape {list(attention_mask.shape)}"
                  if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__)
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point()
+                and attention_mask.dim() == 4 and attention_mask.shape[1] > 1):
+            raise NotImplementedError(
+                f"{where}: the model passes attention_mask as {shown}, scores per head: a "
+                f"position bias folded into the mask (Falcon's ALiBi, for one), which this "
+                f"integration does not apply; such models are not supported"
+            )
         raise ValueError(
             f"{where}: attention_mask must be built by the mask function registered with the "
             f"patterns (give the model the 2-D padding mask), got {shown}"
@@ -269,21 +293,25 @@ def slot_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_off
     ..`` (an int, or a tensor for a static cache) over ``kv_length`` key slots from
     position ``kv_offset`` on, from the ``[B, S]`` bool padding mask ``attention_mask``
     (slots past it count as padding, as in transformers; None: no padding) and the model's
-    ``mask_function``. Reads no value from the device.
+    ``mask_function``, probed at the configured sliding window (so that each layer checks
+    the window it runs against the model's mask). Reads no value from the device.
 
-    Refuses a cache that dropped early keys (``kv_offset > 0``: sliding-window cache
-    layers) when the patterns registered for ``config`` depend on absolute positions."""
+    Refuses a cache that dropped early keys (``kv_offset > 0``: the model's sliding-window
+    cache layers) when a pattern registered for ``config``'s sliding layers depends on
+    absolute positions."""
     registered = _REGISTERED.get(getattr(config, "_attn_implementation", None))
-    if kv_offset and registered is not None and not registered.patterns.shift_invariant:
+    if kv_offset and registered is not None and not registered.patterns.shift_invariant_on(
+            SLIDING, getattr(config, "layer_types", None)):
         raise NotImplementedError(
             f"{registered.runtime.where}: the model's cache holds keys from position "
-            f"{kv_offset} on (a sliding-window cache layer dropped the earlier ones), but a "
-            f"pattern that depends on absolute positions addresses keys from position 0; build "
-            f"the model with sliding_window=None (and use_sliding_window=False) and state the "
-            f"window in the pattern"
+            f"{kv_offset} on for its sliding layers (a sliding-window cache layer dropped the "
+            f"earlier ones), but a pattern registered for them depends on absolute positions, "
+            f"which address keys from position 0; register a pattern of q - k only (such as "
+            f"windows) for the sliding layers, or build the model with sliding_window=None (and "
+            f"use_sliding_window=False) and state the window in the pattern"
         )
     return build_slots(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                       attention_mask, device)
+                       attention_mask, device, _configured_window(config, SLIDING))
 
 
 def _transformers_interfaces():
