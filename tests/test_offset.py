@@ -145,6 +145,23 @@ def test_gpu_end_aligned_bf16_equals_dense_softmax(pattern, q_len):
     assert (out.double().cpu() - expected).abs().max().item() < 3e-2
 
 
+@pytest.mark.parametrize("pattern", [sd.queries(8), sd.queries(7, 28), ~sd.queries(1, 28),
+                                     sd.window(3) & sd.queries(10), sd.queries(7, 28) | sd.causal(),
+                                     sd.keys(3, 9) | sd.causal() & sd.window(4, 0)], ids=str)
+@pytest.mark.parametrize("q_len,kv_len,q_offset", [(1, 64, "end"), (4, 40, 20), (8, 40, "end"), (3, 200, 150)])
+def test_decoding_rows_inside_and_outside_ranges_of_rows(pattern, q_len, kv_len, q_offset):
+    """The decode plan evaluates ranges of rows at the queries' absolute positions: rows
+    inside and past ``queries(start, stop)`` see what the dense reference gives them."""
+    module = sd.compile(pattern, block_size=16)
+    assert module.explain(q_len, kv_len, q_offset=q_offset, heads=2, head_dim=8, device="cpu").kind == "decode"
+    q, k, v = _inputs(1, 2, 2, q_len, kv_len, 8, dtype=torch.float64, seed=q_len)
+    out, lse = module(q, k, v, q_offset=q_offset, return_lse=True)
+    offset = kv_len - q_len if q_offset == "end" else q_offset
+    expected, expected_lse = reference_attention(pattern, q, k, v, q_offset=offset)
+    assert (out - expected).abs().max().item() < 1e-12
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(expected_lse))
+
+
 def test_decoding_steps_reuse_cached_tile_rows():
     """A growing cache decoded token by token classifies one aligned tile row per tile of
     tokens (not one per token), and every step equals the full forward's row."""

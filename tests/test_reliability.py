@@ -21,17 +21,28 @@ PATTERNS = [
 ]
 
 
-@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
-def test_non_contiguous_and_broadcast_inputs(pattern):
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("pattern", [*PATTERNS, sd.longnet([8, 16], [1, 2]), sd.window(5), sd.causal()], ids=str)
+def test_non_contiguous_and_broadcast_inputs(pattern, grad):
+    """Views of every kind, the head dim strided too (the fused kernels that plans call
+    directly read it as one run), with gradients and without."""
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(2, 40, 4, 8, generator=gen)  # [B, N, H, D] storage, used as bhnd views
     q = base.transpose(1, 2)                        # non-contiguous
     k = torch.randn(1, 4, 40, 8, generator=gen).expand(2, 4, 40, 8)  # broadcast over batch
     v = torch.randn(2, 4, 8, 40, generator=gen).transpose(-1, -2)    # strided last dims
     module = sd.compile(pattern, block_size=16)
-    out = module(q, k, v)
-    expected, _ = reference_attention(pattern, q, k, v)
-    assert (out.double() - expected).abs().max() < 1e-5
+    for q, k, v in ((q, k, v), (q[..., ::1], v, torch.randn(2, 4, 40, 16, generator=gen)[..., ::2])):
+        q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
+        out = module(q, k, v)
+        expected, _ = reference_attention(pattern, q, k, v)
+        assert (out.double() - expected).abs().max() < 1e-5
+        if grad:
+            weights = torch.randn(out.shape, generator=gen)
+            got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+            want = torch.autograd.grad((expected * weights.double()).sum(), (q, k, v))
+            for g, w in zip(got, want):
+                assert (g.double() - w).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)

@@ -25,8 +25,17 @@ def check_attention_inputs(q, k, v, scale, layout: str, where: str = "forward()"
     float (``1 / sqrt(head_dim)`` when None), or a ``ValueError``/``TypeError`` that says
     what is wrong (its message starts with ``where``)."""
     if _well_formed(q, k, v, layout) and (scale is None or type(scale) is float and math.isfinite(scale)):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         return q, k, v, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
-    return checked_one_by_one(q, k, v, scale, layout, where)
+    q, k, v, scale = checked_one_by_one(q, k, v, scale, layout, where)
+    return unit_stride(q), unit_stride(k), unit_stride(v), scale
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied to a contiguous tensor when its last dimension (head_dim) is not
+    contiguous: the fused kernels that plans call directly read a row of ``head_dim``
+    elements as one contiguous run."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def checked_one_by_one(q, k, v, scale, layout: str, where: str):
@@ -36,6 +45,11 @@ def checked_one_by_one(q, k, v, scale, layout: str, where: str):
     dims = "[batch, heads, length, head_dim]" if layout == "bhnd" else "[batch, length, heads, head_dim]"
     check_4d(where, q, k, v, f"{dims} (layout={layout!r})")
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.is_meta:
+            raise ValueError(
+                f"{where}: argument {name!r} is on the meta device, which holds no values to "
+                f"attend over; give tensors on the CPU or a GPU"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{where}: argument {name!r} must be a floating tensor "
@@ -82,7 +96,7 @@ def _well_formed(q, k, v, layout: str) -> bool:
         return False
     (batch, heads, q_len, dim), (kb, kv_heads, kv_len, kdim) = q.shape, k.shape
     return (q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and k.device == q.device and v.device == q.device
+            and k.device == q.device and v.device == q.device and not q.is_meta
             and 0 not in (batch, heads, q_len, dim, kv_heads, kv_len) and kb == batch
             and v.shape[0] == batch and v.shape[1] == kv_heads and v.shape[2] == kv_len
             and kdim == dim and heads % kv_heads == 0)

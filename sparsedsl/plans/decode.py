@@ -196,7 +196,9 @@ class DecodePlan(Plan):
             return tile_states(core, ctx, grid, lower_mask(core, ctx))
 
         def build() -> DecodeRows:
-            ctx = context(core, 1, capacity, 0, state_heads, device, {}, "forward()")
+            # Every query position up to the capacity: ranges of rows (queries(...)) are
+            # bounded by the matrix's query count, so a smaller one would cut them.
+            ctx = context(core, capacity, capacity, 0, state_heads, device, {}, "forward()")
             return DecodeRows(row_states, q_block, kv_block, capacity, lower_mask(core, ctx), device)
 
         key = (core, state_heads, q_block, kv_block, str(device), capacity)

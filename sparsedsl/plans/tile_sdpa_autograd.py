@@ -233,7 +233,7 @@ class ViewGroupsAttention(torch.autograd.Function):
         groups, scale, block, kv_len = ctx.groups, ctx.scale, ctx.kv_block, k.shape[2]
         before = max(g.runs.k_before for g in groups)
         length = before + max(max(kv_len + g.runs.k_past for g in groups), -(-kv_len // block) * block)
-        dq = torch.zeros_like(q)
+        dq = q.new_zeros(q.shape)  # contiguous: its slabs (add_queries) are views only then
         dk, dv = (t.new_zeros(*t.shape[:2], length, t.shape[3]) for t in (k, v))
         pads = {}
         for i, group in enumerate(groups):

@@ -73,7 +73,8 @@ class SlabRuns:
 
     def add_queries(self, total: torch.Tensor, grads: torch.Tensor, start: int = 0) -> None:
         """Add query-slab gradients ``grads [n, B * H, chunk, D]`` of spans ``start ..
-        start + n`` into ``total [B, H, Q, D]`` (spans never overlap), in place."""
+        start + n`` into ``total [B, H, Q, D]`` (spans never overlap; batch and heads must
+        merge, as in a contiguous tensor, for the slabs to be views), in place."""
         rows, count = total.shape[2], grads.shape[0]
         if self.q_past and start + count == self.count:
             tail = grads[-1].narrow(1, 0, self.chunk - self.q_past)  # the last span's rows inside
