@@ -45,6 +45,36 @@ def test_non_contiguous_and_broadcast_inputs(pattern, grad):
                 assert (g.double() - w).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("value_dim", [8, 24])
+@pytest.mark.parametrize("pattern", [*PATTERNS, sd.longnet([16, 32], [1, 2]), sd.dilated(16, 2) + sd.chunks(32),
+                                     sd.blocks(32).local(1).within(sd.segments([16, 16], [1, 2]))], ids=str)
+def test_values_of_another_head_dim_on_every_plan(pattern, value_dim):
+    """Values whose head dim differs from the queries' (the output has theirs), on every
+    plan that takes the call, forward and gradients (fused kernels that take one head dim
+    get zero columns appended)."""
+    gen = torch.Generator().manual_seed(value_dim)
+    q, k = (torch.randn(2, h, 70, 16, generator=gen, dtype=torch.float64) for h in (2, 1))
+    v = torch.randn(2, 1, 70, value_dim, generator=gen, dtype=torch.float64)
+    expected, _ = reference_attention(pattern, q, k, v)
+    weights = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad((reference_attention(pattern, *inputs)[0] * weights).sum(), inputs)
+    ran = []
+    for kernel in ("gather", "tile_sdpa", "lattice", "branches", "band", "sdpa"):
+        module = sd.compile(pattern, kernel=kernel, block_size=16)
+        try:
+            module.explain(70, heads=2, kv_heads=1, head_dim=16, device="cpu", requires_grad=True)
+        except sd.PlanNotSupported:
+            continue
+        ran.append(kernel)
+        with torch.no_grad():
+            assert (module(q, k, v) - expected).abs().max() < 1e-9, kernel
+        got = torch.autograd.grad((module(*inputs) * weights).sum(), inputs)
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() < 1e-9, kernel
+    assert "gather" in ran  # the plan every pattern has
+
+
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (37, 1), (17, 17)])
 def test_tiny_lengths(pattern, q_len, kv_len):

@@ -32,6 +32,18 @@ def fused_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> li
     return reasons
 
 
+def same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``q``, ``k``, ``v`` with one head dim, as the fused kernels take them: zero columns
+    appended to the queries and keys, or to the values, leave every score and every output
+    column (the first ``v.shape[-1]``) exact; gradients flow through the padding."""
+    dim, value_dim = q.shape[-1], v.shape[-1]
+    if dim < value_dim:
+        return F.pad(q, (0, value_dim - dim)), F.pad(k, (0, value_dim - dim)), v
+    if dim > value_dim:
+        return q, k, F.pad(v, (0, dim - value_dim))
+    return q, k, v
+
+
 def _flash(q: torch.Tensor) -> bool:
     """Whether CUDA's flash kernel runs ``q``: half precision, head dim a multiple of 8 up
     to 256."""

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from ..passes.lattice import zeroed_heads
 from .branches_program import BranchesProgram, Terms
 from .cuda_streams import concurrently, in_turns
-from .fused_attention import attend, attend_backward, compute_dtype
+from .fused_attention import attend, attend_backward, compute_dtype, same_head_dim
 from .kernels import per_query_head, zero_heads
 from .lattice_views import chunk_folds, fold, folded_view, write_folded, zeroed_output
 from .layout_programs import LayoutPrograms
@@ -95,10 +95,15 @@ class TermsAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, lse)``, with gradients (:func:`terms_backward`) when an input requires
-        them; the log-sum-exp carries none."""
+        them; the log-sum-exp carries none. Values of another head dim than the queries'
+        are padded to one (:func:`~sparsedsl.plans.fused_attention.same_head_dim`)."""
+        value_dim = v.shape[-1]
+        q, k, v = same_head_dim(q, k, v)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _TermsFunction.apply(q, k, v, self)
-        return self.forward(q, k, v)
+            out, lse = _TermsFunction.apply(q, k, v, self)
+        else:
+            out, lse = self.forward(q, k, v)
+        return (out, lse) if out.shape[-1] == value_dim else (out[..., :value_dim], lse)
 
 
 def terms_backward(grad_out, q, k, v, out, lse, terms: Terms, scale: float) -> tuple[torch.Tensor, ...]:

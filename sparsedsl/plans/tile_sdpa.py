@@ -33,6 +33,7 @@ from ..lang import nodes as n
 from ..lang.queries import score_mods
 from ..passes.tiles import TileGrid
 from .base import Call, Plan, Runner
+from .fused_attention import same_head_dim
 from .kernels import per_query_head
 from .tiled import Tiled, block_tile, check_batch, tiled
 from .tile_groups import TileGroup, computed_pairs, part_tiles, tile_groups, tiles_held_by_none
@@ -155,8 +156,9 @@ def tile_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     gathered = [(group, view, mask) for group, view, mask in zip(groups, views, masks) if view is None]
     if q.device.type == "cpu" and len(gathered) < len(groups) and (grad or any(g.others for g in groups)):
         keys, values = (per_query_head(t, heads // kv_heads) for t in (k, v))
-        out = ViewGroupsAttention.apply(q, keys, values, [view for view in views if view is not None],
+        out = ViewGroupsAttention.apply(*same_head_dim(q, keys, values), [view for view in views if view is not None],
                                         (held_by_no_view, bq, bk, nq), scale)
+        out = out if out.shape[-1] == dv else out[..., :dv]
     else:
         out, gathered = new_output(q, nq, bq, dv, held_by_none), list(zip(groups, views, masks))
     pads, padded = {}, []  # inputs padded: at the ends of view slabs; to whole tiles for gathers
