@@ -11,8 +11,8 @@ its reasons: never another plan quietly.
 Preparations (lowerings, decompositions) and runners are cached per (pattern, call), so a
 call shape is planned once, and sub-problems (the lattice plan's parts) go back through
 the planner and share its caches. Runners of plans whose backward has no derivative get
-exact second-order gradients through :mod:`sparsedsl.plans.double_backward`, and a loss
-through a log-sum-exp a plan computed without autograd raises an error
+exact second-order gradients through :mod:`sparsedsl.plans.double_backward`, and a
+log-sum-exp a plan computed without autograd gets its gradient by recomputation
 (:mod:`sparsedsl.plans.lse_gradient`). Runners run inside
 ``torch.profiler.record_function("sparsedsl::<plan>")`` while a profiler records.
 """
@@ -29,7 +29,7 @@ from ..passes import lowering
 from ..plans import decode
 from ..plans.base import Call, Candidate, Plan, Runner
 from ..plans.double_backward import twice_differentiable
-from ..plans.lse_gradient import refusing_gradient
+from ..plans.lse_gradient import recomputed_lse_gradient
 from ..plans.registry import KERNELS, PLANS
 from .cache import BuildCache
 
@@ -135,26 +135,13 @@ class Planner:
         if call.needs_grad and not plan.double_backward:
             runner = twice_differentiable(runner, lambda: _GATHER.runner(pattern, call))
         if call.differentiates_lse and not plan.lse_gradient:
-            runner = _refusing_lse_gradient(runner, plan.name)
+            runner = recomputed_lse_gradient(runner, lambda: _GATHER.runner(pattern, call))
         return _labelled(plan.name, runner)
 
 
 _AUTO = Planner("auto")
 #: Runs second-order gradients of plans without them (differentiable operations only).
 _GATHER = Planner("gather")
-
-
-def _refusing_lse_gradient(runner: Runner, name: str) -> Runner:
-    """``runner`` whose log-sum-exp raises an error if a loss reads it (it has no gradient)."""
-
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int):
-        out, lse = runner(q, k, v, q_offset)
-        anchor = next((t for t in (q, k, v) if t.requires_grad), None)
-        if lse is None or anchor is None:
-            return out, lse
-        return out, refusing_gradient(lse, anchor, name)
-
-    return run
 
 
 def _labelled(name: str, runner: Runner) -> Runner:

@@ -123,8 +123,8 @@ class Plan:
     #: Whether the runner's backward is itself differentiable (second-order gradients);
     #: where not, the planner wraps it (:mod:`sparsedsl.plans.double_backward`).
     double_backward: bool = False
-    #: Whether the log-sum-exp it returns carries a gradient; where not, the planner makes a
-    #: loss through it raise an error (:mod:`sparsedsl.plans.lse_gradient`).
+    #: Whether the log-sum-exp it returns carries a gradient; where not, the planner gives
+    #: it one by recomputation (:mod:`sparsedsl.plans.lse_gradient`).
     lse_gradient: bool = False
 
     def not_supported(self, pattern: n.Pattern, call: Call) -> list[str]:

@@ -37,12 +37,12 @@ class _TwiceDifferentiable(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: these gradients are differentiated in turn
             wanted = [t for t in inputs if t.requires_grad]
             outputs = ctx.recompute()(q, k, v, ctx.q_offset)
-            grads = _grad(outputs, (grad_out, grad_lse), wanted, create_graph=True)
+            grads = gradients(outputs, (grad_out, grad_lse), wanted, create_graph=True)
         else:
             leaves, outputs = ctx.graph if ctx.graph is not None else _record(ctx.run, q, k, v, ctx.q_offset)
             ctx.graph = None
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = _grad(outputs, (grad_out, grad_lse), wanted, create_graph=False)
+            grads = gradients(outputs, (grad_out, grad_lse), wanted, create_graph=False)
         grads = iter(grads)
         result = [next(grads) if t.requires_grad else None for t in inputs]
         return (*result, None, None, None)
@@ -56,7 +56,7 @@ def _record(run: Runner, q, k, v, q_offset: int):
         return leaves, run(*leaves, q_offset)
 
 
-def _grad(outputs, output_grads, wanted, create_graph: bool):
+def gradients(outputs, output_grads, wanted, create_graph: bool):
     """Gradients of ``outputs`` (``(out, lse or None)``) weighted by ``output_grads``
     with respect to ``wanted``; zeros where an input does not reach an output."""
     pairs = [(o, g) for o, g in zip(outputs, output_grads) if o is not None and g is not None and o.requires_grad]
