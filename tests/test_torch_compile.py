@@ -101,6 +101,22 @@ def test_tensors_lse_and_offsets_under_fullgraph():
         assert torch.allclose(g, w, atol=1e-10)
 
 
+def test_plain_score_functions_run_inside_the_compiled_operator():
+    """A plain Python score function runs one element at a time under ``torch.vmap``: inside
+    the operator of a graph AOTAutograd compiled (functorch's dispatch keys excluded there),
+    forward and backward, as in eager mode."""
+    def slope(score, b, h, q, k):
+        return score - 0.1 * (q - k)
+
+    module = sd.compile(sd.causal().score(slope), block_size=16)
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    want = module(q, k, v)
+    got = torch.compile(lambda *t: module(*t), fullgraph=True, backend="aot_eager")(q, k, v)
+    assert torch.allclose(got, want, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        assert torch.allclose(g, w, atol=1e-12)
+
+
 def test_copies_and_pickles_name_the_same_configuration():
     module = sd.compile(sd.window(5), block_size=16)
     assert copy.deepcopy(module)._handle == module._handle

@@ -71,7 +71,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int,
     ``lse`` is empty unless ``return_lse``. ``names`` lists the bound tensors' keywords,
     comma-separated, in the order of ``tensors``; a non-empty ``context`` is passed to the
     module as the keyword ``context``."""
-    result = _run(handle, q, k, v, scale, q_offset, return_lse, names, tensors, context)
+    with _eager_inside_operator():
+        result = _run(handle, q, k, v, scale, q_offset, return_lse, names, tensors, context)
     if return_lse:
         out, lse = result
         return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
@@ -94,7 +95,7 @@ def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: tor
     """Gradients of ``q``, ``k``, ``v`` for :func:`attention_op`, by recomputing its
     forward with autograd (``grad_lse`` is used when ``return_lse``)."""
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    with _autograd_inside_operator(), torch.enable_grad():
+    with _eager_inside_operator(), torch.enable_grad():
         result = _run(handle, *inputs, scale, q_offset, return_lse, names, tensors, context)
         outputs, grads = ([result[0], result[1]], [grad_out, grad_lse]) if return_lse else ([result], [grad_out])
         if return_lse:  # rows without keys have lse = -inf and no gradient through it
@@ -105,16 +106,22 @@ def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: tor
     return tuple((torch.zeros_like(t) if g is None else g.contiguous()) for g, t in zip((dq, dk, dv), inputs))
 
 
-def _autograd_inside_operator():
-    """Autograd back on inside an operator's implementation. The custom-operator machinery
-    runs implementations with the autograd dispatch keys excluded (below autograd), where
-    ``torch.autograd.grad`` of a recomputed forward would find no graph; this guard lifts
-    that exclusion (and keeps every other one, autocast's included) for its block."""
-    keys = torch._C.DispatchKey
+#: The dispatch keys :func:`_eager_inside_operator` lifts the exclusion of.
+_LIFTED_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView",
+                "FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchBatched",
+                "FuncTorchVmapMode", "FuncTorchGradWrapper")
+
+
+def _eager_inside_operator():
+    """The dispatch state of eager code inside an operator's implementation. The
+    custom-operator machinery runs implementations with the autograd and functorch dispatch
+    keys excluded (below autograd), where ``torch.autograd.grad`` of a recomputed forward
+    would find no graph and ``torch.vmap`` (which runs a plain score function one element
+    at a time) would fail; this guard lifts those exclusions (and keeps every other one,
+    autocast's included) for its block."""
     excluded = torch._C._dispatch_tls_local_exclude_set()
-    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor,
-                keys.ADInplaceOrView):
-        excluded = excluded.remove(key)
+    for name in _LIFTED_KEYS:
+        excluded = excluded.remove(getattr(torch._C.DispatchKey, name))
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
 
 
