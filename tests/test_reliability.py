@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +197,47 @@ def test_concurrent_forward_calls_equal_serial_results():
 def test_sizes_are_checked_with_named_arguments(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+_Q = torch.randn(1, 2, 32, 8)
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (lambda: sd.compile(sd.documents("d"))(_Q, _Q, _Q, d=[0] * 32), sd.BufferBindingError, "'d' must be a torch.Tensor"),
+    (lambda: sd.compile(sd.window(4))(_Q, _Q, _Q, foo=3), sd.BufferBindingError, "'foo' must be a torch.Tensor"),
+    (lambda: sd.compile(sd.window(4)).explain(32, foo=1), sd.BufferBindingError, "'foo' must be a torch.Tensor"),
+    (lambda: sd.compile(sd.window(4))(*[torch.empty(1, 2, 16, 8, device="meta")] * 3), ValueError, "meta device"),
+    (lambda: sd.compile(sd.window(4))(_Q, _Q, _Q, return_lse="yes"), TypeError, "'return_lse' must be True or False"),
+    (lambda: sd.compile(sd.window(4)).explain(32, scale=float("nan")), ValueError, "'scale' must be a finite"),
+    (lambda: sd.compile(sd.window(4)).explain(32, scale="x"), ValueError, "'scale' must be a finite"),
+    (lambda: sd.compile(sd.window(4)).explain(32, dtype=torch.int32), TypeError, "'dtype' must be one of"),
+    (lambda: sd.compile(sd.window(4)).explain(32, heads=4, kv_heads=3), ValueError, "'kv_heads' \\(3\\) must divide"),
+    (lambda: sd.compile(sd.window(4)).explain(32, device="bogus"), ValueError, "'device' must be a torch.device"),
+    (lambda: sd.dense("window(3)", 4), ValueError, "'pattern' must be a pattern"),
+    (lambda: sd.MultiheadSparseAttention(64.0, 2, sd.causal()), ValueError, "'embed_dim' must be an integer"),
+    (lambda: sd.MultiheadSparseAttention(64, True, sd.causal()), ValueError, "'num_heads' must be an integer"),
+    (lambda: sd.DilatedAttention([16], [1], softmax_scale="a"), ValueError, "'softmax_scale' must be a finite"),
+    (lambda: sd.DilatedAttention([16], [1])(*[_Q.transpose(1, 2)] * 3, is_causal="no"), TypeError,
+     "'is_causal' must be True or False"),
+])
+def test_arguments_of_the_wrong_kind_are_named(bad, error, message):
+    with pytest.raises(error, match=message):
+        bad()
+
+
+def test_a_tile_longer_than_the_sequence_is_counted_over_the_sequence_only():
+    """A tile longer than both lengths is one tile: counting it evaluates the sequence's
+    positions, not the tile's."""
+    counts = sd.count(sd.blocks(16).random(2) | sd.window(3), 100, tile=2**20)
+    assert counts.pairs == sd.count(sd.blocks(16).random(2) | sd.window(3), 100, tile=16).pairs
+    assert (counts.tiles.full, counts.tiles.partial, counts.tiles.empty) == (0, 1, 0)
+
+
+def test_numpy_scalars_are_numbers():
+    q = torch.randn(1, 2, 32, 8, dtype=torch.float64)
+    module = sd.compile(sd.window(4))
+    assert torch.equal(module(q, q, q, scale=np.float32(0.5)), module(q, q, q, scale=0.5))
+    assert module(q, q, q, return_lse=np.bool_(True))[1].shape == (1, 2, 32)
 
 
 def test_head_dims_flex_cannot_take_run_on_another_plan():

@@ -150,7 +150,13 @@ def count(pattern: n.Pattern, q_len: int, kv_len: int | None = None, *, heads: i
     if not isinstance(pattern, n.Pattern):
         raise PatternArgumentError(f"count(): argument 'pattern' must be a pattern, got {pattern!r}")
     head_dim = check_int("count()", "head_dim", head_dim, minimum=1)
-    counts = _count_set(pattern, q_len, kv_len, heads, tile, head_dim, buffers)
+    requested = check_int("count()", "tile", tile, minimum=1)
+    longest = max(check_int("count()", "q_len", q_len, minimum=1),
+                  q_len if kv_len is None else check_int("count()", "kv_len", kv_len, minimum=1))
+    # A tile longer than both sequences is one tile cut short by their ends: counted on one
+    # a position longer than them (the same single tile) with the work of their lengths.
+    tile = min(requested, longest + 1)
+    counts = dataclasses.replace(_count_set(pattern, q_len, kv_len, heads, tile, head_dim, buffers), tile=requested)
     if not is_multiset(pattern):
         return counts
     # A multiset: its terms' pairs add up to the pairs counted with multiplicity.

@@ -65,9 +65,18 @@ def to_layout(out: torch.Tensor, layout: str) -> torch.Tensor:
     return out.transpose(1, 2) if layout == "bnhd" else out
 
 
-def default_device(device) -> torch.device:
-    """``device``, or CUDA when present and the CPU otherwise."""
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+def checked_device(where: str, device) -> torch.device:
+    """``device`` (None: CUDA when present, else the CPU), or a ``ValueError`` that names it
+    when torch reads no device from it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if not isinstance(device, bool):
+            return torch.device(device)
+    except (RuntimeError, TypeError):
+        pass
+    raise ValueError(f"{where}: argument 'device' must be a torch.device or a device name such as "
+                     f"'cpu' or 'cuda', got {device!r}")
 
 
 def make_call(q_len: int, kv_len: int, q_offset: int, heads: int, kv_heads: int, head_dim: int, batch: int,

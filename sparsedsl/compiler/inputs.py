@@ -4,6 +4,7 @@ and the value, before any kernel sees the tensors."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -80,11 +81,17 @@ def checked_one_by_one(q, k, v, scale, layout: str, where: str):
             f"{where}: q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) "
             f"for grouped-query attention {shape_names()}"
         )
+    return q, k, v, checked_scale(where, scale, dim)
+
+
+def checked_scale(where: str, scale, head_dim: int, name: str = "scale") -> float:
+    """``scale`` as a float (``1 / sqrt(head_dim)`` when None), or a ``ValueError`` that
+    names it (as ``name``): a finite real number (NumPy's included), not a bool."""
     if scale is None:
-        scale = 1.0 / math.sqrt(dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{where}: argument 'scale' must be a finite number, got {scale!r}")
-    return q, k, v, float(scale)
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{where}: argument {name!r} must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def _well_formed(q, k, v, layout: str) -> bool:

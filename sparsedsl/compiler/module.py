@@ -7,16 +7,16 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..lang import nodes as n
-from ..lang.checks import PatternArgumentError, check_int
+from ..lang.checks import PatternArgumentError, check_bool, check_int
 from ..lang.queries import diagonal_period, head_group_count, score_mods
 from ..passes.lowering import Lowering, context, lowering
 from ..passes.maskmod import MaskFn, ScoreFn, lower_score, score_rows_from
 from ..plans.decode import decodes_by_rows, is_decoding_step
 from ..plans.registry import KERNELS
-from .arguments import (BLOCK_SIZES, block_sizes, default_device, make_call, resolve_q_offset, static_offset,
+from .arguments import (BLOCK_SIZES, block_sizes, checked_device, make_call, resolve_q_offset, static_offset,
                         to_layout)
 from .explanation import Explanation, explain_call
-from .inputs import check_attention_inputs
+from .inputs import FLOAT_DTYPES, check_attention_inputs, checked_scale
 from .opaque import handle_for, traced_attention
 from .planner import CALL_RUNNERS, Planner
 
@@ -110,13 +110,19 @@ class CompiledPattern(nn.Module):
         q_len, kv_len, q_offset = resolve_q_offset(where, q_len, kv_len, q_offset)
         if self._block_local(q_len, kv_len, q_offset) and not buffers:
             kv_len, q_offset = q_len, 0
-        device = default_device(device)
+        device = checked_device(where, device)
         heads = check_int(where, "heads", head_group_count(self.pattern) if heads is None else heads, minimum=1)
         kv_heads = heads if kv_heads is None else check_int(where, "kv_heads", kv_heads, minimum=1)
-        call = make_call(q_len, kv_len, q_offset, heads, kv_heads, head_dim, batch,
-                         dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32), device,
-                         head_dim ** -0.5 if scale is None else float(scale), (self.q_block, self.kv_block),
-                         bool(requires_grad), bool(return_lse),
+        if heads % kv_heads:
+            raise PatternArgumentError(
+                f"{where}: argument 'kv_heads' ({kv_heads}) must divide heads ({heads}) for "
+                f"grouped-query attention")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{where}: argument 'dtype' must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        call = make_call(q_len, kv_len, q_offset, heads, kv_heads, head_dim, batch, dtype, device,
+                         checked_scale(where, scale, head_dim), (self.q_block, self.kv_block),
+                         check_bool(where, "requires_grad", requires_grad), check_bool(where, "return_lse", return_lse),
                          self._decoding(q_len, q_offset, bool(requires_grad)) and not buffers, buffers)
         return explain_call(self.planner, self.pattern, call)
 
@@ -141,6 +147,8 @@ class CompiledPattern(nn.Module):
         the length is dynamic.
         """
         q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
+        if return_lse is not False and return_lse is not True:
+            return_lse = check_bool("forward()", "return_lse", return_lse)
         if torch.compiler.is_compiling():
             offset = k.shape[2] - q.shape[2] if q_offset == "end" else static_offset(q_offset)
             result = traced_attention(self._handle, q, k, v, scale, offset, return_lse, buffers)

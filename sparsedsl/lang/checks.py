@@ -122,3 +122,11 @@ def check_name(where: str, name: str, value: Any) -> str:
             f"call-time functions ({', '.join(sorted(RESERVED_NAMES))})"
         )
     return value
+
+
+def check_bool(where: str, name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (NumPy's included); a ``TypeError`` that names it
+    otherwise (a string such as ``"no"`` would read as true)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{where}: argument {name!r} must be True or False, got {value!r}")

@@ -38,7 +38,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compiler.inputs import checked_scale
 from ..lang import nodes as n
+from ..lang.checks import check_bool
 from ._common import check_bnhd, check_segments, compiled, with_causal
 
 __all__ = ["DilatedAttention", "LongNetAttention"]
@@ -67,6 +69,8 @@ class DilatedAttention(nn.Module):
             "DilatedAttention", segment_lengths, dilation_rates)
         segments = n.segments(self.segment_lengths, self.dilation_rates, offsets)
         self.offsets = segments.offsets
+        if softmax_scale is not None:
+            softmax_scale = checked_scale("DilatedAttention()", softmax_scale, 1, "softmax_scale")
         self.softmax_scale = softmax_scale
         self.block_size = block_size
         self.kernel = kernel
@@ -97,7 +101,7 @@ class DilatedAttention(nn.Module):
             raise ValueError(
                 f"DilatedAttention.forward(): {self.num_groups} head groups (one per segment "
                 f"length) need at least {self.num_groups} heads, got num_heads={heads}")
-        module = self._attention[1 if is_causal else 0]
+        module = self._attention[1 if check_bool("DilatedAttention.forward()", "is_causal", is_causal) else 0]
         return module(query, key, value, scale=self.softmax_scale, layout="bnhd").contiguous()
 
     def extra_repr(self) -> str:
@@ -133,6 +137,8 @@ class LongNetAttention(nn.Module):
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_segments(
             "LongNetAttention", segment_lengths, dilation_rates)
+        if softmax_scale is not None:
+            softmax_scale = checked_scale("LongNetAttention()", softmax_scale, 1, "softmax_scale")
         self.softmax_scale = softmax_scale
         self.block_size = block_size
         self.kernel = kernel
@@ -153,7 +159,7 @@ class LongNetAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         """``[batch, seq_len, num_heads, head_dim]`` output."""
         check_bnhd("LongNetAttention.forward()", query, key, value)
-        module = self._attention[1 if is_causal else 0]
+        module = self._attention[1 if check_bool("LongNetAttention.forward()", "is_causal", is_causal) else 0]
         return module(query, key, value, scale=self.softmax_scale, layout="bnhd").contiguous()
 
     def extra_repr(self) -> str:

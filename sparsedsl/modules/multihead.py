@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lang.checks import check_int
 from ..lang.queries import head_group_count
 from ._common import MAX_DENSE_WEIGHTS, compiled, dense_weights, resolve_pattern, with_causal
 
@@ -64,9 +65,12 @@ class MultiheadSparseAttention(nn.Module):
                  dropout: float = 0.0, bias: bool = True, kdim: int | None = None,
                  vdim: int | None = None, device=None, dtype=None, block_size: int = 128,
                  kernel: str = "auto"):
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got embed_dim={embed_dim} "
-                             f"and num_heads={num_heads}")
+        where = "MultiheadSparseAttention()"
+        embed_dim = check_int(where, "embed_dim", embed_dim, minimum=1)
+        num_heads = check_int(where, "num_heads", num_heads, minimum=1)
+        for name, value in (("kdim", kdim), ("vdim", vdim)):
+            if value is not None:
+                check_int(where, name, value, minimum=1)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:

@@ -32,6 +32,8 @@ def dense(pattern: n.Pattern, q_len: int, kv_len: int | None = None, heads: int 
     For a multiset pattern (``a + b``, ``longnet``; see
     :func:`sparsedsl.lang.multiset.is_multiset`) the tensor is the int32 multiplicity
     ``m`` of each pair instead (``m > 0`` where allowed)."""
+    if not isinstance(pattern, n.Pattern):
+        raise PatternArgumentError(f"dense(): argument 'pattern' must be a pattern, got {pattern!r}")
     q_offset = check_int("dense()", "q_offset", q_offset, minimum=0)
     q_len = check_int("dense()", "q_len", q_len, minimum=1)
     if q_offset + q_len > INDEX_LIMIT:

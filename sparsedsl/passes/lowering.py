@@ -15,7 +15,7 @@ from ..lang import nodes as n
 from ..lang.checks import INDEX_LIMIT, PatternArgumentError
 from ..lang.queries import depends_on_heads, head_group_count, mask_part
 from .blockmask import block_mask_from_states, first_heads, layer_states, tiles_of_heads
-from .context import Context
+from .context import BufferBindingError, Context
 from .host_values import on_device
 from .maskmod import MaskFn, lower_mask, rows_from
 from .refine import tile_pair_counts
@@ -131,7 +131,14 @@ def bound_key(buffers: dict) -> tuple:
     values (another view of one tensor, as each layer of a model takes), and an in-place
     change bumps the version counter that views share. A write that bypasses the counter
     (through ``.data`` or ``.numpy()``) changes the checksum; on other devices such a write
-    is not seen (reading the values back would synchronise every call)."""
+    is not seen (reading the values back would synchronise every call). A value that is not
+    a tensor raises :class:`~sparsedsl.passes.context.BufferBindingError` naming it."""
+    for name, t in buffers.items():
+        if not isinstance(t, torch.Tensor):
+            raise BufferBindingError(
+                f"keyword argument {name!r} must be a torch.Tensor (a tensor the pattern binds by "
+                f"name), got {type(t).__name__}"
+            )
     return tuple(sorted((name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version,
                          _checksum(t)) for name, t in buffers.items()))
 

@@ -36,8 +36,10 @@ def tile_pair_counts(mask_mod: Callable, grid: TileGrid, tiles: torch.Tensor,
     device = tiles.device
     side = math.gcd(square, grid.q_block, grid.kv_block, grid.q_start)
     counts = torch.zeros(tiles.shape[0], dtype=torch.int64, device=device)
-    q_off = torch.arange(0, probe_rows(grid, square, rows), side, device=device)[None, :, None]
-    k_off = torch.arange(0, grid.kv_block, side, device=device)[None, None, :]
+    # Offsets inside a tile, up to the sequences' ends (a tile may be longer than them).
+    q_off = torch.arange(0, min(probe_rows(grid, square, rows), grid.q_len - grid.q_start), side,
+                         device=device)[None, :, None]
+    k_off = torch.arange(0, min(grid.kv_block, grid.kv_len), side, device=device)[None, None, :]
     # Tiles larger than the budget are evaluated a band of query rows at a time.
     rows_at_once = max(1, min(q_off.shape[1], budget // k_off.shape[2]))
     step = max(1, budget // (rows_at_once * k_off.shape[2]))
