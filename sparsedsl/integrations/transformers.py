@@ -4,14 +4,16 @@
 name; a model built or switched to that name (``attn_implementation=name``,
 ``model.set_attn_implementation(name)``) computes its attention layers with
 ``sparsedsl.compile``: one softmax over each query's allowed keys, grouped-query attention
-included. transformers is imported by :func:`register`, not by this module or by
-``import sparsedsl``.
+included (a model whose layers compute their own attention without transformers'
+interface, such as Bloom, never calls it). transformers is imported by :func:`register`,
+not by this module or by ``import sparsedsl``.
 
 Patterns per layer (:mod:`sparsedsl.integrations.layer_patterns`). Each layer runs the
 pattern registered for it (one for every layer, or by layer type or index), and a layer
 not named runs what the model's configuration says: ``causal()`` for full attention,
-``causal() & window(w - 1, 0)`` for transformers' ``sliding_window=w``, with
-``.score(softcap(c))`` for ``attn_logit_softcapping=c``. A registered pattern may narrow a
+``causal() & window(w - 1, 0)`` for transformers' ``sliding_window=w`` (the one the model
+passes, else its configuration's), with ``.score(softcap(c))`` for
+``attn_logit_softcapping=c``; a window the model's own mask contradicts is refused. A registered pattern may narrow a
 layer's attention, never widen it; a configuration that contradicts it (a window the
 pattern would exceed, a softcap it does not state) is refused with an error that names
 the layer and says why.
