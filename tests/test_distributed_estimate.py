@@ -72,6 +72,10 @@ FAMILIES = [
     # multisets: pairs count with multiplicity, LongNet's head groups each their lattice
     sd.longnet([64, 100], [1, 3]), sd.longnet([32, 256], [2, 5]) & sd.causal(), sd.window(10) + sd.causal(),
     sd.causal() & sd.window(30), sd.full() - sd.window(100),
+    # block patterns with ranges of whole blocks (BigBird's last block), counted as blocks
+    sd.blocks(16).local(1).global_(1).random(3, 0) | sd.queries(-16) | sd.keys(-16),
+    sd.blocks(25).local(1) | sd.keys(50, 100) | sd.queries(0, 25),
+    sd.blocks(16).local(1) | sd.keys(-10),  # a range off the blocks: row by row
 ]
 
 

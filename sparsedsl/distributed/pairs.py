@@ -144,15 +144,44 @@ def _(node: n.Scored, lo, hi, seq_len, heads, ctx):
 
 @_pairs.register
 def _(node: n.Blocks, lo, hi, seq_len, heads, ctx):
+    return _block_pairs(node, (), lo, hi, seq_len, heads, ctx)
+
+
+@_pairs.register
+def _(node: n.Union, lo, hi, seq_len, heads, ctx):
+    """A block pattern with ranges of whole block rows or columns (``queries``, ``keys``
+    whose bounds fall on its blocks: BigBird's last block) counts as the block pattern;
+    other unions row by row."""
+    blocks = [p for p in node.parts if isinstance(p, n.Blocks)]
+    ranges = [p for p in node.parts if isinstance(p, (n.Queries, n.Keys))]
+    if len(blocks) == 1 and len(blocks) + len(ranges) == len(node.parts) \
+            and blocks[0].within_ is None and not blocks[0].causal_:
+        size = blocks[0].size
+        bounds = [n.range_bounds(r.start, r.stop, seq_len) for r in ranges]
+        if all(b % size == 0 or b == seq_len for bound in bounds for b in bound):
+            extra = tuple((isinstance(r, n.Queries), a // size, -(-b // size)) for r, (a, b) in zip(ranges, bounds))
+            return _block_pairs(blocks[0], extra, lo, hi, seq_len, heads, ctx)
+    return _by_rows(node, lo, hi, seq_len, heads, ctx)
+
+
+def _block_pairs(node: n.Blocks, extra: tuple, lo, hi, seq_len, heads, ctx):
+    """Pairs of the block pattern ``node`` with ``extra`` ranges of whole blocks, ``(rows,
+    first, stop)``: block rows ``first .. stop - 1`` (``rows``) seeing every block, or block
+    columns seen by every row."""
     if any(isinstance(rule, (n.BlockDilated, n.BlockLayout)) for rule in node.rules):
         return _by_rows(node, lo, hi, seq_len, heads, ctx)
     size = node.size
     num_blocks = -(-seq_len // size)
     qb = np.arange(lo // size, (hi - 1) // size + 1, dtype=np.int64)  # one set per block row
-    if node.rules:
-        blocks = union_reach([block_rule_reach(rule, qb, qb + 1, num_blocks, ctx) for rule in node.rules])
-    else:
-        blocks = Reach(Spans.of(len(qb), np.arange(len(qb)), 0, num_blocks))
+    every = np.arange(len(qb))
+    parts = [block_rule_reach(rule, qb, qb + 1, num_blocks, ctx) for rule in node.rules]
+    if not node.rules:
+        parts.append(Reach(Spans.of(len(qb), every, 0, num_blocks)))
+    for rows, first, stop in extra:
+        inside = (qb >= first) & (qb < stop)
+        parts.append(Reach(Spans.of(len(qb), every, 0, np.where(inside, num_blocks, 0)) if rows
+                           else Spans.of(len(qb), every, first, stop)))
+    blocks = union_reach(parts)
     spans = blocks.spans.clipped(num_blocks)
     if node.causal_:
         spans = spans.intersect(Spans.of(len(qb), np.arange(len(qb)), 0, qb + 1))
