@@ -58,6 +58,15 @@ def _cases() -> dict:
         "longnet zigzag": (sd.longnet([48, 256], [2, 3]), True, 5, 5, 256, {}),
         "longnet within shards": (sd.longnet([16, 32], [1, 2]), False, 3, 3, 128, {}),
         "window + causal": ((sd.window(12) + sd.causal()).score(sd.softcap(5.0)), False, 2, 2, 240, {}),
+        # rows that see no key (two of every three), and a rank whose rows reach none
+        "rows without keys": (sd.dilated(100, 3, 1), False, 2, 2, 240, {}),
+        "a rank reaching no key": (sd.window(5) & sd.prefix(10), False, 2, 2, 256, {}),
+        # rows counted from the end of the whole sequence, not of a rank's piece
+        "bigbird's last block": (sd.blocks(16).local(1).global_(1).random(2, seed=3) | sd.queries(-16)
+                                 | sd.keys(-16), False, 2, 1, 256, {}),
+        # a bias over the whole sequence, as every rank passes it
+        "bias window": (sd.window(20).score(sd.bias("b")), False, 2, 2, 256,
+                        {"b": torch.randn(256, 256, generator=torch.Generator().manual_seed(7), dtype=torch.float64)}),
     }
 
 
@@ -72,6 +81,7 @@ def _run_case(name, rank, world_size, device, dtype) -> dict:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     q, k, v, weight = (torch.randn(2, h, seq_len, 8, generator=gen, dtype=torch.float64).to(device, dtype)
                        for h in (heads, kv_heads, kv_heads, heads))
+    weight = 5 * weight  # upstream gradients of rows without keys well past 1
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = compiled(*full, **buffers)
     (expected * weight).sum().backward()
@@ -131,6 +141,9 @@ def _run_error_cases(rank, world_size, device) -> dict:
             compiled, *shards(64), zigzag=rank == 0)),
         "dtype differs": _error_of(lambda: sequence_parallel_attention(
             compiled, *(t.to(torch.float64 if rank else torch.float32) for t in shards(64)))),
+        "missing tensor": _error_of(lambda: sequence_parallel_attention(
+            sd.compile(sd.documents("ids"), block_size=BLOCK), *shards(64))),
+        "q_offset": _error_of(lambda: sequence_parallel_attention(compiled, *shards(64), q_offset=5)),
         "group still works": tuple(sequence_parallel_attention(compiled, *shards(64)).shape),
     }
 
@@ -221,7 +234,7 @@ def test_the_estimate_equals_the_real_run_byte_for_byte(gloo_reports):
             want = (real["received_bytes"], real["sent_bytes"], real["held_kv_positions"])
             assert got == want, f"{case}, rank {rank} of {world_size}: estimate {got}, run {want}"
             checked += 1
-    assert checked == world_size * (len(_cases()) - 1)
+    assert checked == world_size * sum(not buffers for *_, buffers in _cases().values())
 
 
 def test_compact_holding_is_what_the_rows_need(gloo_reports):
@@ -297,6 +310,8 @@ def test_every_rank_raises_together_on_bad_inputs(gloo_reports):
         assert "disagree on the zigzag: rank 0 has 1, rank 1 has 0" in errors["zigzag differs"]
         assert ("disagree on the dtype: rank 0 has torch.float32, rank 1 has torch.float64"
                 in errors["dtype differs"])
+        assert "needs tensor(s) ['ids'] bound by keyword" in errors["missing tensor"]
+        assert "argument(s) ['q_offset'] are not taken" in errors["q_offset"]
         assert errors["group still works"] == (1, 2, 64, 8)
 
 

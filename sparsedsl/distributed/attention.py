@@ -77,8 +77,8 @@ def sequence_parallel_attention(compiled: CompiledPattern, q: torch.Tensor, k: t
     check_zigzag(WHERE, zigzag)
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     kv_needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
-    problem = local_problem(q, k, v, zigzag)
-    signature = call_signature(compiled, q, k, v, zigzag, kv_needs_grad, problem)
+    problem = local_problem(compiled, q, k, v, zigzag, buffers)
+    signature = call_signature(compiled, q, k, v, zigzag, kv_needs_grad, problem, buffers)
     agree_across_ranks(signature, problem, group, q.device)
 
     seq_len = q.shape[2] * world_size
@@ -107,6 +107,12 @@ def attend_with_plan(compiled: CompiledPattern, q: torch.Tensor, k: torch.Tensor
                                     kv_classes, rows, needed, plan.seq_len, scale, buffers))
         start += len(rows)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    tied = (*assembled.k, *assembled.v, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tied):
+        # Every rank runs the exchange's backward (a collective) and returns gradients for
+        # its k and v, even one whose rows see no key: empty slices tie the output to the
+        # received buffers and the inputs, with zero gradients and no value read.
+        out = out + sum(t[..., :0].sum() for t in tied)
     position_bytes = k.shape[0] * k.shape[1] * (k.shape[3] + v.shape[3]) * k.element_size()
     received = assembled.received_entries / k.shape[1]
     stats = ExchangeStats(

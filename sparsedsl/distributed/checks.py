@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..compiler.inputs import FLOAT_DTYPES, check_attention_inputs
 from ..compiler.module import CompiledPattern
+from ..passes.context import BufferBindingError, check_bound_tensors
 
 WHERE = "sequence_parallel_attention()"
 
@@ -38,9 +39,24 @@ def check_types(compiled, q, k, v, group) -> None:
         raise TypeError(f"{WHERE}: argument 'group' must be a ProcessGroup or None, got {group!r}")
 
 
-def local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zigzag: bool) -> str | None:
-    """What is wrong with this rank's shards ``[B, H, L, D]``, or None: the compiled
-    module's own input checks, plus equal shard lengths and, with ``zigzag``, even ones."""
+#: Keywords of a single call that a sequence-parallel call does not take (it attends the
+#: whole sequence to itself and returns the output alone).
+SINGLE_CALL_ONLY = ("q_offset", "layout", "return_lse")
+
+
+def local_problem(compiled: CompiledPattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zigzag: bool,
+                  buffers: dict) -> str | None:
+    """What is wrong with this rank's shards ``[B, H, L, D]`` and tensors ``buffers``, or
+    None: the compiled module's own input checks, plus equal shard lengths and, with
+    ``zigzag``, even ones."""
+    taken = sorted(set(SINGLE_CALL_ONLY) & buffers.keys())
+    if taken:
+        return (f"argument(s) {taken} are not taken: the sequence is attended to itself from "
+                f"position 0, in the [batch, heads, length, head_dim] layout, and the output returned alone")
+    try:
+        check_bound_tensors(WHERE, compiled.pattern, buffers)
+    except BufferBindingError as err:
+        return str(err).removeprefix(f"{WHERE}: ")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             return (f"argument {name!r} must be a 4-D shard [batch, heads, length, head_dim], "
@@ -61,7 +77,7 @@ def local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zigzag: boo
 
 
 def call_signature(compiled: CompiledPattern, q, k, v, zigzag: bool, kv_needs_grad: bool,
-                   problem: str | None) -> dict[str, int]:
+                   problem: str | None, buffers: dict) -> dict[str, int]:
     """What every rank of the group must agree on, as named integers."""
     shapes_known = problem is None
     return {
@@ -78,6 +94,8 @@ def call_signature(compiled: CompiledPattern, q, k, v, zigzag: bool, kv_needs_gr
         "q_block": compiled.q_block,
         "kv_block": compiled.kv_block,
         "k/v need gradients": int(kv_needs_grad),
+        "bound tensors (crc32 of their names and shapes)": zlib.crc32(repr(sorted(
+            (name, tuple(t.shape) if isinstance(t, torch.Tensor) else None) for name, t in buffers.items())).encode()),
     }
 
 

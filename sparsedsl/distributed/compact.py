@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from ..compiler.module import CompiledPattern
-from ..lang.queries import translation_period
+from ..lang import nodes as n
+from ..lang.queries import anchored_rows, score_mods, translation_period
+from ..passes.lowering import lowering as lower_rows
 from ..passes.tiles import EMPTY
 from .spans import Spans
 
@@ -45,6 +47,7 @@ def attend_piece(compiled: CompiledPattern, q: torch.Tensor, held_k: tuple, held
     the compact buffer ``held_k[c]``/``held_v[c]`` (``[B, heads of c, M, D]``, positions
     ``held[c]``, a one-set :class:`~.spans.Spans` of ``M`` positions) and the positions
     the piece's rows need there, ``piece_needed[c]`` (a subset of ``held[c]``)."""
+    buffers = _piece_buffers(compiled, buffers, piece)
     shifted = _shifted_source(compiled, held_k, held_v, held, kv_classes, piece, piece_needed, buffers)
     if shifted is not None:
         start, k, v = shifted
@@ -61,6 +64,14 @@ def attend_piece(compiled: CompiledPattern, q: torch.Tensor, held_k: tuple, held
     if len(outputs) == 1:
         return outputs[0]
     return torch.cat(outputs, dim=1).index_select(1, torch.argsort(torch.cat(order)))
+
+
+def _piece_buffers(compiled: CompiledPattern, buffers: dict, piece: range) -> dict:
+    """``buffers`` (for the whole sequence) as the piece's rows read them: a ``bias``
+    ``[..., N, N]`` cut to its first ``piece.stop`` rows, the ``(piece.start + rows) x N``
+    matrix a call at offset ``piece.start`` covers; other tensors whole."""
+    biases = {mod.name for mod in score_mods(compiled.pattern) if isinstance(mod, n.Bias)}
+    return {name: t[..., :piece.stop, :] if name in biases else t for name, t in buffers.items()}
 
 
 def _shifted_source(compiled, held_k, held_v, held, kv_classes, piece, piece_needed, buffers):
@@ -100,8 +111,11 @@ def _mapped(compiled: CompiledPattern, q, k, v, held: Spans, q_heads: torch.Tens
     ``heads`` (``q [B, len(q_heads), rows, D]``) over one class's compact buffer."""
     batch, _, rows, head_dim = q.shape
     device = q.device
-    lowering = compiled.lowering(rows, seq_len, heads=heads, device=device, q_offset=piece.start,
-                                 where="sequence_parallel_attention()", **buffers)
+    # The piece's rows of the seq_len x seq_len matrix: ranges of rows counted from its end
+    # are anchored there, not at the piece's end.
+    lowering = lower_rows(anchored_rows(compiled.pattern, seq_len), rows, seq_len, piece.start,
+                          (compiled.q_block, compiled.kv_block), heads=heads, device=device, buffers=buffers,
+                          where="sequence_parallel_attention()")
     q_block, kv_block = lowering.grid.q_block, lowering.grid.kv_block
     positions = held.positions()
     tiles, tile_of_entry = np.unique(positions // kv_block, return_inverse=True)  # the held tiles
@@ -149,5 +163,7 @@ def _masked_rows(q, k, v, keys, positions, q_heads, position_mask, score_mod, q_
     top = top.masked_fill(top == float("-inf"), 0.0)
     weights = torch.exp(scores - top)
     total = weights.sum(-1, keepdim=True)
-    out = (weights @ vv) / total.clamp_min(torch.finfo(compute).tiny)
+    # A row without keys divides its zeros by 1: its gradient stays finite (a division by a
+    # tiny total would send an upstream gradient to inf, and inf times 0 to NaN).
+    out = (weights @ vv) / torch.where(total > 0, total, 1.0)
     return out.to(q.dtype)

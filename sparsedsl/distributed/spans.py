@@ -126,6 +126,8 @@ class Spans:
 
     def covered_below(self, points: np.ndarray) -> np.ndarray:
         """For a one-set :class:`Spans`: positions of the set below each of ``points``."""
+        if not len(self.starts):  # an empty set: none below any point
+            return np.zeros(np.shape(points), dtype=np.int64)
         lengths = self.stops - self.starts
         before = np.concatenate([[0], np.cumsum(lengths)])
         i = np.searchsorted(self.starts, points, side="right")  # intervals starting below

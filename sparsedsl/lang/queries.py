@@ -9,6 +9,7 @@ shape" for every other one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import singledispatch
 
@@ -118,6 +119,32 @@ def counts_from_the_end(pattern: n.Pattern) -> bool:
         return pattern.from_end()
     children = () if isinstance(pattern, n.Blocks) else pattern.children()
     return any(counts_from_the_end(child) for child in children)
+
+
+def anchored_rows(pattern: n.Pattern, q_total: int) -> n.Pattern:
+    """``pattern`` with every range of query rows counted from the end (``queries(-4)``,
+    outside ``blocks(...).within`` rules) made absolute for a matrix of ``q_total`` rows:
+    what it allows on rows of the ``q_total x K`` matrix, whatever query count a call of
+    some of those rows (a piece of a sharded sequence) names."""
+    if isinstance(pattern, n.Queries):
+        if not pattern.from_end():
+            return pattern
+        lo, hi = n.range_bounds(pattern.start, pattern.stop, q_total)
+        return n.Queries(lo, None if hi == q_total else hi) if lo < hi else n.Queries(q_total)
+    if isinstance(pattern, n.Blocks) or not counts_from_the_end(pattern):
+        return pattern
+    changed = {}
+    for field in dataclasses.fields(pattern):
+        value = getattr(pattern, field.name)
+        if isinstance(value, n.Pattern):
+            anchored = anchored_rows(value, q_total)
+        elif isinstance(value, tuple) and value and all(isinstance(v, n.Pattern) for v in value):
+            anchored = tuple(anchored_rows(v, q_total) for v in value)
+        else:
+            continue
+        if anchored != value:
+            changed[field.name] = anchored
+    return dataclasses.replace(pattern, **changed) if changed else pattern
 
 
 def head_group_count(pattern: n.Pattern) -> int:

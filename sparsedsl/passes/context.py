@@ -16,6 +16,29 @@ class BufferBindingError(ValueError):
     """A tensor the pattern names was missing, unexpected, or of the wrong shape."""
 
 
+def check_bound_tensors(where: str, pattern: Pattern, buffers: dict) -> None:
+    """Raise :class:`BufferBindingError` unless ``buffers`` binds exactly the tensors
+    ``pattern`` names, each a ``torch.Tensor``."""
+    needed = pattern.buffer_names()
+    missing = sorted(needed - buffers.keys())
+    if missing:
+        raise BufferBindingError(
+            f"{where}: pattern {pattern} needs tensor(s) {missing} bound by keyword "
+            f"(e.g. {missing[0]}=...), got {sorted(buffers) or 'none'}"
+        )
+    extra = sorted(buffers.keys() - needed)
+    if extra:
+        raise BufferBindingError(
+            f"{where}: unexpected keyword tensor(s) {extra}: pattern {pattern} uses "
+            f"{sorted(needed) or 'none'}"
+        )
+    for name, value in buffers.items():
+        if not isinstance(value, torch.Tensor):
+            raise BufferBindingError(
+                f"{where}: buffer {name!r} must be a torch.Tensor, got {type(value).__name__}"
+            )
+
+
 @dataclass(frozen=True)
 class Context:
     """Sizes and call-time tensors for evaluating a pattern.
@@ -44,24 +67,7 @@ class Context:
         kv_len = q_len if kv_len is None else check_int(where, "kv_len", kv_len, minimum=1)
         heads = check_int(where, "heads", 1 if heads is None else heads, minimum=1)
         buffers = dict(buffers or {})
-        needed = pattern.buffer_names()
-        missing = sorted(needed - buffers.keys())
-        if missing:
-            raise BufferBindingError(
-                f"{where}: pattern {pattern} needs tensor(s) {missing} bound by keyword "
-                f"(e.g. {missing[0]}=...), got {sorted(buffers) or 'none'}"
-            )
-        extra = sorted(buffers.keys() - needed)
-        if extra:
-            raise BufferBindingError(
-                f"{where}: unexpected keyword tensor(s) {extra}: pattern {pattern} uses "
-                f"{sorted(needed) or 'none'}"
-            )
-        for name, value in buffers.items():
-            if not isinstance(value, torch.Tensor):
-                raise BufferBindingError(
-                    f"{where}: buffer {name!r} must be a torch.Tensor, got {type(value).__name__}"
-                )
+        check_bound_tensors(where, pattern, buffers)
         device = torch.device("cpu") if device is None else torch.device(device)
         return Context(q_len, kv_len, heads, device, buffers)
 
