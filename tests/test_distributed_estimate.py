@@ -166,6 +166,16 @@ def test_estimate_pairs_and_holding_match_the_tile_states(pattern, zigzag):
         assert r.received_bytes == r.received_positions * 2 * heads * 8 * 4
 
 
+def test_values_of_another_head_dim_are_counted_at_theirs():
+    compiled = sd.compile(sd.window(20), block_size=TILE)
+    same = estimate(compiled, 256, 4, heads=4, kv_heads=2, head_dim=8, dtype=torch.float32)
+    narrow = estimate(compiled, 256, 4, heads=4, kv_heads=2, head_dim=8, dtype=torch.float32, v_head_dim=5)
+    for a, b in zip(same.ranks, narrow.ranks):
+        assert b.received_positions == a.received_positions > 0
+        assert b.received_bytes == b.received_positions * 2 * (8 + 5) * 4
+        assert b.computed_flops == a.computed_flops * (8 + 5) // 16
+
+
 def test_estimate_errors():
     compiled = sd.compile(sd.window(8), block_size=TILE)
     with pytest.raises(ValueError, match="argument 'seq_len' must be divisible by world_size=3"):

@@ -147,7 +147,10 @@ def test_gpu_end_aligned_bf16_equals_dense_softmax(pattern, q_len):
 
 @pytest.mark.parametrize("pattern", [sd.queries(8), sd.queries(7, 28), ~sd.queries(1, 28),
                                      sd.window(3) & sd.queries(10), sd.queries(7, 28) | sd.causal(),
-                                     sd.keys(3, 9) | sd.causal() & sd.window(4, 0)], ids=str)
+                                     sd.keys(3, 9) | sd.causal() & sd.window(4, 0),
+                                     # multisets: log m read at absolute positions too
+                                     sd.queries(0) + sd.prefix(5), sd.blocks(4).random_causal(2, 1) + sd.causal(),
+                                     (sd.queries(32) & sd.causal() + sd.chunks(48)).score(sd.alibi())], ids=str)
 @pytest.mark.parametrize("q_len,kv_len,q_offset", [(1, 64, "end"), (4, 40, 20), (8, 40, "end"), (3, 200, 150)])
 def test_decoding_rows_inside_and_outside_ranges_of_rows(pattern, q_len, kv_len, q_offset):
     """The decode plan evaluates ranges of rows at the queries' absolute positions: rows
@@ -160,6 +163,18 @@ def test_decoding_rows_inside_and_outside_ranges_of_rows(pattern, q_len, kv_len,
     expected, expected_lse = reference_attention(pattern, q, k, v, q_offset=offset)
     assert (out - expected).abs().max().item() < 1e-12
     assert torch.equal(torch.isfinite(lse), torch.isfinite(expected_lse))
+
+
+def test_queries_past_the_last_key_are_not_decoding_steps():
+    """Rows past the keys lie outside the decode plan's cached rows: another plan runs
+    them, exactly."""
+    module = sd.compile(sd.queries(3) | sd.window(1), block_size=16)
+    assert module.explain(2, 17, q_offset=200, heads=1, head_dim=8, device="cpu").kind != "decode"
+    q, k, v = _inputs(1, 1, 1, 2, 17, 8, dtype=torch.float64, seed=4)
+    out, lse = module(q, k, v, q_offset=200, return_lse=True)
+    expected, expected_lse = reference_attention(sd.queries(3) | sd.window(1), q, k, v, q_offset=200)
+    assert (out - expected).abs().max().item() < 1e-12
+    assert (lse - expected_lse).abs().max().item() < 1e-12
 
 
 def test_decoding_steps_reuse_cached_tile_rows():

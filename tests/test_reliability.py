@@ -233,6 +233,16 @@ def test_a_tile_longer_than_the_sequence_is_counted_over_the_sequence_only():
     assert (counts.tiles.full, counts.tiles.partial, counts.tiles.empty) == (0, 1, 0)
 
 
+def test_softcap_is_exact_in_float64():
+    """A cap float32 cannot hold (0.1) is applied in the score's dtype."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (3 * torch.randn(1, 1, 64, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    pattern = sd.causal().score(sd.softcap(0.1))
+    expected, _ = reference_attention(pattern, q, k, v)
+    for kernel in ("gather", "auto"):
+        assert (sd.compile(pattern, kernel=kernel)(q, k, v) - expected).abs().max() < 1e-12
+
+
 def test_numpy_scalars_are_numbers():
     q = torch.randn(1, 2, 32, 8, dtype=torch.float64)
     module = sd.compile(sd.window(4))

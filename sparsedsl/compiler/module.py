@@ -123,7 +123,7 @@ class CompiledPattern(nn.Module):
         call = make_call(q_len, kv_len, q_offset, heads, kv_heads, head_dim, batch, dtype, device,
                          checked_scale(where, scale, head_dim), (self.q_block, self.kv_block),
                          check_bool(where, "requires_grad", requires_grad), check_bool(where, "return_lse", return_lse),
-                         self._decoding(q_len, q_offset, bool(requires_grad)) and not buffers, buffers)
+                         self._decoding(q_len, kv_len, q_offset, bool(requires_grad)) and not buffers, buffers)
         return explain_call(self.planner, self.pattern, call)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -160,7 +160,8 @@ class CompiledPattern(nn.Module):
             q_offset = 0
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         # Checked in the order that costs least when the answer is no (offset 0 is the common case).
-        decoding = q_offset > 0 and self._decodes and not buffers and self._decoding(q.shape[2], q_offset, needs_grad)
+        decoding = q_offset > 0 and self._decodes and not buffers and \
+            self._decoding(q.shape[2], k.shape[2], q_offset, needs_grad)
         if buffers:
             runner = self.planner.runner(self.pattern, self._call(q, k, scale, q_offset, needs_grad, return_lse,
                                                                   decoding, buffers))
@@ -178,8 +179,8 @@ class CompiledPattern(nn.Module):
                          q.dtype, q.device, scale, (self.q_block, self.kv_block), needs_grad, return_lse,
                          decoding, buffers)
 
-    def _decoding(self, q_len: int, q_offset: int, needs_grad: bool) -> bool:
-        return is_decoding_step(self._decodes, q_len, q_offset, self.q_block, needs_grad)
+    def _decoding(self, q_len: int, kv_len: int, q_offset: int, needs_grad: bool) -> bool:
+        return is_decoding_step(self._decodes, q_len, kv_len, q_offset, self.q_block, needs_grad)
 
     def _block_local(self, q_len: int, kv_len: int, q_offset: int) -> bool:
         """Whether rows ``[q_offset, q_offset + q_len)`` are whole diagonal blocks of a

@@ -40,7 +40,7 @@ TILE_ROWS_PER_PASS = 1 << 16
 class RankEstimate:
     """One rank's share (see :func:`estimate`). Positions and bytes are of keys and values
     together; ``*_pairs`` are summed over heads and the batch; ``computed_flops`` is
-    ``4 * head_dim`` per computed pair (``QK^T`` and ``PV``, forward); ``memory_bytes``
+    ``2 * (head_dim + v_head_dim)`` per computed pair (``QK^T`` and ``PV``, forward); ``memory_bytes``
     counts its query, output and own key/value shards and its compact key/value buffer."""
 
     rank: int
@@ -96,11 +96,12 @@ class Estimate:
 
 def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads: int, head_dim: int,
              dtype: torch.dtype, zigzag: bool = False, kv_heads: int | None = None,
-             batch: int = 1) -> Estimate:
+             batch: int = 1, v_head_dim: int | None = None) -> Estimate:
     """The per-rank cost of ``sequence_parallel_attention(compiled, ...)`` on a sequence of
     ``seq_len`` positions over ``world_size`` ranks, ``heads`` query heads (``kv_heads``
-    key/value heads, default ``heads``) of ``head_dim``, in ``dtype``, laid out contiguously
-    or with ``zigzag``. ``.ranks[r]`` is a :class:`RankEstimate`.
+    key/value heads, default ``heads``) of ``head_dim`` (values of ``v_head_dim``, default
+    ``head_dim``), in ``dtype``, laid out contiguously or with ``zigzag``. ``.ranks[r]`` is
+    a :class:`RankEstimate`.
 
     Patterns that bind call-time tensors (``documents``, ``.layout``, ``bias``) depend on
     those tensors: they are refused (``ValueError``)."""
@@ -119,11 +120,12 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
     if heads % kv_heads:
         raise ValueError(f"{WHERE}: argument 'kv_heads' must divide heads={heads}, got {kv_heads}")
     head_dim = check_int(WHERE, "head_dim", head_dim, minimum=1)
+    v_head_dim = head_dim if v_head_dim is None else check_int(WHERE, "v_head_dim", v_head_dim, minimum=1)
     batch = check_int(WHERE, "batch", batch, minimum=1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{WHERE}: argument 'dtype' must be a floating torch.dtype, got {dtype!r}")
     item = torch.empty(0, dtype=dtype).element_size()
-    position_bytes = batch * kv_heads * 2 * head_dim * item
+    position_bytes = batch * kv_heads * (head_dim + v_head_dim) * item
 
     ctx = ReachContext(seq_len, heads, unit=compiled.kv_block, expect_random=True, where=WHERE)
     plan, draws = build_plan(compiled.pattern, seq_len, world_size, zigzag, compiled.kv_block, heads, kv_heads, ctx)
@@ -138,7 +140,7 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
     held = by_owner.sum(1)
     own = np.diagonal(by_owner).copy()
     sent = by_owner.sum(0) - own
-    entry_bytes = batch * 2 * head_dim * item
+    entry_bytes = batch * (head_dim + v_head_dim) * item
 
     useful = np.zeros(world_size)
     for rank, a, b in zip(owners.tolist(), lo.tolist(), hi.tolist()):
@@ -146,7 +148,7 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
     computed = _computed_pairs(compiled, seq_len, world_size, zigzag, heads, ctx)
 
     rows = seq_len // world_size
-    tensors = batch * rows * (2 * heads + 2 * kv_heads) * head_dim * item  # q, out; own k and v
+    tensors = batch * rows * (heads + kv_heads) * (head_dim + v_head_dim) * item  # q, out; own k and v
     ranks = tuple(
         RankEstimate(
             rank=r, rows=rows, held_kv_positions=_number(held[r] / kv_heads),
@@ -154,7 +156,7 @@ def estimate(compiled: CompiledPattern, seq_len: int, world_size: int, *, heads:
             received_bytes=_number((held[r] - own[r]) * entry_bytes),
             sent_bytes=_number(sent[r] * entry_bytes),
             useful_pairs=_number(useful[r] * batch), computed_pairs=_number(computed[r] * batch),
-            computed_flops=_number(4 * head_dim * computed[r] * batch),
+            computed_flops=_number(2 * (head_dim + v_head_dim) * computed[r] * batch),
             memory_bytes=_number(tensors + held[r] * entry_bytes),
         )
         for r in range(world_size)

@@ -370,9 +370,15 @@ def _lower_score_mod(mod: n.ScoreMod, ctx: Context) -> ScoreFn:
         return lambda score, b, h, q, k: score - slopes[h] * (q - k).abs()
     if isinstance(mod, n.Softcap):
         # A 0-d tensor, not a Python float: torch.compile would otherwise lift the float to
-        # a CPU scalar input after a recompile, which FlexAttention's lowering rejects.
-        cap = torch.tensor(mod.cap, dtype=torch.float32, device=ctx.device)
-        return lambda score, b, h, q, k: cap * torch.tanh(score / cap)
+        # a CPU scalar input after a recompile, which FlexAttention's lowering rejects. Held
+        # in float64 and taken in the score's dtype, so float64 scores see the cap exactly.
+        cap = torch.tensor(mod.cap, dtype=torch.float64, device=ctx.device)
+
+        def softcapped(score, b, h, q, k):
+            in_dtype = cap.to(score.dtype)
+            return in_dtype * torch.tanh(score / in_dtype)
+
+        return softcapped
     if isinstance(mod, n.Bias):
         values = _bias_tensor(mod.name, ctx)
         last_b, last_h = values.shape[0] - 1, values.shape[1] - 1

@@ -157,13 +157,14 @@ def _forward_block_mask(seq_lengths, kv_num, kv_idx, full_num, full_idx, block_s
                      BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
-def is_decoding_step(decodes: bool, q_len: int, q_offset: int, q_block: int, needs_grad: bool) -> bool:
+def is_decoding_step(decodes: bool, q_len: int, kv_len: int, q_offset: int, q_block: int, needs_grad: bool) -> bool:
     """Whether a call runs as a decoding step: no gradients, a few query rows
-    (``q_len <= min(MAX_DECODE_ROWS, q_block)``) past position 0, of a pattern whose states
-    do not depend on the lengths (``decodes``: :func:`decodes_by_rows`), whose aligned tile
-    rows (at most the largest tile past the last query) stay inside 32-bit indices."""
+    (``q_len <= min(MAX_DECODE_ROWS, q_block)``) past position 0 and none past the last key
+    (the cached rows cover the keys' positions), of a pattern whose states do not depend on
+    the lengths (``decodes``: :func:`decodes_by_rows`), whose aligned tile rows (at most the
+    largest tile past the last query) stay inside 32-bit indices."""
     return decodes and not needs_grad and q_offset > 0 and q_len <= min(MAX_DECODE_ROWS, q_block) \
-        and q_offset + q_len + LARGEST_TILE <= INDEX_LIMIT
+        and q_offset + q_len <= kv_len and q_offset + q_len + LARGEST_TILE <= INDEX_LIMIT
 
 
 class DecodePlan(Plan):
@@ -217,7 +218,10 @@ class DecodePlan(Plan):
     def build(self, prepared, call: Call, planner) -> Runner:
         pattern, rows = prepared
         device, q_len, kv_len, scale, return_lse = call.device, call.q_len, call.kv_len, call.scale, call.return_lse
-        score_mod = lower_score(pattern, context(pattern, q_len, kv_len, 0, call.heads, device, {}, "forward()"))
+        # Over every query position up to the capacity, as the rows' mask (a multiset's
+        # log m reads ranges of rows and random blocks at absolute positions).
+        capacity = rows.kv_capacity
+        score_mod = lower_score(pattern, context(pattern, capacity, capacity, 0, call.heads, device, {}, "forward()"))
         if _flex_runs(call):
             return lambda q, k, v, q_offset: flex_plan_attention(
                 q, k, v, block_mask=rows.block_mask(q_offset, q_len, kv_len),
