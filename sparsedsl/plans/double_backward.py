@@ -25,7 +25,7 @@ class _TwiceDifferentiable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: Runner, recompute: Callable[[], Runner], q_offset: int):
         ctx.run, ctx.recompute, ctx.q_offset = run, recompute, q_offset
-        ctx.graph = _record(run, q, k, v, q_offset)
+        ctx.graph = record(run, q, k, v, q_offset)
         ctx.save_for_backward(q, k, v)
         out, lse = ctx.graph[1]
         return out.detach(), (lse.detach() if lse is not None else None)
@@ -39,7 +39,7 @@ class _TwiceDifferentiable(torch.autograd.Function):
             outputs = ctx.recompute()(q, k, v, ctx.q_offset)
             grads = gradients(outputs, (grad_out, grad_lse), wanted, create_graph=True)
         else:
-            leaves, outputs = ctx.graph if ctx.graph is not None else _record(ctx.run, q, k, v, ctx.q_offset)
+            leaves, outputs = ctx.graph if ctx.graph is not None else record(ctx.run, q, k, v, ctx.q_offset)
             ctx.graph = None
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
             grads = gradients(outputs, (grad_out, grad_lse), wanted, create_graph=False)
@@ -48,7 +48,7 @@ class _TwiceDifferentiable(torch.autograd.Function):
         return (*result, None, None, None)
 
 
-def _record(run: Runner, q, k, v, q_offset: int):
+def record(run: Runner, q, k, v, q_offset: int):
     """``run`` on leaves made of ``q``, ``k``, ``v`` (each requiring grad as its input does),
     with autograd recording: ``(leaves, (out, lse))``."""
     with torch.enable_grad():

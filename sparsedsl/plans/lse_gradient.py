@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .base import Runner
-from .double_backward import gradients
+from .double_backward import gradients, record
 
 
 class _RecomputedLse(torch.autograd.Function):
@@ -31,10 +31,12 @@ class _RecomputedLse(torch.autograd.Function):
     def backward(ctx, grad_lse):
         q, k, v = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()  # these gradients are differentiated in turn
+        if create_graph:
+            leaves, (_, lse) = (q, k, v), ctx.recompute()(q, k, v, ctx.q_offset)
+        else:
+            leaves, (_, lse) = record(ctx.recompute(), q, k, v, ctx.q_offset)
+        wanted = [t for t in leaves if t.requires_grad]
         with torch.enable_grad():
-            leaves = tuple(t if create_graph else t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            _, lse = ctx.recompute()(*leaves, ctx.q_offset)
-            wanted = [t for t in leaves if t.requires_grad]
             grads = iter(gradients((lse,), (grad_lse,), wanted, create_graph))
         return (None, *(next(grads) if t.requires_grad else None for t in leaves), None, None)
 
