@@ -209,6 +209,30 @@ def test_dropout_applies_to_the_output_in_training_only():
     assert 0.3 < zero_fraction < 0.7
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda m, y: m(y, y, y, is_causal="False"), "'is_causal' must be True or False, got 'False'"),
+    (lambda m, y: m(y, y, y, need_weights="yes"), "'need_weights' must be True or False"),
+    (lambda m, y: m(y, y, y, average_attn_weights=None), "'average_attn_weights' must be True or False"),
+    (lambda m, y: m(y, torch.randn(3, 10, 32), torch.randn(3, 10, 32)), r"one batch size \(dim 0\)"),
+    (lambda m, y: m(y, y, torch.randn(2, 11, 32)), r"key and value must have one length \(dim 1\)"),
+    (lambda m, y: m(torch.randn(10, 32), y, y), "same number of dims"),
+    (lambda m, y: m(torch.randn(2, 10, 31), y, y), "query's last dim must be 32, got shape \\[2, 10, 31\\]"),
+    (lambda m, y: m(y, y, y.tolist()), "'value' must be a tensor"),
+])
+def test_multihead_inputs_are_checked_by_name(call, message):
+    module = MultiheadSparseAttention(32, 4, "window(5)", batch_first=True)
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(module, torch.randn(2, 10, 32))
+
+
+@pytest.mark.parametrize("pattern", ["longnet([8, 16], [1, 2])", "window(4) + chunks(16)", "window(4).score(alibi())"])
+def test_need_weights_names_why_scored_and_multiset_patterns_have_none(pattern):
+    module = MultiheadSparseAttention(32, 4, pattern)
+    x = torch.randn(21, 2, 32)
+    with pytest.raises(ValueError, match="score modifications or pairs counted more than once"):
+        module(x, x, x, need_weights=True)
+
+
 def test_backward_state_dict_deepcopy_and_errors():
     torch.manual_seed(6)
     module = MultiheadSparseAttention(16, 4, "bigbird(block_size=16, random_blocks=1)")

@@ -257,6 +257,14 @@ def test_too_few_heads_and_bad_shapes_raise():
         BlockSparseAttention(sparse_config="local_window")
 
 
+@pytest.mark.parametrize("keyword", ["is_causal", "return_attention_weights"])
+@pytest.mark.parametrize("value", ["False", 1, None])
+def test_flags_must_be_booleans(keyword, value):
+    q, k, v = _bnhd(1, 32, 2, 8)
+    with pytest.raises(TypeError, match=f"'{keyword}' must be True or False"):
+        BlockSparseAttention(SparsePatternConfig(block_size=16))(q, k, v, **{keyword: value})
+
+
 def test_default_config_dict_config_and_pattern_before_any_call():
     assert BlockSparseAttention().sparse_config == SparsePatternConfig()
     module = BlockSparseAttention(sparse_config={"pattern_type": "global_local", "block_size": 64})

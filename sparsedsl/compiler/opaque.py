@@ -11,8 +11,9 @@ forward, with its caches: layers with the same pattern share lowerings, block ma
 compiled kernels.
 
 Gradients: the backward operator ``sparsedsl::attention_backward`` recomputes the forward
-with autograd and differentiates it, so a compiled training step costs one extra forward
-per attention call (the plans' own backward kernels still run).
+with autograd and differentiates it, with respect to ``q``, ``k``, ``v`` and every bound
+floating-point tensor that requires grad (a learned ``bias``), so a compiled training step
+costs one extra forward per attention call (the plans' own backward kernels still run).
 
 A module is named inside the graph by an integer handle into a registry with one module per
 configuration (pattern, tiles, kernel), so patterns with Python score functions work too,
@@ -91,19 +92,24 @@ def _(q, k, v, handle, scale, q_offset, return_lse, names, tensors, context):
 def attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
                           k: torch.Tensor, v: torch.Tensor, handle: int, scale: float,
                           q_offset: int, return_lse: bool, names: str, tensors: list[torch.Tensor],
-                          context: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``q``, ``k``, ``v`` for :func:`attention_op`, by recomputing its
-    forward with autograd (``grad_lse`` is used when ``return_lse``)."""
+                          context: str, differentiated: list[bool]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Gradients of ``q``, ``k``, ``v`` and of the bound tensors marked ``differentiated``
+    (in their order) for :func:`attention_op`, by recomputing its forward with autograd
+    (``grad_lse`` is used when ``return_lse``)."""
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    bound = [t.detach().requires_grad_() if wanted else t for t, wanted in zip(tensors, differentiated)]
+    leaves = inputs + [t for t, wanted in zip(bound, differentiated) if wanted]
     with _eager_inside_operator(), torch.enable_grad():
-        result = _run(handle, *inputs, scale, q_offset, return_lse, names, tensors, context)
+        result = _run(handle, *inputs, scale, q_offset, return_lse, names, bound, context)
         outputs, grads = ([result[0], result[1]], [grad_out, grad_lse]) if return_lse else ([result], [grad_out])
         if return_lse:  # rows without keys have lse = -inf and no gradient through it
             finite = torch.isfinite(outputs[1])
             outputs[1] = torch.where(finite, outputs[1], 0.0)
             grads[1] = torch.where(finite, grads[1].to(outputs[1].dtype), 0.0)
-        dq, dk, dv = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-    return tuple((torch.zeros_like(t) if g is None else g.contiguous()) for g, t in zip((dq, dk, dv), inputs))
+        found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    dq, dk, dv, *bound_grads = (torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(found, leaves))
+    return dq, dk, dv, bound_grads
 
 
 #: The dispatch keys :func:`_eager_inside_operator` lifts the exclusion of.
@@ -126,14 +132,17 @@ def _eager_inside_operator():
 
 
 @attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, handle, scale, q_offset, return_lse, names, tensors, context):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
+def _(grad_out, grad_lse, q, k, v, handle, scale, q_offset, return_lse, names, tensors, context, differentiated):
+    bound_grads = [t.new_empty(t.shape) for t, wanted in zip(tensors, differentiated) if wanted]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bound_grads  # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, handle, scale, q_offset, return_lse, names, tensors, context = inputs
     ctx.save_for_backward(q, k, v, *tensors)
     ctx.arguments = (handle, scale, q_offset, return_lse, names, context)
+    # A bound tensor that requires grad (a learned bias) gets its gradient too.
+    ctx.differentiated = [t.requires_grad and t.is_floating_point() for t in tensors]
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -141,9 +150,11 @@ def _backward(ctx, grad_out, grad_lse):
     handle, scale, q_offset, return_lse, names, context = ctx.arguments
     if grad_lse is None or not return_lse:
         grad_lse = q.new_zeros(0)
-    dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, handle, scale, q_offset,
-                                       return_lse, names, tensors, context)
-    return dq, dk, dv, None, None, None, None, None, [None] * len(tensors), None
+    dq, dk, dv, found = attention_backward_op(grad_out, grad_lse, q, k, v, handle, scale, q_offset,
+                                              return_lse, names, tensors, context, ctx.differentiated)
+    found = iter(found)
+    bound_grads = [next(found) if wanted else None for wanted in ctx.differentiated]
+    return dq, dk, dv, None, None, None, None, None, bound_grads, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

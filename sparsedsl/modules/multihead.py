@@ -19,8 +19,9 @@ Decisions:
   layouts, ``.score(bias("name"))`` for additive biases) and pass their tensors as
   keyword arguments of ``forward``.
 * ``need_weights=True`` returns the dense attention weights (averaged over heads unless
-  ``average_attn_weights=False``) when they have at most 2**24 elements, and raises
-  otherwise; the default ``need_weights=False`` returns ``(attn_output, None)``.
+  ``average_attn_weights=False``) when they have at most 2**24 elements and the pattern
+  has no score modifications and counts no pair more than once (the weights come from the
+  mask), and raises otherwise; the default ``need_weights=False`` returns ``(attn_output, None)``.
 * ``add_bias_kv`` and ``add_zero_attn`` are not offered.
 """
 
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lang.checks import check_int
-from ..lang.queries import head_group_count
+from ..lang.checks import check_bool, check_int
+from ..lang.queries import head_group_count, score_mods
 from ._common import MAX_DENSE_WEIGHTS, compiled, dense_weights, resolve_pattern, with_causal
 
 __all__ = ["MultiheadSparseAttention"]
@@ -150,12 +151,14 @@ class MultiheadSparseAttention(nn.Module):
                 "MultiheadSparseAttention: key_padding_mask and attn_mask are not supported; "
                 "express the mask in the pattern (documents('ids'), blocks(b).layout('name'), "
                 ".score(bias('name'))) and pass its tensor by keyword to forward()")
+        where = "MultiheadSparseAttention.forward()"
+        is_causal = check_bool(where, "is_causal", is_causal)
+        need_weights = check_bool(where, "need_weights", need_weights)
+        average_attn_weights = check_bool(where, "average_attn_weights", average_attn_weights)
+        self._check_inputs(where, query, key, value)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        elif query.dim() != 3:
-            raise ValueError(f"MultiheadSparseAttention: query must be 2-D or 3-D, got shape "
-                             f"{list(query.shape)}")
         if self.batch_first and not unbatched:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         # now [L, N, E]
@@ -167,6 +170,11 @@ class MultiheadSparseAttention(nn.Module):
         k = F.linear(key, wk, bk).view(src_len, batch, h, d).transpose(0, 1)
         v = F.linear(value, wv, bv).view(src_len, batch, h, d).transpose(0, 1)
         attention = self._attention[1 if is_causal else 0]
+        if need_weights and score_mods(attention.pattern):
+            raise ValueError(
+                f"{where}: need_weights=True computes the weights from the pattern's mask alone, "
+                f"so it takes no pattern with score modifications or pairs counted more than once "
+                f"(a multiset such as longnet(...)); got {attention.pattern}")
         out = attention(q, k, v, layout="bnhd", **buffers)
         out = out.reshape(batch, tgt_len, self.embed_dim)
         if self.dropout > 0.0 and self.training:
@@ -178,9 +186,9 @@ class MultiheadSparseAttention(nn.Module):
                                     MAX_DENSE_WEIGHTS, **buffers)
             if weights is None:
                 raise ValueError(
-                    f"MultiheadSparseAttention: need_weights=True materialises the weights, "
-                    f"which is limited to {MAX_DENSE_WEIGHTS} elements without score "
-                    f"modifications (got batch={batch}, heads={h}, {tgt_len}x{src_len})")
+                    f"{where}: need_weights=True materialises the weights, which is limited "
+                    f"to {MAX_DENSE_WEIGHTS} elements (got batch={batch}, heads={h}, "
+                    f"{tgt_len}x{src_len})")
             weights = weights.to(out.dtype)
             if average_attn_weights:
                 weights = weights.mean(1)
@@ -191,6 +199,34 @@ class MultiheadSparseAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _check_inputs(self, where: str, query, key, value) -> None:
+        """``query``, ``key``, ``value``: tensors, all 2-D (unbatched ``[L, E]``) or all 3-D,
+        of one batch size, ``key`` and ``value`` of one length, their last dims ``embed_dim``,
+        ``kdim`` and ``vdim``; a ``ValueError`` naming the argument and its shape otherwise."""
+        tensors = {"query": query, "key": key, "value": value}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: argument {name!r} must be a tensor, got {type(t).__name__}")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"{where}: query must be 2-D (unbatched) or 3-D, got shape {list(query.shape)}")
+
+        def shapes() -> str:  # built only for a message: a string join is not traced
+            return ", ".join(f"{name} {list(t.shape)}" for name, t in tensors.items())
+
+        if not key.dim() == value.dim() == query.dim():
+            raise ValueError(f"{where}: query, key and value must have the same number of dims, got {shapes()}")
+        length_dim = 0
+        if query.dim() == 3:
+            batch_dim, length_dim = (0, 1) if self.batch_first else (1, 0)
+            if not query.shape[batch_dim] == key.shape[batch_dim] == value.shape[batch_dim]:
+                raise ValueError(f"{where}: query, key and value must have one batch size "
+                                 f"(dim {batch_dim}), got {shapes()}")
+        if key.shape[length_dim] != value.shape[length_dim]:
+            raise ValueError(f"{where}: key and value must have one length (dim {length_dim}), got {shapes()}")
+        for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{where}: {name}'s last dim must be {dim}, got shape {list(t.shape)}")
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern={self.pattern}, "

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..compiler.opaque import handle_for, traced_attention
 from ..lang import nodes as n
-from ..lang.checks import PatternArgumentError, check_int, check_int_list
+from ..lang.checks import PatternArgumentError, check_bool, check_int, check_int_list
 from ..patterns.seed import DEFAULT_SEQ_LEN, PATTERN_TYPES, seed_block_pattern
 from ._common import (
     MAX_DENSE_WEIGHTS, block_pairs, check_bnhd, check_segments, compiled, dense_weights,
@@ -114,32 +115,61 @@ def _config(sparse_config, where: str) -> SparsePatternConfig:
                     f"got {type(sparse_config).__name__}")
 
 
+@dataclass(frozen=True)
+class _PatternsByLength:
+    """A block-sparse module's pattern at each length, and its attention at that length:
+    the callable that the compiled operator runs (:mod:`sparsedsl.compiler.opaque`), where
+    the length is known only when the graph runs."""
+
+    config: SparsePatternConfig
+    within: n.Pattern | None
+
+    def pattern_for(self, seq_len: int, kv_len: int | None = None, is_causal: bool = False) -> n.Pattern:
+        pattern = self.config.block_pattern(seq_len, kv_len)
+        if self.within is not None:
+            pattern = pattern.within(self.within)
+        return with_causal(pattern) if is_causal else pattern
+
+    def __call__(self, q, k, v, *, scale: float, q_offset: int, return_lse: bool, context: str = ""):
+        """Attention of ``[B, H, N, D]`` inputs; ``context`` is ``_CAUSAL`` for ``is_causal``."""
+        pattern = self.pattern_for(q.shape[2], k.shape[2], is_causal=context == _CAUSAL)
+        return compiled(pattern, kernel_tile(self.config.block_size))(
+            q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse)
+
+
+#: The operator's context string of a causal call.
+_CAUSAL = "causal"
+
+
 class _BlockSparseBase(nn.Module):
     """Shared machinery: pattern per length, compile, run, describe."""
 
-    def __init__(self, sparse_config=None):
+    def __init__(self, sparse_config=None, within: n.Pattern | None = None):
         super().__init__()
         self.sparse_config = _config(sparse_config, type(self).__name__)
         self.block_size = self.sparse_config.block_size
+        self._patterns = _PatternsByLength(self.sparse_config, within)
+        self._register()
         self._last_call = (DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN, False)
 
-    def _within(self) -> n.Pattern | None:
-        return None
+    def _register(self) -> None:
+        # Registered here, not under tracing (the registry takes a lock); per process.
+        self._handle = handle_for(self._patterns, ("block-sparse", self._patterns))
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._register()
 
     def pattern_for(self, seq_len: int, kv_len: int | None = None, *,
                     is_causal: bool = False) -> n.Pattern:
         """The DSL pattern this module runs for ``seq_len`` queries and ``kv_len`` keys
         (default ``seq_len``), with ``& causal()`` when ``is_causal``."""
-        pattern = self.sparse_config.block_pattern(seq_len, kv_len)
-        within = self._within()
-        if within is not None:
-            pattern = pattern.within(within)
-        return with_causal(pattern) if is_causal else pattern
+        return self._patterns.pattern_for(seq_len, kv_len, is_causal)
 
     @property
     def pattern(self) -> n.Pattern:
-        """The pattern of the most recent ``forward`` call (before any: the non-causal
-        pattern at 16,384 tokens). Use :meth:`pattern_for` for a given length."""
+        """The pattern of the most recent eager ``forward`` call (before any: the
+        non-causal pattern at 16,384 tokens). Use :meth:`pattern_for` for a given length."""
         q_len, kv_len, is_causal = self._last_call
         return self.pattern_for(q_len, kv_len, is_causal=is_causal)
 
@@ -156,12 +186,25 @@ class _BlockSparseBase(nn.Module):
         num_heads, seq_len, kv_len)``), ``block_size``, ``pattern`` (the DSL pattern that
         ran) and ``weights``: the dense attention probabilities ``[batch, num_heads,
         seq_len, kv_len]`` (detached) when that has at most 2**24 elements, else None.
+
+        Under ``torch.compile`` (``fullgraph=True`` included) the call is one opaque
+        operator that picks the pattern for the length when the graph runs; ``info`` is
+        not available there.
         """
         where = f"{type(self).__name__}.forward()"
+        is_causal = check_bool(where, "is_causal", is_causal)
+        return_attention_weights = check_bool(where, "return_attention_weights", return_attention_weights)
         check_bnhd(where, q, k, v)
+        if torch.compiler.is_compiling():
+            if return_attention_weights:
+                raise ValueError(f"{where}: return_attention_weights=True is not available under "
+                                 f"torch.compile (its block pairs are read on the host)")
+            out = traced_attention(self._handle, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                   q.shape[-1] ** -0.5, 0, False, {}, _CAUSAL if is_causal else "")
+            return out.transpose(1, 2).contiguous()
         q_len, kv_len = q.shape[1], k.shape[1]
-        pattern = self.pattern_for(q_len, kv_len, is_causal=bool(is_causal))
-        self._last_call = (q_len, kv_len, bool(is_causal))
+        pattern = self.pattern_for(q_len, kv_len, is_causal=is_causal)
+        self._last_call = (q_len, kv_len, is_causal)
         module = compiled(pattern, kernel_tile(self.block_size))
         out = module(q, k, v, layout="bnhd").contiguous()
         if not return_attention_weights:
@@ -225,17 +268,16 @@ class BlockSparseDilatedAttention(_BlockSparseBase):
 
     def __init__(self, segment_lengths, dilation_rates,
                  sparse_config: SparsePatternConfig | dict | None = None):
-        super().__init__(sparse_config)
         where = "BlockSparseDilatedAttention"
-        self.segment_lengths, self.dilation_rates = check_segments(where, segment_lengths, dilation_rates)
-        too_long = [s for s in self.segment_lengths if s > self.block_size]
+        lengths, rates = check_segments(where, segment_lengths, dilation_rates)
+        block_size = _config(sparse_config, where).block_size
+        too_long = [s for s in lengths if s > block_size]
         if too_long:
             raise PatternArgumentError(
-                f"{where}: segment_lengths must be <= block_size ({self.block_size}): the "
-                f"segments cut block-relative positions; got {list(self.segment_lengths)}")
-
-    def _within(self) -> n.Pattern:
-        return n.segments(self.segment_lengths, self.dilation_rates)
+                f"{where}: segment_lengths must be <= block_size ({block_size}): the "
+                f"segments cut block-relative positions; got {list(lengths)}")
+        super().__init__(sparse_config, within=n.segments(lengths, rates))
+        self.segment_lengths, self.dilation_rates = lengths, rates
 
     def extra_repr(self) -> str:
         return (f"segment_lengths={list(self.segment_lengths)}, "
