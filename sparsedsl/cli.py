@@ -57,6 +57,18 @@ def _integers(text: str) -> list[int]:
     return [int(v) for v in re.split(r"[,\s]+", cleaned.strip())]
 
 
+def positive_int(text: str) -> int:
+    """A size given on the command line: a positive integer (``1_024`` allowed); argparse
+    names the option in its error."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def parse_zoom(text: str) -> int | tuple[int, int, int, int]:
     """``--zoom``: ``512`` (the top-left 512 x 512 corner), ``0:512`` (that range on both
     axes), ``1000:2000,0:4096`` (query range, key range) or ``1000,2000,0,4096``;
@@ -162,15 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("pattern", metavar="PATTERN",
                              help="pattern text or catalog name, e.g. 'window(256) | global_tokens(16)'")
         length = "the sum of --documents lengths if given, else 4096" if seq_len is None else f"{seq_len}"
-        sub.add_argument("--seq-len", type=int, default=seq_len, metavar="N",
+        sub.add_argument("--seq-len", type=positive_int, default=seq_len, metavar="N",
                          help=f"query length (default: {length})")
-        sub.add_argument("--heads", type=int, default=None, metavar="H", help=f"number of heads (default: {heads})")
-        sub.add_argument("--tile", type=int, default=128, metavar="T",
+        sub.add_argument("--heads", type=positive_int, default=None, metavar="H", help=f"number of heads (default: {heads})")
+        sub.add_argument("--tile", type=positive_int, default=128, metavar="T",
                          help="tile size in tokens (default: 128)")
         if not shapes:
             sub.set_defaults(kv_len=None, documents=[])
             return sub
-        sub.add_argument("--kv-len", type=int, default=None, metavar="N",
+        sub.add_argument("--kv-len", type=positive_int, default=None, metavar="N",
                          help="key length (default: --seq-len)")
         sub.add_argument("--documents", action="append", default=[], metavar="[NAME=]L1,L2,...",
                          help="document lengths for a documents(NAME) pattern (repeat per name; "
@@ -178,15 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     show = add("show", "print the tile map (full / partial / empty tiles) and the counts")
-    show.add_argument("--width", type=int, default=64, help="most characters per map row (default: 64)")
+    show.add_argument("--width", type=positive_int, default=64, help="most characters per map row (default: 64)")
 
     count = add("count", "print the exact number of allowed pairs, then tiles and FLOPs")
-    count.add_argument("--head-dim", type=int, default=128, metavar="D",
+    count.add_argument("--head-dim", type=positive_int, default=128, metavar="D",
                        help="head dimension for the FLOP counts (default: 128)")
     count.add_argument("--json", action="store_true", help="print one JSON object instead")
 
     explain = add("explain", "print the plan the compiler picks, and why")
-    explain.add_argument("--head-dim", type=int, default=128, metavar="D", help="head dimension (default: 128)")
+    explain.add_argument("--head-dim", type=positive_int, default=128, metavar="D", help="head dimension (default: 128)")
     explain.add_argument("--device", default=None,
                          help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     explain.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -207,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "1000:2000,0:4096 (query range, key range) (default: the whole matrix)")
     render.add_argument("--size", type=parse_size, default=None, metavar="WxH",
                         help="figure size in inches, e.g. 6x4 (default: from the panels)")
-    render.add_argument("--dpi", type=int, default=200, help="resolution of PNG output (default: 200)")
+    render.add_argument("--dpi", type=positive_int, default=200, help="resolution of PNG output (default: 200)")
     render.add_argument("--cmap", default=None,
                         help="matplotlib colormap (default: Blues; viridis for --view scores)")
     render.add_argument("--compact", action="store_true",

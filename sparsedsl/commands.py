@@ -14,6 +14,7 @@ import json
 import re
 import sys
 
+from .budget import check_memory
 from .catalog import pattern_from_text
 from .cli import DEFAULT_SEQ_LEN, parse_documents
 from .lang import nodes as n
@@ -42,7 +43,7 @@ def inputs(args: argparse.Namespace) -> tuple[n.Pattern, int, dict]:
 
     pattern = pattern_from_text(args.pattern)
     lengths = parse_documents(args.documents)
-    doc_names = sorted({node.name for node in walk(pattern) if isinstance(node, n.Documents)})
+    doc_names = sorted({node.name for node in walk(pattern) if isinstance(node, (n.Documents, n.DocumentWithin))})
     other = sorted(pattern.buffer_names() - set(doc_names))
     if other:
         raise PatternArgumentError(
@@ -68,6 +69,8 @@ def inputs(args: argparse.Namespace) -> tuple[n.Pattern, int, dict]:
     if seq_len is None:
         seq_len = sum(next(iter(lengths.values()))) if lengths else DEFAULT_SEQ_LEN
     span = max(seq_len, args.kv_len or seq_len)
+    if lengths:
+        check_memory("argument --documents", f"the document ids of {span:,} positions", span * 8 * len(lengths))
     tensors = {}
     for name, values in lengths.items():
         if sum(values) != span:

@@ -305,6 +305,9 @@ def test_hostile_sizes_are_refused_by_the_budget():
         from sparsedsl.demo import run_demo
         _budget_error(lambda: run_demo(seq_len=3_000_000), "seq_len=3,000,000")
         _budget_error(lambda: run_demo(seq_len=40_000), "seq_len=40,000")
+        # per-head results are refused before a loop over a billion heads starts
+        _budget_error(lambda: sd.count(sd.window(3), 10, heads=10**9), "heads=1,000,000,000")
+        _budget_error(lambda: sd.compile(sd.window(3)).explain(10, heads=2**31 - 1), "heads=2,147,483,647")
     # a structured count needs no tile grid, whatever the size
     assert sd.count(sd.window(3) | sd.global_tokens(4), 2**24).pairs > 0
 

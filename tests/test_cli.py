@@ -67,6 +67,17 @@ def test_documents_lengths_from_the_command_line(capsys):
         sd.dense(sd.documents("d") | sd.window(2), 200, d=ids).sum())
 
 
+@pytest.mark.parametrize("pattern", ["document_prefix_lm", "documents('doc').within(causal())"])
+def test_documents_within_rules_take_lengths_from_the_command_line(pattern, capsys):
+    """``documents(name).within(rule)`` names a documents tensor too (the catalog's
+    ``document_prefix_lm``): ``--documents`` binds it."""
+    assert main(["count", pattern, "--documents", "3,4,9"]) == 0
+    parsed = sd.load(pattern) if "(" not in pattern else sd.parse(pattern)
+    (name,) = parsed.buffer_names()
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 4, 9]))
+    assert int(capsys.readouterr().out.splitlines()[0]) == int(sd.dense(parsed, 16, **{name: ids}).sum())
+
+
 @pytest.mark.parametrize("argv, words", [
     (["count", "document_mask"], ["--documents doc_ids="]),
     (["count", "document_mask", "--documents", "doc_ids=10,20", "--seq-len", "31"], ["sum to 30", "31"]),
@@ -95,9 +106,12 @@ def test_bad_pattern_exits_2_with_the_parse_error(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["explain", "causal()", "--device", "tpu"], ["--device", "'tpu'"]),
     (["explain", "causal()", "--device", ""], ["--device", "''"]),
-    (["count", "causal()", "--seq-len", "-5"], ["q_len", "-5"]),
+    (["count", "causal()", "--seq-len", "-5"], ["--seq-len", "'-5'"]),
     (["count", "causal()", "--seq-len", "2147483648"], ["q_len", "2147483648"]),
-    (["count", "causal()", "--heads", "0"], ["heads", "0"]),
+    (["count", "causal()", "--heads", "0"], ["--heads", "'0'"]),
+    (["count", "causal()", "--tile", "0"], ["--tile", "'0'"]),
+    (["estimate", "causal()", "--tile", "0"], ["--tile", "'0'"]),
+    (["render", "causal()", "--dpi", "0"], ["--dpi", "'0'"]),
     (["count", "causal()", "--seq-len", "ten"], ["--seq-len", "ten"]),
     (["render", "causal()", "--zoom", "a:b"], ["--zoom", "a:b"]),
     (["render", "causal()", "--size", "big"], ["--size", "big"]),
@@ -119,6 +133,24 @@ def exit_code(argv) -> int:
         return main(argv)
     except SystemExit as exited:
         return exited.code
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["count", "causal()", "--heads", "2147483647"], ["heads=2,147,483,647"]),
+    (["count", "documents('doc')", "--documents", "doc=2000000000"], ["--documents", "2,000,000,000"]),
+    (["render", "window(3)", "--seq-len", "5", "--dpi", "100000"], ["dpi=100000"]),
+])
+def test_sizes_over_the_memory_budget_are_refused_by_name(argv, words, tmp_path, capsys):
+    if argv[0] == "render":
+        pytest.importorskip("matplotlib")
+        argv = argv + ["-o", str(tmp_path / "x.png")]
+    with sd.using_memory_budget(1 << 30):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "memory budget" in err and err.count("\n") == 1
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "x.png").exists()
 
 
 @needs_matplotlib

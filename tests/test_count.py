@@ -171,6 +171,21 @@ def test_equal_tile_signatures_mean_equal_tile_contents(pattern, tile, q_len, kv
 # -- examples, readable text, speed -------------------------------------------------------
 
 
+@pytest.mark.parametrize("pattern,q_len,kv_len,tile", [
+    (sd.causal() | sd.queries(-2, 1), 3, 3, 2),
+    (sd.causal() | sd.queries(-3, 4), 10, 30, 8),
+    (sd.window(0) | sd.queries(-3, 4), 10, 30, 16),
+    (sd.causal() | sd.queries(-3, 15), 57, 185, 64),
+    (sd.causal() | sd.keys(-3, 4), 30, 10, 8),
+    (sd.heads(sd.causal(), sd.full()) | sd.queries(-3, 15), 57, 185, 16),
+    (sd.window(2) | sd.keys(-5, 2), 20, 20, 4),
+])
+def test_empty_ranges_classify_no_tile(pattern, q_len, kv_len, tile):
+    """A range that resolves empty (``queries(-3, 4)`` over 10 rows: rows 7..3) allows no
+    pair, so no tile is partial because of it."""
+    check_against_dense(pattern, q_len, kv_len, 2, {}, tile)
+
+
 def test_known_counts():
     assert count(sd.causal(), 1000).pairs == 500500
     assert count(sd.full(), 300, 200).pairs == 60000

@@ -149,8 +149,25 @@ def test_tile_view_is_the_structural_tile_states():
 def test_zoom_window_errors():
     with pytest.raises(ValueError, match="zoom"):
         panels(sd.causal(), 400, zoom=(0, 500, 0, 10))
+    for zoom in ((0, 1.5, 0, 2), (0, 10, 0), "abcd", 2.5):
+        with pytest.raises(ValueError, match="'zoom'"):
+            panels(sd.causal(), 10, zoom=zoom)
     with pytest.raises(ValueError, match="view"):
         panels(sd.causal(), 40, view="bars")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+def test_tile_view_merges_tiles_to_max_cells(tmp_path, monkeypatch):
+    import sparsedsl.draw.render as drawing
+    merged, original = [], drawing.merge_cells
+
+    def recording(states, max_cells=drawing.MAX_CELLS):
+        merged.append(original(states, max_cells)[0].shape)
+        return original(states, max_cells)
+
+    monkeypatch.setattr(drawing, "merge_cells", recording)
+    render(sd.causal(), 40, tmp_path / "t.png", view="tiles", tile=1, max_cells=4)
+    assert merged and max(merged[0]) <= 4
 
 
 def test_merge_cells_keeps_full_and_empty_only_when_uniform():

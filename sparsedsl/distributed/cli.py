@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import positive_int
+
 #: ``--dtype`` values (torch dtype names); torch is imported only when the command runs.
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 
@@ -23,20 +25,20 @@ def add_estimate_command(commands) -> argparse.ArgumentParser:
                     "of a pattern, from its structure alone, with forward times from a link "
                     "bandwidth and a kernel throughput.")
     sub.add_argument("pattern", help="pattern text or catalog name, e.g. 'window(2048)' or bigbird")
-    sub.add_argument("--seq-len", type=int, default=1 << 20, help="sequence length (default 2**20)")
-    sub.add_argument("--world-size", type=int, default=8, help="ranks (default 8)")
-    sub.add_argument("--heads", type=int, default=16, help="query heads (default 16)")
-    sub.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
-    sub.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
-    sub.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    sub.add_argument("--seq-len", type=positive_int, default=1 << 20, help="sequence length (default 2**20)")
+    sub.add_argument("--world-size", type=positive_int, default=8, help="ranks (default 8)")
+    sub.add_argument("--heads", type=positive_int, default=16, help="query heads (default 16)")
+    sub.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (default: --heads)")
+    sub.add_argument("--head-dim", type=positive_int, default=128, help="head dimension (default 128)")
+    sub.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     sub.add_argument("--dtype", default="bfloat16", help=f"one of {', '.join(DTYPES)} (default bfloat16)")
-    sub.add_argument("--tile", type=int, default=128, help="kernel tile size (default 128)")
+    sub.add_argument("--tile", type=positive_int, default=128, help="kernel tile size (default 128)")
     sub.add_argument("--zigzag", action="store_true", help="zigzag layout (two chunks per rank)")
     sub.add_argument("--link-gbps", type=float, default=50.0,
                      help="per-rank link bandwidth in GB/s (default 50)")
     sub.add_argument("--tflops", type=float, default=400.0,
                      help="attention kernel throughput in TFLOP/s (default 400)")
-    sub.add_argument("--rows", type=int, default=8, help="ranks listed, first and last halves (default 8)")
+    sub.add_argument("--rows", type=positive_int, default=8, help="ranks listed, first and last halves (default 8)")
     sub.set_defaults(run=run_estimate)
     return sub
 

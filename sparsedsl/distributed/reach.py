@@ -165,7 +165,7 @@ def _(node: n.Prefix, lo, hi, ctx):
 @_reach.register
 def _(node: n.Queries, lo, hi, ctx):  # the rows of the range reach every key, others none
     first, stop = n.range_bounds(node.start, node.stop, ctx.seq_len)
-    return Reach(_every(lo, 0, np.where((lo < stop) & (hi > first), ctx.seq_len, 0)))
+    return Reach(_every(lo, 0, np.where((lo < stop) & (hi > first) & (first < stop), ctx.seq_len, 0)))
 
 
 @_reach.register

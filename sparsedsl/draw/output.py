@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..budget import check_memory
 from ..lang.checks import PatternArgumentError
 
 #: Picture formats, chosen by the output file's suffix.
@@ -49,6 +50,13 @@ def pyplot(where: str):
             f"{where} needs matplotlib, which is not installed: pip install matplotlib "
             f"(or pip install 'sparsedsl[draw]')") from err
     return plt
+
+
+def check_canvas(where: str, size: tuple[float, float], dpi: int) -> None:
+    """Refuse a figure of ``size`` inches at ``dpi`` whose RGBA canvas would exceed the
+    memory budget, before matplotlib allocates it."""
+    width, height = round(size[0] * dpi), round(size[1] * dpi)
+    check_memory(where, f"a {width:,} x {height:,}-pixel canvas (dpi={dpi})", 4 * width * height)
 
 
 def save(fig, path: Path, dpi: int) -> Path:

@@ -31,7 +31,7 @@ from ..lang.queries import head_group_count, mask_part
 from ..passes.context import Context
 from ..passes.tiles import EMPTY, FULL, PARTIAL
 from .cells import Cells, cell_fractions
-from .output import DrawError, output_path, pyplot, save
+from .output import DrawError, check_canvas, output_path, pyplot, save
 
 __all__ = ["DrawError", "render", "panels", "merge_cells", "parse_window", "percent"]
 
@@ -58,11 +58,14 @@ def parse_window(where: str, zoom, q_len: int, kv_len: int) -> tuple[int, int, i
         check_int(where, "zoom", zoom, minimum=1)
         return 0, min(q_len, zoom), 0, min(kv_len, zoom)
     try:
-        q0, q1, k0, k1 = (int(v) for v in zoom)
-    except (TypeError, ValueError):
+        values = tuple(zoom)
+    except TypeError:
+        values = ()
+    if len(values) != 4:
         raise PatternArgumentError(
             f"{where}: argument 'zoom' must be a size or (q_start, q_stop, k_start, k_stop), "
-            f"got {zoom!r}") from None
+            f"got {zoom!r}")
+    q0, q1, k0, k1 = (check_int(where, "zoom", value) for value in values)
     if not (0 <= q0 < q1 <= q_len and 0 <= k0 < k1 <= kv_len):
         raise PatternArgumentError(
             f"{where}: zoom {zoom!r} must lie inside the {q_len} x {kv_len} matrix with "
@@ -250,6 +253,7 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
         header = 0.45 if compact else 1.0
         size = (cols * width + (0.7 if view == "tokens" else 2.4),
                 rows * (axes_width * ratio + header) + (0 if compact else 0.45))
+    check_canvas("render()", size, dpi)
     fontsize = 7 if compact else 9
     with plt.rc_context({"font.size": fontsize, "axes.titlesize": fontsize + 0.5,
                          "axes.labelsize": fontsize, "xtick.labelsize": fontsize - 1,
@@ -261,7 +265,7 @@ def render(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = None,
             if view == "tokens":
                 image = _draw_cells(ax, panel["cells"], colormap, gamma, top)
             else:
-                _draw_tiles(ax, panel["states"], panel["window"], tile)
+                _draw_tiles(ax, panel["states"], panel["window"], tile, max_cells)
             _axes(ax, panel["window"], compact)
             if not compact and ctx.heads > 1:
                 label = ("head " if len(panel["heads"]) == 1 else "heads ") + ranges(panel["heads"])
@@ -319,10 +323,10 @@ def _draw_cells(ax, cells: Cells, colormap, gamma: float, top: float = 1.0):
                      interpolation="nearest", extent=cells.extent, aspect="equal")
 
 
-def _draw_tiles(ax, states: torch.Tensor, window, tile: int) -> None:
+def _draw_tiles(ax, states: torch.Tensor, window, tile: int, max_cells: int) -> None:
     from matplotlib.colors import ListedColormap
 
-    cells, factor = merge_cells(states)
+    cells, factor = merge_cells(states, max_cells)
     picture = torch.zeros_like(cells)
     picture[cells == PARTIAL], picture[cells == FULL] = 1, 2
     q0, _, k0, _ = window

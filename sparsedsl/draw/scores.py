@@ -25,7 +25,7 @@ from ..lang.queries import head_group_count, mask_part
 from ..passes.context import Context
 from ..passes.dense import dense
 from ..passes.maskmod import lower_score
-from .output import output_path, pyplot, save
+from .output import check_canvas, output_path, pyplot, save
 from .render import COMPACT_WIDTH, PANEL_WIDTH, _check_size, percent
 
 #: Longest side drawn (the matrices are dense).
@@ -120,6 +120,7 @@ def render_scores(pattern: n.Pattern, q_len: int, path, *, kv_len: int | None = 
     width = COMPACT_WIDTH if compact else PANEL_WIDTH + 0.6
     if size is None:
         size = (len(show) * width, (width - 1.4) * ratio + (0.5 if compact else 1.3))
+    check_canvas("render_scores()", size, dpi)
     fontsize = 7 if compact else 9
     with plt.rc_context({"font.size": fontsize, "axes.titlesize": fontsize + 0.5}):
         fig, axes = plt.subplots(1, len(show), figsize=size, squeeze=False, layout="constrained")

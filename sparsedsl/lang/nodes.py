@@ -596,10 +596,12 @@ class Complement(Pattern):
 def range_bounds(start: int, stop: int | None, length: int) -> tuple[int, int]:
     """``(lo, hi)`` of the range ``start:stop`` over ``length`` positions, as Python's
     slices read it: a negative bound counts from the end (``length + bound``), ``stop=None``
-    is the end, and both are clamped to ``[0, length]``."""
+    is the end, and both are clamped to ``[0, length]``; ``lo <= hi`` (``lo == hi``: an empty
+    range)."""
     def bound(value: int) -> int:
         return min(max(value + length if value < 0 else value, 0), length)
-    return bound(start), length if stop is None else bound(stop)
+    lo = bound(start)
+    return lo, length if stop is None else max(lo, bound(stop))
 
 
 def _range_text(name: str, start: int, stop: int | None) -> str:

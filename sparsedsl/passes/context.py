@@ -39,6 +39,11 @@ def check_bound_tensors(where: str, pattern: Pattern, buffers: dict) -> None:
             )
 
 
+#: Bytes held per head by what a context's passes return (a head's pair count, tile classes
+#: and head pattern, as Python objects), checked before any of it is built.
+PER_HEAD_BYTES = 256
+
+
 @dataclass(frozen=True)
 class Context:
     """Sizes and call-time tensors for evaluating a pattern.
@@ -66,6 +71,7 @@ class Context:
         q_len = check_int(where, "q_len", q_len, minimum=1)
         kv_len = q_len if kv_len is None else check_int(where, "kv_len", kv_len, minimum=1)
         heads = check_int(where, "heads", 1 if heads is None else heads, minimum=1)
+        check_memory(where, f"the per-head results of heads={heads:,}", heads * PER_HEAD_BYTES)
         buffers = dict(buffers or {})
         check_bound_tensors(where, pattern, buffers)
         device = torch.device("cpu") if device is None else torch.device(device)

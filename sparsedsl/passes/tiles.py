@@ -807,14 +807,14 @@ def _(node: n.Scored, ctx, grid):
 
 @_classify.register
 def _(node: n.Queries, ctx, span, grid):
-    lo, hi = n.range_bounds(node.start, node.stop, ctx.q_len)
-    return decide((span.ql >= lo) & (span.qh < hi), (span.qh < lo) | (span.ql >= hi))
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.q_len)  # hi <= lo: an empty range
+    return decide((span.ql >= lo) & (span.qh < hi), (span.qh < lo) | (span.ql >= hi) | (hi <= lo))
 
 
 @_classify.register
 def _(node: n.Keys, ctx, span, grid):
-    lo, hi = n.range_bounds(node.start, node.stop, ctx.kv_len)
-    return decide((span.kl >= lo) & (span.kh < hi), (span.kh < lo) | (span.kl >= hi))
+    lo, hi = n.range_bounds(node.start, node.stop, ctx.kv_len)  # hi <= lo: an empty range
+    return decide((span.kl >= lo) & (span.kh < hi), (span.kh < lo) | (span.kl >= hi) | (hi <= lo))
 
 
 @_classify.register
