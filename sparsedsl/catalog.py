@@ -18,10 +18,11 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import re
 
-from .lang.checks import PatternArgumentError
+from .lang.checks import PatternArgumentError, check_bool
 from .lang.nodes import Pattern
-from .lang.parse import PatternSyntaxError, parse
+from .lang.parse import PatternSyntaxError, parse, prescan
 
 __all__ = ["catalog_names", "load", "pattern_from_text"]
 
@@ -43,7 +44,7 @@ def _unknown(name: str) -> str:
     return f"unknown catalog pattern {name!r}{hint} (known: {', '.join(names)})"
 
 
-def load(name: str, **params) -> Pattern:
+def load(name: str, /, **params) -> Pattern:
     """The catalog entry ``name`` built with ``params``: ``load("bigbird", block_size=128)``.
 
     Raises ``ValueError`` (a :class:`~sparsedsl.PatternArgumentError`) for an unknown name,
@@ -57,11 +58,26 @@ def load(name: str, **params) -> Pattern:
         raise PatternArgumentError(f"load(): {_unknown(name)}")
     entry = catalog[name]
     try:
-        inspect.signature(entry).bind(**params)
+        bound = inspect.signature(entry).bind(**params)
     except TypeError as err:
         raise PatternArgumentError(
             f"load({name!r}): {err}; parameters: {_parameters(entry)}") from None
-    return entry(**params)
+    return entry(**_checked_flags(f"load({name!r})", entry, bound))
+
+
+def _checked_flags(where: str, entry, bound: inspect.BoundArguments) -> dict:
+    """``bound``'s keyword arguments, each given to a parameter annotated ``bool`` checked
+    to be True or False (a string such as ``"no"`` would read as true); positional ones
+    too, moved to keywords."""
+    parameters = inspect.signature(entry).parameters
+    arguments = dict(bound.arguments)
+    for key, value in arguments.items():
+        if parameters[key].annotation in (bool, "bool"):
+            try:
+                arguments[key] = check_bool(where, key, value)
+            except TypeError as err:  # a value the entry rejects: a ValueError, as load() says
+                raise PatternArgumentError(str(err)) from None
+    return arguments
 
 
 def _parameters(entry) -> str:
@@ -76,7 +92,10 @@ class _Offsets:
     """Maps ``ast`` (line, UTF-8 byte column) positions of ``source`` to character indices."""
 
     def __init__(self, source: str):
-        self.lines = source.splitlines(keepends=True)
+        # Lines as Python's tokenizer ends them (str.splitlines also ends them at \x1c,
+        # \u2028 and others, which a comment may hold).
+        ends = [match.end() for match in re.finditer(r"\r\n|\r|\n", source)]
+        self.lines = [source[a:b] for a, b in zip([0] + ends, ends + [len(source)])]
         self.starts = [0]
         for line in self.lines:
             self.starts.append(self.starts[-1] + len(line))
@@ -128,15 +147,17 @@ def _build(node: ast.AST, catalog: dict, text: str, position) -> Pattern:
     for kw in keywords:
         if kw.arg is None:
             raise PatternSyntaxError(f"'**' arguments are not accepted by {name!r}", text, position(kw.value))
+        if kw.arg in named:
+            raise PatternSyntaxError(f"keyword argument repeated: {kw.arg!r}", text, position(kw.value))
         named[kw.arg] = literal(kw.value)
     try:
-        inspect.signature(entry).bind(*positional, **named)
+        bound = inspect.signature(entry).bind(*positional, **named)
     except TypeError as err:
         raise PatternSyntaxError(
             f"catalog pattern {name}(): {err}; parameters: {_parameters(entry)}",
             text, position(node)) from None
     try:
-        return entry(*positional, **named)
+        return entry(**_checked_flags(f"catalog pattern {name}()", entry, bound))
     except (PatternArgumentError, ValueError, TypeError) as err:
         raise PatternSyntaxError(str(err), text, position(node)) from err
 
@@ -153,6 +174,7 @@ def pattern_from_text(text: str) -> Pattern:
     """
     if not isinstance(text, str):
         raise TypeError(f"pattern_from_text(): argument 'text' must be a str, got {type(text).__name__}")
+    prescan(text)  # ASCII names, nesting: as parse() reads them
     shift = len(text) - len(text.lstrip(" \t\f\r\n"))
     source = text[shift:]
     try:

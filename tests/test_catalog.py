@@ -197,6 +197,42 @@ def test_entries_reject_bad_parameters():
         load(3)
 
 
+@pytest.mark.parametrize("call", [
+    lambda: load("sparse_transformer_strided", merged="no"),
+    lambda: load("document_mask", causal="False"),
+    lambda: load("longnet", causal=1),
+    lambda: load("svg_spatial", attention_sink=None),
+    lambda: pattern_from_text("document_mask(causal=None)"),
+    lambda: pattern_from_text("dilated_sliding_window(causal='no')"),
+])
+def test_flags_of_entries_must_be_true_or_false(call):
+    with pytest.raises(ValueError, match="must be True or False"):
+        call()
+
+
+def test_an_entry_parameter_called_name_can_be_set():
+    assert load("document_mask", name="x") == sd.documents("x") & sd.causal()
+    assert load("document_mask", name="x", causal=False) == sd.documents("x")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sliding_window(window=8, window=2)", "keyword argument repeated: 'window'"),
+    ("\uff53\uff4c\uff49\uff44\uff49\uff4e\uff47_window(window=8)", "non-ASCII character"),
+    ("sliding_window(\uff57indow=8)", "non-ASCII character"),
+])
+def test_catalog_text_is_read_as_the_language_reads_it(text, message):
+    with pytest.raises(sd.PatternSyntaxError, match=message):
+        pattern_from_text(text)
+
+
+@pytest.mark.parametrize("separator", ["\x1c", "\u2028", "\x85", "\x0c"])
+def test_comments_may_hold_any_character(separator):
+    """Catalog names are found at the columns Python's tokenizer gives, whose lines end
+    only at \\n, \\r and \\r\\n."""
+    text = f"(prefix_lm # {separator} note\n | longformer)"
+    assert pattern_from_text(text) == load("prefix_lm") | load("longformer")
+
+
 # -- catalog names in pattern text -----------------------------------------------------------------
 
 def test_catalog_calls_and_combinations_in_text():

@@ -175,6 +175,21 @@ def test_longnet_paper_configuration_counts_every_branch():
     assert "with multiplicity" in str(counts)
 
 
+@pytest.mark.parametrize("build", [
+    lambda: (sd.window(1) + sd.chunks(2)).starting_at(1),
+    lambda: sd.cycle_heads(sd.causal(), sd.window(1) + sd.chunks(2)),
+    lambda: sd.documents("d").within(sd.window(1) + sd.chunks(2)),
+    lambda: sd.longnet([4], [2]).starting_at(1),
+    lambda: sd.parse("cycle_heads(longnet([4], [2]))"),
+    lambda: sd.parse("documents('d').within(longnet([4], [2]))"),
+])
+def test_a_multiset_is_refused_where_each_pair_counts_once(build):
+    """Offsets, documents' rules and cyclic head groups take sets: a multiset there is
+    refused when the pattern is built (its counts would be lost, even inside a sum)."""
+    with pytest.raises(ValueError, match="must allow each pair once"):
+        build()
+
+
 def test_longnet_arguments_are_checked():
     with pytest.raises(ValueError, match="segment_lengths"):
         sd.longnet([8, 16], [1])

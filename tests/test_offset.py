@@ -177,6 +177,20 @@ def test_queries_past_the_last_key_are_not_decoding_steps():
     assert (lse - expected_lse).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("pattern", [sd.causal(), sd.causal() & sd.window(9, 0)], ids=str)
+def test_an_end_aligned_step_does_not_stand_for_other_offsets(pattern):
+    """A step aligned to the end of the keys may run dense SDPA with a lower-right causal
+    bias; a later step of the same shapes at another offset (a preallocated cache) gets a
+    runner that reads its offset, whichever module asks and in whichever order."""
+    sd.clear_caches()
+    q, k, v = _inputs(1, 2, 2, 1, 36, 8, dtype=torch.float64, seed=5)
+    for offsets in ((35, 20, 35, 7), (20, 35, 7, 35)):
+        for offset in offsets:
+            out = sd.compile(pattern, block_size=16)(q, k, v, q_offset=offset)
+            assert (out - reference_attention(pattern, q, k, v, q_offset=offset)[0]).abs().max().item() < 1e-12
+        sd.clear_caches()
+
+
 def test_decoding_steps_reuse_cached_tile_rows():
     """A growing cache decoded token by token classifies one aligned tile row per tile of
     tokens (not one per token), and every step equals the full forward's row."""

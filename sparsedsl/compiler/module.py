@@ -166,8 +166,11 @@ class CompiledPattern(nn.Module):
             runner = self.planner.runner(self.pattern, self._call(q, k, scale, q_offset, needs_grad, return_lse,
                                                                   decoding, buffers))
         else:  # the handle stands for (pattern, tiles, kernel): an int, hashed at no cost
-            key = (self._handle, q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad, return_lse, scale,
-                   "rows" if decoding else q_offset)
+            # A decoding step's runner reads q_offset when it runs, except one planned for a
+            # step aligned to the end of the keys, which may align causal() to the end (dense
+            # SDPA's lower-right bias): exact for every end-aligned step of these shapes only.
+            step = ("end" if q_offset + q.shape[2] == k.shape[2] else "rows") if decoding else q_offset
+            key = (self._handle, q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad, return_lse, scale, step)
             runner = CALL_RUNNERS.get(key, lambda: self.planner.runner(self.pattern, self._call(
                 q, k, scale, q_offset, needs_grad, return_lse, decoding, buffers)))
         out, lse = runner(q, k, v, q_offset)

@@ -737,6 +737,7 @@ def _relative_rule(where: str, name: str, rule, *, in_document: bool) -> Pattern
         raise PatternArgumentError(
             f"{where}: argument {name!r} cannot use call-time tensors "
             f"({', '.join(sorted(rule.buffer_names()))}), got {rule}")
+    _check_set(where, name, rule)
     if in_document:
         counted = _from_end_ranges(rule)
         if counted:
@@ -744,6 +745,15 @@ def _relative_rule(where: str, name: str, rule, *, in_document: bool) -> Pattern
                 f"{where}: {counted[0]} counts from the end of the sequence, which is not the end "
                 f"of a document; count from the document's start (non-negative bounds)")
     return rule
+
+
+def _check_set(where: str, name: str, rule: Pattern) -> None:
+    """Refuse a multiset ``rule`` where each pair must count once (offsets, documents'
+    rules, cyclic head groups): its counts would be lost there."""
+    if _is_multiset(rule):
+        raise PatternArgumentError(
+            f"{where}: argument {name!r} must allow each pair once, got the multiset {rule} "
+            f"(apply it to each part, then add them with '+')")
 
 
 def _from_end_ranges(rule: Pattern) -> list[Pattern]:
@@ -777,6 +787,7 @@ def cycle_heads(*parts: Pattern) -> Pattern:
             raise PatternArgumentError(
                 f"cycle_heads(): argument {i} must be a pattern without score modifications, "
                 f"got {p!r}")
+        _check_set("cycle_heads()", str(i), p)
     return CycleHeads(tuple(parts))
 
 

@@ -283,12 +283,12 @@ def parse(text: str) -> Pattern:
     source = text[shift:]
     if all(_BLANK_LINE.fullmatch(line) for line in _NEWLINE.split(source)):
         raise PatternSyntaxError("empty pattern", text, len(text))
-    _prescan(text)
+    prescan(text)
     tree = _ast_parse(text, source, shift)
     return _Builder(text, source, shift).top(tree.body)
 
 
-def _prescan(text: str) -> None:
+def prescan(text: str) -> None:
     """Reject nesting the Python parser would choke on (brackets, prefix-operator runs)
     with a message at the first place deeper than :data:`MAX_DEPTH`."""
     depth = run = 0
