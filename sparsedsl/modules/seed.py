@@ -270,13 +270,13 @@ class BlockSparseDilatedAttention(_BlockSparseBase):
                  sparse_config: SparsePatternConfig | dict | None = None):
         where = "BlockSparseDilatedAttention"
         lengths, rates = check_segments(where, segment_lengths, dilation_rates)
-        block_size = _config(sparse_config, where).block_size
-        too_long = [s for s in lengths if s > block_size]
+        config = _config(sparse_config, where)
+        too_long = [s for s in lengths if s > config.block_size]
         if too_long:
             raise PatternArgumentError(
-                f"{where}: segment_lengths must be <= block_size ({block_size}): the "
+                f"{where}: segment_lengths must be <= block_size ({config.block_size}): the "
                 f"segments cut block-relative positions; got {list(lengths)}")
-        super().__init__(sparse_config, within=n.segments(lengths, rates))
+        super().__init__(config, within=n.segments(lengths, rates))
         self.segment_lengths, self.dilation_rates = lengths, rates
 
     def extra_repr(self) -> str:
