@@ -243,6 +243,21 @@ def test_rows_of_a_span_split_by_the_keys_they_see(pattern, split, q_len, grad):
     _assert_exact(module, pattern, _inputs(1, 2, 2, q_len, 640, 8, seed=q_len), 0, grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", [sd.window(8) | sd.global_tokens(4), sd.blocks(16).local(1).random(1, 0)], ids=str)
+def test_float32_inputs_under_autocast(pattern, dtype):
+    """Under autocast SDPA returns half precision while the output buffer has the inputs'
+    float32: gathered groups are written in the buffer's dtype, forward and backward."""
+    module = sd.compile(pattern, block_size=16, kernel="tile_sdpa")
+    q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=dtype):
+        out = module(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected, _ = reference_attention(pattern, *(t.detach().double() for t in (q, k, v)))
+    assert (out.double() - expected).abs().max().item() < 2e-2
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("pattern", [sd.window(40), sd.causal() & sd.window(70, 0), sd.blocks(32).local(1),
                                      sd.window(24) | sd.global_tokens(5)])
 @pytest.mark.parametrize("q_len", [613, 640])

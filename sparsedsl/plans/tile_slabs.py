@@ -142,11 +142,13 @@ def new_output(like: torch.Tensor, num_q_tiles: int, q_block: int, dv: int,
 def write_tiles(out: torch.Tensor, tile_rows: torch.Tensor, values: torch.Tensor, height: int) -> torch.Tensor:
     """``out [B, H, num_q_tiles * q_block, dv]`` (from :func:`new_output`) with a gathered
     group's output ``values [count, B * H, height * q_block, dv]`` written into its query
-    tiles ``tile_rows`` (span by span): in place, or as a new tensor where autograd records
-    ``out`` (the output of a function that saved views of it)."""
+    tiles ``tile_rows`` (span by span), in ``out``'s dtype (under autocast SDPA returns its
+    own): in place, or as a new tensor where autograd records ``out`` (the output of a
+    function that saved views of it)."""
     batch, heads, length, dv = out.shape
     q_block = values.shape[2] // height
-    tiles, written = out.view(batch * heads, length // q_block, q_block, dv), tile_major(values, height, q_block)
+    tiles = out.view(batch * heads, length // q_block, q_block, dv)
+    written = tile_major(values.to(out.dtype), height, q_block)
     if out.requires_grad:
         return tiles.index_copy(1, tile_rows, written.transpose(0, 1)).view(out.shape)
     tiles.index_copy_(1, tile_rows, written.transpose(0, 1))
