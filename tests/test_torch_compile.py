@@ -227,3 +227,32 @@ def test_bad_offsets_are_refused_under_fullgraph_too():
     for bad in (-1, "start"):
         with pytest.raises(Exception, match="q_offset"):
             torch.compile(lambda q: module(q, q, q, q_offset=bad), fullgraph=True, backend=CompileCounter())(q)
+
+
+@pytest.mark.parametrize("pattern", [sd.window(8), sd.causal(), sd.segments([16, 32], [1, 2]),
+                                     sd.longnet([16, 32], [1, 2]), sd.window(8) | sd.global_tokens(4)], ids=str)
+def test_torch_func_transforms_run_the_gather_plan(pattern):
+    """Inside ``torch.func`` transforms a module compiled with ``kernel="auto"`` runs the
+    gather plan (differentiable PyTorch operations): ``grad`` equals autograd, ``vmap``
+    equals the batched call, ``jacrev`` equals ``grad`` of each output element."""
+    from torch.func import grad, jacrev, vmap
+    module = sd.compile(pattern, block_size=16)
+    q, k, v = torch.randn(3, 1, 2, 40, 8, dtype=torch.float64).unbind(0)
+    weights = torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    got = grad(lambda q: (module(q, k, v) * weights).sum())(q)
+    leaf = q.clone().requires_grad_()
+    assert torch.allclose(got, torch.autograd.grad((module(leaf, k, v) * weights).sum(), leaf)[0], atol=1e-12)
+    stacked = torch.randn(3, 3, 2, 40, 8, dtype=torch.float64).unbind(0)
+    mapped = vmap(lambda a, b, c: module(a[None], b[None], c[None])[0])(*stacked)
+    assert torch.allclose(mapped, module(*stacked), atol=1e-12)
+    jacobian = jacrev(lambda q: module(q, k, v)[0, 1, 5])(q)  # [8, 1, 2, 40, 8]
+    row = torch.autograd.grad(module(leaf, k, v)[0, 1, 5, 3], leaf)[0]
+    assert torch.allclose(jacobian[3], row, atol=1e-12)
+
+
+def test_a_forced_plan_names_itself_inside_torch_func_transforms():
+    from torch.func import grad
+    module = sd.compile(sd.window(8), block_size=16, kernel="tile_sdpa")
+    q, k, v = torch.randn(3, 1, 2, 40, 8, dtype=torch.float64).unbind(0)
+    with pytest.raises(sd.PlanNotSupported, match="kernel='tile_sdpa' cannot run inside torch.func transforms"):
+        grad(lambda q: module(q, k, v).sum())(q)

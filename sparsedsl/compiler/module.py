@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
@@ -18,7 +20,7 @@ from .arguments import (BLOCK_SIZES, block_sizes, checked_device, make_call, res
 from .explanation import Explanation, explain_call
 from .inputs import FLOAT_DTYPES, check_attention_inputs, checked_scale
 from .opaque import handle_for, traced_attention
-from .planner import CALL_RUNNERS, Planner
+from .planner import CALL_RUNNERS, Planner, PlanNotSupported
 
 __all__ = ["BLOCK_SIZES", "CompiledPattern", "compile"]
 
@@ -146,6 +148,9 @@ class CompiledPattern(nn.Module):
         :mod:`sparsedsl.compiler.opaque`): no graph break, and no new graph per length once
         the length is dynamic.
         """
+        if self.kernel != "gather" and _inside_functorch_transform():
+            return self._under_transforms()(q, k, v, scale=scale, layout=layout, return_lse=return_lse,
+                                            q_offset=q_offset, **buffers)
         q, k, v, scale = check_attention_inputs(q, k, v, scale, layout)
         if return_lse is not False and return_lse is not True:
             return_lse = check_bool("forward()", "return_lse", return_lse)
@@ -176,6 +181,17 @@ class CompiledPattern(nn.Module):
         out, lse = runner(q, k, v, q_offset)
         return (to_layout(out, layout), lse) if return_lse else to_layout(out, layout)
 
+    def _under_transforms(self) -> "CompiledPattern":
+        """The module that runs calls inside ``torch.func`` transforms (``grad``, ``vmap``,
+        ``jacrev``, ...): the gather plan, written in differentiable PyTorch operations that
+        every transform takes (the other plans' autograd functions have no functorch rules)."""
+        if self.kernel != "auto":
+            raise PlanNotSupported(
+                f"kernel={self.kernel!r} cannot run inside torch.func transforms (grad, vmap, "
+                f"jacrev, ...): its kernels have no functorch rules; compile with kernel='auto' "
+                f"(which runs the gather plan there) or kernel='gather'")
+        return _gather_module(self.pattern, self.q_block, self.kv_block)
+
     def _call(self, q, k, scale: float, q_offset: int, needs_grad: bool, return_lse: bool, decoding: bool,
               buffers: dict):
         return make_call(q.shape[2], k.shape[2], q_offset, q.shape[1], k.shape[1], q.shape[3], q.shape[0],
@@ -193,6 +209,19 @@ class CompiledPattern(nn.Module):
         period = self._diagonal_period
         return (period is not None and q_offset > 0 and q_offset % period == 0
                 and q_len % period == 0 and q_offset + q_len <= kv_len)
+
+
+def _inside_functorch_transform() -> bool:
+    """Whether the call runs inside a ``torch.func`` transform (its interpreter stack is
+    not empty); never while ``torch.compile`` traces (the call is then an operator)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_module(pattern: n.Pattern, q_block: int, kv_block: int) -> "CompiledPattern":
+    """The gather-plan module of ``pattern`` on these tiles, shared by the modules that
+    run it inside ``torch.func`` transforms."""
+    return CompiledPattern(pattern, block_size=(q_block, kv_block), kernel="gather")
 
 
 def compile(pattern: n.Pattern, *, block_size=128, kernel: str = "auto") -> CompiledPattern:
